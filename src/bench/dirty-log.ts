@@ -1,0 +1,140 @@
+// `stage2 bench dirty-log`: KVM's dirty_log_perf_test, over the engine interface.
+//
+// Same procedure and printed lines as tools/testing/selftests/kvm/dirty_log_perf_test.c:
+// create a VM with one test memslot, populate memory (first pass of the sequential guest),
+// enable dirty logging, then for each iteration let every vCPU dirty its whole slice, get the
+// dirty log and (with manual protect) clear it, and finally disable logging.
+
+import {
+  KVM_MEM_LOG_DIRTY_PAGES,
+  PAGE_SIZE,
+  type Backing,
+  type Engine,
+  type GuestPageSize,
+  type MmuLockMode,
+  type Vm,
+} from '../vmm/engine.ts';
+import { countBits } from '../vmm/dirty-bitmap.ts';
+import { workload, type WorkloadKind } from '../guest/workload.ts';
+import { formatSeconds, now, secondsSince } from './timing.ts';
+
+export interface DirtyLogParams {
+  vcpus: number;
+  bytesPerVcpu: number;
+  backing: Backing;
+  iterations: number;
+  lock: MmuLockMode;
+  manualProtect: boolean;
+  guestPageSize: GuestPageSize;
+  workload: WorkloadKind;
+}
+
+export interface DirtyLogRound {
+  dirtyMemorySeconds: number;
+  getDirtyLogSeconds: number;
+  clearDirtyLogSeconds: number;
+  dirtyPages: number;
+}
+
+export interface DirtyLogResult {
+  params: DirtyLogParams & { engine: string };
+  pagesPerVcpu: number;
+  populateSeconds: number;
+  enableDirtyLoggingSeconds: number;
+  rounds: DirtyLogRound[];
+  disableDirtyLoggingSeconds: number;
+  stats: Record<string, number>;
+}
+
+export const TEST_SLOT = 0;
+
+/** Create the VM, its test memslot and vCPUs as dirty_log_perf_test does. */
+async function setUp(engine: Engine, p: DirtyLogParams): Promise<{ vm: Vm; gpa: number; bytes: number }> {
+  const caps = engine.capabilities();
+  const vm = await engine.createVm({
+    manualDirtyLogProtect: p.manualProtect && caps.manualDirtyLogProtect,
+    lock: p.lock,
+    guestPageSize: p.guestPageSize,
+  });
+  try {
+    const spec = workload(p.workload, p.bytesPerVcpu);
+    const bytes = p.vcpus * p.bytesPerVcpu;
+    const host = vm.mapHostMemory(bytes, p.backing);
+    vm.setUserMemoryRegion({ slot: TEST_SLOT, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: bytes, userspaceAddr: host.hva });
+    await vm.createVcpus(p.vcpus, spec);
+    return { vm, gpa: spec.gpaBase, bytes };
+  } catch (e) {
+    await vm.destroy();
+    throw e;
+  }
+}
+
+/** Run the benchmark; `log` gets the selftest's lines as they happen. */
+export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (line: string) => void): Promise<DirtyLogResult> {
+  if (p.bytesPerVcpu % PAGE_SIZE !== 0) throw new Error(`--bytes-per-vcpu must be a multiple of ${PAGE_SIZE}`);
+  const { vm, gpa, bytes } = await setUp(engine, p);
+  const manual = vm.config.manualDirtyLogProtect;
+  const region = (flags: number) => ({ slot: TEST_SLOT, flags, guestPhysAddr: gpa, memorySize: bytes, userspaceAddr: vm.memslots().find((s) => s.slot === TEST_SLOT)!.userspaceAddr });
+  try {
+    log(`Testing guest mode: PA-bits:ANY, VA-bits:48, ${p.guestPageSize / 1024}K pages (engine ${engine.kind})`);
+    log(`guest physical test memory: [0x${gpa.toString(16)}, 0x${(gpa + bytes).toString(16)})`);
+
+    // Populate: the first pass faults every page in.
+    let t0 = now();
+    vm.allowPasses(1);
+    await vm.waitForPasses(1);
+    const populateSeconds = secondsSince(t0);
+    log(`Populate memory time: ${formatSeconds(populateSeconds)}`);
+
+    t0 = now();
+    vm.setUserMemoryRegion(region(KVM_MEM_LOG_DIRTY_PAGES));
+    const enableDirtyLoggingSeconds = secondsSince(t0);
+    log(`Enabling dirty logging time: ${formatSeconds(enableDirtyLoggingSeconds)}`);
+
+    const rounds: DirtyLogRound[] = [];
+    const pages = bytes / PAGE_SIZE;
+    for (let i = 1; i <= p.iterations; i++) {
+      t0 = now();
+      vm.allowPasses(1 + i);
+      await vm.waitForPasses(1 + i);
+      const dirtyMemorySeconds = secondsSince(t0);
+      log(`Iteration ${i} dirty memory time: ${formatSeconds(dirtyMemorySeconds)}`);
+
+      t0 = now();
+      const bitmap = vm.getDirtyLog(TEST_SLOT);
+      const getDirtyLogSeconds = secondsSince(t0);
+      log(`Iteration ${i} get dirty log time: ${formatSeconds(getDirtyLogSeconds)}`);
+
+      let clearDirtyLogSeconds = 0;
+      if (manual) {
+        t0 = now();
+        vm.clearDirtyLog(TEST_SLOT, 0, pages, bitmap);
+        clearDirtyLogSeconds = secondsSince(t0);
+        log(`Iteration ${i} clear dirty log time: ${formatSeconds(clearDirtyLogSeconds)}`);
+      }
+      rounds.push({ dirtyMemorySeconds, getDirtyLogSeconds, clearDirtyLogSeconds, dirtyPages: countBits(bitmap) });
+    }
+
+    t0 = now();
+    vm.setUserMemoryRegion(region(0));
+    const disableDirtyLoggingSeconds = secondsSince(t0);
+    log(`Disabling dirty logging time: ${formatSeconds(disableDirtyLoggingSeconds)}`);
+
+    const sum = (k: keyof DirtyLogRound) => rounds.reduce((a, r) => a + r[k], 0);
+    const n = rounds.length;
+    log(`Get dirty log over ${n} iterations took ${formatSeconds(sum('getDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('getDirtyLogSeconds') / n)}/iteration)`);
+    if (manual) log(`Clear dirty log over ${n} iterations took ${formatSeconds(sum('clearDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('clearDirtyLogSeconds') / n)}/iteration)`);
+
+    return {
+      params: { engine: engine.kind, ...p, manualProtect: manual },
+      pagesPerVcpu: p.bytesPerVcpu / PAGE_SIZE,
+      populateSeconds,
+      enableDirtyLoggingSeconds,
+      rounds,
+      disableDirtyLoggingSeconds,
+      stats: vm.stats(),
+    };
+  } finally {
+    await vm.destroy();
+  }
+}

@@ -1,0 +1,240 @@
+// THE engine interface: what the soft engine (TypeScript second-stage MMU) and the kvm engine
+// (/dev/kvm through a native addon) both implement. Everything above the engine line
+// (dirty-tracking policy, migration, benchmarks, CLI) sees engines only through this file.
+//
+// Each method says which KVM ioctl it mirrors. Addresses and sizes are plain numbers (all fit in
+// 2^53). A dirty bitmap is a Uint32Array whose byte layout equals KVM's `unsigned long` bitmap on
+// little-endian x86-64: page i of a memslot is bit (i & 31) of word (i >> 5).
+//
+// Threading: a Vm object is owned by the thread that created it (the VMM's main thread). vCPUs
+// run on worker threads the engine starts; every method here is called from the owning thread
+// only. Methods that must wait for vCPU threads (pause, waitForPasses) are async.
+//
+// This file imports no engine.
+
+import type { WorkloadSpec } from '../guest/workload.ts';
+
+export type EngineKind = 'soft' | 'kvm';
+
+/** How the host memory behind a memslot is backed (dirty_log_perf_test's -s). */
+export type Backing = 'anonymous' | 'anonymous_thp' | 'hugetlb';
+
+/** Guest-side page size the guest maps its own memory with (kvm: guest page tables). */
+export type GuestPageSize = 4096 | 2097152;
+
+/** Memslot flags, with KVM's bit values. */
+export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
+export const KVM_MEM_READONLY = 1 << 1;
+
+export const PAGE_SIZE = 4096;
+export const PAGE_SHIFT = 12;
+
+/** What an engine can do on this host (KVM_CHECK_EXTENSION and friends). */
+export interface EngineCapabilities {
+  kind: EngineKind;
+  /** KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: get and clear of the dirty log are separate calls. */
+  manualDirtyLogProtect: boolean;
+  /** KVM_CAP_DIRTY_LOG_RING: the largest ring (entries per vCPU), 0 when unsupported. */
+  dirtyRingMaxEntries: number;
+  /** KVM_CAP_MEMORY_FAULT_INFO: faults the engine cannot resolve exit to the VMM. */
+  memoryFaultExit: boolean;
+  /** userfaultfd can serve this engine's guest memory. */
+  userfaultfd: boolean;
+  /** Backings this host can provide right now (hugetlb needs reserved pages). */
+  backings: Backing[];
+  /** Largest number of vCPUs the engine accepts. */
+  maxVcpus: number;
+}
+
+/** How the soft engine serialises stage-2 faults; the kvm engine reports 'host'. */
+export type MmuLockMode = 'global' | 'parallel';
+
+/** KVM_CREATE_VM arguments plus VM-wide capabilities enabled at creation (KVM_ENABLE_CAP). */
+export interface VmConfig {
+  /** KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2). Default true where supported. */
+  manualDirtyLogProtect?: boolean;
+  /** KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) with this many entries per vCPU; 0 = bitmap only. */
+  dirtyRingEntries?: number;
+  /** Soft engine only: global MMU lock (held for write on every fault) or parallel faults. */
+  lock?: MmuLockMode;
+  /** Guest page size the guest uses for its own mappings (kvm engine guest page tables). */
+  guestPageSize?: GuestPageSize;
+}
+
+/** Host virtual memory the VMM mapped to back guest RAM (mmap in a real VMM). */
+export interface HostMapping {
+  /** Host virtual address of the first byte. */
+  hva: number;
+  bytes: number;
+  backing: Backing;
+}
+
+/** KVM_SET_USER_MEMORY_REGION's struct kvm_userspace_memory_region. memorySize 0 deletes. */
+export interface MemoryRegion {
+  slot: number;
+  flags: number;
+  guestPhysAddr: number;
+  memorySize: number;
+  userspaceAddr: number;
+}
+
+/** One memslot as the engine currently holds it. */
+export interface MemslotInfo extends MemoryRegion {
+  /** Number of 4 KiB pages (memorySize / PAGE_SIZE). */
+  pages: number;
+  /**
+   * True for memory the engine created for itself in createVcpus (kvm: guest code, guest page
+   * tables, stacks). A migration copies it like any slot; the destination's createVcpus creates
+   * the same slot before the copy arrives.
+   */
+  internal: boolean;
+}
+
+/** A dirty-ring entry (struct kvm_dirty_gfn): slot and page offset within it. */
+export interface DirtyGfn {
+  slot: number;
+  offset: number;
+}
+
+/**
+ * Where a vCPU stands in its workload, in engine-neutral terms. `passesCompleted` counts
+ * finished passes over the vCPU's slice (the selftests' "iteration").
+ */
+export interface VcpuProgress {
+  vcpu: number;
+  passesCompleted: number;
+  /** True once an `idle` workload has written its slice and halted. */
+  halted: boolean;
+}
+
+/**
+ * Everything needed to resume a vCPU elsewhere (KVM_GET_REGS, _SREGS, _FPU, _XCRS, _XSAVE,
+ * _MSRS, _LAPIC, _VCPU_EVENTS for kvm; the interpreter's registers for soft). Opaque to the VMM:
+ * it is JSON-serialisable and must be loaded into a vCPU of the same engine kind.
+ */
+export interface VcpuState {
+  engine: EngineKind;
+  vcpu: number;
+  progress: VcpuProgress;
+  arch: unknown;
+}
+
+/** Counters an engine exposes (KVM's binary stats: pages_4k, pages_2m, ...). Integers. */
+export type VmStats = Record<string, number>;
+
+export interface Engine {
+  readonly kind: EngineKind;
+  /** KVM_CHECK_EXTENSION over what this engine needs. */
+  capabilities(): EngineCapabilities;
+  /** KVM_CREATE_VM, then KVM_ENABLE_CAP for each VM capability in config. */
+  createVm(config?: VmConfig): Promise<Vm>;
+}
+
+export interface Vm {
+  readonly engine: EngineKind;
+  readonly config: Readonly<Required<VmConfig>>;
+
+  /** mmap(2) of guest RAM in the VMM's address space, with the backing's madvise/flags. */
+  mapHostMemory(bytes: number, backing: Backing): HostMapping;
+
+  /**
+   * KVM_SET_USER_MEMORY_REGION: create a slot, move it (new guestPhysAddr, same size), change its
+   * flags (KVM_MEM_LOG_DIRTY_PAGES turns dirty logging on or off), or delete it (memorySize 0).
+   * Invalid regions throw a MemslotError naming the rule broken.
+   */
+  setUserMemoryRegion(region: MemoryRegion): void;
+
+  /** The current memslot set (one consistent generation). */
+  memslots(): readonly MemslotInfo[];
+
+  /**
+   * KVM_CREATE_VCPU for each of `count` vCPUs, load the guest code for `workload`, set initial
+   * registers. Each vCPU gets its own slice of the workload's memory. vCPUs do not run yet.
+   */
+  createVcpus(count: number, workload: WorkloadSpec): Promise<void>;
+
+  /** Number of vCPUs created. */
+  readonly vcpuCount: number;
+
+  /**
+   * Let every vCPU run until it has completed `passes` passes in total, then wait in the VMM
+   * (like the selftests' host-driven iterations). Infinity lets the guest run freely.
+   * Starts the vCPU threads (KVM_RUN loops) on first call.
+   */
+  allowPasses(passes: number): void;
+
+  /** Resolve once every vCPU has completed at least `passes` passes (or halted). */
+  waitForPasses(passes: number, timeoutMs?: number): Promise<void>;
+
+  /** Per-vCPU progress right now (read without stopping the vCPUs). */
+  progress(): VcpuProgress[];
+
+  /**
+   * Kick every vCPU out of KVM_RUN (signal + immediate_exit) and resolve once all are stopped
+   * outside guest mode. While paused, guest memory and vCPU state are stable.
+   */
+  pause(): Promise<void>;
+
+  /** Undo pause(): vCPUs re-enter the guest. */
+  resume(): void;
+
+  /**
+   * KVM_GET_DIRTY_LOG for one slot: the pages written since the last harvest. With manual
+   * protect the bitmap is returned without clearing or re-protecting (use clearDirtyLog);
+   * without it, the log is cleared and the pages write-protected again atomically.
+   */
+  getDirtyLog(slot: number): Uint32Array;
+
+  /**
+   * KVM_CLEAR_DIRTY_LOG (manual protect only): for each set bit of `bitmap` (bit 0 = page
+   * firstPage), clear the dirty bit and write-protect the page again. firstPage must be a
+   * multiple of 64; numPages may end at the slot's end.
+   */
+  clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap: Uint32Array): void;
+
+  /**
+   * Dirty ring (only when created with dirtyRingEntries > 0): collect every vCPU's published
+   * entries, then KVM_RESET_DIRTY_RINGS so those pages are write-protected again.
+   */
+  harvestDirtyRings?(): DirtyGfn[];
+
+  /** Copy guest memory at gpa into dst (the VMM reading its own mapping of guest RAM). */
+  readGuest(gpa: number, dst: Uint8Array): void;
+
+  /** Copy src into guest memory at gpa (the VMM writing its own mapping of guest RAM). */
+  writeGuest(gpa: number, src: Uint8Array): void;
+
+  /** KVM_GET_* of every vCPU register set the guest needs. Only while paused. */
+  saveVcpuState(vcpu: number): VcpuState;
+
+  /** KVM_SET_* of the same. Only before the vCPUs first run, or while paused. */
+  loadVcpuState(state: VcpuState): void;
+
+  /** Counters (faults, splits, TLB flushes, mapped page sizes, ...). */
+  stats(): VmStats;
+
+  /** Stop vCPU threads, unmap everything, close the VM. Idempotent. */
+  destroy(): Promise<void>;
+}
+
+/** A memslot request broke a KVM_SET_USER_MEMORY_REGION rule. */
+export class MemslotError extends Error {
+  constructor(
+    readonly rule: 'alignment' | 'overlap' | 'size' | 'slot' | 'flags' | 'unknown-slot' | 'hva',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'MemslotError';
+  }
+}
+
+/** An engine cannot be used on this host; `missing` says exactly what is absent. */
+export class EngineUnavailableError extends Error {
+  constructor(
+    readonly engine: EngineKind,
+    readonly missing: string,
+  ) {
+    super(`${engine} engine unavailable: ${missing}`);
+    this.name = 'EngineUnavailableError';
+  }
+}
