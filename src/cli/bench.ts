@@ -2,7 +2,10 @@
 import type { Command } from 'commander';
 import { openEngine } from '../vmm/factory.ts';
 import { runDirtyLogBench } from '../bench/dirty-log.ts';
-import { addCommonOptions, humanOut, type CommonOptions } from './options.ts';
+import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
+import { addCommonOptions, humanOut, parseIntList, parseLock, type CommonOptions } from './options.ts';
+import { writeFileSync } from 'node:fs';
+import type { MmuLockMode } from '../vmm/engine.ts';
 
 export function registerBench(program: Command): void {
   const bench = program.command('bench').description('benchmarks (dirty-log, scaling)');
@@ -29,6 +32,37 @@ export function registerBench(program: Command): void {
         },
         out,
       );
+      if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
+    });
+
+  addCommonOptions(
+    bench.command('scaling').description('dirty-log over a list of vCPU counts, both lock modes; tables like seed 003, SVG plot'),
+    { bytesPerVcpu: '256M', vcpus: 1, iterations: 3 },
+  )
+    .option('--vcpu-counts <list>', 'vCPU counts to run (overrides -v), e.g. 1,2,4,8', parseIntList)
+    .option('--locks <list>', 'lock modes to compare', (t: string) => t.split(',').map((x) => parseLock(x.trim())), ['global', 'parallel'] as MmuLockMode[])
+    .option('--svg <file>', 'write the plot here', 'scaling.svg')
+    .action(async (opts: CommonOptions & { vcpuCounts?: number[]; locks: MmuLockMode[]; svg: string }) => {
+      const out = humanOut(opts.json);
+      const engine = await openEngine(opts.engine, (why) => out(`engine: ${why}; using soft`));
+      const result = await runScalingBench(
+        engine,
+        {
+          vcpuCounts: opts.vcpuCounts ?? [1, 2, 4, 8],
+          locks: opts.locks,
+          bytesPerVcpu: opts.bytesPerVcpu,
+          backing: opts.backing,
+          iterations: opts.iterations,
+          manualProtect: true,
+          guestPageSize: opts.guestPageSize,
+          workload: opts.workload,
+        },
+        out,
+      );
+      out('');
+      out(scalingTables(result));
+      writeFileSync(opts.svg, await scalingSvg(result));
+      out(`plot: ${opts.svg}`);
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
     });
 }
