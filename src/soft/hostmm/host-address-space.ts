@@ -1,0 +1,400 @@
+// The VMM's host virtual address space: VMAs and the host page table (hva -> pfn), shared by the
+// main thread and every vCPU worker; plus the mmu-notifier sequence KVM uses to catch faults that
+// race with an unmap.
+//
+// Concurrency rules:
+// - mmap, munmap and addInvalidateNotifier run on the main thread only. Everything else runs on
+//   any thread, lock-free.
+// - Host page table: one pte pool (Int32 per 4 KiB page, value pfn + 1, 0 = none) and one pmd
+//   pool (Int32 per 2 MiB block: head pfn + 1 = mapped huge, PMD_SMALL = populated with 4 KiB
+//   ptes, 0 = empty), both preallocated SharedArrayBuffers (committed lazily) so that VMAs mapped
+//   after a worker attached need no new buffer. Each VMA owns a range of each pool.
+// - First touch installs with Atomics.compareExchange(0 -> pfn + 1): exactly one thread wins;
+//   a loser frees the frame it allocated and uses the winner's. In a THP VMA the pmd decides
+//   first: CAS 0 -> huge head, or CAS 0 -> PMD_SMALL before any 4 KiB pte is installed, so a
+//   block is never mapped both ways.
+// - An installed entry holds one page reference (the mapping's). A thread that finds a populated
+//   entry takes its caller's reference with tryGetPageRef (get_page_unless_zero) and then
+//   re-checks the entry still holds that pfn: munmap may have dropped it and the frame been
+//   reused in between (GUP-fast's speculative reference).
+// - munmap: seq++ and inProgress++ (invalidate_range_start), the notifiers run synchronously
+//   (the soft MMU unmaps stage-2 there), the VMA goes DYING, every entry is taken with
+//   Atomics.exchange(0) and its reference put (whoever takes a non-zero value owns that put), the
+//   VMA goes DEAD, then inProgress-- and seq++ (invalidate_range_end). A thread whose CAS
+//   installed an entry re-checks the VMA state afterwards and, if DYING, takes its entry back
+//   itself: the state store happens before munmap's scan, so every installed entry is dropped by
+//   exactly one of them.
+// - A fault handler reads notifierSeq() BEFORE getUserPage and, under its MMU lock, calls
+//   retryNeeded(seq) before installing a stage-2 mapping (mmu_invalidate_retry): a pfn resolved
+//   while an unmap was in progress or after one began is never mapped.
+
+import { HostMemory } from '../hostmem/host-memory.ts';
+import { EFAULT, ENOMEM, EPERM, errnoName } from '../hostmem/errno.ts';
+import { HUGE_FRAME_BYTES, HUGE_FRAME_PAGES, WINDOW_MASK, WINDOW_SHIFT } from '../hostmem/page-flags.ts';
+import {
+  F_BASE_PFN, F_KIND, F_PAGES, F_PMD_BASE, F_PTE_BASE, F_READONLY, K_ANON, K_HUGETLB, K_PFNMAP, K_THP,
+  T_GENERATION, T_IN_PROGRESS, T_PMD_USED, T_PTE_USED, T_SEQ, VMA_DEAD, VMA_DYING, VMA_KINDS, VMA_LIVE,
+  VmaTable, type VmaInfo, type VmaKind, type VmaTableShared,
+} from './vma-table.ts';
+
+export type { VmaInfo, VmaKind } from './vma-table.ts';
+
+export interface HostAddressSpaceShared {
+  vmas: VmaTableShared;
+  pte: SharedArrayBuffer;
+  pmd: SharedArrayBuffer;
+}
+
+export interface HostAddressSpaceOptions {
+  /** Host page-table capacity in 4 KiB pages over all VMAs ever mapped (pool space is not reused). */
+  maxPages?: number;
+  maxVmas?: number;
+}
+
+/** What getUserPage resolved, besides the pfn. One reusable object per caller. */
+export class GupResult {
+  /** Host mapping level: 0 = 4 KiB, 1 = 2 MiB (host_pfn_mapping_level). */
+  level: 0 | 1 = 0;
+  kind: VmaKind = 'anonymous';
+  /** The VMA allows writes (KVM's map_writable). */
+  writable = false;
+  /** The returned pfn carries a reference the caller must drop (HostMemory.releasePfn does). */
+  refcounted = false;
+}
+
+export class HostFaultError extends Error {
+  constructor(
+    readonly hva: number,
+    readonly errno: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'HostFaultError';
+  }
+}
+
+/** First hva handed out; hvas are never 0. */
+export const HVA_BASE = 0x7f00_0000_0000;
+/** x86-64 user address space end (TASK_SIZE_MAX, 47 bits). */
+export const HVA_LIMIT = 2 ** 47;
+const PMD_SMALL = -1;
+const PAGE = 4096;
+
+export class HostAddressSpace {
+  readonly shared: HostAddressSpaceShared;
+  readonly mem: HostMemory;
+  private readonly table: VmaTable;
+  private readonly pte: Int32Array;
+  private readonly pmd: Int32Array;
+  private readonly notifiers: Array<(hvaStart: number, hvaEnd: number) => void> = [];
+  private nextHva = HVA_BASE;
+  private readonly scratch = new GupResult();
+  // This thread's last VMA, valid while its entry is LIVE (fields of a LIVE entry never change).
+  private cEntry = -1;
+  private cStart = 0;
+  private cEnd = 0;
+  private cKind = 0;
+  private cReadonly = false;
+  private cBasePfn = 0;
+  private cPteBase = 0;
+  private cPmdBase = 0;
+  private cPages = 0;
+
+  private constructor(shared: HostAddressSpaceShared, mem: HostMemory) {
+    this.shared = shared;
+    this.mem = mem;
+    this.table = new VmaTable(shared.vmas);
+    this.pte = new Int32Array(shared.pte);
+    this.pmd = new Int32Array(shared.pmd);
+  }
+
+  static create(mem: HostMemory, opts: HostAddressSpaceOptions = {}): HostAddressSpace {
+    const maxPages = Math.ceil((opts.maxPages ?? Math.min(2 ** 28, Math.max(2 ** 22, 4 * mem.totalFrames))) / HUGE_FRAME_PAGES) * HUGE_FRAME_PAGES;
+    const shared: HostAddressSpaceShared = {
+      vmas: VmaTable.createShared(opts.maxVmas ?? 4096),
+      pte: new SharedArrayBuffer(maxPages * 4),
+      pmd: new SharedArrayBuffer((maxPages / HUGE_FRAME_PAGES) * 4),
+    };
+    return new HostAddressSpace(shared, mem);
+  }
+
+  static attach(shared: HostAddressSpaceShared, mem: HostMemory): HostAddressSpace {
+    return new HostAddressSpace(shared, mem);
+  }
+
+  // ---- main thread ----
+
+  /** mmap: a new VMA of `bytes` (rounded up to 4 KiB; 2 MiB for hugetlb). Returns its hva, 2 MiB aligned. */
+  mmap(bytes: number, kind: VmaKind, opts: { basePfn?: number; readonly?: boolean } = {}): number {
+    const k = VMA_KINDS.indexOf(kind);
+    if (k < 0) throw new HostFaultError(0, EFAULT, `mmap: unknown VMA kind '${kind}'`);
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new HostFaultError(0, EFAULT, `mmap: size must be a positive integer, got ${bytes}`);
+    if (k === K_HUGETLB && bytes % HUGE_FRAME_BYTES !== 0) throw new HostFaultError(0, EFAULT, `mmap: hugetlb size ${bytes} is not a multiple of 2 MiB`);
+    const pages = Math.ceil(bytes / PAGE);
+    let basePfn = -1;
+    if (k === K_PFNMAP) {
+      basePfn = opts.basePfn ?? -1;
+      if (!Number.isSafeInteger(basePfn) || basePfn < 0 || basePfn + pages > this.mem.totalFrames) {
+        throw new HostFaultError(0, EFAULT, `mmap: pfnmap needs basePfn with [basePfn, basePfn + ${pages}) inside the physical map (${this.mem.totalFrames} frames), got ${opts.basePfn}`);
+      }
+    }
+    const start = this.nextHva;
+    const end = start + pages * PAGE;
+    if (end > HVA_LIMIT) throw new HostFaultError(start, ENOMEM, `mmap: host virtual address space exhausted`);
+    const blocks = Math.ceil(pages / HUGE_FRAME_PAGES);
+    let pteBase = -1;
+    let pmdBase = -1;
+    if (k === K_ANON || k === K_THP) pteBase = this.reservePool(T_PTE_USED, pages, this.pte.length, 'pte');
+    if (k === K_THP || k === K_HUGETLB) pmdBase = this.reservePool(T_PMD_USED, blocks, this.pmd.length, 'pmd');
+    this.table.publish(start, end, k, opts.readonly === true, basePfn, pteBase, pmdBase, pages);
+    // A 2 MiB guard gap keeps VMAs apart and every start 2 MiB aligned.
+    this.nextHva = start + (blocks + 1) * HUGE_FRAME_BYTES;
+    return start;
+  }
+
+  private reservePool(word: number, n: number, capacity: number, what: string): number {
+    const base = Atomics.load(this.table.ctl, word);
+    if (base + n > capacity) throw new HostFaultError(0, ENOMEM, `mmap: host ${what} pool full (${base} + ${n} > ${capacity}); raise maxPages`);
+    Atomics.store(this.table.ctl, word, base + n);
+    return base;
+  }
+
+  /** KVM's mmu_notifier registration: fn(hvaStart, hvaEnd) runs synchronously inside munmap. */
+  addInvalidateNotifier(fn: (hvaStart: number, hvaEnd: number) => void): void {
+    this.notifiers.push(fn);
+  }
+
+  /** munmap of whole VMAs (every VMA the range touches must lie inside it; gaps are fine). */
+  munmap(hva: number, bytes: number): void {
+    const end = hva + bytes;
+    const entries = this.table.intersecting(hva, end);
+    for (const e of entries) {
+      if (this.table.start(e) < hva || this.table.end(e) > end) {
+        throw new HostFaultError(hva, EFAULT, `munmap [0x${hva.toString(16)}, 0x${end.toString(16)}) splits the VMA [0x${this.table.start(e).toString(16)}, 0x${this.table.end(e).toString(16)}); partial unmaps are not supported`);
+      }
+    }
+    if (entries.length === 0) return;
+    const ctl = this.table.ctl;
+    // invalidate_range_start
+    Atomics.add(ctl, T_SEQ, 1);
+    Atomics.add(ctl, T_IN_PROGRESS, 1);
+    try {
+      for (const fn of this.notifiers) fn(hva, end);
+      for (const e of entries) this.zapVma(e);
+    } finally {
+      // invalidate_range_end
+      Atomics.sub(ctl, T_IN_PROGRESS, 1);
+      Atomics.add(ctl, T_SEQ, 1);
+    }
+  }
+
+  private zapVma(e: number): void {
+    const t = this.table;
+    t.setState(e, VMA_DYING);
+    const pages = t.field(e, F_PAGES);
+    const pteBase = t.field(e, F_PTE_BASE);
+    const pmdBase = t.field(e, F_PMD_BASE);
+    if (pmdBase >= 0) {
+      const blocks = Math.ceil(pages / HUGE_FRAME_PAGES);
+      for (let b = 0; b < blocks; b++) {
+        const v = Atomics.exchange(this.pmd, pmdBase + b, 0);
+        if (v > 0) this.mem.putPage(v - 1);
+      }
+    }
+    if (pteBase >= 0) {
+      for (let i = 0; i < pages; i++) {
+        if (Atomics.load(this.pte, pteBase + i) === 0) continue; // an install after this load sees DYING and takes itself back
+        const v = Atomics.exchange(this.pte, pteBase + i, 0);
+        if (v > 0) this.mem.putPage(v - 1);
+      }
+    }
+    t.setState(e, VMA_DEAD);
+  }
+
+  // ---- any thread ----
+
+  /** mmu_invalidate_seq. */
+  notifierSeq(): number {
+    return Atomics.load(this.table.ctl, T_SEQ);
+  }
+
+  /** mmu_invalidate_in_progress. */
+  invalidateInProgress(): number {
+    return Atomics.load(this.table.ctl, T_IN_PROGRESS);
+  }
+
+  /** mmu_invalidate_retry: an unmap is running, or one started since `seq` was read. */
+  retryNeeded(seq: number): boolean {
+    return Atomics.load(this.table.ctl, T_IN_PROGRESS) !== 0 || Atomics.load(this.table.ctl, T_SEQ) !== seq;
+  }
+
+  /** Bumped whenever a VMA is mapped or unmapped. */
+  vmaGeneration(): number {
+    return Atomics.load(this.table.ctl, T_GENERATION);
+  }
+
+  findVma(hva: number): VmaInfo | undefined {
+    const e = this.table.find(hva);
+    return e < 0 ? undefined : this.table.info(e);
+  }
+
+  /** Load the VMA of hva into this thread's cache; false if none. */
+  private lookup(hva: number): boolean {
+    if (this.cEntry >= 0 && hva >= this.cStart && hva < this.cEnd && this.table.state(this.cEntry) === VMA_LIVE) return true;
+    const e = this.table.find(hva);
+    if (e < 0) return false;
+    const t = this.table;
+    this.cEntry = e;
+    this.cStart = t.start(e);
+    this.cEnd = t.end(e);
+    this.cKind = t.field(e, F_KIND);
+    this.cReadonly = t.field(e, F_READONLY) !== 0;
+    this.cBasePfn = t.field(e, F_BASE_PFN);
+    this.cPteBase = t.field(e, F_PTE_BASE);
+    this.cPmdBase = t.field(e, F_PMD_BASE);
+    this.cPages = t.field(e, F_PAGES);
+    return true;
+  }
+
+  /**
+   * hva_to_pfn / get_user_pages: resolve hva (first touch allocates) and take a page reference on
+   * ram for the caller. Returns the pfn, or EFAULT (no VMA), EPERM (write to a read-only VMA),
+   * ENOMEM (no frame). Fills `out`. The caller drops its reference with mem.releasePfn(pfn) once
+   * the stage-2 mapping is installed or abandoned (kvm_release_faultin_page).
+   */
+  getUserPage(hva: number, write: boolean, out: GupResult): number {
+    if (!this.lookup(hva)) return EFAULT;
+    if (write && this.cReadonly) return EPERM;
+    const kind = this.cKind;
+    const idx = Math.floor((hva - this.cStart) / PAGE);
+    out.kind = VMA_KINDS[kind]!;
+    out.writable = !this.cReadonly;
+    out.level = 0;
+    if (kind === K_PFNMAP) {
+      // remap_pfn_range maps 4 KiB only; a pfn is refcounted only if it is ordinary RAM (seed 001).
+      const pfn = this.cBasePfn + idx;
+      out.refcounted = false;
+      if (this.mem.isMmioPfn(pfn)) return pfn;
+      if (this.mem.tryGetPageRef(pfn) < 0) return EFAULT;
+      out.refcounted = true;
+      return pfn;
+    }
+    out.refcounted = true;
+    if (kind === K_ANON) return this.faultPte(this.cEntry, this.cPteBase + idx);
+    const block = Math.floor(idx / HUGE_FRAME_PAGES);
+    const entry = this.cEntry;
+    const slot = this.cPmdBase + block;
+    const pmd = this.pmd;
+    for (;;) {
+      const v = Atomics.load(pmd, slot);
+      if (v > 0) {
+        const pfn = v - 1 + (idx & (HUGE_FRAME_PAGES - 1));
+        const ref = this.mem.tryGetPageRef(pfn);
+        if (ref >= 0) {
+          if (Atomics.load(pmd, slot) === v) {
+            out.level = 1;
+            return pfn;
+          }
+          this.mem.putPageRef(ref);
+        }
+        if (this.table.state(entry) !== VMA_LIVE) return EFAULT;
+        continue;
+      }
+      if (v === PMD_SMALL) return this.faultPte(entry, this.cPteBase + idx);
+      // v === 0: first touch of this 2 MiB block.
+      const eligible = (block + 1) * HUGE_FRAME_PAGES <= this.cPages; // whole block inside the VMA
+      if (kind === K_THP && !eligible) return this.faultPte(entry, this.cPteBase + idx);
+      const head = this.mem.allocHugeFrame();
+      if (head < 0) {
+        if (kind === K_HUGETLB) return ENOMEM;
+        Atomics.compareExchange(pmd, slot, 0, PMD_SMALL); // THP falls back to 4 KiB pages
+        continue;
+      }
+      if (Atomics.compareExchange(pmd, slot, 0, head + 1) !== 0) {
+        this.mem.freeHugeFrame(head);
+        continue;
+      }
+      if (this.table.state(entry) !== VMA_LIVE) {
+        if (Atomics.compareExchange(pmd, slot, head + 1, 0) === head + 1) this.mem.putPage(head);
+        return EFAULT;
+      }
+    }
+  }
+
+  private faultPte(entry: number, slot: number): number {
+    const pte = this.pte;
+    for (;;) {
+      const v = Atomics.load(pte, slot);
+      if (v > 0) {
+        const ref = this.mem.tryGetPageRef(v - 1);
+        if (ref >= 0) {
+          if (Atomics.load(pte, slot) === v) return v - 1;
+          this.mem.putPageRef(ref);
+        }
+        if (this.table.state(entry) !== VMA_LIVE) return EFAULT;
+        continue;
+      }
+      const pfn = this.mem.allocFrame();
+      if (pfn < 0) return pfn;
+      if (Atomics.compareExchange(pte, slot, 0, pfn + 1) !== 0) {
+        this.mem.freeFrame(pfn); // lost the race: use the winner's frame
+        continue;
+      }
+      if (this.table.state(entry) !== VMA_LIVE) {
+        if (Atomics.compareExchange(pte, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
+        return EFAULT;
+      }
+    }
+  }
+
+  /** The frame behind an already-populated hva, without allocating or taking a reference; -1 if none. */
+  lookupPfn(hva: number): number {
+    if (!this.lookup(hva)) return -1;
+    const idx = Math.floor((hva - this.cStart) / PAGE);
+    const kind = this.cKind;
+    if (kind === K_PFNMAP) return this.cBasePfn + idx;
+    if (kind !== K_ANON) {
+      const v = Atomics.load(this.pmd, this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES));
+      if (v > 0) return v - 1 + (idx & (HUGE_FRAME_PAGES - 1));
+      if (v !== PMD_SMALL && kind === K_HUGETLB) return -1;
+    }
+    const p = Atomics.load(this.pte, this.cPteBase + idx);
+    return p > 0 ? p - 1 : -1;
+  }
+
+  /** The VMM reading guest RAM through its own mapping: untouched pages read as zeros, nothing is allocated. */
+  read(hva: number, dst: Uint8Array): void {
+    let done = 0;
+    while (done < dst.length) {
+      const at = hva + done;
+      const inPage = at % PAGE;
+      const n = Math.min(PAGE - inPage, dst.length - done);
+      if (!this.lookup(at)) throw new HostFaultError(at, EFAULT, `read: no VMA at hva 0x${at.toString(16)}`);
+      const pfn = this.lookupPfn(at);
+      if (pfn < 0) {
+        dst.fill(0, done, done + n);
+      } else {
+        const off = (pfn & WINDOW_MASK) * PAGE + inPage;
+        dst.set(this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.subarray(off, off + n), done);
+      }
+      done += n;
+    }
+  }
+
+  /** The VMM writing guest RAM through its own mapping: first touch allocates. */
+  write(hva: number, src: Uint8Array): void {
+    let done = 0;
+    const out = this.scratch;
+    while (done < src.length) {
+      const at = hva + done;
+      const inPage = at % PAGE;
+      const n = Math.min(PAGE - inPage, src.length - done);
+      const pfn = this.getUserPage(at, true, out);
+      if (pfn < 0) throw new HostFaultError(at, pfn, `write: ${errnoName(pfn)} at hva 0x${at.toString(16)}`);
+      const off = (pfn & WINDOW_MASK) * PAGE + inPage;
+      this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.set(src.subarray(done, done + n), off);
+      if (out.refcounted) this.mem.releasePfn(pfn);
+      done += n;
+    }
+  }
+}

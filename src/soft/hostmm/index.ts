@@ -1,0 +1,2 @@
+export * from './vma-table.ts';
+export * from './host-address-space.ts';
