@@ -1,0 +1,192 @@
+// The destination side of pre-copy (QEMU's process_incoming_migration / ram_load): build the VM
+// from CONFIG, apply RAM and ZERO records as they stream in, and at END (once every channel has
+// delivered its final SYNC) load the vCPU state, start the guest and answer COMPLETE with the
+// digest of the memory it held at switchover.
+//
+// Pages may arrive out of round order across channels (link.ts): `lastRound[page]` keeps the
+// newest round applied, and an older copy that arrives late is dropped.
+//
+// Any failure before the guest starts destroys the VM (nothing of the source's guest is kept),
+// tells the source with an ERROR record when the link still works, and rejects.
+//
+// Concurrency: the VMM's main thread owns the Vm and the tables; records are delivered one at a
+// time by the link.
+import { PAGE_SIZE, type Engine, type EngineKind, type VcpuState, type Vm } from '../vmm/engine.ts';
+import { buildDestinationVm, checkConfig, type HostLimits, type MigrationConfig } from './config.ts';
+import { MigrationCancelledError } from './errors.ts';
+import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
+import { digestVmMemory, initDigest, PageDigestTable } from './page-digest.ts';
+
+export interface ReceiveOptions {
+  openEngine: (kind: EngineKind) => Promise<Engine>;
+  limits?: HostLimits;
+  /** Re-read all guest memory before starting the guest and report its digest too (tests). */
+  verifyRescan?: boolean;
+  signal?: AbortSignal;
+  log?: (line: string) => void;
+}
+
+export interface ReceiveResult {
+  /** The migrated VM, running. The caller owns it. */
+  vm: Vm;
+  config: MigrationConfig;
+  /** Digest of the memory held at switchover (from the per-page table). */
+  hash: string;
+  /** Digest of a full re-read before the guest started (verifyRescan only). */
+  rescanHash?: string;
+  pagesReceived: number;
+  /** Pass counters loaded from the source's vCPU state. */
+  passesAtSwitchover: number[];
+  /** END received -> guest started, seconds (the destination's share of downtime). */
+  resumeSeconds: number;
+}
+
+export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
+
+type Phase = 'setup' | 'receiving' | 'switchover' | 'running';
+
+export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Promise<ReceiveResult> {
+  await initDigest();
+  const log = opts.log ?? (() => undefined);
+  let phase: Phase = 'setup';
+  let vm: Vm | null = null;
+  let cfg: MigrationConfig | null = null;
+  let table: PageDigestTable | null = null;
+  let lastRound = new Uint32Array(0);
+  let internalPage = new Uint8Array(0);
+  const syncs: number[] = new Array(link.channels).fill(0);
+  const vcpuStates: VcpuState[] = [];
+  let end: { finalRound: number; pagesSent: number } | null = null;
+  let pagesReceived = 0;
+  let result: ReceiveResult | null = null;
+  const zeroPage = new Uint8Array(PAGE_SIZE);
+
+  const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`);
+
+  const onConfig = async (c: MigrationConfig) => {
+    const engine = await opts.openEngine(c.engine);
+    checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
+    log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
+    vm = await buildDestinationVm(c, engine);
+    cfg = c;
+    table = PageDigestTable.forSlots(c.memslots);
+    lastRound = new Uint32Array(c.ramBytes / PAGE_SIZE);
+    internalPage = new Uint8Array(c.ramBytes / PAGE_SIZE);
+    for (const s of c.memslots) if (s.internal) internalPage.fill(1, table.indexOf(s.guestPhysAddr), table.indexOf(s.guestPhysAddr) + s.memorySize / PAGE_SIZE);
+    phase = 'receiving';
+    await link.send({ type: 'ready' });
+  };
+
+  /** Table index of a run of `pages` pages at gpa; the run must lie inside one memslot. */
+  const runIndex = (gpa: number, pages: number): number => {
+    const idx = table!.indexOf(gpa);
+    if (idx < 0 || pages < 1 || table!.indexOf(gpa + (pages - 1) * PAGE_SIZE) !== idx + pages - 1) throw protocol(`pages [0x${gpa.toString(16)}, +${pages}) are not guest RAM of this VM`);
+    return idx;
+  };
+
+  const onRam = (round: number, gpa: number, data: Uint8Array) => {
+    const pages = data.length / PAGE_SIZE;
+    const idx = runIndex(gpa, pages);
+    pagesReceived += pages;
+    let all = true;
+    for (let i = 0; i < pages; i++) if (lastRound[idx + i]! > round) all = false;
+    if (all) vm!.writeGuest(gpa, data);
+    for (let i = 0; i < pages; i++) {
+      if (lastRound[idx + i]! > round) continue;
+      lastRound[idx + i] = round;
+      const page = data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+      if (!all) vm!.writeGuest(gpa + i * PAGE_SIZE, page);
+      table!.set(idx + i, gpa + i * PAGE_SIZE, page);
+    }
+  };
+
+  const onZero = (round: number, gpa: number, pages: number) => {
+    const idx = runIndex(gpa, pages);
+    pagesReceived += pages;
+    for (let i = 0; i < pages; i++) {
+      const prev = lastRound[idx + i]!;
+      if (prev > round) continue;
+      // Fresh guest RAM is already zero; only a page written before (or engine-internal memory
+      // that createVcpus filled) needs clearing.
+      if (prev > 0 || internalPage[idx + i]) vm!.writeGuest(gpa + i * PAGE_SIZE, zeroPage);
+      lastRound[idx + i] = round;
+      table!.set(idx + i, gpa + i * PAGE_SIZE, null);
+    }
+  };
+
+  const switchover = async () => {
+    phase = 'switchover';
+    const t0 = process.hrtime.bigint();
+    const c = cfg!;
+    const v = vm!;
+    if (vcpuStates.length !== c.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${c.vcpus}`);
+    const rescanHash = opts.verifyRescan ? digestVmMemory(v, c.memslots) : undefined;
+    for (const s of vcpuStates) v.loadVcpuState(s);
+    v.allowPasses(Infinity);
+    v.resume();
+    phase = 'running';
+    const resumeSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    const hash = table!.digest();
+    await link.send({ type: 'complete', hash, pagesReceived, ...(rescanHash ? { rescanHash } : {}) });
+    result = { vm: v, config: c, hash, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds };
+    log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
+    switched();
+  };
+
+  const maybeSwitchover = (): Promise<void> | void => {
+    if (end && syncs.every((r) => r >= end!.finalRound)) return switchover();
+  };
+
+  const onRecord = (r: SourceRecord, channel: number): void | Promise<void> => {
+    if (phase === 'setup') {
+      if (r.type !== 'config') throw protocol(`expected CONFIG, got ${r.type.toUpperCase()}`);
+      return onConfig(r.config);
+    }
+    if (phase !== 'receiving') throw protocol(`${r.type.toUpperCase()} after END`);
+    switch (r.type) {
+      case 'ram':
+        return onRam(r.round, r.gpa, r.data);
+      case 'zero':
+        return onZero(r.round, r.gpa, r.pages);
+      case 'sync':
+        syncs[channel] = r.round;
+        return maybeSwitchover();
+      case 'vcpu':
+        if (r.state.engine !== cfg!.engine || r.state.vcpu < 0 || r.state.vcpu >= cfg!.vcpus) throw protocol(`vCPU state for ${r.state.engine} vCPU ${r.state.vcpu}`);
+        vcpuStates.push(r.state);
+        return;
+      case 'end':
+        if (channel !== 0) throw protocol('END on a data channel');
+        end = { finalRound: r.finalRound, pagesSent: r.pagesSent };
+        return maybeSwitchover();
+      case 'config':
+        throw protocol('a second CONFIG');
+    }
+  };
+
+  let switched: () => void = () => undefined;
+  const whenSwitched = new Promise<void>((r) => (switched = r));
+  const onAbort = () => link.close();
+  opts.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    const running = link.run(onRecord).then(() => {
+      if (opts.signal?.aborted) throw new MigrationCancelledError('receive cancelled');
+      if (!result) throw new MigrationLinkError(`the source closed the stream during ${phase}, before END`);
+    });
+    running.catch(() => undefined);
+    await Promise.race([running, whenSwitched]);
+    link.close();
+    return result!;
+  } catch (e) {
+    // The run may reject after a successful switchover only if the source drops while closing.
+    if (result) return result;
+    const err = opts.signal?.aborted ? new MigrationCancelledError('receive cancelled') : (e as Error);
+    await link.send({ type: 'error', message: err.message }).catch(() => undefined);
+    link.close();
+    const v = vm as Vm | null;
+    if (v) await v.destroy();
+    throw new MigrationLinkError(`incoming migration failed during ${phase}: ${err.message}; nothing was kept`);
+  } finally {
+    opts.signal?.removeEventListener('abort', onAbort);
+  }
+}

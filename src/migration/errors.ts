@@ -1,0 +1,26 @@
+// Typed failures of a migration, so the CLI can tell a cancel from a broken link from a
+// destination that refused the VM.
+
+/** SIGINT or an AbortSignal ended the migration before switchover. */
+export class MigrationCancelledError extends Error {
+  constructor(message = 'migration cancelled') {
+    super(message);
+    this.name = 'MigrationCancelledError';
+  }
+}
+
+/** The destination reported an error (ERROR record). */
+export class DestinationError extends Error {
+  constructor(readonly remoteMessage: string) {
+    super(`destination failed: ${remoteMessage}`);
+    this.name = 'DestinationError';
+  }
+}
+
+/** The source and destination disagree about the memory they hold at switchover. */
+export class VerificationError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'VerificationError';
+  }
+}

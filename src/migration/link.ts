@@ -1,0 +1,66 @@
+// What the pre-copy state machines need from a migration connection, as records (QEMU's
+// migration stream sections, simplified). Two implementations can sit behind it: the wire
+// helper's versioned stream + TCP transport, or tcp-link.ts. The state machines in source.ts
+// and destination.ts see only this file.
+//
+// Ordering: records on one channel arrive in order. RAM and ZERO records may travel on any
+// channel, so a page sent in round 2 on channel 1 can overtake the same page sent in round 1 on
+// channel 0; every RAM/ZERO record carries its round and the destination keeps, per page, the
+// newest round applied (see destination.ts). Control records (CONFIG, VCPU_STATE, END) travel on
+// channel 0. Before END the source sends SYNC(final round) on every channel, so END's receiver
+// knows all page data has arrived once it has seen that SYNC on each channel.
+import type { VcpuState } from '../vmm/engine.ts';
+import type { MigrationConfig } from './config.ts';
+
+export type SourceRecord =
+  | { type: 'config'; config: MigrationConfig }
+  /** `data` holds data.length / 4096 consecutive pages starting at guest-physical `gpa`. */
+  | { type: 'ram'; round: number; gpa: number; data: Uint8Array }
+  /** `pages` consecutive all-zero pages starting at `gpa`. */
+  | { type: 'zero'; round: number; gpa: number; pages: number }
+  /** End of a round on this channel. */
+  | { type: 'sync'; round: number }
+  | { type: 'vcpu'; state: VcpuState }
+  /** Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel. */
+  | { type: 'end'; finalRound: number; pagesSent: number };
+
+export type DestRecord =
+  /** The destination created the VM and is ready for pages (answers CONFIG). */
+  | { type: 'ready' }
+  /** The guest runs on the destination; `hash` is the memory hash of what it held at switchover. */
+  | { type: 'complete'; hash: string; pagesReceived: number; rescanHash?: string }
+  | { type: 'error'; message: string };
+
+export interface SourceLink {
+  readonly channels: number;
+  /** Queue a record on `channel` (default 0). Resolves when the channel can take more. */
+  send(record: SourceRecord, channel?: number): Promise<void>;
+  /** The next record from the destination; rejects when the connection drops. */
+  receive(): Promise<DestRecord>;
+  /** Bytes handed to the sockets so far, all channels. */
+  bytesSent(): number;
+  close(): void;
+  /** Drop every channel at once (failure injection, cancel). */
+  destroy(error?: Error): void;
+}
+
+export interface DestLink {
+  readonly channels: number;
+  /**
+   * Deliver every record from the source to `onRecord`, channel by channel in arrival order.
+   * While a returned promise is pending no further record is delivered (back-pressure reaches
+   * the source through TCP). Resolves when the source closes; rejects when a channel drops or a
+   * record is malformed.
+   */
+  run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void>;
+  send(record: DestRecord): Promise<void>;
+  close(): void;
+}
+
+/** The connection broke or the peer broke the protocol. */
+export class MigrationLinkError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'MigrationLinkError';
+  }
+}

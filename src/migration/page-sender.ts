@@ -1,0 +1,126 @@
+// Reads runs of guest pages through the engine and puts them on the link: zero pages become ZERO
+// markers, the rest RAM records (QEMU's save_zero_page / ram_save_page). Runs are spread over
+// the channels round-robin; nothing waits for the destination except TCP back-pressure and the
+// rate limiter, so the stream is pipelined.
+//
+// Dirty pages come from a per-slot "pending" bitmap that the harvest ORs the engine's dirty log
+// into. Sending a chunk of it first clears those bits in the engine's log (KVM_CLEAR_DIRTY_LOG,
+// which write-protects the pages again) and only then reads the pages, so a write that lands
+// after the read is caught by the next harvest.
+//
+// Concurrency: single-threaded (the VMM's main thread); vCPUs may write guest memory while a run
+// is read, which is harmless because such a page is dirty again and will be re-sent.
+import { PAGE_SIZE, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import { isZeroPage } from './page-digest.ts';
+import type { SourceLink } from './link.ts';
+import type { TokenBucket } from './rate-limit.ts';
+
+/** Pages per RAM record at most (256 KiB). */
+export const RUN_PAGES = 64;
+/** KVM_CLEAR_DIRTY_LOG chunk, pages (a multiple of 64): no call covers a whole large slot. */
+export const CLEAR_CHUNK_PAGES = 262144;
+
+export interface SendCounters {
+  zeroPages: number;
+  normalPages: number;
+}
+
+export class PageSender {
+  private channel = 0;
+  readonly counters: SendCounters = { zeroPages: 0, normalPages: 0 };
+  /** Checked between runs; throws to abort the stream. */
+  check: () => void = () => undefined;
+
+  constructor(
+    private readonly vm: Vm,
+    private readonly link: SourceLink,
+    private readonly limiter: TokenBucket,
+  ) {}
+
+  private nextChannel(): number {
+    const ch = this.channel;
+    this.channel = (this.channel + 1) % this.link.channels;
+    return ch;
+  }
+
+  /** Send `pages` pages starting at guest-physical `gpa`, tagged with `round`. */
+  async sendRun(gpa: number, pages: number, round: number): Promise<void> {
+    this.check();
+    const buf = Buffer.allocUnsafe(pages * PAGE_SIZE);
+    this.vm.readGuest(gpa, buf);
+    let i = 0;
+    while (i < pages) {
+      const zero = isZeroPage(buf.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+      let j = i + 1;
+      while (j < pages && isZeroPage(buf.subarray(j * PAGE_SIZE, (j + 1) * PAGE_SIZE)) === zero) j++;
+      const at = gpa + i * PAGE_SIZE;
+      const ch = this.nextChannel();
+      if (zero) {
+        this.counters.zeroPages += j - i;
+        await this.link.send({ type: 'zero', round, gpa: at, pages: j - i }, ch);
+      } else {
+        this.counters.normalPages += j - i;
+        const wait = this.limiter.take((j - i) * PAGE_SIZE);
+        if (wait) await wait;
+        await this.link.send({ type: 'ram', round, gpa: at, data: buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE) }, ch);
+      }
+      i = j;
+    }
+  }
+
+  /** Every page of the slot (the bulk stage). */
+  async sendSlot(slot: MemslotInfo, round: number): Promise<void> {
+    for (let p = 0; p < slot.pages; p += RUN_PAGES) {
+      await this.sendRun(slot.guestPhysAddr + p * PAGE_SIZE, Math.min(RUN_PAGES, slot.pages - p), round);
+    }
+  }
+
+  /**
+   * Send and forget every page set in `pending` (a slot-sized bitmap), chunk by chunk; with
+   * `clearLog` each chunk's bits are cleared in the engine's dirty log before its pages are read.
+   * Returns the number of pages sent.
+   */
+  async sendPending(slot: MemslotInfo, pending: Uint32Array, round: number, clearLog: boolean): Promise<number> {
+    let sent = 0;
+    for (let first = 0; first < slot.pages; first += CLEAR_CHUNK_PAGES) {
+      const n = Math.min(CLEAR_CHUNK_PAGES, slot.pages - first);
+      const w0 = first >>> 5;
+      const w1 = Math.min(pending.length, ((first + n + 63) >>> 6) * 2);
+      let any = false;
+      for (let w = w0; w < w1; w++) if (pending[w] !== 0) { any = true; break; }
+      if (!any) continue;
+      if (clearLog) this.vm.clearDirtyLog(slot.slot, first, n, pending.subarray(w0, w1));
+      let runStart = -1;
+      let runLen = 0;
+      for (let w = w0; w < w1; w++) {
+        let word = pending[w]!;
+        if (word === 0) continue;
+        pending[w] = 0;
+        while (word !== 0) {
+          const page = w * 32 + (31 - Math.clz32(word & -word));
+          word &= word - 1;
+          if (runLen > 0 && page === runStart + runLen && runLen < RUN_PAGES) {
+            runLen++;
+            continue;
+          }
+          if (runLen > 0) {
+            await this.sendRun(slot.guestPhysAddr + runStart * PAGE_SIZE, runLen, round);
+            sent += runLen;
+          }
+          runStart = page;
+          runLen = 1;
+        }
+      }
+      if (runLen > 0) {
+        await this.sendRun(slot.guestPhysAddr + runStart * PAGE_SIZE, runLen, round);
+        sent += runLen;
+      }
+    }
+    return sent;
+  }
+
+  /** SYNC(round) on every channel: the destination's marker that the round's data is complete. */
+  async syncAll(round: number): Promise<void> {
+    for (let ch = 0; ch < this.link.channels; ch++) await this.link.send({ type: 'sync', round }, ch);
+  }
+}

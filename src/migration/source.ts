@@ -1,0 +1,297 @@
+// The source side of pre-copy live migration (QEMU migration.c's migration_thread and ram.c's
+// ram_save_* in one state machine):
+//
+//   setup    CONFIG -> destination builds the VM -> READY; dirty logging on for every memslot
+//   active   round 1: every page (bulk stage); rounds 2..: harvest the dirty log, send the dirty
+//            pages, SYNC -- until the pages left would fit the downtime limit at the measured
+//            bandwidth, or the round limit; auto-converge throttles the vCPUs while rounds
+//            don't shrink
+//   device   pause the VM, last harvest, last pages, every vCPU's state, SYNC, END; wait for
+//            COMPLETE (the guest runs on the destination): that wait is the downtime
+//   completed  hash the paused source memory (off the downtime path), compare with the
+//            destination's, destroy the source VM
+//
+// Any failure or cancel before COMPLETE: the link is dropped, the throttle stopped, the VM
+// resumed with dirty logging off, and the result says failed/cancelled with sourceIntact.
+//
+// Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
+// own threads until the pause.
+import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import type { WorkloadSpec } from '../guest/workload.ts';
+import { countBits } from '../vmm/dirty-bitmap.ts';
+import { describeVm } from './config.ts';
+import { CpuThrottle } from './cpu-throttle.ts';
+import { DestinationError, MigrationCancelledError } from './errors.ts';
+import type { DestRecord, SourceLink } from './link.ts';
+import { digestVmMemory, initDigest } from './page-digest.ts';
+import { PageSender } from './page-sender.ts';
+import { TokenBucket } from './rate-limit.ts';
+import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
+import { checkSourceIntact } from './source-intact.ts';
+
+export interface PrecopyOptions {
+  workload: WorkloadSpec;
+  backing: Backing;
+  /** Bytes per second, 0 = unlimited. */
+  maxBandwidth?: number;
+  downtimeLimitMs?: number;
+  /** Iterative rounds after the bulk round before stop-and-copy is forced. */
+  maxRounds?: number;
+  autoConverge?: boolean;
+  signal?: AbortSignal;
+  onProgress?: (p: MigrationProgress) => void;
+  /** Test hook: called as each phase starts (may destroy the link to inject a failure). */
+  onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
+  /** Destroy the source VM after a completed migration (default true). */
+  destroyOnComplete?: boolean;
+}
+
+export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
+export const DEFAULT_MAX_ROUNDS = 30;
+/** QEMU's throttle-trigger-threshold: dirtying above 50% of what was sent counts as "high". */
+const THROTTLE_TRIGGER = 0.5;
+
+const now = () => process.hrtime.bigint();
+const secs = (a: bigint, b: bigint = now()) => Number(b - a) / 1e9;
+
+export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions): Promise<MigrationStats> {
+  const downtimeLimitMs = opts.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS;
+  const maxRounds = opts.maxRounds ?? DEFAULT_MAX_ROUNDS;
+  const autoConverge = opts.autoConverge ?? true;
+  const maxBandwidth = opts.maxBandwidth ?? 0;
+  const cfg = describeVm(vm, opts.workload, opts.backing);
+  const slots: MemslotInfo[] = [...vm.memslots()];
+  const totalPages = cfg.ramBytes / PAGE_SIZE;
+  const limiter = new TokenBucket(maxBandwidth);
+  const sender = new PageSender(vm, link, limiter);
+  const throttle = new CpuThrottle(vm);
+  const rounds: RoundStats[] = [];
+  let status: MigrationStatus = 'setup';
+  const t0 = now();
+  let setupSeconds = 0;
+  let downtimeSeconds = 0;
+  let verifySeconds = 0;
+  let remainingBytes = cfg.ramBytes;
+  let dirtySyncCount = 0;
+  let dirtyPagesRate = 0;
+  let expectedDowntimeSeconds = 0;
+  let bandwidth = 0; // bytes/s measured on the link
+  let paused = false;
+  let endSent = false;
+  let loggingOn = false;
+  let destFailure: Error | null = null;
+  let sourceHash: string | null = null;
+  let destinationHash: string | null = null;
+  let passesAtSwitchover: number[] = [];
+  let activeSeconds = 0;
+
+  const onAbort = () => {
+    if (!endSent) link.destroy(new MigrationCancelledError());
+  };
+  opts.signal?.addEventListener('abort', onAbort, { once: true });
+  sender.check = () => {
+    if (opts.signal?.aborted && !endSent) throw new MigrationCancelledError();
+    if (destFailure) throw destFailure;
+  };
+  let lastProgress = 0;
+  const progress = (round: number, force = false) => {
+    const t = performance.now();
+    if (!opts.onProgress || (!force && t - lastProgress < 100)) return;
+    lastProgress = t;
+    const sent = sender.counters.zeroPages + sender.counters.normalPages;
+    const el = secs(t0) - setupSeconds;
+    opts.onProgress({ status, round, sentPages: sent, totalPages, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
+  };
+  const setLogging = (on: boolean) => {
+    for (const s of slots) vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
+    loggingOn = on;
+  };
+  const pending = new Map<number, Uint32Array>();
+  /** OR every slot's dirty log into `pending`; returns the pending page count. */
+  const harvest = (): number => {
+    let n = 0;
+    for (const s of slots) {
+      const log = vm.getDirtyLog(s.slot);
+      const p = pending.get(s.slot);
+      if (!p) pending.set(s.slot, log);
+      else for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
+      n += countBits(pending.get(s.slot)!);
+    }
+    dirtySyncCount++;
+    return n;
+  };
+  const manual = vm.config.manualDirtyLogProtect;
+
+  try {
+    // ---- setup
+    opts.onPhase?.('setup', link);
+    await initDigest();
+    await link.send({ type: 'config', config: cfg });
+    const ready = await link.receive();
+    if (ready.type === 'error') throw new DestinationError(ready.message);
+    if (ready.type !== 'ready') throw new DestinationError(`expected READY, got ${ready.type}`);
+    // From here on the destination only speaks to fail or to confirm: watch for it.
+    const finalReply: Promise<DestRecord> = link.receive();
+    finalReply.then(
+      (r) => {
+        if (r.type === 'error') destFailure = new DestinationError(r.message);
+      },
+      (e: Error) => {
+        destFailure ??= e;
+      },
+    );
+    setLogging(true);
+    setupSeconds = secs(t0);
+
+    // ---- active: bulk round
+    status = 'active';
+    opts.onPhase?.('bulk', link);
+    let round = 1;
+    let tRound = now();
+    let bytesBefore = link.bytesSent();
+    let z0 = 0;
+    let n0 = 0;
+    const endRound = (kind: RoundStats['kind'], dirtyPages: number) => {
+      const seconds = secs(tRound);
+      const bytes = link.bytesSent() - bytesBefore;
+      const { zeroPages, normalPages } = sender.counters;
+      rounds.push({ round, kind, dirtyPages, zeroPages: zeroPages - z0, normalPages: normalPages - n0, bytes, seconds, throttlePercent: throttle.percent });
+      if (bytes >= 1 << 20 && seconds > 0) bandwidth = bytes / seconds;
+      z0 = zeroPages;
+      n0 = normalPages;
+      tRound = now();
+      bytesBefore = link.bytesSent();
+      return { bytes, seconds };
+    };
+    for (const s of slots) {
+      await sender.sendSlot(s, round);
+      progress(round);
+    }
+    await sender.syncAll(round);
+    endRound('bulk', totalPages);
+
+    // ---- active: iterative rounds
+    opts.onPhase?.('iterative', link);
+    let highRounds = 0;
+    let tHarvest = now();
+    for (;;) {
+      sender.check();
+      const dirty = harvest();
+      const sinceHarvest = secs(tHarvest);
+      tHarvest = now();
+      if (sinceHarvest > 0) dirtyPagesRate = Math.round(dirty / sinceHarvest);
+      remainingBytes = dirty * PAGE_SIZE;
+      const bw = bandwidth > 0 ? bandwidth : maxBandwidth > 0 ? maxBandwidth : 1e9;
+      expectedDowntimeSeconds = remainingBytes / bw;
+      progress(round, true);
+      if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
+      round++;
+      const sent = await sendAllPending(round);
+      await sender.syncAll(round);
+      const { bytes } = endRound('iterative', sent);
+      // Auto-converge (QEMU's migration_trigger_throttle): the guest dirtied more than half of
+      // what we managed to send, twice in a row -> throttle one step harder.
+      if (autoConverge && dirty * PAGE_SIZE > bytes * THROTTLE_TRIGGER) {
+        if (++highRounds >= 2) {
+          throttle.step();
+          highRounds = 0;
+        }
+      }
+    }
+
+    // ---- device: stop-and-copy
+    status = 'device';
+    opts.onPhase?.('stop-and-copy', link);
+    sender.check();
+    await throttle.stop();
+    const tPause = now();
+    await vm.pause();
+    paused = true;
+    harvest();
+    round++;
+    const finalPages = await sendAllPending(round, false);
+    passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
+    for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
+    await sender.syncAll(round);
+    sender.check();
+    endSent = true;
+    await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages });
+    const reply = await finalReply;
+    downtimeSeconds = secs(tPause);
+    endRound('stop-and-copy', finalPages);
+    if (reply.type === 'error') throw new DestinationError(reply.message);
+    if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
+    activeSeconds = secs(t0);
+    destinationHash = reply.hash;
+    status = 'completed';
+
+    // ---- completed: verify off the downtime path; the source stays paused until destroyed.
+    const tv = now();
+    sourceHash = digestVmMemory(vm, slots);
+    verifySeconds = secs(tv);
+    link.close();
+    if (opts.destroyOnComplete ?? true) await vm.destroy();
+  } catch (e) {
+    const err = e as Error;
+    const cancelled = err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false);
+    status = cancelled ? 'cancelled' : 'failed';
+    link.destroy(err);
+    await throttle.stop();
+    if (paused) vm.resume();
+    if (loggingOn) setLogging(false);
+    const intact = await checkSourceIntact(vm, opts.workload);
+    return finish(cancelled ? 'migration cancelled' : err.message, intact);
+  } finally {
+    opts.signal?.removeEventListener('abort', onAbort);
+  }
+  return finish();
+
+  async function sendAllPending(round: number, clearLog = manual): Promise<number> {
+    let n = 0;
+    for (const s of slots) {
+      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog);
+      progress(round);
+    }
+    return n;
+  }
+
+  function finish(error?: string, sourceIntact?: boolean): MigrationStats {
+    const totalSeconds = activeSeconds || secs(t0);
+    const transferredBytes = link.bytesSent();
+    const { zeroPages, normalPages } = sender.counters;
+    const active = Math.max(totalSeconds - setupSeconds, 1e-9);
+    const stats: MigrationStats = {
+      status,
+      verified: status === 'completed' && sourceHash !== null && sourceHash === destinationHash,
+      engine: vm.engine,
+      totalSeconds,
+      setupSeconds,
+      downtimeSeconds,
+      verifySeconds,
+      transferredBytes,
+      ramBytes: cfg.ramBytes,
+      remainingBytes,
+      zeroPages,
+      normalPages,
+      dirtySyncCount,
+      dirtyPagesRate,
+      throughputMBps: transferredBytes / active / 1e6,
+      pagesPerSecond: Math.round((zeroPages + normalPages) / active),
+      postcopyRequests: 0,
+      throttlePercent: throttle.percent,
+      expectedDowntimeSeconds,
+      rounds,
+      sourceHash,
+      destinationHash,
+      passesAtSwitchover,
+      params: { vcpus: cfg.vcpus, ramBytes: cfg.ramBytes, channels: link.channels, maxBandwidth, downtimeLimitMs, maxRounds, autoConverge, workload: opts.workload.kind },
+    };
+    if (error !== undefined) {
+      stats.error = error;
+      stats.sourceIntact = sourceIntact ?? false;
+    } else if (!stats.verified) {
+      stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
+    }
+    return stats;
+  }
+}

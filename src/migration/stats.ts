@@ -1,0 +1,70 @@
+// What `stage2 migrate --json` prints (DESIGN.md's contract; QEMU's query-migrate names in
+// camelCase). Seconds are floats, counts integers. throughputMBps is decimal megabytes (10^6
+// bytes) per second of the migration after setup.
+
+/** QEMU's MigrationStatus, the subset pre-copy uses. */
+export type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled';
+
+export interface RoundStats {
+  round: number;
+  /** 'bulk' (every page once), 'iterative' (dirty pages), 'stop-and-copy' (VM paused). */
+  kind: 'bulk' | 'iterative' | 'stop-and-copy';
+  dirtyPages: number;
+  zeroPages: number;
+  normalPages: number;
+  bytes: number;
+  seconds: number;
+  throttlePercent: number;
+}
+
+export interface MigrationStats {
+  status: MigrationStatus;
+  verified: boolean;
+  engine: string;
+  totalSeconds: number;
+  setupSeconds: number;
+  downtimeSeconds: number;
+  /** Time to hash the paused source memory after the destination confirmed (not downtime). */
+  verifySeconds: number;
+  transferredBytes: number;
+  ramBytes: number;
+  /** Dirty bytes left to send at the last harvest before stop-and-copy (QEMU remaining). */
+  remainingBytes: number;
+  zeroPages: number;
+  normalPages: number;
+  dirtySyncCount: number;
+  /** Pages dirtied per second, measured over the last iterative round. */
+  dirtyPagesRate: number;
+  throughputMBps: number;
+  pagesPerSecond: number;
+  postcopyRequests: number;
+  throttlePercent: number;
+  expectedDowntimeSeconds: number;
+  rounds: RoundStats[];
+  sourceHash: string | null;
+  destinationHash: string | null;
+  /** vCPU pass counters when the source paused (what the destination continues from). */
+  passesAtSwitchover: number[];
+  params: {
+    vcpus: number;
+    ramBytes: number;
+    channels: number;
+    maxBandwidth: number;
+    downtimeLimitMs: number;
+    maxRounds: number;
+    autoConverge: boolean;
+    workload: string;
+  };
+  error?: string;
+  sourceIntact?: boolean;
+}
+
+export interface MigrationProgress {
+  status: MigrationStatus;
+  round: number;
+  sentPages: number;
+  totalPages: number;
+  remainingBytes: number;
+  throughputMBps: number;
+  throttlePercent: number;
+}

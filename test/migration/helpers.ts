@@ -1,0 +1,64 @@
+// Shared by the migration tests: run a source and a destination in this process over real
+// loopback TCP, and check guest memory against the workload spec.
+import { PAGE_SIZE, type Engine, type Vm } from '../../src/vmm/engine.ts';
+import { pagesPerVcpu, type WorkloadSpec } from '../../src/guest/workload.ts';
+import { connectTcpLink, listenTcpLink } from '../../src/migration/tcp-link.ts';
+import { migrateVm, type PrecopyOptions } from '../../src/migration/source.ts';
+import { receiveMigration, type ReceiveResult } from '../../src/migration/destination.ts';
+import type { SourceLink } from '../../src/migration/link.ts';
+import type { MigrationStats } from '../../src/migration/stats.ts';
+
+export interface PairResult {
+  stats: MigrationStats;
+  dest: ReceiveResult | null;
+  destError: Error | null;
+}
+
+/** Migrate `vm` to a fresh VM of `destEngine` in this process, over loopback TCP. */
+export async function migrateInProcess(
+  vm: Vm,
+  destEngine: Engine,
+  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; wrapLink?: (l: SourceLink) => SourceLink },
+): Promise<PairResult> {
+  const listener = await listenTcpLink({ host: '127.0.0.1', port: 0 });
+  try {
+    const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true }));
+    const destP = accepted.then(
+      (d) => ({ dest: d, destError: null }),
+      (e: Error) => ({ dest: null, destError: e }),
+    );
+    const raw = await connectTcpLink({ host: '127.0.0.1', port: listener.port, channels: opts.channels ?? 1 });
+    const link = opts.wrapLink ? opts.wrapLink(raw) : raw;
+    const stats = await migrateVm(vm, link, { ...opts, backing: 'anonymous' });
+    const { dest, destError } = await destP;
+    return { stats, dest, destError };
+  } finally {
+    listener.close();
+  }
+}
+
+/**
+ * Check a paused (or consistent) VM's test memory against the sequential/idle workload: in vCPU
+ * v's slice, each page's first word is (v+1, pass) with pass non-increasing along the slice and
+ * at most one step between passes `passes` and `passes + 1` (the pass in progress).
+ * Returns a description of the first violation, or null.
+ */
+export function checkSequentialMemory(vm: Vm, spec: WorkloadSpec, vcpus: number, passes: number[]): string | null {
+  const pages = pagesPerVcpu(spec);
+  const word = new Uint8Array(PAGE_SIZE);
+  const dv = new DataView(word.buffer);
+  for (let v = 0; v < vcpus; v++) {
+    let prev = Infinity;
+    for (let p = 0; p < pages; p++) {
+      vm.readGuest(spec.gpaBase + v * spec.bytesPerVcpu + p * PAGE_SIZE, word);
+      const lo = dv.getUint32(0, true);
+      const hi = dv.getUint32(4, true);
+      if (hi !== v + 1) return `vcpu ${v} page ${p}: owner word ${hi}, expected ${v + 1}`;
+      const n = passes[v]!;
+      if (lo !== n && lo !== n + 1) return `vcpu ${v} page ${p}: pass ${lo}, expected ${n} or ${n + 1}`;
+      if (lo > prev) return `vcpu ${v} page ${p}: pass ${lo} after ${prev} (not sequential)`;
+      prev = lo;
+    }
+  }
+  return null;
+}
