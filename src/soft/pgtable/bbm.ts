@@ -1,0 +1,134 @@
+// Break-before-make and table-subtree helpers shared by the stage-2 visitors.
+//
+// Break-before-make (stage2_try_break_pte / stage2_make_pte): to change a valid entry into an
+// entry with a different output (leaf->table split, table->leaf collapse, leaf->other pfn), a
+// thread first swaps the entry to LOCKED by compare-and-exchange against the value it read. The
+// winner owns the entry: every other thread that meets LOCKED backs off (a fault returns EAGAIN
+// and is retried; a lock-free TLB fill sees "no mapping" and faults). The owner then invalidates
+// TLBs for the old entry's whole range (no vCPU may keep using the old translation once the new
+// one can be seen), and publishes the new value with Atomics.store. Only the owner ever
+// overwrites LOCKED, so the store needs no compare-and-exchange.
+//
+// Building a replacement table: the pages of a subtree built for a split are private to the
+// building thread until published by the Atomics.store in makePte; they are written with plain
+// stores. A subtree that loses the race (tryBreakPte fails) was never visible and is freed at
+// once (freeUnpublished). A subtree that was unlinked by a successful break was visible, so it
+// is handed to the RCU epoch domain and freed after a grace period (freeRetiredSubtree, on
+// whichever thread reclaims); its leaves are reported then, when no thread can change them any
+// more, so a racing fault that still installed a leaf into the unlinked table is accounted for.
+
+import type { MmOps } from './table-pool.ts';
+import { LAST_LEVEL, LEVEL_PAGES, PTE_LOCKED, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkTable, pteIsValid } from './pte.ts';
+import { CorruptTableError, PoisonedTableError, type VisitCtx } from './walker.ts';
+
+/** The stage-2 table's services a visitor needs (the kvm_pgtable_mm_ops + kvm_s2_mmu role). */
+export interface Stage2Env {
+  readonly mm: MmOps;
+  /** Invalidate every TLB entry for gfns [gfn, gfn+npages), on every vCPU, before returning. */
+  tlbFlush(gfn: number, npages: number): void;
+  /** Hand an unlinked table (entries at `level`) to RCU: freed after a grace period. */
+  retireTable(tableIdx: number, level: number): void;
+}
+
+/** Low 5 bits of a leaf: type, R, W, DEVICE; kept when a block is split into smaller leaves. */
+const LEAF_ATTR_MASK = 0x1f;
+
+/**
+ * Swap ctx's entry to LOCKED (compare-and-exchange against ctx.old in a shared walk) and
+ * invalidate TLBs for what it mapped. False when another thread owns or changed the entry.
+ */
+export function tryBreakPte(ctx: VisitCtx, env: Stage2Env): boolean {
+  const old = ctx.old;
+  if (old === PTE_LOCKED) {
+    if (!ctx.shared) throw new CorruptTableError(`LOCKED entry met by an exclusive walk at gfn ${ctx.gfn} level ${ctx.level}`);
+    return false;
+  }
+  if (!ctx.tryPte(PTE_LOCKED)) return false;
+  // ctx.tryPte set ctx.old = LOCKED; the caller still needs the evicted value in `old`.
+  if (pteIsValid(old)) env.tlbFlush(ctx.gfn, ctx.pages);
+  return true;
+}
+
+/** Publish the new value of an entry this thread broke. */
+export function makePte(ctx: VisitCtx, nu: number): void {
+  if (Atomics.load(ctx.words, ctx.ptep) !== PTE_LOCKED) {
+    throw new CorruptTableError(`make on an entry that is not LOCKED (gfn ${ctx.gfn} level ${ctx.level})`);
+  }
+  Atomics.store(ctx.words, ctx.ptep, nu);
+  ctx.old = nu;
+}
+
+/**
+ * A new, unpublished table mapping exactly what `leaf` (a block at `level`) maps: 512 entries
+ * at level+1 with consecutive pfns and the same attributes. With toLastLevel, every entry is
+ * split again down to 4 KiB pages (a level-1 block takes 1 + 512 pages). Returns the table's
+ * pool index, or -1 when the pool is exhausted (nothing is left allocated then).
+ */
+export function buildSplitTable(mm: MmOps, leaf: number, level: number, toLastLevel: boolean): number {
+  if ((leaf & PTE_TYPE_MASK) !== PTE_TYPE_LEAF || level >= LAST_LEVEL) {
+    throw new CorruptTableError(`buildSplitTable: not a block (level ${level})`);
+  }
+  const table = mm.zallocTablePage();
+  if (table < 0) return -1;
+  const words = mm.words;
+  const childLevel = level + 1;
+  const step = LEVEL_PAGES[childLevel]!;
+  const pfn0 = leaf >>> 5;
+  const attrs = leaf & LEAF_ATTR_MASK;
+  const base = table * PTRS_PER_TABLE;
+  if (toLastLevel && childLevel < LAST_LEVEL) {
+    for (let i = 0; i < PTRS_PER_TABLE; i++) {
+      const sub = buildSplitTable(mm, ((pfn0 + i * step) << 5) | attrs, childLevel, true);
+      if (sub < 0) {
+        freeUnpublished(mm, table, childLevel);
+        return -1;
+      }
+      words[base + i] = mkTable(sub);
+    }
+  } else {
+    for (let i = 0; i < PTRS_PER_TABLE; i++) words[base + i] = ((pfn0 + i * step) << 5) | attrs;
+  }
+  return table;
+}
+
+/** Free a subtree that no other thread ever saw (it lost its race); reports nothing. */
+export function freeUnpublished(mm: MmOps, table: number, level: number): void {
+  if (level < LAST_LEVEL) {
+    const base = table * PTRS_PER_TABLE;
+    for (let i = 0; i < PTRS_PER_TABLE; i++) {
+      const pte = mm.words[base + i]!;
+      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) freeUnpublished(mm, pte >>> 5, level + 1);
+    }
+  }
+  mm.freeTablePage(table);
+}
+
+/** Reports one leaf removed from the stage-2 table: host pfn, level, the pte it had. */
+export type LeafRemoved = (pfn: number, level: number, pte: number) => void;
+
+/**
+ * Free an unlinked subtree after its grace period: report every leaf still in it, then free its
+ * pages. Returns the number of table pages freed.
+ */
+export function freeRetiredSubtree(mm: MmOps, table: number, level: number, onLeaf: LeafRemoved | undefined): number {
+  const words = mm.words;
+  const base = table * PTRS_PER_TABLE;
+  let freed = 0;
+  for (let i = 0; i < PTRS_PER_TABLE; i++) {
+    const pte = Atomics.load(words, base + i);
+    const type = pte & PTE_TYPE_MASK;
+    if (type === PTE_TYPE_TABLE && level < LAST_LEVEL) freed += freeRetiredSubtree(mm, pte >>> 5, level + 1, onLeaf);
+    else if (type === PTE_TYPE_LEAF) onLeaf?.(pte >>> 5, level, pte);
+    else if (pte === PTE_POISON) throw new PoisonedTableError(`retired table page ${table}[${i}] was already freed (double free)`);
+    else if (pte === PTE_LOCKED) throw new CorruptTableError(`LOCKED entry in a retired table page ${table}[${i}]: a break-before-make never finished`);
+  }
+  mm.freeTablePage(table);
+  return freed + 1;
+}
+
+/** True when every entry of the table page is invalid (0). */
+export function tableIsEmpty(words: Int32Array, table: number): boolean {
+  const base = table * PTRS_PER_TABLE;
+  for (let i = 0; i < PTRS_PER_TABLE; i++) if (Atomics.load(words, base + i) !== 0) return false;
+  return true;
+}

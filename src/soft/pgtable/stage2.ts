@@ -1,0 +1,385 @@
+// The stage-2 page table (kvm_pgtable for a guest): a 4-level radix tree of Int32 PTEs in a
+// SharedArrayBuffer (pte.ts, table-pool.ts), changed by visitors over one walker (walker.ts,
+// visitors.ts), with break-before-make (bbm.ts) and RCU-deferred freeing (locking/epoch.ts).
+//
+// Threads: the main thread create()s it; every worker attach()es the structured-clonable
+// `shared` and gets its own instance (its own walkers, visitors, RCU reader slot, callbacks).
+//
+// Concurrency rules (the caller's locks: locking/mmu-lock.ts):
+// - map / relaxPerms / collapse / splitHugePages with shared=true: MMU lock held for READ. The
+//   op enters its own RCU read section, changes entries only by cmpxchg / break-before-make, and
+//   returns EAGAIN when it lost a race (a fault handler retries the fault).
+// - The same ops with shared=false, and unmap / destroy always: MMU lock held for WRITE.
+// - writeProtect: the MMU lock held for WRITE (so that the count it returns and the caller's TLB
+//   flush cover every writable leaf: no fault can re-grant W in between); with shared=true it is
+//   also safe under the READ lock (cmpxchg), a concurrent fault may then re-grant W to a page it
+//   is writing, which is a new write the caller's next harvest sees.
+// - getLeaf: no MMU lock needed, but the caller must be inside an RCU read section
+//   (rcuReadLock) or hold the MMU lock for WRITE. It reads entries with plain loads: a 32-bit
+//   load cannot tear, and a stale value only makes the caller fault and retry under the lock.
+//   forEachLeaf enters its own RCU section.
+// - Unlinked tables are freed only through the epoch domain (deferFree), after every thread that
+//   might have been walking them has left its read section. reclaim() runs at the end of each op
+//   that retired a table, on exclusive unlock (MmuLock.onExclusiveUnlock), and in destroy().
+// - TLB invalidation: the tlbFlush callback is called between break and make (and after a
+//   permission shrink in map); it must return only when no vCPU can use the old translation.
+//   writeProtect's caller flushes the range itself; relaxPerms needs no flush.
+// - onLeafRemoved(pfn, level, pte) reports leaves that left the table (unmap, a remapped leaf,
+//   the leaves of a collapsed subtree, destroy) so the caller can put page references. Leaves of
+//   an RCU-freed subtree are reported by the thread that reclaims it: set the callback on every
+//   instance.
+
+import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
+import { freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
+import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
+import { LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
+import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker } from './walker.ts';
+
+export { EAGAIN, ENOMEM, OK } from './walker.ts';
+
+/** Out-parameter of getLeaf: where the lookup stopped. */
+export interface LeafLookup {
+  /** Level of the returned leaf, or of the entry where the walk stopped. */
+  level: number;
+  /** Word offset of that entry in the pool (for a direct cmpxchg by the caller). */
+  ptep: number;
+  /** The entry was LOCKED: a break-before-make is in progress; retry. */
+  locked: boolean;
+}
+
+export function newLeafLookup(): LeafLookup {
+  return { level: 0, ptep: 0, locked: false };
+}
+
+export interface Stage2Shared {
+  pool: TablePoolShared;
+  epoch: EpochShared;
+  /** Int32 words: [0] root table page, [1] destroyed flag. */
+  ctl: SharedArrayBuffer;
+  debug: boolean;
+}
+
+export interface Stage2Callbacks {
+  /** Invalidate TLBs for [gfn, gfn+npages) on every vCPU and wait for it. Default: nothing. */
+  tlbFlush?: (gfn: number, npages: number) => void;
+  /** A leaf left the table (see header). */
+  onLeafRemoved?: LeafRemoved;
+  /** RCU reader slot for this thread; default: claim a free one. */
+  rcuSlot?: number;
+  /** Substitute allocator (tests); must share the pool's words. */
+  mmOps?: MmOps;
+}
+
+export interface Stage2CreateOptions extends Stage2Callbacks {
+  maxTablePages: number;
+  /** Threads that may attach (RCU reader slots). Default 64. */
+  maxThreads?: number;
+  /** Check every walk for freed (POISON) table pages and throw. */
+  debug?: boolean;
+}
+
+export class Stage2Error extends Error {
+  override name = 'Stage2Error';
+}
+
+const CTL_ROOT = 0;
+const CTL_DESTROYED = 1;
+
+export class Stage2PageTable implements Stage2Env {
+  readonly shared: Stage2Shared;
+  readonly pool: TablePool;
+  readonly mm: MmOps;
+  readonly epoch: EpochDomain;
+  readonly rcuSlot: number;
+  readonly root: number;
+  readonly debug: boolean;
+  private readonly words: Int32Array;
+  private readonly ctl: Int32Array;
+  private readonly rootBase: number;
+  private flushCb: (gfn: number, npages: number) => void;
+  private leafCb: LeafRemoved | undefined;
+  private readonly walker: Walker;
+  private readonly mapVisitor: MapVisitor;
+  private readonly wrprotVisitor = new WriteProtectVisitor();
+  private readonly splitVisitor: SplitVisitor;
+  private readonly unmapVisitor: UnmapVisitor;
+  private readonly leafIter = new LeafIterVisitor();
+  private retiredSinceReclaim = false;
+  /** Whether the last map()/collapse() changed the table (false: the mapping was already there). */
+  lastMapChanged = false;
+
+  private constructor(shared: Stage2Shared, cb: Stage2Callbacks) {
+    this.shared = shared;
+    this.pool = TablePool.attach(shared.pool);
+    this.mm = cb.mmOps ?? this.pool;
+    this.words = this.pool.words;
+    this.ctl = new Int32Array(shared.ctl);
+    this.debug = shared.debug;
+    this.epoch = EpochDomain.attach(shared.epoch, (id, level) => {
+      freeRetiredSubtree(this.mm, id, level, this.leafCb);
+    });
+    this.rcuSlot = cb.rcuSlot ?? this.epoch.claimSlot();
+    this.root = Atomics.load(this.ctl, CTL_ROOT);
+    this.rootBase = this.root * PTRS_PER_TABLE;
+    this.flushCb = cb.tlbFlush ?? (() => {});
+    this.leafCb = cb.onLeafRemoved;
+    this.walker = new Walker(this.words, this.debug);
+    const removed: LeafRemoved = (pfn, level, pte) => this.leafCb?.(pfn, level, pte);
+    this.mapVisitor = new MapVisitor(this, removed);
+    this.splitVisitor = new SplitVisitor(this);
+    this.unmapVisitor = new UnmapVisitor(this);
+  }
+
+  /** A new, empty table (main thread). The creating thread gets RCU slot 0 unless told otherwise. */
+  static create(opts: Stage2CreateOptions): Stage2PageTable {
+    const maxThreads = opts.maxThreads ?? 64;
+    const pool = TablePool.create(opts.maxTablePages);
+    const epoch = EpochDomain.create({ maxSlots: maxThreads, capacity: opts.maxTablePages }, () => {
+      throw new Stage2Error('epoch domain used before the table was attached');
+    });
+    const mm = opts.mmOps ?? pool;
+    const root = mm.zallocTablePage();
+    if (root < 0) throw new Stage2Error('no table page for the root');
+    const ctl = new SharedArrayBuffer(16);
+    Atomics.store(new Int32Array(ctl), CTL_ROOT, root);
+    const shared: Stage2Shared = { pool: pool.shared, epoch: epoch.shared, ctl, debug: opts.debug ?? false };
+    return new Stage2PageTable(shared, opts);
+  }
+
+  /** This thread's handle on a table created elsewhere. */
+  static attach(shared: Stage2Shared, cb: Stage2Callbacks = {}): Stage2PageTable {
+    return new Stage2PageTable(shared, cb);
+  }
+
+  /** Replace the callbacks (e.g. once the engine's TLB machinery exists). */
+  setCallbacks(cb: Pick<Stage2Callbacks, 'tlbFlush' | 'onLeafRemoved'>): void {
+    if (cb.tlbFlush) this.flushCb = cb.tlbFlush;
+    if (cb.onLeafRemoved) this.leafCb = cb.onLeafRemoved;
+  }
+
+  /** Give this thread's RCU slot back (a worker that stops). */
+  detach(): void {
+    this.epoch.releaseSlot(this.rcuSlot);
+  }
+
+  // ---- Stage2Env (used by the visitors) ----
+
+  tlbFlush(gfn: number, npages: number): void {
+    this.flushCb(gfn, npages);
+  }
+
+  retireTable(tableIdx: number, level: number): void {
+    this.epoch.deferFree(tableIdx, level);
+    this.retiredSinceReclaim = true;
+  }
+
+  // ---- RCU ----
+
+  rcuReadLock(): void {
+    this.epoch.readLock(this.rcuSlot);
+  }
+
+  rcuReadUnlock(): void {
+    this.epoch.readUnlock(this.rcuSlot);
+  }
+
+  /** Free retired tables whose grace period is over; returns how many subtrees were freed. */
+  reclaim(): number {
+    this.retiredSinceReclaim = false;
+    return this.epoch.reclaim();
+  }
+
+  // ---- lookups ----
+
+  /**
+   * The leaf covering gfn, or 0 (nothing mapped, or LOCKED: see out.locked). No allocation, no
+   * atomics. Caller: inside rcuReadLock(), or holding the MMU lock for write.
+   */
+  getLeaf(gfn: number, out: LeafLookup): number {
+    const w = this.words;
+    let ptep = this.rootBase + ((gfn / 134217728) & 511);
+    let pte = w[ptep]!;
+    let level = 0;
+    if ((pte & PTE_TYPE_MASK) === 2) {
+      ptep = ((pte >>> 5) << 9) + ((gfn / 262144) & 511);
+      pte = w[ptep]!;
+      level = 1;
+      if ((pte & PTE_TYPE_MASK) === 2) {
+        ptep = ((pte >>> 5) << 9) + ((gfn / 512) & 511);
+        pte = w[ptep]!;
+        level = 2;
+        if ((pte & PTE_TYPE_MASK) === 2) {
+          ptep = ((pte >>> 5) << 9) + (gfn & 511);
+          pte = w[ptep]!;
+          level = 3;
+        }
+      }
+    }
+    out.level = level;
+    out.ptep = ptep;
+    out.locked = pte === PTE_LOCKED;
+    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
+    if (pte === PTE_POISON && this.debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
+    return 0;
+  }
+
+  /** Host pfn backing gfn (the block's pfn plus gfn's offset in it), or -1 when unmapped. */
+  translate(gfn: number, out: LeafLookup): number {
+    const pte = this.getLeaf(gfn, out);
+    if (pte === 0) return -1;
+    return (pte >>> 5) + (gfn % LEVEL_PAGES[out.level]!);
+  }
+
+  // ---- changes ----
+
+  /**
+   * Map 2^(9*(3-level)) pages at gfn (aligned) to host pfn (aligned likewise) with prot
+   * (PROT_R | PROT_W | PROT_DEVICE). Returns OK, EAGAIN (lost a race / met LOCKED: retry the
+   * fault) or ENOMEM. lastMapChanged tells whether anything changed. See the file header for
+   * locking; shared=true needs the MMU read lock, shared=false the write lock.
+   */
+  map(gfn: number, level: 1 | 2 | 3, pfn: number, prot: number, shared: boolean): number {
+    this.checkRange(gfn, level);
+    const pages = LEVEL_PAGES[level]!;
+    if (pfn % pages !== 0) throw new Stage2Error(`map: pfn ${pfn} is not aligned to a level-${level} block`);
+    const v = this.mapVisitor;
+    v.level = level;
+    v.newPte = mkLeaf(pfn, prot);
+    v.changed = false;
+    const r = this.runWalk(gfn, pages, v, WALK_LEAF | WALK_TABLE_PRE | WALK_HANDLE_FAULT, shared);
+    this.lastMapChanged = v.changed;
+    return r;
+  }
+
+  /**
+   * table -> block: replace whatever maps (gfn, level) by one block leaf (break-before-make;
+   * the old subtree is freed after a grace period and its leaves reported then). Same as map()
+   * at a block level; named for the caller's intent.
+   */
+  collapse(gfn: number, level: 1 | 2, pfn: number, prot: number, shared: boolean): number {
+    if (level < MIN_BLOCK_LEVEL || level >= LAST_LEVEL) throw new Stage2Error(`collapse: level ${level} is not a block level`);
+    return this.map(gfn, level, pfn, prot, shared);
+  }
+
+  /**
+   * Add permissions (prot's R/W bits) to the leaf covering gfn by one cmpxchg: the write fault
+   * on a write-protected page while logging. OK (also when already permitted) or EAGAIN (no
+   * leaf, LOCKED, or lost a race). No TLB flush needed.
+   */
+  relaxPerms(gfn: number, prot: number, shared: boolean): number {
+    if (shared) this.epoch.readLock(this.rcuSlot);
+    try {
+      const out = this.relaxOut;
+      const old = this.getLeaf(gfn, out);
+      if (old === 0) return EAGAIN;
+      const nu = old | (prot & PTE_PERM_MASK);
+      if (nu === old) return OK;
+      if (shared) return Atomics.compareExchange(this.words, out.ptep, old, nu) === old ? OK : EAGAIN;
+      Atomics.store(this.words, out.ptep, nu);
+      return OK;
+    } finally {
+      if (shared) this.epoch.readUnlock(this.rcuSlot);
+    }
+  }
+  private readonly relaxOut = newLeafLookup();
+
+  /**
+   * Clear W on every leaf in [startGfn, startGfn+npages); returns how many leaves changed. The
+   * caller flushes TLBs for the range when the count is non-zero. Locking: see file header.
+   */
+  writeProtect(startGfn: number, npages: number, shared = false): number {
+    const v = this.wrprotVisitor;
+    v.changed = 0;
+    this.runWalk(startGfn, npages, v, WALK_LEAF, shared);
+    return v.changed;
+  }
+
+  /**
+   * Split every block in range into 4 KiB leaves (eager split when logging starts). Returns the
+   * number of blocks split, or ENOMEM (<0) when the pool ran out (blocks split so far stay
+   * split). In a shared walk, a block another thread changed meanwhile is skipped.
+   */
+  splitHugePages(startGfn: number, npages: number, shared: boolean): number {
+    const v = this.splitVisitor;
+    v.split = 0;
+    v.lostRaces = 0;
+    v.noMemory = false;
+    this.runWalk(startGfn, npages, v, WALK_LEAF, shared);
+    return v.noMemory ? ENOMEM : v.split;
+  }
+
+  /**
+   * Remove every leaf in range (a block overlapping the range goes whole) and free tables left
+   * empty (after a grace period). MMU lock held for WRITE. One TLB flush covers everything
+   * removed; then onLeafRemoved reports each removed leaf.
+   */
+  unmap(startGfn: number, npages: number): void {
+    const v = this.unmapVisitor;
+    v.reset(this.root);
+    this.runWalk(startGfn, npages, v, WALK_LEAF | WALK_TABLE_POST, false);
+    if (v.endGfn > v.firstGfn) this.flushCb(v.firstGfn, v.endGfn - v.firstGfn);
+    const rem = v.removed;
+    if (this.leafCb) for (let i = 0; i < rem.length; i += 3) this.leafCb(rem[i]!, rem[i + 1]!, rem[i + 2]!);
+    rem.length = 0;
+  }
+
+  /** Call fn(gfn, level, pte) for every leaf in range, in gfn order (RCU-protected). */
+  forEachLeaf(startGfn: number, npages: number, fn: (gfn: number, level: number, pte: number) => void): void {
+    this.leafIter.fn = fn;
+    this.epoch.readLock(this.rcuSlot);
+    try {
+      this.walker.walk(this.root, 0, startGfn, npages, this.leafIter, WALK_LEAF);
+    } finally {
+      this.epoch.readUnlock(this.rcuSlot);
+      this.leafIter.fn = () => {};
+    }
+  }
+
+  /** Table pages allocated right now (like SecPageTables); 0 after destroy(). */
+  liveTablePages(): number {
+    return this.mm.liveTablePages();
+  }
+
+  /**
+   * Free every table page (reporting every leaf), including ones waiting for a grace period.
+   * MMU lock held for WRITE; no thread may be in an RCU read section or use the table again.
+   */
+  destroy(): void {
+    if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
+    const active = this.epoch.activeReaders();
+    if (active !== 0) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
+    this.epoch.drainAll();
+    freeRetiredSubtree(this.mm, this.root, 0, this.leafCb);
+    this.epoch.drainAll();
+  }
+
+  get destroyed(): boolean {
+    return Atomics.load(this.ctl, CTL_DESTROYED) !== 0;
+  }
+
+  // ---- internals ----
+
+  private checkRange(gfn: number, level: number): void {
+    if (!(level >= MIN_BLOCK_LEVEL && level <= LAST_LEVEL)) throw new Stage2Error(`level ${level} cannot hold a leaf`);
+    const pages = LEVEL_PAGES[level]!;
+    if (!(Number.isInteger(gfn) && gfn >= 0 && gfn + pages <= MAX_GFN)) throw new Stage2Error(`gfn ${gfn} outside the 36-bit guest physical space`);
+    if (gfn % pages !== 0) throw new Stage2Error(`gfn ${gfn} is not aligned to a level-${level} entry (${pages} pages)`);
+  }
+
+  private runWalk(startGfn: number, npages: number, v: MapVisitor | WriteProtectVisitor | SplitVisitor | UnmapVisitor, flags: number, shared: boolean): number {
+    if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
+    if (shared) {
+      flags |= WALK_SHARED;
+      this.epoch.readLock(this.rcuSlot);
+    }
+    let r: number;
+    try {
+      r = this.walker.walk(this.root, 0, startGfn, npages, v, flags);
+    } finally {
+      if (shared) this.epoch.readUnlock(this.rcuSlot);
+    }
+    if (this.retiredSinceReclaim && !this.epoch.inReadSection(this.rcuSlot)) this.reclaim();
+    return r;
+  }
+}

@@ -1,0 +1,214 @@
+// The stage-2 operations as visitors over the generic walker (the stage2_*_walker functions of
+// Linux's pgtable.c). Each visitor object is owned by one Stage2PageTable instance (one thread)
+// and reused: its per-call arguments are fields set before the walk.
+//
+// Concurrency rules (see walker.ts and bbm.ts for the mechanisms):
+// - In a shared walk (MMU lock held for read, RCU read section entered) every entry change is a
+//   compare-and-exchange against the value the walker read (ctx.tryPte) or break-before-make
+//   (tryBreakPte/makePte); losing a race returns EAGAIN and changes nothing.
+// - In an exclusive walk (MMU lock held for write) entries are stored with Atomics.store; LOCKED
+//   can never be met (only lock holders write, and a write-lock holder excludes them all).
+// - Changing a leaf's output address or type, or removing a leaf, invalidates TLBs before the
+//   old page may be released. Removing permissions (write-protect) leaves the flush to the
+//   caller (it batches a whole range). Adding permissions needs no flush: a vCPU with a stale,
+//   stricter translation just faults again and finds the entry already relaxed.
+
+import { buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
+import { LAST_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
+import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
+
+function corrupt(ctx: VisitCtx, what: string): never {
+  throw new CorruptTableError(`${what}: ${formatPte(ctx.old)} at gfn ${ctx.gfn} level ${ctx.level} (page ${ctx.table}[${ctx.index}])`);
+}
+
+/**
+ * Install one leaf of `level` (stage2_map_walker). On the way down it allocates missing tables
+ * (invalid -> table by a single cmpxchg: nothing was mapped, so nothing to invalidate) and splits
+ * a covering block one level at a time by break-before-make. At the target level it collapses a
+ * table into the block (break-before-make; the old subtree goes to RCU), installs into an
+ * invalid entry, changes only permissions of a leaf with the same output (cmpxchg; a flush when
+ * permissions shrink), or replaces a leaf with a different output (break-before-make).
+ */
+export class MapVisitor implements Visitor {
+  level = LAST_LEVEL;
+  newPte = 0;
+  /** Whether the walk changed anything (false: the same mapping was already there). */
+  changed = false;
+
+  constructor(private readonly env: Stage2Env, private readonly leafRemoved: LeafRemoved) {}
+
+  visit(ctx: VisitCtx, kind: number): number {
+    const old = ctx.old;
+    if (ctx.level < this.level) {
+      if (kind === WALK_TABLE_PRE) return OK;
+      if (old === 0) {
+        const table = this.env.mm.zallocTablePage();
+        if (table < 0) return ENOMEM;
+        if (!ctx.tryPte(mkTable(table))) {
+          this.env.mm.freeTablePage(table);
+          return EAGAIN;
+        }
+        this.changed = true;
+        return OK;
+      }
+      if (old === PTE_LOCKED) {
+        if (!ctx.shared) corrupt(ctx, 'map met LOCKED in an exclusive walk');
+        return EAGAIN;
+      }
+      if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'map met a garbage entry');
+      // A block covers the smaller mapping wanted: split it one level; the walk then descends.
+      const table = buildSplitTable(this.env.mm, old, ctx.level, false);
+      if (table < 0) return ENOMEM;
+      if (!tryBreakPte(ctx, this.env)) {
+        freeUnpublished(this.env.mm, table, ctx.level + 1);
+        return EAGAIN;
+      }
+      makePte(ctx, mkTable(table));
+      this.changed = true;
+      return OK;
+    }
+
+    // ctx.level === this.level
+    const nu = this.newPte;
+    if (kind === WALK_TABLE_PRE) {
+      // table -> block (collapse).
+      const oldTable = old >>> 5;
+      if (!tryBreakPte(ctx, this.env)) return EAGAIN;
+      makePte(ctx, nu);
+      this.env.retireTable(oldTable, ctx.level + 1);
+      this.changed = true;
+      return OK;
+    }
+    if (old === nu) return OK;
+    if (old === 0) {
+      if (!ctx.tryPte(nu)) return EAGAIN;
+      this.changed = true;
+      return OK;
+    }
+    if (old === PTE_LOCKED) {
+      if (!ctx.shared) corrupt(ctx, 'map met LOCKED in an exclusive walk');
+      return EAGAIN;
+    }
+    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'map met a garbage entry');
+    if (((old ^ nu) & ~PTE_PERM_MASK) === 0) {
+      // Same output and attributes: a permission change, no break needed.
+      if (!ctx.tryPte(nu)) return EAGAIN;
+      if ((old & ~nu & PTE_PERM_MASK) !== 0) this.env.tlbFlush(ctx.gfn, ctx.pages);
+      this.changed = true;
+      return OK;
+    }
+    if (!tryBreakPte(ctx, this.env)) return EAGAIN;
+    makePte(ctx, nu);
+    this.leafRemoved(old >>> 5, ctx.level, old);
+    this.changed = true;
+    return OK;
+  }
+}
+
+/** Clear W on every leaf in range (stage2_attr_walker with attr_clr = W). */
+export class WriteProtectVisitor implements Visitor {
+  changed = 0;
+
+  visit(ctx: VisitCtx): number {
+    for (;;) {
+      const old = ctx.old;
+      if ((old & (PTE_TYPE_MASK | PTE_W)) !== (PTE_TYPE_LEAF | PTE_W)) return OK;
+      if (ctx.tryPte(old & ~PTE_W)) {
+        this.changed++;
+        return OK;
+      }
+      // Shared walk lost a race (a relax or a BBM): look again.
+      ctx.old = ctx.load();
+    }
+  }
+}
+
+/**
+ * Eagerly split every block in range down to 4 KiB leaves (stage2_split_walker with a full
+ * cache). The new subtree is built before the break, so vCPUs see either the block or the full
+ * table, never a hole (they may see LOCKED briefly and fault).
+ */
+export class SplitVisitor implements Visitor {
+  split = 0;
+  lostRaces = 0;
+  noMemory = false;
+
+  constructor(private readonly env: Stage2Env) {}
+
+  visit(ctx: VisitCtx): number {
+    const old = ctx.old;
+    if (ctx.level === LAST_LEVEL || (old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
+    const table = buildSplitTable(this.env.mm, old, ctx.level, true);
+    if (table < 0) {
+      this.noMemory = true;
+      return ENOMEM;
+    }
+    if (!tryBreakPte(ctx, this.env)) {
+      freeUnpublished(this.env.mm, table, ctx.level + 1);
+      this.lostRaces++;
+      return EAGAIN;
+    }
+    makePte(ctx, mkTable(table));
+    ctx.skipChildren = true;
+    this.split++;
+    return OK;
+  }
+}
+
+/**
+ * Remove leaves (a block that overlaps the range is removed whole, as KVM does: the rest
+ * faults back in) and, on the way back up, tables left empty. Exclusive walks only. Removed
+ * leaves are collected and reported by the caller after one TLB flush for the whole range.
+ */
+export class UnmapVisitor implements Visitor {
+  /** Flat (pfn, level, pte) triples of removed leaves. */
+  readonly removed: number[] = [];
+  firstGfn = 0;
+  endGfn = 0;
+  /** Never free the root table. */
+  rootTable = 0;
+
+  constructor(private readonly env: Stage2Env) {}
+
+  reset(rootTable: number): void {
+    this.removed.length = 0;
+    this.firstGfn = Number.MAX_SAFE_INTEGER;
+    this.endGfn = 0;
+    this.rootTable = rootTable;
+  }
+
+  visit(ctx: VisitCtx, kind: number): number {
+    const old = ctx.old;
+    if (kind === WALK_TABLE_POST) {
+      const child = old >>> 5;
+      if ((old & PTE_TYPE_MASK) === PTE_TYPE_TABLE && tableIsEmpty(ctx.words, child)) {
+        ctx.tryPte(0);
+        this.cover(ctx);
+        this.env.retireTable(child, ctx.level + 1);
+      }
+      return OK;
+    }
+    if (old === 0) return OK;
+    if (old === PTE_LOCKED) corrupt(ctx, 'unmap met LOCKED (unmap needs the write lock)');
+    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'unmap met a garbage entry');
+    ctx.tryPte(0);
+    this.cover(ctx);
+    this.removed.push(old >>> 5, ctx.level, old);
+    return OK;
+  }
+
+  private cover(ctx: VisitCtx): void {
+    if (ctx.gfn < this.firstGfn) this.firstGfn = ctx.gfn;
+    if (ctx.gfn + ctx.pages > this.endGfn) this.endGfn = ctx.gfn + ctx.pages;
+  }
+}
+
+/** Call fn for every valid leaf in range (block leaves once, with their first gfn). */
+export class LeafIterVisitor implements Visitor {
+  fn: (gfn: number, level: number, pte: number) => void = () => {};
+
+  visit(ctx: VisitCtx): number {
+    if ((ctx.old & PTE_TYPE_MASK) === PTE_TYPE_LEAF) this.fn(ctx.gfn, ctx.level, ctx.old);
+    return OK;
+  }
+}
