@@ -3,7 +3,7 @@
 // race with an unmap.
 //
 // Concurrency rules:
-// - mmap, munmap and addInvalidateNotifier run on the main thread only. Everything else runs on
+// - mmap, munmap, zapRange, splitHugePmd and addInvalidateNotifier run on the main thread only. Everything else runs on
 //   any thread, lock-free.
 // - Host page table: one pte pool (Int32 per 4 KiB page, value pfn + 1, 0 = none) and one pmd
 //   pool (Int32 per 2 MiB block: head pfn + 1 = mapped huge, PMD_SMALL = populated with 4 KiB
@@ -24,6 +24,8 @@
 //   installed an entry re-checks the VMA state afterwards and, if DYING, takes its entry back
 //   itself: the state store happens before munmap's scan, so every installed entry is dropped by
 //   exactly one of them.
+// - zapRange (MADV_DONTNEED) and splitHugePmd use the same invalidate bracket with the VMA kept
+//   LIVE; their entry-level rules are in zap.ts.
 // - A fault handler reads notifierSeq() BEFORE getUserPage and, under its MMU lock, calls
 //   retryNeeded(seq) before installing a stage-2 mapping (mmu_invalidate_retry): a pfn resolved
 //   while an unmap was in progress or after one began is never mapped.
@@ -36,6 +38,7 @@ import {
   T_GENERATION, T_IN_PROGRESS, T_PMD_USED, T_PTE_USED, T_SEQ, VMA_DEAD, VMA_DYING, VMA_KINDS, VMA_LIVE,
   VmaTable, type VmaInfo, type VmaKind, type VmaTableShared,
 } from './vma-table.ts';
+import { PMD_SMALL, splitBlock, zapPages, zapVma, type HostTables } from './zap.ts';
 
 export type { VmaInfo, VmaKind } from './vma-table.ts';
 
@@ -77,7 +80,6 @@ export class HostFaultError extends Error {
 export const HVA_BASE = 0x7f00_0000_0000;
 /** x86-64 user address space end (TASK_SIZE_MAX, 47 bits). */
 export const HVA_LIMIT = 2 ** 47;
-const PMD_SMALL = -1;
 const PAGE = 4096;
 
 export class HostAddressSpace {
@@ -89,6 +91,7 @@ export class HostAddressSpace {
   private readonly notifiers: Array<(hvaStart: number, hvaEnd: number) => void> = [];
   private nextHva = HVA_BASE;
   private readonly scratch = new GupResult();
+  private readonly tables: HostTables;
   // This thread's last VMA, valid while its entry is LIVE (fields of a LIVE entry never change).
   private cEntry = -1;
   private cStart = 0;
@@ -106,6 +109,7 @@ export class HostAddressSpace {
     this.table = new VmaTable(shared.vmas);
     this.pte = new Int32Array(shared.pte);
     this.pmd = new Int32Array(shared.pmd);
+    this.tables = { mem, table: this.table, pte: this.pte, pmd: this.pmd };
   }
 
   static create(mem: HostMemory, opts: HostAddressSpaceOptions = {}): HostAddressSpace {
@@ -174,41 +178,69 @@ export class HostAddressSpace {
       }
     }
     if (entries.length === 0) return;
+    this.invalidate(hva, end, () => {
+      for (const e of entries) {
+        this.table.setState(e, VMA_DYING);
+        zapVma(this.tables, e);
+        this.table.setState(e, VMA_DEAD);
+      }
+    });
+  }
+
+  /**
+   * MADV_DONTNEED: drop the pages of [hva, hva + bytes) (4 KiB aligned) so the next touch
+   * zero-fills. A THP block only partly inside the range is split first; hugetlb ranges must be
+   * 2 MiB aligned. The VMA stays mapped.
+   */
+  zapRange(hva: number, bytes: number): void {
+    if (hva % PAGE !== 0 || bytes % PAGE !== 0 || bytes <= 0) throw new HostFaultError(hva, EFAULT, `zapRange(0x${hva.toString(16)}, ${bytes}): not 4 KiB aligned`);
+    const end = hva + bytes;
+    const entries = this.table.intersecting(hva, end);
+    for (const e of entries) {
+      if (this.table.field(e, F_KIND) === K_HUGETLB && (Math.max(hva, this.table.start(e)) % HUGE_FRAME_BYTES !== 0 || Math.min(end, this.table.end(e)) % HUGE_FRAME_BYTES !== 0)) {
+        throw new HostFaultError(hva, EFAULT, `zapRange: hugetlb range [0x${hva.toString(16)}, 0x${end.toString(16)}) is not 2 MiB aligned`);
+      }
+    }
+    this.invalidate(hva, end, () => {
+      for (const e of entries) {
+        if (this.table.field(e, F_KIND) === K_PFNMAP) continue;
+        const s = Math.max(hva, this.table.start(e));
+        const first = (s - this.table.start(e)) / PAGE;
+        zapPages(this.tables, e, first, (Math.min(end, this.table.end(e)) - s) / PAGE);
+      }
+    });
+  }
+
+  /**
+   * split_huge_pmd: remap the THP block holding hva with 512 ptes into the same compound frame
+   * (the frame stays whole). Afterwards getUserPage reports level 0 there. Returns false if the
+   * block was not mapped huge.
+   */
+  splitHugePmd(hva: number): boolean {
+    const e = this.table.find(hva);
+    if (e < 0 || this.table.field(e, F_KIND) !== K_THP) return false;
+    const block = Math.floor((hva - this.table.start(e)) / HUGE_FRAME_BYTES);
+    const start = this.table.start(e) + block * HUGE_FRAME_BYTES;
+    if (Atomics.load(this.pmd, this.table.field(e, F_PMD_BASE) + block) <= 0) return false;
+    let split = false;
+    this.invalidate(start, start + HUGE_FRAME_BYTES, () => {
+      split = splitBlock(this.tables, e, block);
+    });
+    return split;
+  }
+
+  /** invalidate_range_start, notifiers, body, invalidate_range_end. */
+  private invalidate(start: number, end: number, body: () => void): void {
     const ctl = this.table.ctl;
-    // invalidate_range_start
     Atomics.add(ctl, T_SEQ, 1);
     Atomics.add(ctl, T_IN_PROGRESS, 1);
     try {
-      for (const fn of this.notifiers) fn(hva, end);
-      for (const e of entries) this.zapVma(e);
+      for (const fn of this.notifiers) fn(start, end);
+      body();
     } finally {
-      // invalidate_range_end
       Atomics.sub(ctl, T_IN_PROGRESS, 1);
       Atomics.add(ctl, T_SEQ, 1);
     }
-  }
-
-  private zapVma(e: number): void {
-    const t = this.table;
-    t.setState(e, VMA_DYING);
-    const pages = t.field(e, F_PAGES);
-    const pteBase = t.field(e, F_PTE_BASE);
-    const pmdBase = t.field(e, F_PMD_BASE);
-    if (pmdBase >= 0) {
-      const blocks = Math.ceil(pages / HUGE_FRAME_PAGES);
-      for (let b = 0; b < blocks; b++) {
-        const v = Atomics.exchange(this.pmd, pmdBase + b, 0);
-        if (v > 0) this.mem.putPage(v - 1);
-      }
-    }
-    if (pteBase >= 0) {
-      for (let i = 0; i < pages; i++) {
-        if (Atomics.load(this.pte, pteBase + i) === 0) continue; // an install after this load sees DYING and takes itself back
-        const v = Atomics.exchange(this.pte, pteBase + i, 0);
-        if (v > 0) this.mem.putPage(v - 1);
-      }
-    }
-    t.setState(e, VMA_DEAD);
   }
 
   // ---- any thread ----

@@ -217,6 +217,84 @@ describe('HostAddressSpace: munmap and the mmu-notifier sequence', () => {
   });
 });
 
+describe('HostAddressSpace: zapRange (MADV_DONTNEED) and splitHugePmd', () => {
+  it('zapRange drops 4 KiB pages with an invalidation; the next touch zero-fills a new frame', () => {
+    const { mem, as } = setup();
+    const hva = as.mmap(8 * 4096, 'anonymous');
+    as.write(hva, new Uint8Array([1, 2, 3]));
+    as.write(hva + 4096, new Uint8Array([4]));
+    const calls: Array<[number, number]> = [];
+    as.addInvalidateNotifier((s, e) => calls.push([s, e]));
+    const seq = as.notifierSeq();
+    as.zapRange(hva, 4096);
+    expect(calls).toEqual([[hva, hva + 4096]]);
+    expect(as.retryNeeded(seq)).toBe(true);
+    expect(as.lookupPfn(hva)).toBe(-1);
+    expect(as.lookupPfn(hva + 4096)).toBeGreaterThan(0);
+    expect(mem.stats().framesInUse).toBe(1);
+    const b = new Uint8Array(3);
+    as.read(hva, b);
+    expect(Array.from(b)).toEqual([0, 0, 0]);
+    expect(as.findVma(hva)).toBeDefined();
+  });
+
+  it('splitHugePmd keeps the compound frame and data but maps it with 4 KiB ptes', () => {
+    const { mem, as, out } = setup();
+    const hva = as.mmap(4 * MiB, 'anonymous_thp');
+    const pfn = as.getUserPage(hva + 7 * 4096, true, out);
+    expect(out.level).toBe(1);
+    mem.releasePfn(pfn);
+    as.write(hva + 7 * 4096, new Uint8Array([9]));
+    const head = pfn - 7;
+    const seq = as.notifierSeq();
+    expect(as.splitHugePmd(hva + 100)).toBe(true);
+    expect(as.retryNeeded(seq)).toBe(true);
+    expect(as.splitHugePmd(hva + 100)).toBe(false); // already split
+    expect(as.getUserPage(hva + 7 * 4096, false, out)).toBe(pfn);
+    expect(out.level).toBe(0);
+    mem.releasePfn(pfn);
+    expect(mem.refcount(head)).toBe(512); // one per pte
+    const b = new Uint8Array(1);
+    as.read(hva + 7 * 4096, b);
+    expect(b[0]).toBe(9);
+    // zapping half the block puts half the references; the frame stays whole until the last one
+    as.zapRange(hva, MiB);
+    expect(mem.refcount(head)).toBe(256);
+    expect(mem.isCompoundHead(head)).toBe(true);
+    as.zapRange(hva + MiB, MiB);
+    expect(mem.stats().hugeFramesInUse).toBe(0);
+    expect(mem.isCompoundHead(head)).toBe(false);
+  });
+
+  it('zapRange over part of a huge THP block splits it and keeps the rest mapped', () => {
+    const { mem, as, out } = setup();
+    const hva = as.mmap(2 * MiB, 'anonymous_thp');
+    const pfn = as.getUserPage(hva, true, out);
+    mem.releasePfn(pfn);
+    as.zapRange(hva + 4096, 4096);
+    expect(as.lookupPfn(hva)).toBe(pfn);
+    expect(as.lookupPfn(hva + 4096)).toBe(-1);
+    expect(as.lookupPfn(hva + 2 * 4096)).toBe(pfn + 2);
+    expect(mem.refcount(pfn)).toBe(511);
+    // a new touch of the hole gets an ordinary 4 KiB frame
+    const fresh = as.getUserPage(hva + 4096, true, out);
+    expect(out.level).toBe(0);
+    expect(mem.isCompoundTail(fresh)).toBe(false);
+    mem.releasePfn(fresh);
+    as.munmap(hva, 2 * MiB);
+    expect(mem.stats()).toMatchObject({ framesInUse: 0, hugeFramesInUse: 0 });
+  });
+
+  it('hugetlb zaps only whole 2 MiB blocks', () => {
+    const { mem, as, out } = setup();
+    const hva = as.mmap(4 * MiB, 'hugetlb');
+    mem.releasePfn(as.getUserPage(hva, true, out));
+    expect(() => as.zapRange(hva, 4096)).toThrow(/2 MiB/);
+    as.zapRange(hva, 2 * MiB);
+    expect(mem.stats().hugeFramesInUse).toBe(0);
+  });
+});
+
 describe('HostAddressSpace: concurrent first touch from worker threads', () => {
   async function runWorkers(as: HostAddressSpace, mem: HostMemory, hva: number, pages: number, workers: number, mode: 'touch' | 'race-munmap', whileRunning?: (sync: Int32Array) => Promise<void>) {
     const sync = new SharedArrayBuffer(16);
