@@ -1,0 +1,43 @@
+// The soft engine: the second-stage MMU implemented in TypeScript (see vm.ts). Stateless; each
+// createVm builds an independent SoftVm.
+import type { Engine, EngineCapabilities, Vm, VmConfig } from '../vmm/engine.ts';
+import { SoftVm } from './vm.ts';
+
+export interface SoftEngineOptions {
+  /** Host RAM each VM models (default: sized from the VM's first mapHostMemory). */
+  hostRamBytes?: number;
+  /** Largest vCPU count (KVM_CAP_MAX_VCPUS). */
+  maxVcpus?: number;
+  /** Stage-2 walks check for freed table pages (slower). */
+  debug?: boolean;
+}
+
+export class SoftEngine implements Engine {
+  readonly kind = 'soft' as const;
+
+  constructor(private readonly opts: SoftEngineOptions = {}) {}
+
+  capabilities(): EngineCapabilities {
+    return {
+      kind: 'soft',
+      manualDirtyLogProtect: true,
+      dirtyRingMaxEntries: 0,
+      memoryFaultExit: false,
+      userfaultfd: false,
+      backings: ['anonymous', 'anonymous_thp', 'hugetlb'],
+      maxVcpus: this.opts.maxVcpus ?? 64,
+    };
+  }
+
+  async createVm(config: VmConfig = {}): Promise<Vm> {
+    return this.createSoftVm(config);
+  }
+
+  /** createVm with the concrete type (tests and tools use its debug accessors). */
+  createSoftVm(config: VmConfig = {}): SoftVm {
+    const vmOpts: ConstructorParameters<typeof SoftVm>[1] = { maxVcpus: this.opts.maxVcpus ?? 64 };
+    if (this.opts.hostRamBytes !== undefined) vmOpts.hostRamBytes = this.opts.hostRamBytes;
+    if (this.opts.debug !== undefined) vmOpts.debug = this.opts.debug;
+    return new SoftVm(config, vmOpts);
+  }
+}

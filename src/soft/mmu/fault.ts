@@ -1,0 +1,231 @@
+// The stage-2 fault handler (arm64 user_mem_abort + x86 fast_page_fault), run by the faulting
+// vCPU's own thread (tests may run it on the VMM thread).
+//
+// Concurrency rules:
+// - The memslot generation is read under this thread's SRCU-like reader (slot-table.ts) for the
+//   whole fault, so the slot, its hva and its dirty bitmap stay one consistent generation.
+// - Two invalidation sequences are sampled BEFORE the pfn is resolved and re-checked under the
+//   MMU lock before anything is installed (mmu_invalidate_retry): the host's mmu-notifier
+//   sequence (munmap) and this VM's memslot sequence (delete/move, see memslot-inval.ts). A
+//   fault that raced either drops its page reference and retries from the slot lookup.
+// - Every stage-2 change is made under mmuLock.faultLock(): the write lock in 'global' mode
+//   (plain stores), the read lock in 'parallel' mode (cmpxchg / break-before-make inside
+//   Stage2PageTable, which returns EAGAIN on a lost race: the fault is simply retried).
+// - Dirty logging: the page's bit is set (Atomics.or) BEFORE a writable PTE for it is stored, and
+//   under the fault lock, so a harvester (which clears bits under the exclusive lock and then
+//   write-protects) can never clear a bit while the matching writable PTE is still to come.
+// - The page reference getUserPage takes (ram only, seed 001) is dropped once the mapping is in
+//   or abandoned (kvm_release_faultin_page): stage 2 holds no references; munmap reaches it
+//   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
+//   with the device attribute, at 4 KiB only.
+
+import { KVM_MEM_READONLY } from '../../vmm/engine.ts';
+import type { HostMemory } from '../hostmem/host-memory.ts';
+import { EFAULT } from '../hostmem/errno.ts';
+import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
+import type { MmuLock } from '../locking/mmu-lock.ts';
+import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W } from '../pgtable/pte.ts';
+import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
+import { markPageDirty } from '../dirty/dirty-bitmap.ts';
+import type { SlotDesc, SlotLookup } from './slot-table.ts';
+import { chooseMappingLevel } from './mapping-size.ts';
+import { MemslotInvalidation } from './memslot-inval.ts';
+import {
+  S_DEVICE_MAPS,
+  S_DIRTY_MARKS,
+  S_FAST_RELAX,
+  S_FAULTS,
+  S_MAPPED_1G,
+  S_MAPPED_2M,
+  S_MAPPED_4K,
+  S_MMIO_EXITS,
+  S_RETRIES,
+  S_SPLITS,
+  S_WP_FAULTS,
+  type VcpuStats,
+} from '../vcpu/stats.ts';
+import { VcpuExitReason_Efault, VcpuExitReason_Mmio } from '../vcpu/control.ts';
+
+/** Where the fault handler reads memslots (srcu_read_lock / unlock). */
+export interface SlotSource {
+  readLock(): SlotLookup;
+  readUnlock(): void;
+}
+
+/** Test hooks to construct races deterministically. Never set in production. */
+export interface FaultHooks {
+  /** After the pfn is resolved, before the MMU lock is taken (where KVM races mmu notifiers). */
+  afterResolvePfn?: (gfn: number, pfn: number) => void;
+}
+
+export const FAULT_OK = 0;
+export const FAULT_MMIO = -VcpuExitReason_Mmio;
+export const FAULT_EFAULT = -VcpuExitReason_Efault;
+const FAULT_RETRY = 1;
+
+/** Give up retrying after this many attempts (a livelock is a bug; report EFAULT). */
+const MAX_RETRIES = 1_000_000;
+
+export class FaultHandler {
+  private readonly gup = new GupResult();
+  private readonly leaf = newLeafLookup();
+  hooks: FaultHooks = {};
+  /** Exit details of the last failed fault (for the VMM's error message). */
+  lastError = '';
+
+  constructor(
+    private readonly mem: HostMemory,
+    private readonly mm: HostAddressSpace,
+    private readonly pgt: Stage2PageTable,
+    private readonly lock: MmuLock,
+    private readonly slots: SlotSource,
+    private readonly inval: MemslotInvalidation,
+    private readonly stats: VcpuStats,
+  ) {}
+
+  /** Resolve a stage-2 fault at gfn. FAULT_OK: retry the access; negative: exit to the VMM. */
+  handle(gfn: number, write: boolean): number {
+    this.stats.add(S_FAULTS, 1);
+    for (let attempt = 0; attempt < MAX_RETRIES; attempt++) {
+      const lookup = this.slots.readLock();
+      let r: number;
+      try {
+        r = this.once(lookup, gfn, write);
+      } finally {
+        this.slots.readUnlock();
+      }
+      if (r !== FAULT_RETRY) return r;
+      this.stats.add(S_RETRIES, 1);
+      // An invalidation is in progress on the VMM thread; let it finish (2 cores, many threads).
+      if ((attempt & 63) === 63) Atomics.wait(this.inval.words, 2, 0, 0.05);
+    }
+    this.lastError = `fault at gfn ${gfn} retried ${MAX_RETRIES} times`;
+    return FAULT_EFAULT;
+  }
+
+  private once(lookup: SlotLookup, gfn: number, write: boolean): number {
+    const slot = lookup.find(gfn);
+    if (slot === null || (write && (slot.flags & KVM_MEM_READONLY) !== 0)) {
+      // No memslot, or a write to a read-only one: KVM emulates MMIO and exits to userspace.
+      this.stats.add(S_MMIO_EXITS, 1);
+      this.lastError = slot === null ? `no memslot for gfn ${gfn}` : `write to read-only memslot ${slot.slot} at gfn ${gfn}`;
+      return FAULT_MMIO;
+    }
+    const logging = slot.dirtyBitmap !== null;
+    if (write) {
+      const r = this.tryFastPath(slot, gfn);
+      if (r !== FAULT_RETRY) return r;
+    }
+    return this.slowPath(slot, gfn, write, logging);
+  }
+
+  /**
+   * fast_page_fault / the arm64 permission-fault path: a write to a present, write-protected
+   * 4 KiB RAM leaf in a host-writable slot needs no pfn lookup: mark dirty, set W by cmpxchg.
+   */
+  private tryFastPath(slot: SlotDesc, gfn: number): number {
+    const pgt = this.pgt;
+    pgt.rcuReadLock();
+    const pte = pgt.getLeaf(gfn, this.leaf);
+    pgt.rcuReadUnlock();
+    if ((pte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) !== (PTE_TYPE_LEAF | PTE_R)) return FAULT_RETRY;
+    this.stats.add(S_WP_FAULTS, 1);
+    // A write-protected block while logging: split in the slow path (seed 000).
+    if (this.leaf.level !== LAST_LEVEL || !slot.hostWritable) return FAULT_RETRY;
+    const lock = this.lock;
+    lock.faultLock();
+    let r: number;
+    try {
+      if (slot.dirtyBitmap !== null) {
+        markPageDirty(slot.dirtyBitmap, gfn - slot.baseGfn);
+        this.stats.add(S_DIRTY_MARKS, 1);
+      }
+      r = pgt.relaxPerms(gfn, PROT_RW, lock.faultShared);
+    } finally {
+      lock.faultUnlock();
+    }
+    if (r === OK) {
+      this.stats.add(S_FAST_RELAX, 1);
+      return FAULT_OK;
+    }
+    // The leaf changed under us (zapped, split, LOCKED): take the full path.
+    return FAULT_RETRY;
+  }
+
+  private slowPath(slot: SlotDesc, gfn: number, write: boolean, logging: boolean): number {
+    const pgt = this.pgt;
+    const mm = this.mm;
+    const hva = slot.hva + (gfn - slot.baseGfn) * 4096;
+    // mmu_invalidate_seq, sampled before the pfn is resolved.
+    const hostSeq = mm.notifierSeq();
+    const slotSeq = this.inval.seq();
+
+    pgt.rcuReadLock();
+    const oldPte = pgt.getLeaf(gfn, this.leaf);
+    pgt.rcuReadUnlock();
+    const oldLevel = this.leaf.level;
+
+    const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0;
+    // Read faults also fault in a writable host page (x86's opportunistic map_writable), so a
+    // later write to a read-mapped page can take the fast path.
+    const gup = this.gup;
+    const pfn = mm.getUserPage(hva, write || (!readonlySlot && slot.hostWritable), gup);
+    if (pfn < 0) {
+      if (!write && pfn !== EFAULT) {
+        // e.g. EPERM on a read-only VMA for an opportunistic write: fall back to a read.
+        const p2 = mm.getUserPage(hva, false, gup);
+        if (p2 >= 0) return this.install(slot, gfn, p2, false, logging, hostSeq, slotSeq, oldPte, oldLevel);
+      }
+      this.lastError = `getUserPage(hva 0x${hva.toString(16)}) for gfn ${gfn} failed: errno ${pfn}`;
+      return FAULT_EFAULT;
+    }
+    return this.install(slot, gfn, pfn, write, logging, hostSeq, slotSeq, oldPte, oldLevel);
+  }
+
+  private install(slot: SlotDesc, gfn: number, pfn: number, write: boolean, logging: boolean, hostSeq: number, slotSeq: number, oldPte: number, oldLevel: number): number {
+    const gup = this.gup;
+    const refcounted = gup.refcounted;
+    const device = this.mem.isMmioPfn(pfn);
+    this.hooks.afterResolvePfn?.(gfn, pfn);
+
+    const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0;
+    // arm64: while logging, only a write fault maps writable (a read-mapped page must fault again
+    // to be marked dirty).
+    const writable = !readonlySlot && gup.writable && (write || !logging);
+    const level = device || logging ? LAST_LEVEL : chooseMappingLevel(slot, gfn, gup.level);
+    const pages = level === LAST_LEVEL ? 1 : level === 2 ? 512 : 262144;
+    const mapGfn = gfn - (gfn % pages);
+    const mapPfn = pfn - (gfn % pages);
+    const prot = (writable ? PROT_RW : PROT_R) | (device ? PROT_DEVICE : 0);
+
+    const lock = this.lock;
+    let r: number;
+    lock.faultLock();
+    try {
+      if (this.mm.retryNeeded(hostSeq) || this.inval.retryNeeded(slotSeq)) {
+        r = EAGAIN;
+      } else {
+        if (writable && logging) {
+          markPageDirty(slot.dirtyBitmap!, gfn - slot.baseGfn);
+          this.stats.add(S_DIRTY_MARKS, 1);
+        }
+        r = this.pgt.map(mapGfn, level as 1 | 2 | 3, mapPfn, prot, lock.faultShared);
+      }
+    } finally {
+      lock.faultUnlock();
+    }
+    if (refcounted) this.mem.releasePfn(pfn);
+    if (r === EAGAIN) return FAULT_RETRY;
+    if (r !== OK) {
+      this.lastError = `stage-2 map of gfn ${gfn} failed: ${r}`;
+      return FAULT_EFAULT;
+    }
+    if (this.pgt.lastMapChanged) {
+      const st = this.stats;
+      st.add(level === LAST_LEVEL ? S_MAPPED_4K : level === 2 ? S_MAPPED_2M : S_MAPPED_1G, 1);
+      if (device) st.add(S_DEVICE_MAPS, 1);
+      if (oldPte !== 0 && oldLevel < level) st.add(S_SPLITS, 1);
+    }
+    return FAULT_OK;
+  }
+}

@@ -1,0 +1,166 @@
+// Memslot generations published to vCPU threads (kvm->memslots under SRCU).
+//
+// The VMM thread owns the MemslotSet. Each change produces a new immutable generation: an array
+// of SlotDesc (with the slot's shared dirty bitmap, if logging) numbered by a counter starting
+// at 1. Concurrency rules:
+// - Publisher (VMM thread only): post the new generation to every vCPU's MessagePort, THEN store
+//   its number in G_SLOTS_GEN. synchronize() then waits until no vCPU's reader word
+//   (V_SLOTS_READER) names an older generation: afterwards no fault can still be using the old
+//   set (synchronize_srcu), so the caller may zap mappings of a deleted slot, write-protect a
+//   slot that just started logging, or drop an old bitmap.
+// - Reader (a vCPU, around one fault): store the generation it is about to use in its reader
+//   word, re-read G_SLOTS_GEN and retry on a change (so a publisher that saw the word as 0 or
+//   new cannot miss a reader that then uses an old set), and drain its port up to that
+//   generation with receiveMessageOnPort. readUnlock stores 0.
+// - A reader sees one whole generation: its slots array is never mutated after publication.
+import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { G_SLOTS_GEN, G_SLOTS_WAITERS, V_SLOTS_READER, vcpuBase } from '../vcpu/control.ts';
+
+/** One memslot as the fault handler sees it (kvm_memory_slot). */
+export interface SlotDesc {
+  slot: number;
+  flags: number;
+  baseGfn: number;
+  npages: number;
+  /** Host virtual address of the slot's first byte (userspace_addr). */
+  hva: number;
+  /** The host VMA behind the slot allows writes (gates the fast path's relaxing of W). */
+  hostWritable: boolean;
+  /** Dirty bitmap (KVM layout, shared) while KVM_MEM_LOG_DIRTY_PAGES is set, else null. */
+  dirtyBitmap: Uint32Array | null;
+}
+
+export interface SlotGeneration {
+  gen: number;
+  slots: SlotDesc[];
+}
+
+/** gfn -> slot in one generation; remembers the last hit (vCPUs fault mostly within one slot). */
+export class SlotLookup {
+  private last: SlotDesc | null = null;
+  slots: SlotDesc[] = [];
+
+  set(slots: SlotDesc[]): void {
+    this.slots = slots;
+    this.last = null;
+  }
+
+  find(gfn: number): SlotDesc | null {
+    const last = this.last;
+    if (last !== null && gfn >= last.baseGfn && gfn < last.baseGfn + last.npages) return last;
+    const slots = this.slots;
+    for (let i = 0; i < slots.length; i++) {
+      const s = slots[i]!;
+      if (gfn >= s.baseGfn && gfn < s.baseGfn + s.npages) {
+        this.last = s;
+        return s;
+      }
+    }
+    return null;
+  }
+}
+
+/** VMM side. */
+export class SlotPublisher {
+  private gen: number;
+  private readonly ports: MessagePort[] = [];
+  current: SlotGeneration;
+
+  constructor(
+    private readonly ctl: Int32Array,
+    private readonly vcpuCount: () => number,
+  ) {
+    this.gen = 1;
+    this.current = { gen: 1, slots: [] };
+    Atomics.store(ctl, G_SLOTS_GEN, 1);
+  }
+
+  addPort(port: MessagePort): void {
+    this.ports.push(port);
+  }
+
+  /** Publish a new generation (rcu_assign_pointer); call synchronize() before reusing the old. */
+  publish(slots: SlotDesc[]): SlotGeneration {
+    this.gen = (this.gen + 1) | 0 || 1;
+    const next: SlotGeneration = { gen: this.gen, slots };
+    for (const p of this.ports) p.postMessage(next);
+    this.current = next;
+    Atomics.store(this.ctl, G_SLOTS_GEN, this.gen);
+    return next;
+  }
+
+  /** synchronize_srcu: wait until every vCPU reads no generation older than the current one. */
+  synchronize(): void {
+    const gen = this.gen;
+    const n = this.vcpuCount();
+    for (let v = 0; v < n; v++) {
+      const w = vcpuBase(v) + V_SLOTS_READER;
+      let spins = 0;
+      for (;;) {
+        const r = Atomics.load(this.ctl, w);
+        if (r === 0 || r === gen) break;
+        if (++spins < 1000) continue;
+        Atomics.add(this.ctl, G_SLOTS_WAITERS, 1);
+        Atomics.wait(this.ctl, w, r, 1);
+        Atomics.sub(this.ctl, G_SLOTS_WAITERS, 1);
+      }
+    }
+  }
+
+  close(): void {
+    for (const p of this.ports) p.close();
+    this.ports.length = 0;
+  }
+}
+
+/** vCPU side: srcu_read_lock / srcu_read_unlock around one fault. */
+export class SlotReader {
+  private gen: number;
+  private readonly readerWord: number;
+  readonly lookup = new SlotLookup();
+
+  constructor(
+    private readonly ctl: Int32Array,
+    vcpu: number,
+    private readonly port: MessagePort | null,
+    initial: SlotGeneration,
+  ) {
+    this.readerWord = vcpuBase(vcpu) + V_SLOTS_READER;
+    this.gen = initial.gen;
+    this.lookup.set(initial.slots);
+  }
+
+  readLock(): SlotLookup {
+    const ctl = this.ctl;
+    let g = Atomics.load(ctl, G_SLOTS_GEN);
+    for (;;) {
+      Atomics.store(ctl, this.readerWord, g);
+      const again = Atomics.load(ctl, G_SLOTS_GEN);
+      if (again === g) break;
+      g = again;
+    }
+    if (g !== this.gen) this.catchUp(g);
+    return this.lookup;
+  }
+
+  readUnlock(): void {
+    Atomics.store(this.ctl, this.readerWord, 0);
+    if (Atomics.load(this.ctl, G_SLOTS_WAITERS) !== 0) Atomics.notify(this.ctl, this.readerWord);
+  }
+
+  private catchUp(target: number): void {
+    if (this.port === null) throw new Error(`memslot generation ${target} published but this reader has no port`);
+    for (;;) {
+      const m = receiveMessageOnPort(this.port);
+      if (m === undefined) {
+        // Posted before G_SLOTS_GEN was stored; delivery to this port is all that is left.
+        Atomics.wait(this.ctl, this.readerWord, this.ctl[this.readerWord]!, 0.05);
+        continue;
+      }
+      const g = m.message as SlotGeneration;
+      this.gen = g.gen;
+      this.lookup.set(g.slots);
+      if (((g.gen - target) | 0) >= 0) return;
+    }
+  }
+}

@@ -1,0 +1,50 @@
+// The vCPU's view of the stage-2 MMU: lock-free walks that fill the soft TLB (the hardware
+// walker) and the fault handler behind them. One instance per vCPU thread.
+//
+// Concurrency rules: walk() reads PTEs with plain loads inside the RCU read section that
+// enterGuest() opens (table pages reachable from the root stay allocated until the vCPU leaves
+// guest mode or acknowledges a flush, see runner.ts). A PTE read here may be stale by one
+// concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
+// LOCKED or absent entry, or one without the needed permission, makes the access fault.
+import { LEVEL_PAGES, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL } from '../pgtable/pte.ts';
+import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
+import type { SoftTlb } from '../vcpu/soft-tlb.ts';
+import type { VcpuMmu } from '../vcpu/runner.ts';
+import type { FaultHandler } from './fault.ts';
+
+export class VcpuStage2 implements VcpuMmu {
+  private readonly leaf = newLeafLookup();
+
+  constructor(
+    private readonly pgt: Stage2PageTable,
+    readonly faults: FaultHandler,
+  ) {}
+
+  enterGuest(): void {
+    this.pgt.rcuReadLock();
+  }
+
+  exitGuest(): void {
+    this.pgt.rcuReadUnlock();
+  }
+
+  walk(gfn: number, write: boolean, tlb: SoftTlb): number {
+    const pte = this.pgt.getLeaf(gfn, this.leaf);
+    if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return -1;
+    if ((pte & (write ? PTE_W : PTE_R)) === 0) return -1;
+    const perm = ((pte & PTE_R) !== 0 ? 1 : 0) | ((pte & PTE_W) !== 0 ? 2 : 0);
+    const level = this.leaf.level;
+    if (level === LAST_LEVEL) {
+      const pfn = pte >>> 5;
+      tlb.fillSmall(gfn, pfn, perm);
+      return pfn;
+    }
+    const pfn = (pte >>> 5) + (gfn % LEVEL_PAGES[level]!);
+    tlb.fillHuge(gfn, pfn, perm);
+    return pfn;
+  }
+
+  fault(gfn: number, write: boolean): number {
+    return this.faults.handle(gfn, write);
+  }
+}

@@ -1,0 +1,145 @@
+// The soft engine's guest: interprets a WorkloadSpec exactly as src/guest/workload.ts specifies
+// (page order, value written, xorshift64 draws, pass accounting), one guest access at a time.
+//
+// Thread-confined: one Interpreter per vCPU thread. Its registers (passes, pos, rng, halted)
+// are copied to and from the shared control block by runner.ts whenever the vCPU stops.
+// The loops below are the hot path: no allocation, one shape per call site.
+
+import { pagesPerVcpu, guestWriteValue, initialRngState, randomPageIndex, xorshift64Step, type WorkloadSpec } from '../../guest/workload.ts';
+import { PAGE_SHIFT } from '../../vmm/engine.ts';
+
+/** What the interpreter needs from its vCPU: request checks and guest memory accesses. */
+export interface GuestAccess {
+  /** True when the vCPU must stop before the next access (pause or exit requested). */
+  checkRequests(): boolean;
+  /** Guest store of a 64-bit word at offset 0 of page gfn; false = the vCPU exits. */
+  write64(gfn: number, lo: number, hi: number): boolean;
+  /** Guest load at offset 0 of page gfn; false = the vCPU exits. */
+  read32(gfn: number): boolean;
+}
+
+export const PASS_DONE = 0;
+export const PASS_INTERRUPTED = 1;
+export const PASS_EXIT = 2;
+
+const KIND_SEQUENTIAL = 0;
+const KIND_RANDOM = 1;
+const KIND_IDLE = 2;
+const KIND_RWMIX = 3;
+
+export class Interpreter {
+  /** Registers. */
+  passes = 0;
+  pos = 0;
+  rng: { hi: number; lo: number };
+  halted = false;
+
+  private readonly kind: number;
+  private readonly pages: number;
+  private readonly baseGfn: number;
+  private readonly hi: number;
+  private readonly writePercent: number;
+
+  constructor(
+    spec: WorkloadSpec,
+    readonly vcpu: number,
+    private readonly access: GuestAccess,
+  ) {
+    this.kind = { sequential: KIND_SEQUENTIAL, random: KIND_RANDOM, idle: KIND_IDLE, rwmix: KIND_RWMIX }[spec.kind];
+    this.pages = pagesPerVcpu(spec);
+    this.baseGfn = (spec.gpaBase + vcpu * spec.bytesPerVcpu) / 2 ** PAGE_SHIFT;
+    if (!Number.isInteger(this.baseGfn) || this.baseGfn + this.pages >= 2 ** 31) {
+      throw new RangeError(`vCPU ${vcpu}: test memory must be page aligned and below 8 TiB`);
+    }
+    this.hi = guestWriteValue(vcpu, 1).hi;
+    this.writePercent = spec.writePercent;
+    this.rng = initialRngState(spec, vcpu);
+  }
+
+  /** Run (or continue) pass passes+1 from pos. */
+  runPass(): number {
+    const pass = this.passes + 1;
+    const lo = guestWriteValue(this.vcpu, pass).lo;
+    let r: number;
+    switch (this.kind) {
+      case KIND_SEQUENTIAL:
+        r = this.sequential(lo);
+        break;
+      case KIND_IDLE:
+        r = this.sequential(lo);
+        if (r === PASS_DONE) this.halted = true;
+        break;
+      case KIND_RANDOM:
+        r = this.random(lo);
+        break;
+      default:
+        r = this.rwmix(lo);
+    }
+    if (r === PASS_DONE) {
+      this.passes = pass;
+      this.pos = 0;
+    }
+    return r;
+  }
+
+  private sequential(lo: number): number {
+    const a = this.access;
+    const base = this.baseGfn;
+    const hi = this.hi;
+    const pages = this.pages;
+    for (let p = this.pos; p < pages; p++) {
+      if (a.checkRequests()) {
+        this.pos = p;
+        return PASS_INTERRUPTED;
+      }
+      if (!a.write64(base + p, lo, hi)) {
+        this.pos = p;
+        return PASS_EXIT;
+      }
+    }
+    return PASS_DONE;
+  }
+
+  private random(lo: number): number {
+    const a = this.access;
+    const base = this.baseGfn;
+    const hi = this.hi;
+    const pages = this.pages;
+    const rng = this.rng;
+    for (let p = this.pos; p < pages; p++) {
+      if (a.checkRequests()) {
+        this.pos = p;
+        return PASS_INTERRUPTED;
+      }
+      // The draw happens after the request check, so an interrupted pass resumes at the same
+      // generator state (the access below always completes once the draw is made).
+      const page = randomPageIndex(xorshift64Step(rng), pages);
+      if (!a.write64(base + page, lo, hi)) {
+        this.pos = p + 1;
+        return PASS_EXIT;
+      }
+    }
+    return PASS_DONE;
+  }
+
+  private rwmix(lo: number): number {
+    const a = this.access;
+    const base = this.baseGfn;
+    const hi = this.hi;
+    const pages = this.pages;
+    const rng = this.rng;
+    const wp = this.writePercent;
+    for (let p = this.pos; p < pages; p++) {
+      if (a.checkRequests()) {
+        this.pos = p;
+        return PASS_INTERRUPTED;
+      }
+      const ok = xorshift64Step(rng) % 100 < wp ? a.write64(base + p, lo, hi) : a.read32(base + p);
+      if (!ok) {
+        this.pos = p + 1;
+        return PASS_EXIT;
+      }
+    }
+    return PASS_DONE;
+  }
+}

@@ -1,0 +1,299 @@
+// A vCPU thread's run loop: the run-control state machine around the workload interpreter.
+//
+// Runs on the vCPU's worker thread (or, in tests, any single thread). Concurrency rules are
+// those of control.ts: this file writes only its own vCPU line, reads global words with
+// Atomics, and touches the R_* registers only while it is stopped (Paused, Waiting, Halted,
+// Created) or about to be. Guest memory is written with plain stores into host frames reached
+// through the soft TLB; the VMM reads guest memory only while vCPUs are paused or stopped
+// (Atomics.wait/notify order those accesses) or accepts racy snapshots (live migration).
+//
+// State machine (V_STATE), Firecracker-style: every transition is one Atomics.store in
+// setState() and is commented where it happens.
+//   Created --first loop--> Running | WaitingForAllowance | Paused | Exited
+//   Running --pass done, allowance used--> WaitingForAllowance
+//   Running --pause request--> Paused          (registers saved first)
+//   Running --idle workload done--> Halted
+//   Running --unresolvable fault--> Exited     (V_EXIT_REASON says why)
+//   WaitingForAllowance --allowance raised--> Running
+//   Paused --resume--> (re-evaluated: Running | WaitingForAllowance | Halted)
+//   Halted --pause--> Paused;  any --exit request--> Exited
+
+import {
+  G_ALLOWANCE,
+  G_EXIT,
+  G_FLUSH_GEN,
+  G_KICK,
+  G_KICK_WAITERS,
+  G_PAUSE,
+  G_REQ,
+  GuestMode_InGuest,
+  GuestMode_OutsideGuest,
+  R_HALTED,
+  R_PASS,
+  R_POS,
+  R_RNG_HI,
+  R_RNG_LO,
+  R_VALID,
+  V_EXIT_GPA_HI,
+  V_EXIT_GPA_LO,
+  V_EXIT_REASON,
+  V_HALTED,
+  V_MODE,
+  V_PASSES,
+  V_STATE,
+  VcpuExitReason_Crash,
+  VcpuRunState_Exited,
+  VcpuRunState_Halted,
+  VcpuRunState_Paused,
+  VcpuRunState_Running,
+  VcpuRunState_WaitingForAllowance,
+  signalEvent,
+  vcpuBase,
+} from './control.ts';
+import { acknowledgeFlush } from './tlb-flush.ts';
+import { SoftTlb } from './soft-tlb.ts';
+import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
+import type { WorkloadSpec } from '../../guest/workload.ts';
+import { VcpuStats, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
+
+/** What the vCPU needs from the stage-2 MMU (implemented by mmu/vcpu-mmu.ts). */
+export interface VcpuMmu {
+  /** Entered/left with guest mode: the RCU read section that makes lock-free walks safe. */
+  enterGuest(): void;
+  exitGuest(): void;
+  /**
+   * Walk stage 2 for gfn (in guest mode). When the leaf allows the access, fill the TLB and
+   * return the host pfn; otherwise return -1 (the caller takes a fault).
+   */
+  walk(gfn: number, write: boolean, tlb: SoftTlb): number;
+  /**
+   * Handle a stage-2 fault (user_mem_abort), called outside guest mode. 0 = resolved (retry the
+   * access); a negative value is a VcpuExitReason (negated) the vCPU cannot get past.
+   */
+  fault(gfn: number, write: boolean): number;
+}
+
+export class VcpuRunner implements GuestAccess {
+  readonly base: number;
+  readonly tlb = new SoftTlb();
+  readonly interp: Interpreter;
+  private reqSeen = 0;
+  private flushSeen = 0;
+  private windows: Int32Array[];
+
+  constructor(
+    readonly ctl: Int32Array,
+    readonly vcpu: number,
+    spec: WorkloadSpec,
+    windows: Int32Array[],
+    readonly mmu: VcpuMmu,
+    readonly stats: VcpuStats,
+  ) {
+    this.base = vcpuBase(vcpu);
+    this.windows = windows;
+    this.interp = new Interpreter(spec, vcpu, this);
+  }
+
+  private setState(s: number): void {
+    Atomics.store(this.ctl, this.base + V_STATE, s);
+    signalEvent(this.ctl);
+  }
+
+  /** The whole life of the thread. Returns when asked to exit or after an unrecoverable exit. */
+  run(): void {
+    const ctl = this.ctl;
+    this.loadRegs();
+    try {
+      for (;;) {
+        // Read the kick counter before testing conditions, so a change made after the tests
+        // makes the wait below return at once (no lost wake-up).
+        const kick = Atomics.load(ctl, G_KICK);
+        if (Atomics.load(ctl, G_EXIT) !== 0) {
+          this.saveRegs();
+          this.setState(VcpuRunState_Exited); // any -> Exited: destroy() asked us to leave
+          return;
+        }
+        if (Atomics.load(ctl, G_PAUSE) !== 0) {
+          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Paused) {
+            this.saveRegs();
+            this.setState(VcpuRunState_Paused); // Running/Waiting/Halted -> Paused: registers saved, VMM may read/write them
+          }
+          this.waitKick(kick);
+          continue;
+        }
+        if (this.interp.halted) {
+          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Halted) this.setState(VcpuRunState_Halted); // -> Halted: idle guest done
+          this.waitKick(kick);
+          continue;
+        }
+        if (this.interp.passes >= Atomics.load(ctl, G_ALLOWANCE)) {
+          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_WaitingForAllowance) {
+            this.saveRegs();
+            this.setState(VcpuRunState_WaitingForAllowance); // Running -> Waiting: allowance used up
+          }
+          this.waitKick(kick);
+          continue;
+        }
+        if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Running) this.setState(VcpuRunState_Running); // -> Running: allowance left, no pause
+        if (!this.enterGuest()) continue;
+        const r = this.interp.runPass();
+        this.exitGuest();
+        if (r === PASS_DONE) {
+          Atomics.store(ctl, this.base + V_PASSES, this.interp.passes);
+          if (this.interp.halted) Atomics.store(ctl, this.base + V_HALTED, 1);
+          this.saveRegs();
+          signalEvent(ctl);
+        } else if (r === PASS_EXIT) {
+          this.saveRegs();
+          this.setState(VcpuRunState_Exited); // Running -> Exited: a fault the VMM must see (V_EXIT_REASON)
+          return;
+        }
+        // PASS_INTERRUPTED: a pause or exit request; the loop head handles it.
+      }
+    } catch (e) {
+      Atomics.store(ctl, this.base + V_EXIT_REASON, VcpuExitReason_Crash);
+      Atomics.store(ctl, this.base + V_MODE, GuestMode_OutsideGuest);
+      this.setState(VcpuRunState_Exited); // any -> Exited: the worker threw
+      throw e;
+    }
+  }
+
+  /**
+   * Block while stopped. Registers were saved when the vCPU stopped; the VMM may have loaded
+   * new ones meanwhile (loadVcpuState), so reload them on every wake-up.
+   */
+  private waitKick(kick: number): void {
+    Atomics.add(this.ctl, G_KICK_WAITERS, 1);
+    Atomics.wait(this.ctl, G_KICK, kick);
+    Atomics.sub(this.ctl, G_KICK_WAITERS, 1);
+    this.loadRegs();
+  }
+
+  /** Guest entry: V_MODE = IN_GUEST, then look at requests (flush) before any access. */
+  enterGuest(): boolean {
+    Atomics.store(this.ctl, this.base + V_MODE, GuestMode_InGuest);
+    this.mmu.enterGuest();
+    if (this.handleRequests()) {
+      this.exitGuest();
+      return false;
+    }
+    return true;
+  }
+
+  exitGuest(): void {
+    this.mmu.exitGuest();
+    Atomics.store(this.ctl, this.base + V_MODE, GuestMode_OutsideGuest);
+  }
+
+  /**
+   * Called when G_REQ changed (and on guest entry): flush the TLB if a flush was requested,
+   * acknowledge it, and say whether the vCPU must leave the guest (pause or exit).
+   */
+  handleRequests(): boolean {
+    const ctl = this.ctl;
+    const req = Atomics.load(ctl, G_REQ);
+    const gen = Atomics.load(ctl, G_FLUSH_GEN);
+    if (gen !== this.flushSeen) {
+      this.tlb.invalidateAll();
+      this.stats.add(S_TLB_FLUSHES, 1);
+      this.flushSeen = gen;
+      // Quiesce the RCU read section too: table pages unlinked before this flush may now go.
+      this.mmu.exitGuest();
+      this.mmu.enterGuest();
+      acknowledgeFlush(ctl, this.base, gen);
+    }
+    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) {
+      // Keep reqSeen stale so the next access check comes back here until we stop.
+      this.reqSeen = (req + 0x40000000) | 0;
+      return true;
+    }
+    this.reqSeen = req;
+    return false;
+  }
+
+  // ---- GuestAccess: what the interpreter calls for each guest access ----
+
+  /** True when the vCPU must stop before its next access (pause/exit requested). */
+  checkRequests(): boolean {
+    return Atomics.load(this.ctl, G_REQ) !== this.reqSeen && this.handleRequests();
+  }
+
+  /** Store a 64-bit word (lo, hi) at offset 0 of guest page gfn. False: the vCPU must exit. */
+  write64(gfn: number, lo: number, hi: number): boolean {
+    let pfn = this.tlb.lookupWrite(gfn);
+    if (pfn < 0) {
+      pfn = this.translateSlow(gfn, true);
+      if (pfn < 0) return false;
+    }
+    const w = this.windows[pfn >>> 18]!;
+    const off = (pfn & 0x3ffff) << 10;
+    w[off] = lo;
+    w[off + 1] = hi;
+    return true;
+  }
+
+  /** Load the low word at offset 0 of guest page gfn (rwmix reads). -1 result + exit flag on failure. */
+  read32(gfn: number): boolean {
+    let pfn = this.tlb.lookupRead(gfn);
+    if (pfn < 0) {
+      pfn = this.translateSlow(gfn, false);
+      if (pfn < 0) return false;
+    }
+    this.lastRead = this.windows[pfn >>> 18]![(pfn & 0x3ffff) << 10]!;
+    return true;
+  }
+
+  lastRead = 0;
+
+  /** TLB miss: walk; on a stage-2 fault leave guest mode, handle it, re-enter and walk again. */
+  private translateSlow(gfn: number, write: boolean): number {
+    this.stats.add(S_TLB_MISSES, 1);
+    for (;;) {
+      const pfn = this.mmu.walk(gfn, write, this.tlb);
+      if (pfn >= 0) return pfn;
+      this.exitGuest();
+      const r = this.mmu.fault(gfn, write);
+      // Re-enter before touching the TLB again; a flush that ran meanwhile is seen here. A
+      // pause request is noted (reqSeen kept stale) and honoured after this access completes.
+      Atomics.store(this.ctl, this.base + V_MODE, GuestMode_InGuest);
+      this.mmu.enterGuest();
+      this.handleRequests();
+      if (r < 0) {
+        const gpa = gfn * 4096;
+        Atomics.store(this.ctl, this.base + V_EXIT_REASON, -r);
+        Atomics.store(this.ctl, this.base + V_EXIT_GPA_HI, Math.floor(gpa / 2 ** 32));
+        Atomics.store(this.ctl, this.base + V_EXIT_GPA_LO, gpa >>> 0);
+        return -1;
+      }
+      if (this.windows.length === 0) throw new Error('vCPU has no host memory windows');
+    }
+  }
+
+  // ---- registers ----
+
+  saveRegs(): void {
+    const ctl = this.ctl;
+    const b = this.base;
+    const i = this.interp;
+    Atomics.store(ctl, b + R_PASS, i.passes);
+    Atomics.store(ctl, b + R_POS, i.pos);
+    Atomics.store(ctl, b + R_RNG_HI, i.rng.hi | 0);
+    Atomics.store(ctl, b + R_RNG_LO, i.rng.lo | 0);
+    Atomics.store(ctl, b + R_HALTED, i.halted ? 1 : 0);
+    Atomics.store(ctl, b + R_VALID, 1);
+  }
+
+  loadRegs(): void {
+    const ctl = this.ctl;
+    const b = this.base;
+    if (Atomics.load(ctl, b + R_VALID) === 0) return;
+    const i = this.interp;
+    i.passes = Atomics.load(ctl, b + R_PASS);
+    i.pos = Atomics.load(ctl, b + R_POS);
+    i.rng.hi = Atomics.load(ctl, b + R_RNG_HI) >>> 0;
+    i.rng.lo = Atomics.load(ctl, b + R_RNG_LO) >>> 0;
+    i.halted = Atomics.load(ctl, b + R_HALTED) !== 0;
+    Atomics.store(ctl, b + V_PASSES, i.passes);
+    Atomics.store(ctl, b + V_HALTED, i.halted ? 1 : 0);
+  }
+}

@@ -1,0 +1,44 @@
+// Entry point of a vCPU worker thread (started by vcpu/threads.ts with startWorker).
+//
+// Attaches to the VM's shared state (host memory, host address space, stage-2 table, MMU lock,
+// control block, stats, memslot generations) and runs the vCPU until the VMM asks it to exit.
+// Everything shared is described in the files that own it; this thread owns only its vCPU line
+// of the control block and its stats line.
+import { workerData } from 'node:worker_threads';
+import { HostMemory } from '../hostmem/host-memory.ts';
+import { HostAddressSpace } from '../hostmm/host-address-space.ts';
+import { MmuLock } from '../locking/mmu-lock.ts';
+import { Stage2PageTable } from '../pgtable/stage2.ts';
+import { FaultHandler } from '../mmu/fault.ts';
+import { MemslotInvalidation } from '../mmu/memslot-inval.ts';
+import { SlotReader } from '../mmu/slot-table.ts';
+import { VcpuStage2 } from '../mmu/vcpu-mmu.ts';
+import { VcpuRunner } from './runner.ts';
+import { VcpuStats, S_REMOTE_FLUSHES } from './stats.ts';
+import { flushRemoteTlbs } from './tlb-flush.ts';
+import type { VcpuWorkerData } from './threads.ts';
+
+const d = workerData as VcpuWorkerData;
+const ctl = new Int32Array(d.ctl);
+const mem = HostMemory.attach(d.mem);
+const mm = HostAddressSpace.attach(d.mm, mem);
+const lock = MmuLock.attach(d.lock);
+const stats = new VcpuStats(d.stats, d.vcpu);
+const pgt = Stage2PageTable.attach(d.pgt, {
+  tlbFlush: () => {
+    stats.add(S_REMOTE_FLUSHES, 1);
+    flushRemoteTlbs(ctl, d.vcpus, d.vcpu);
+  },
+});
+lock.onExclusiveUnlock = () => {
+  pgt.reclaim();
+};
+const slots = new SlotReader(ctl, d.vcpu, d.port, d.slots);
+const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats);
+const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats);
+try {
+  runner.run();
+} finally {
+  pgt.detach();
+  d.port.close();
+}

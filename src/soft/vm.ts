@@ -1,0 +1,473 @@
+// The soft engine's VM: memslots, host memory, the stage-2 table, dirty logging and vCPU
+// threads behind the engine-neutral Vm interface (vmm/engine.ts).
+//
+// Threads: a SoftVm is owned by the VMM thread that created it; every method runs there. vCPU
+// workers share its state through SharedArrayBuffers (see the files each part lives in).
+// Ordering rules this file is responsible for (KVM's kvm_set_memslot / commit_memory_region):
+// - create: publish the new generation; nothing can be mapped there yet.
+// - delete / move: begin a memslot invalidation (faults on the slot retry), publish the new
+//   generation, wait out readers of the old one, unmap the old gfn range under the exclusive MMU
+//   lock (the unmap flushes TLBs), end the invalidation.
+// - logging on: allocate the bitmap, publish, wait out old readers (no fault can still install a
+//   writable or huge mapping from a generation without the bitmap), then write-protect the slot
+//   and flush. logging off: publish without the bitmap, wait out old readers, drop it.
+// - mmu notifier (host munmap): unmap the gfns backed by the range under the exclusive lock
+//   (flush included) before the host frees anything.
+
+import {
+  KVM_MEM_LOG_DIRTY_PAGES,
+  PAGE_SIZE,
+  type Backing,
+  type HostMapping,
+  type MemoryRegion,
+  type MemslotInfo,
+  type MmuLockMode,
+  type VcpuProgress,
+  type VcpuState,
+  type Vm,
+  type VmConfig,
+  type VmStats,
+} from '../vmm/engine.ts';
+import { MemslotSet, type Memslot } from '../vmm/memslots.ts';
+import type { WorkloadSpec } from '../guest/workload.ts';
+import { HostMemory } from './hostmem/host-memory.ts';
+import { HostAddressSpace } from './hostmm/host-address-space.ts';
+import { MmuLock } from './locking/mmu-lock.ts';
+import { LAST_LEVEL, PTE_DEVICE, PTE_W } from './pgtable/pte.ts';
+import { Stage2PageTable } from './pgtable/stage2.ts';
+import { allocDirtyBitmap } from './dirty/dirty-bitmap.ts';
+import { clearDirtyLog, getDirtyLog, writeProtectSlot, DirtyLogError, type DirtyLogMmu } from './dirty/dirty-log.ts';
+import { FaultHandler, type SlotSource } from './mmu/fault.ts';
+import { MemslotInvalidation } from './mmu/memslot-inval.ts';
+import { SlotLookup, SlotPublisher, type SlotDesc } from './mmu/slot-table.ts';
+import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
+import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
+import { VcpuThreads, VcpuError, type SoftVcpuArch } from './vcpu/threads.ts';
+import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
+
+export interface SoftVmOptions {
+  /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
+  hostRamBytes?: number;
+  maxVcpus: number;
+  /** Stage-2 walks check for freed table pages (slower; tests). */
+  debug?: boolean;
+}
+
+const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
+
+export class SoftVmError extends Error {
+  override name = 'SoftVmError';
+}
+
+/** Host-side parts created once the VM knows how much memory it needs. */
+interface HostParts {
+  mem: HostMemory;
+  mm: HostAddressSpace;
+  pgt: Stage2PageTable;
+}
+
+export class SoftVm implements Vm, DirtyLogMmu {
+  readonly engine = 'soft' as const;
+  readonly config: Readonly<Required<VmConfig>>;
+  readonly lock: MmuLock;
+  readonly ctl: Int32Array;
+  readonly statsSab: SharedArrayBuffer;
+  /** The VMM thread's stats line (index maxVcpus). */
+  private readonly vmStats: VcpuStats;
+  private readonly inval = new MemslotInvalidation();
+  private readonly publisher: SlotPublisher;
+  private slotSet = MemslotSet.empty();
+  private readonly bitmaps = new Map<number, Uint32Array>();
+  private host: HostParts | null = null;
+  private threads: VcpuThreads | null = null;
+  private readonly mappings: HostMapping[] = [];
+  private destroyed = false;
+  private mainFaults: FaultHandler | null = null;
+
+  constructor(
+    config: VmConfig,
+    private readonly opts: SoftVmOptions,
+  ) {
+    this.config = Object.freeze({
+      manualDirtyLogProtect: config.manualDirtyLogProtect ?? true,
+      dirtyRingEntries: config.dirtyRingEntries ?? 0,
+      lock: config.lock ?? ('parallel' as MmuLockMode),
+      guestPageSize: config.guestPageSize ?? 4096,
+    });
+    if (this.config.dirtyRingEntries !== 0) throw new SoftVmError('the soft engine has no dirty ring yet (dirtyRingEntries must be 0)');
+    this.lock = MmuLock.create(this.config.lock);
+    this.ctl = newControlBlock(opts.maxVcpus);
+    this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
+    this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
+    this.publisher = new SlotPublisher(this.ctl, () => this.vcpuCount);
+    if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
+  }
+
+  get vcpuCount(): number {
+    return this.threads?.count ?? 0;
+  }
+
+  // ---- host memory ----
+
+  private ensureHost(bytes: number): HostParts {
+    if (this.host) return this.host;
+    const ramBytes = this.opts.hostRamBytes ?? Math.max(2 * bytes, 2 ** 30);
+    const mem = HostMemory.create({ ramBytes });
+    const mm = HostAddressSpace.create(mem);
+    // Leaf tables for every host frame plus the levels above, room for MMIO and splits.
+    const maxTablePages = Math.ceil(mem.totalFrames / 512) * 2 + 1024;
+    const pgt = Stage2PageTable.create({
+      maxTablePages,
+      maxThreads: this.opts.maxVcpus + 4,
+      debug: this.opts.debug ?? false,
+      tlbFlush: () => this.flushRemoteTlbs(),
+    });
+    this.lock.onExclusiveUnlock = () => {
+      pgt.reclaim();
+    };
+    mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
+    this.host = { mem, mm, pgt };
+    return this.host;
+  }
+
+  private get h(): HostParts {
+    if (!this.host) throw new SoftVmError('no host memory yet: call mapHostMemory first');
+    return this.host;
+  }
+
+  /** Debug accessors for tests and tools. */
+  get hostMemory(): HostMemory {
+    return this.h.mem;
+  }
+
+  get hostAddressSpace(): HostAddressSpace {
+    return this.h.mm;
+  }
+
+  get stage2(): Stage2PageTable {
+    return this.h.pgt;
+  }
+
+  mapHostMemory(bytes: number, backing: Backing): HostMapping {
+    this.checkAlive();
+    const { mm } = this.ensureHost(bytes);
+    const kind = BACKING_VMA[backing];
+    if (!kind) throw new SoftVmError(`unknown backing '${backing}'`);
+    const rounded = backing === 'hugetlb' ? Math.ceil(bytes / 2 ** 21) * 2 ** 21 : bytes;
+    const hva = mm.mmap(rounded, kind);
+    const m: HostMapping = { hva, bytes: rounded, backing };
+    this.mappings.push(m);
+    return m;
+  }
+
+  // ---- memslots ----
+
+  setUserMemoryRegion(region: MemoryRegion): void {
+    this.checkAlive();
+    const res = this.slotSet.apply(region);
+    switch (res.change) {
+      case 'none':
+        return;
+      case 'create':
+        this.slotSet = res.set;
+        this.publish();
+        return;
+      case 'delete':
+      case 'move': {
+        const old = res.old!;
+        this.inval.begin();
+        try {
+          this.slotSet = res.set;
+          if (res.change === 'delete') this.bitmaps.delete(old.id);
+          this.publish();
+          this.publisher.synchronize();
+          if (this.host) this.unmapGfns(old.baseGfn, old.npages);
+        } finally {
+          this.inval.end();
+        }
+        return;
+      }
+      case 'flags-only': {
+        const old = res.old!;
+        const nu = res.new!;
+        const wasLogging = (old.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
+        const logging = (nu.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
+        if (logging && !wasLogging) this.bitmaps.set(nu.id, allocDirtyBitmap(nu.npages));
+        if (!logging) this.bitmaps.delete(nu.id);
+        this.slotSet = res.set;
+        this.publish();
+        this.publisher.synchronize();
+        if (logging && !wasLogging && this.host) {
+          const desc = this.desc(nu.id)!;
+          writeProtectSlot(this, desc);
+          this.vmStats.add(S_WRITE_PROTECTED, desc.npages);
+        }
+        return;
+      }
+    }
+  }
+
+  memslots(): readonly MemslotInfo[] {
+    return this.slotSet.toInfo();
+  }
+
+  private publish(): void {
+    const slots: SlotDesc[] = this.slotSet.slots.map((s) => this.toDesc(s));
+    this.publisher.publish(slots);
+  }
+
+  private toDesc(s: Memslot): SlotDesc {
+    const vma = this.host?.mm.findVma(s.userspaceAddr);
+    return {
+      slot: s.id,
+      flags: s.flags,
+      baseGfn: s.baseGfn,
+      npages: s.npages,
+      hva: s.userspaceAddr,
+      hostWritable: vma ? !vma.readonly : true,
+      dirtyBitmap: this.bitmaps.get(s.id) ?? null,
+    };
+  }
+
+  private desc(id: number): SlotDesc | undefined {
+    return this.publisher.current.slots.find((s) => s.slot === id);
+  }
+
+  private unmapGfns(gfn: number, npages: number): void {
+    const { pgt } = this.h;
+    this.lock.exclusiveLock();
+    try {
+      pgt.unmap(gfn, npages);
+    } finally {
+      this.lock.exclusiveUnlock();
+    }
+  }
+
+  /** mmu notifier: host [start, end) is going away; drop every stage-2 mapping of it first. */
+  private onHostInvalidate(start: number, end: number): void {
+    if (this.destroyed || !this.host || this.host.pgt.destroyed) return;
+    this.vmStats.add(S_NOTIFIER_INVALIDATIONS, 1);
+    for (const s of this.slotSet.slots) {
+      const sEnd = s.userspaceAddr + s.npages * PAGE_SIZE;
+      const lo = Math.max(start, s.userspaceAddr);
+      const hi = Math.min(end, sEnd);
+      if (lo >= hi) continue;
+      const first = s.baseGfn + Math.floor((lo - s.userspaceAddr) / PAGE_SIZE);
+      const last = s.baseGfn + Math.ceil((hi - s.userspaceAddr) / PAGE_SIZE);
+      this.unmapGfns(first, last - first);
+    }
+  }
+
+  // ---- DirtyLogMmu ----
+
+  writeProtect(gfn: number, npages: number): void {
+    this.h.pgt.writeProtect(gfn, npages, false);
+  }
+
+  flushRemoteTlbs(): void {
+    this.vmStats.add(S_REMOTE_FLUSHES, 1);
+    flushRemoteTlbs(this.ctl, this.vcpuCount, -1);
+  }
+
+  // ---- dirty log ----
+
+  private loggingSlot(slot: number): SlotDesc {
+    const d = this.desc(slot);
+    if (!d) throw new DirtyLogError('ENOENT', `no memslot ${slot}`);
+    return d;
+  }
+
+  getDirtyLog(slot: number): Uint32Array {
+    this.checkAlive();
+    const d = this.loggingSlot(slot);
+    if (!this.host) return new Uint32Array(0);
+    const r = getDirtyLog(this, d, this.config.manualDirtyLogProtect);
+    this.vmStats.add(S_WRITE_PROTECTED, r.protectedPages);
+    return r.bitmap;
+  }
+
+  clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap: Uint32Array): void {
+    this.checkAlive();
+    if (!this.config.manualDirtyLogProtect) throw new DirtyLogError('EINVAL', 'KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2');
+    const d = this.loggingSlot(slot);
+    const n = clearDirtyLog(this, d, firstPage, numPages, bitmap);
+    this.vmStats.add(S_WRITE_PROTECTED, n);
+  }
+
+  // ---- guest memory through the VMM's mapping ----
+
+  private forEachSegment(gpa: number, length: number, fn: (hva: number, off: number, n: number) => void): void {
+    let done = 0;
+    while (done < length) {
+      const at = gpa + done;
+      const s = this.slotSet.findByGfn(Math.floor(at / PAGE_SIZE));
+      if (!s) throw new SoftVmError(`gpa 0x${at.toString(16)} is in no memslot`);
+      const slotEnd = (s.baseGfn + s.npages) * PAGE_SIZE;
+      const n = Math.min(length - done, slotEnd - at);
+      fn(s.userspaceAddr + (at - s.baseGfn * PAGE_SIZE), done, n);
+      done += n;
+    }
+  }
+
+  readGuest(gpa: number, dst: Uint8Array): void {
+    const { mm } = this.h;
+    this.forEachSegment(gpa, dst.length, (hva, off, n) => mm.read(hva, dst.subarray(off, off + n)));
+  }
+
+  writeGuest(gpa: number, src: Uint8Array): void {
+    const { mm } = this.h;
+    this.forEachSegment(gpa, src.length, (hva, off, n) => mm.write(hva, src.subarray(off, off + n)));
+  }
+
+  // ---- vCPUs ----
+
+  async createVcpus(count: number, workload: WorkloadSpec): Promise<void> {
+    this.checkAlive();
+    if (this.threads) throw new SoftVmError('vCPUs were already created');
+    if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new SoftVmError(`vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
+    const { mem, mm, pgt } = this.ensureHost(count * workload.bytesPerVcpu);
+    const threads = new VcpuThreads(this.ctl, count);
+    this.threads = threads;
+    await threads.start(
+      workload,
+      {
+        ctl: this.ctl.buffer as SharedArrayBuffer,
+        stats: this.statsSab,
+        mem: mem.shared,
+        mm: mm.shared,
+        pgt: pgt.shared,
+        lock: this.lock.shared,
+        inval: this.inval.sab,
+      },
+      this.publisher,
+    );
+  }
+
+  private get t(): VcpuThreads {
+    if (!this.threads) throw new SoftVmError('no vCPUs: call createVcpus first');
+    return this.threads;
+  }
+
+  allowPasses(passes: number): void {
+    this.t.allowPasses(passes);
+  }
+
+  waitForPasses(passes: number, timeoutMs?: number): Promise<void> {
+    return this.t.waitForPasses(passes, timeoutMs);
+  }
+
+  progress(): VcpuProgress[] {
+    return this.threads ? this.threads.progress() : [];
+  }
+
+  async pause(): Promise<void> {
+    if (this.threads) await this.threads.pause();
+  }
+
+  resume(): void {
+    this.threads?.resume();
+  }
+
+  saveVcpuState(vcpu: number): VcpuState {
+    const t = this.t;
+    this.checkVcpu(vcpu);
+    if (!t.isStopped(vcpu)) throw new SoftVmError(`saveVcpuState(${vcpu}): the vCPU is running; pause() first`);
+    return t.saveState(vcpu);
+  }
+
+  loadVcpuState(state: VcpuState): void {
+    const t = this.t;
+    if (state.engine !== 'soft') throw new SoftVmError(`loadVcpuState: state from a '${state.engine}' vCPU cannot load into the soft engine`);
+    this.checkVcpu(state.vcpu);
+    if (!t.isStopped(state.vcpu) && !(t.paused || this.neverRan())) throw new SoftVmError(`loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
+    const a = state.arch as SoftVcpuArch;
+    for (const k of ['passes', 'pos', 'rngHi', 'rngLo'] as const) {
+      if (!Number.isInteger(a?.[k])) throw new SoftVmError(`loadVcpuState: arch.${k} missing or not an integer`);
+    }
+    t.writeArch(state.vcpu, { passes: a.passes, pos: a.pos, rngHi: a.rngHi, rngLo: a.rngLo, halted: a.halted === true });
+  }
+
+  private neverRan(): boolean {
+    return this.progress().every((p) => p.passesCompleted === 0) && Atomics.load(this.ctl, G_ALLOWANCE) === 0;
+  }
+
+  private checkVcpu(v: number): void {
+    if (!Number.isInteger(v) || v < 0 || v >= this.vcpuCount) throw new SoftVmError(`no vCPU ${v}`);
+  }
+
+  // ---- stats ----
+
+  stats(): VmStats {
+    const out: VmStats = VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1);
+    let p4k = 0;
+    let p2m = 0;
+    let p1g = 0;
+    let writable = 0;
+    let device = 0;
+    if (this.host && !this.host.pgt.destroyed) {
+      this.host.pgt.forEachLeaf(0, 2 ** 36, (_gfn, level, pte) => {
+        if (level === LAST_LEVEL) p4k++;
+        else if (level === 2) p2m++;
+        else p1g++;
+        if ((pte & PTE_W) !== 0) writable++;
+        if ((pte & PTE_DEVICE) !== 0) device++;
+      });
+    }
+    out.pages_4k = p4k;
+    out.pages_2m = p2m;
+    out.pages_1g = p1g;
+    out.writableLeaves = writable;
+    out.deviceLeaves = device;
+    out.tablePages = this.host ? this.host.pgt.liveTablePages() : 0;
+    out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
+    out.memslotGeneration = this.publisher.current.gen;
+    return out;
+  }
+
+  /** A fault handler on the VMM thread (tests construct races with its hooks). */
+  mainThreadFaultHandler(): FaultHandler {
+    if (this.mainFaults) return this.mainFaults;
+    const { mem, mm, pgt } = this.h;
+    const lookup = new SlotLookup();
+    const pub = this.publisher;
+    const src: SlotSource = {
+      readLock: () => {
+        lookup.set(pub.current.slots);
+        return lookup;
+      },
+      readUnlock: () => {},
+    };
+    this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.inval, this.vmStats);
+    return this.mainFaults;
+  }
+
+  // ---- teardown ----
+
+  private checkAlive(): void {
+    if (this.destroyed) throw new SoftVmError('VM was destroyed');
+  }
+
+  async destroy(): Promise<void> {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    try {
+      await this.threads?.stop();
+    } finally {
+      this.publisher.close();
+      if (this.host) {
+        const { mm, pgt } = this.host;
+        this.lock.onExclusiveUnlock = undefined;
+        this.lock.exclusiveLock();
+        try {
+          if (!pgt.destroyed) pgt.destroy();
+        } finally {
+          this.lock.exclusiveUnlock();
+        }
+        for (const m of this.mappings) mm.munmap(m.hva, m.bytes);
+        this.mappings.length = 0;
+      }
+    }
+  }
+}
+
+export { VcpuError };
