@@ -31,10 +31,10 @@
 //   while an unmap was in progress or after one began is never mapped.
 
 import { HostMemory } from '../hostmem/host-memory.ts';
-import { EFAULT, ENOMEM, EPERM, errnoName } from '../hostmem/errno.ts';
+import { EAGAIN, EEXIST, EFAULT, EINVAL, ENOMEM, EPERM, errnoName } from '../hostmem/errno.ts';
 import { HUGE_FRAME_BYTES, HUGE_FRAME_PAGES, WINDOW_MASK, WINDOW_SHIFT } from '../hostmem/page-flags.ts';
 import {
-  F_BASE_PFN, F_KIND, F_PAGES, F_PMD_BASE, F_PTE_BASE, F_READONLY, K_ANON, K_HUGETLB, K_PFNMAP, K_THP,
+  F_BASE_PFN, F_KIND, F_PAGES, F_PMD_BASE, F_PTE_BASE, F_READONLY, F_UFFD, I32_PER_VMA, K_ANON, K_HUGETLB, K_PFNMAP, K_THP,
   T_GENERATION, T_IN_PROGRESS, T_PMD_USED, T_PTE_USED, T_SEQ, VMA_DEAD, VMA_DYING, VMA_KINDS, VMA_LIVE,
   VmaTable, type VmaInfo, type VmaKind, type VmaTableShared,
 } from './vma-table.ts';
@@ -92,6 +92,8 @@ export class HostAddressSpace {
   private nextHva = HVA_BASE;
   private readonly scratch = new GupResult();
   private readonly tables: HostTables;
+  // False only inside write(): the VMM's own writes populate userfault-registered pages directly.
+  private honorUffd = true;
   // This thread's last VMA, valid while its entry is LIVE (fields of a LIVE entry never change).
   private cEntry = -1;
   private cStart = 0;
@@ -336,6 +338,7 @@ export class HostAddressSpace {
       // v === 0: first touch of this 2 MiB block.
       const eligible = (block + 1) * HUGE_FRAME_PAGES <= this.cPages; // whole block inside the VMA
       if (kind === K_THP && !eligible) return this.faultPte(entry, this.cPteBase + idx);
+      if (this.honorUffd && this.userfaultMissing(entry)) return EAGAIN;
       const head = this.mem.allocHugeFrame();
       if (head < 0) {
         if (kind === K_HUGETLB) return ENOMEM;
@@ -366,6 +369,7 @@ export class HostAddressSpace {
         if (this.table.state(entry) !== VMA_LIVE) return EFAULT;
         continue;
       }
+      if (this.honorUffd && this.userfaultMissing(entry)) return EAGAIN;
       const pfn = this.mem.allocFrame();
       if (pfn < 0) return pfn;
       if (Atomics.compareExchange(pte, slot, 0, pfn + 1) !== 0) {
@@ -377,6 +381,63 @@ export class HostAddressSpace {
         return EFAULT;
       }
     }
+  }
+
+  private userfaultMissing(entry: number): boolean {
+    return Atomics.load(this.table.i32, entry * I32_PER_VMA + F_UFFD) !== 0;
+  }
+
+  /**
+   * UFFDIO_REGISTER (MISSING) / UFFDIO_UNREGISTER on whole VMAs (main thread): while registered,
+   * getUserPage of a page never populated returns EAGAIN instead of allocating, and the page is
+   * populated only by uffdCopy (or by the VMM's own write()).
+   */
+  setUserfault(hva: number, bytes: number, missing: boolean): void {
+    const end = hva + bytes;
+    const entries = this.table.intersecting(hva, end);
+    if (entries.length === 0) throw new HostFaultError(hva, EFAULT, `setUserfault: no VMA in [0x${hva.toString(16)}, 0x${end.toString(16)})`);
+    for (const e of entries) {
+      const k = this.table.field(e, F_KIND);
+      if (k === K_PFNMAP) throw new HostFaultError(hva, EINVAL, 'setUserfault: a pfnmap VMA cannot be registered');
+      if (this.table.start(e) < hva || this.table.end(e) > end) throw new HostFaultError(hva, EINVAL, 'setUserfault: the range must cover whole VMAs');
+    }
+    for (const e of entries) Atomics.store(this.table.i32, e * I32_PER_VMA + F_UFFD, missing ? 1 : 0);
+  }
+
+  /**
+   * UFFDIO_COPY: atomically populate the missing page at hva with src (4096 bytes; 2 MiB for a
+   * hugetlb VMA, hva aligned to it). Any thread. Returns 0, EEXIST if already populated (a racing
+   * fault or copy won), EFAULT, EINVAL or ENOMEM. Waking waiters is the userfaultfd model's job.
+   */
+  uffdCopy(hva: number, src: Uint8Array): number {
+    if (!this.lookup(hva)) return EFAULT;
+    const kind = this.cKind;
+    if (kind === K_PFNMAP) return EINVAL;
+    const entry = this.cEntry;
+    const idx = Math.floor((hva - this.cStart) / PAGE);
+    const huge = kind === K_HUGETLB;
+    if (huge ? src.length !== HUGE_FRAME_BYTES || idx % HUGE_FRAME_PAGES !== 0 : src.length !== PAGE || hva % PAGE !== 0) return EINVAL;
+    const pmdSlot = this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES);
+    if (kind === K_THP) {
+      // UFFDIO_COPY maps 4 KiB pages: claim the block for ptes unless it is already huge.
+      const v = Atomics.compareExchange(this.pmd, pmdSlot, 0, PMD_SMALL);
+      if (v > 0) return EEXIST;
+    }
+    const pfn = huge ? this.mem.allocHugeFrame() : this.mem.allocFrame();
+    if (pfn < 0) return pfn;
+    this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.set(src, (pfn & WINDOW_MASK) * PAGE);
+    const arr = huge ? this.pmd : this.pte;
+    const slot = huge ? pmdSlot : this.cPteBase + idx;
+    if (Atomics.compareExchange(arr, slot, 0, pfn + 1) !== 0) {
+      if (huge) this.mem.freeHugeFrame(pfn);
+      else this.mem.freeFrame(pfn);
+      return EEXIST;
+    }
+    if (this.table.state(entry) !== VMA_LIVE) {
+      if (Atomics.compareExchange(arr, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
+      return EFAULT;
+    }
+    return 0;
   }
 
   /** The frame behind an already-populated hva, without allocating or taking a reference; -1 if none. */
@@ -421,7 +482,13 @@ export class HostAddressSpace {
       const at = hva + done;
       const inPage = at % PAGE;
       const n = Math.min(PAGE - inPage, src.length - done);
-      const pfn = this.getUserPage(at, true, out);
+      this.honorUffd = false;
+      let pfn: number;
+      try {
+        pfn = this.getUserPage(at, true, out);
+      } finally {
+        this.honorUffd = true;
+      }
       if (pfn < 0) throw new HostFaultError(at, pfn, `write: ${errnoName(pfn)} at hva 0x${at.toString(16)}`);
       const off = (pfn & WINDOW_MASK) * PAGE + inPage;
       this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.set(src.subarray(done, done + n), off);

@@ -6,7 +6,8 @@
 //   with plain stores, then publishes it with Atomics.store(state, LIVE) and bumps the table
 //   generation. A reader that Atomics.loads state === LIVE may read the fields with plain loads:
 //   the atomic store/load pair orders them (JS memory model: seq-cst atomics synchronize).
-// - A LIVE entry's fields never change. munmap moves state LIVE -> DYING (before it zaps the
+// - A LIVE entry's fields never change, except F_UFFD (userfaultfd registration), which is
+//   written with Atomics.store by the main thread and read with Atomics.load. munmap moves state LIVE -> DYING (before it zaps the
 //   entry's page table) -> DEAD (after). Readers treat anything but LIVE as "no VMA here", and a
 //   thread that installed a PTE must re-check state afterwards (see host-address-space.ts).
 // - count (entries ever published) only grows; readers scan [0, count).
@@ -32,6 +33,7 @@ export const F_BASE_PFN = 3; // pfnmap: first pfn
 export const F_PTE_BASE = 4; // index of page 0 in the pte pool (-1: none)
 export const F_PMD_BASE = 5; // index of 2 MiB block 0 in the pmd pool (-1: none)
 export const F_PAGES = 6;
+export const F_UFFD = 7; // userfaultfd MISSING registration: the one field that changes while LIVE (Atomics)
 export const I32_PER_VMA = 8;
 
 // Table-wide Int32 control words, 16 apart.
@@ -50,6 +52,8 @@ export interface VmaInfo {
   /** One past the last hva. */
   end: number;
   readonly: boolean;
+  /** Registered with userfaultfd in MISSING mode. */
+  userfault?: boolean;
   /** pfnmap only: the pfn mapped at `start`. */
   basePfn?: number;
 }
@@ -125,6 +129,7 @@ export class VmaTable {
     const kind = this.field(e, F_KIND);
     const info: VmaInfo = { kind: VMA_KINDS[kind]!, start: this.start(e), end: this.end(e), readonly: this.field(e, F_READONLY) !== 0 };
     if (kind === K_PFNMAP) info.basePfn = this.field(e, F_BASE_PFN);
+    if (Atomics.load(this.i32, e * I32_PER_VMA + F_UFFD) !== 0) info.userfault = true;
     return info;
   }
 
@@ -141,6 +146,7 @@ export class VmaTable {
     this.i32[b + F_PTE_BASE] = pteBase;
     this.i32[b + F_PMD_BASE] = pmdBase;
     this.i32[b + F_PAGES] = pages;
+    this.i32[b + F_UFFD] = 0;
     Atomics.store(this.i32, b + F_STATE, VMA_LIVE);
     Atomics.store(this.ctl, T_COUNT, e + 1);
     Atomics.add(this.ctl, T_GENERATION, 1);

@@ -3,6 +3,9 @@ import { once } from 'node:events';
 import { startWorker } from '../../../src/util/worker.ts';
 import {
   HostMemory,
+  EAGAIN,
+  EEXIST,
+  EINVAL,
   EFAULT,
   EPERM,
   ENOMEM,
@@ -292,6 +295,57 @@ describe('HostAddressSpace: zapRange (MADV_DONTNEED) and splitHugePmd', () => {
     expect(() => as.zapRange(hva, 4096)).toThrow(/2 MiB/);
     as.zapRange(hva, 2 * MiB);
     expect(mem.stats().hugeFramesInUse).toBe(0);
+  });
+});
+
+describe('HostAddressSpace: userfaultfd MISSING hooks', () => {
+  it('a registered VMA reports missing pages with EAGAIN; uffdCopy populates atomically once', () => {
+    const { mem, as, out } = setup();
+    const hva = as.mmap(4 * 4096, 'anonymous');
+    mem.releasePfn(as.getUserPage(hva, true, out)); // populated before registration
+    as.setUserfault(hva, 4 * 4096, true);
+    expect(as.findVma(hva)!.userfault).toBe(true);
+    expect(as.getUserPage(hva, true, out)).toBeGreaterThan(0); // present pages are unaffected
+    mem.releasePfn(as.lookupPfn(hva));
+    expect(as.getUserPage(hva + 4096, false, out)).toBe(EAGAIN);
+    expect(mem.stats().framesInUse).toBe(1); // nothing allocated for the missing page
+    const page = new Uint8Array(4096).fill(0x5a);
+    expect(as.uffdCopy(hva + 4096, page)).toBe(0);
+    expect(as.uffdCopy(hva + 4096, page)).toBe(EEXIST);
+    expect(as.uffdCopy(hva, page)).toBe(EEXIST);
+    expect(as.uffdCopy(hva + 2 * 4096, page.subarray(0, 100))).toBe(EINVAL);
+    const pfn = as.getUserPage(hva + 4096 + 17, false, out);
+    expect(mem.windowBytes[pfn >>> 18]![(pfn & 0x3ffff) * 4096 + 17]).toBe(0x5a);
+    mem.releasePfn(pfn);
+    // the VMM's own writes populate directly
+    as.write(hva + 3 * 4096, new Uint8Array([1]));
+    expect(as.lookupPfn(hva + 3 * 4096)).toBeGreaterThan(0);
+    as.setUserfault(hva, 4 * 4096, false);
+    expect(as.getUserPage(hva + 2 * 4096, true, out)).toBeGreaterThan(0);
+  });
+
+  it('THP VMAs get 4 KiB pages from uffdCopy; hugetlb takes whole 2 MiB pages', () => {
+    const { mem, as, out } = setup();
+    const thp = as.mmap(2 * MiB, 'anonymous_thp');
+    as.setUserfault(thp, 2 * MiB, true);
+    expect(as.getUserPage(thp, true, out)).toBe(EAGAIN);
+    expect(as.uffdCopy(thp + 4096, new Uint8Array(4096))).toBe(0);
+    expect(as.getUserPage(thp, true, out)).toBe(EAGAIN);
+    const p = as.getUserPage(thp + 4096, true, out);
+    expect(out.level).toBe(0);
+    mem.releasePfn(p);
+    const tlb = as.mmap(2 * MiB, 'hugetlb');
+    as.setUserfault(tlb, 2 * MiB, true);
+    expect(as.getUserPage(tlb + 4096, false, out)).toBe(EAGAIN);
+    expect(as.uffdCopy(tlb, new Uint8Array(4096))).toBe(EINVAL);
+    const big = new Uint8Array(2 * MiB);
+    big[2 * MiB - 1] = 3;
+    expect(as.uffdCopy(tlb, big)).toBe(0);
+    const q = as.getUserPage(tlb + 2 * MiB - 1, false, out);
+    expect(out.level).toBe(1);
+    expect(mem.windowBytes[q >>> 18]![(q & 0x3ffff) * 4096 + 4095]).toBe(3);
+    mem.releasePfn(q);
+    expect(() => as.setUserfault(thp + 4096, 4096, true)).toThrow(/whole VMAs/);
   });
 });
 
