@@ -1,0 +1,411 @@
+// A kvm engine VM: memslots, guest memory, vCPU workers, dirty logging, vCPU state.
+//
+// Threading: a KvmVm is used from the VMM thread that created it (engine.ts contract). vCPU
+// workers share with it only the control block (control.ts), their kvm_run mappings and the
+// guest memory that the guest itself writes; their rules are in control.ts and vcpu-worker.ts.
+import type { Worker } from 'node:worker_threads';
+import {
+  KVM_MEM_LOG_DIRTY_PAGES,
+  KVM_MEM_READONLY,
+  MemslotError,
+  PAGE_SIZE,
+  type Backing,
+  type DirtyGfn,
+  type HostMapping,
+  type MemoryRegion,
+  type MemslotInfo,
+  type VcpuProgress,
+  type VcpuState,
+  type Vm,
+  type VmConfig,
+  type VmStats,
+} from '../vmm/engine.ts';
+import { newBitmap } from '../vmm/dirty-bitmap.ts';
+import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
+import { startWorker } from '../util/worker.ts';
+import { EINTR, type AddonBacking, type KvmAddon } from './addon.ts';
+import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, RUN, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
+import {
+  UNLIMITED_PASSES, VCPU_EXITED, VCPU_EXITS, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED,
+  VCPU_RING_FULL, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE,
+  VM_DOORBELL, VM_EVENTS, VM_PAUSE, VM_STOP, newControl, ring, vcpuBase,
+} from './control.ts';
+import { BinaryStats } from './binary-stats.ts';
+import { DirtyRing } from './dirty-ring.ts';
+import { INTERNAL_SLOT } from './guest/layout.ts';
+import { setUpGuest, type GuestSetup } from './guest-setup.ts';
+import { loadArchState, probeMsrs, saveArchState, type KvmArchState, type VcpuStateFeatures } from './vcpu-state.ts';
+import { MemslotTable } from './memslot-table.ts';
+import type { KvmEngine } from './engine.ts';
+
+interface Mapping extends HostMapping {
+  buffer: SharedArrayBuffer;
+}
+
+interface Vcpu {
+  fd: number;
+  run: SharedArrayBuffer;
+  runBytes: Uint8Array;
+  ring: DirtyRing | null;
+  worker: Worker | null;
+  failure: string | null;
+  exited: Promise<void> | null;
+}
+
+type WaitAsync = (a: Int32Array, i: number, v: number, t?: number) => { async: boolean; value: Promise<string> | string };
+
+export class KvmVm implements Vm {
+  readonly engine = 'kvm' as const;
+  private readonly addon: KvmAddon;
+  private readonly mappings: Mapping[] = [];
+  private readonly slots: MemslotTable;
+  private vcpus: Vcpu[] = [];
+  private control = newControl(0);
+  private guest: GuestSetup | null = null;
+  private features: VcpuStateFeatures | null = null;
+  private workersStarted = false;
+  private paused = false;
+  private destroyed = false;
+  private readonly pendingRing: DirtyGfn[] = [];
+  private readonly stats_: BinaryStats | null;
+
+  private constructor(
+    private readonly kvm: KvmEngine,
+    private readonly vmFd: number,
+    readonly config: Readonly<Required<VmConfig>>,
+    private readonly irqchip: boolean,
+  ) {
+    this.addon = kvm.addon;
+    this.slots = new MemslotTable(kvm.checkExtension(CAP.NR_MEMSLOTS));
+    let stats: BinaryStats | null = null;
+    try {
+      if (kvm.checkExtension(CAP.BINARY_STATS_FD) > 0) stats = new BinaryStats(this.addon.ioctl(vmFd, 'KVM_GET_STATS_FD', 0));
+    } catch {
+      stats = null;
+    }
+    this.stats_ = stats;
+  }
+
+  static async create(kvm: KvmEngine, config: VmConfig): Promise<KvmVm> {
+    const caps = kvm.capabilities();
+    const full: Required<VmConfig> = {
+      manualDirtyLogProtect: config.manualDirtyLogProtect ?? caps.manualDirtyLogProtect,
+      dirtyRingEntries: config.dirtyRingEntries ?? 0,
+      lock: config.lock ?? 'parallel',
+      guestPageSize: config.guestPageSize ?? 2097152,
+    };
+    if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new Error('KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
+    const ringEntries = full.dirtyRingEntries;
+    if (ringEntries > 0 && (ringEntries > caps.dirtyRingMaxEntries || (ringEntries & (ringEntries - 1)) !== 0)) {
+      throw new Error(`dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
+    }
+    const a = kvm.addon;
+    const vmFd = a.ioctl(kvm.kvmFd, 'KVM_CREATE_VM', 0);
+    try {
+      // Where VMX keeps its real-mode TSS (QEMU's choice); below the 4 GiB hole, clear of our slots.
+      if (kvm.checkExtension(CAP.SET_TSS_ADDR) > 0) a.ioctl(vmFd, 'KVM_SET_TSS_ADDR', 0xfffbd000);
+      let irqchip = false;
+      if (kvm.checkExtension(CAP.IRQCHIP) > 0) {
+        a.ioctl(vmFd, 'KVM_CREATE_IRQCHIP', 0);
+        irqchip = true;
+      }
+      if (full.manualDirtyLogProtect) a.ioctl(vmFd, 'KVM_ENABLE_CAP', encodeEnableCap(CAP.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE));
+      if (ringEntries > 0) {
+        const cap = kvm.checkExtension(CAP.DIRTY_LOG_RING_ACQ_REL) > 0 ? CAP.DIRTY_LOG_RING_ACQ_REL : CAP.DIRTY_LOG_RING;
+        a.ioctl(vmFd, 'KVM_ENABLE_CAP', encodeEnableCap(cap, ringEntries * DIRTY_GFN_BYTES));
+      }
+      return new KvmVm(kvm, vmFd, full, irqchip);
+    } catch (e) {
+      a.close(vmFd);
+      throw e;
+    }
+  }
+
+  get vcpuCount(): number {
+    return this.vcpus.length;
+  }
+
+  mapHostMemory(bytes: number, backing: Backing): HostMapping {
+    const { hva, backing: b } = this.map(bytes, backing);
+    return { hva, bytes, backing: b };
+  }
+
+  private map(bytes: number, backing: AddonBacking): Mapping {
+    if (bytes <= 0 || bytes % PAGE_SIZE !== 0) throw new RangeError(`mapHostMemory: ${bytes} bytes is not a positive multiple of ${PAGE_SIZE}`);
+    const { hva, buffer } = this.addon.mmapGuest(bytes, backing);
+    const m: Mapping = { hva, bytes, backing: backing === 'memfd' ? 'anonymous' : backing, buffer };
+    this.mappings.push(m);
+    return m;
+  }
+
+  setUserMemoryRegion(region: MemoryRegion): void {
+    if (region.slot === INTERNAL_SLOT) throw new MemslotError('slot', `slot ${INTERNAL_SLOT} is the kvm engine's own memslot`);
+    this.applyRegion(region, false);
+  }
+
+  private applyRegion(region: MemoryRegion, internal: boolean): void {
+    const supported = KVM_MEM_LOG_DIRTY_PAGES | (this.kvm.checkExtension(CAP.READONLY_MEM) > 0 ? KVM_MEM_READONLY : 0);
+    const commit = this.slots.validate(region, internal, supported);
+    if (region.memorySize !== 0 && !this.mappingOf(region.userspaceAddr, region.memorySize)) {
+      throw new MemslotError('hva', `slot ${region.slot}: [0x${region.userspaceAddr.toString(16)}, +0x${region.memorySize.toString(16)}) is not inside one mapping from mapHostMemory`);
+    }
+    this.addon.ioctl(this.vmFd, 'KVM_SET_USER_MEMORY_REGION', encodeMemoryRegion(region));
+    commit();
+  }
+
+  memslots(): readonly MemslotInfo[] {
+    return this.slots.list();
+  }
+
+  private mappingOf(hva: number, bytes: number): Mapping | undefined {
+    return this.mappings.find((m) => hva >= m.hva && hva + bytes <= m.hva + m.bytes);
+  }
+
+  async createVcpus(count: number, spec: WorkloadSpec): Promise<void> {
+    if (this.vcpus.length > 0) throw new Error('createVcpus: vCPUs already created');
+    if (count < 1) throw new RangeError('createVcpus: count must be >= 1');
+    if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
+    const a = this.addon;
+    const guest = setUpGuest(count, spec, this.config.guestPageSize, (bytes) => this.map(bytes, 'anonymous_thp'));
+    this.applyRegion(guest.region, true);
+    this.guest = guest;
+    const runBytes = a.ioctl(this.kvm.kvmFd, 'KVM_GET_VCPU_MMAP_SIZE', 0);
+    const cpuid = supportedCpuid(a, this.kvm.kvmFd);
+    this.control = newControl(count);
+    for (let v = 0; v < count; v++) {
+      const fd = a.ioctl(this.vmFd, 'KVM_CREATE_VCPU', v);
+      const run = a.mmapFd(fd, 0, runBytes);
+      const ringMap = this.config.dirtyRingEntries > 0 ? a.mmapFd(fd, KVM_DIRTY_LOG_PAGE_OFFSET, this.config.dirtyRingEntries * DIRTY_GFN_BYTES) : null;
+      this.vcpus.push({ fd, run, runBytes: new Uint8Array(run), ring: ringMap ? new DirtyRing(ringMap) : null, worker: null, failure: null, exited: null });
+      a.ioctl(fd, 'KVM_SET_CPUID2', cpuid);
+      guest.initVcpu(a, fd, v);
+    }
+    const xsave2 = this.kvm.checkExtension(CAP.XSAVE2);
+    this.features = {
+      xsaveBytes: xsave2 > 4096 ? xsave2 : this.kvm.checkExtension(CAP.XSAVE) > 0 ? 4096 : 0,
+      xcrs: this.kvm.checkExtension(CAP.XCRS) > 0,
+      lapic: this.irqchip,
+      debugregs: this.kvm.checkExtension(CAP.DEBUGREGS) > 0,
+      msrIndices: probeMsrs(a, this.vcpus[0]!.fd),
+    };
+  }
+
+  private startWorkers(): void {
+    if (this.workersStarted) return;
+    this.workersStarted = true;
+    this.vcpus.forEach((vc, v) => {
+      const w = startWorker(new URL('./vcpu-worker.ts', import.meta.url), {
+        vcpu: v,
+        vcpuFd: vc.fd,
+        run: vc.run,
+        control: this.control.buffer,
+        haltsAfterFirstPass: this.guest!.spec.kind === 'idle',
+      });
+      vc.worker = w;
+      w.on('message', (m: { type: string; message: string }) => {
+        if (m.type === 'failed') vc.failure = m.message;
+      });
+      w.on('error', (e) => {
+        vc.failure = `vcpu ${v} worker: ${e.message}`;
+        Atomics.store(this.control, vcpuBase(v) + VCPU_FAILED, -1);
+        ring(this.control, VM_EVENTS);
+      });
+      vc.exited = new Promise((resolve) => w.once('exit', () => resolve()));
+    });
+  }
+
+  allowPasses(passes: number): void {
+    if (this.vcpus.length === 0) throw new Error('allowPasses: no vCPUs (call createVcpus first)');
+    this.startWorkers();
+    Atomics.store(this.control, VM_ALLOWANCE, Number.isFinite(passes) ? Math.min(passes, UNLIMITED_PASSES) : UNLIMITED_PASSES);
+    ring(this.control, VM_DOORBELL);
+  }
+
+  private word(v: number, w: number): number {
+    return Atomics.load(this.control, vcpuBase(v) + w);
+  }
+
+  private throwIfFailed(): void {
+    this.vcpus.forEach((vc, v) => {
+      if (this.word(v, VCPU_FAILED) !== 0) throw new Error(vc.failure ?? `vcpu ${v} failed`);
+    });
+  }
+
+  /** Await any change of a worker's words (or the timeout). */
+  private async nextEvent(seen: number, timeoutMs: number): Promise<void> {
+    const r = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync(this.control, VM_EVENTS, seen, timeoutMs);
+    if (r.async) await r.value;
+  }
+
+  async waitForPasses(passes: number, timeoutMs = Infinity): Promise<void> {
+    const allowance = Atomics.load(this.control, VM_ALLOWANCE);
+    if (passes > allowance && !this.vcpus.every((_, v) => this.word(v, VCPU_HALTED) === 1)) {
+      throw new Error(`waitForPasses(${passes}): only ${allowance} passes allowed (call allowPasses first)`);
+    }
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const seen = Atomics.load(this.control, VM_EVENTS);
+      this.throwIfFailed();
+      if (this.vcpus.some((_, v) => this.word(v, VCPU_RING_FULL) === 1)) this.drainRings();
+      if (this.vcpus.every((_, v) => this.word(v, VCPU_PASSES) >= passes || this.word(v, VCPU_HALTED) === 1)) return;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`waitForPasses(${passes}): timed out after ${timeoutMs} ms at ${JSON.stringify(this.progress())}`);
+      await this.nextEvent(seen, Math.min(left, 1000));
+    }
+  }
+
+  progress(): VcpuProgress[] {
+    return this.vcpus.map((_, v) => ({ vcpu: v, passesCompleted: this.word(v, VCPU_PASSES), halted: this.word(v, VCPU_HALTED) === 1 }));
+  }
+
+  /** Kick every vCPU out of KVM_RUN: immediate_exit first (covers a kick that lands before entry), then the signal. */
+  private kickAll(): void {
+    this.vcpus.forEach((vc, v) => {
+      Atomics.store(vc.runBytes, RUN.immediateExit, 1);
+      if (this.word(v, VCPU_TID_VALID) === 1 && this.word(v, VCPU_EXITED) === 0) {
+        const tid = (BigInt(this.word(v, VCPU_TID_HI) >>> 0) << 32n) | BigInt(this.word(v, VCPU_TID_LO) >>> 0);
+        this.addon.kick(tid);
+      }
+    });
+  }
+
+  async pause(): Promise<void> {
+    this.paused = true;
+    if (!this.workersStarted) return;
+    this.vcpus.forEach((vc) => Atomics.store(vc.runBytes, RUN.immediateExit, 1));
+    Atomics.store(this.control, VM_PAUSE, 1);
+    ring(this.control, VM_DOORBELL);
+    this.kickAll();
+    for (;;) {
+      const seen = Atomics.load(this.control, VM_EVENTS);
+      this.throwIfFailed();
+      if (this.vcpus.every((_, v) => this.word(v, VCPU_PAUSED) === 1 || this.word(v, VCPU_EXITED) === 1)) return;
+      await this.nextEvent(seen, 1000);
+    }
+  }
+
+  resume(): void {
+    this.paused = false;
+    if (!this.workersStarted) return;
+    this.vcpus.forEach((vc) => Atomics.store(vc.runBytes, RUN.immediateExit, 0));
+    Atomics.store(this.control, VM_PAUSE, 0);
+    ring(this.control, VM_DOORBELL);
+  }
+
+  private slotPages(slot: number): number {
+    const s = this.slots.get(slot);
+    if (!s) throw new MemslotError('unknown-slot', `slot ${slot} does not exist`);
+    return s.pages;
+  }
+
+  getDirtyLog(slot: number): Uint32Array {
+    const bitmap = newBitmap(this.slotPages(slot));
+    this.addon.dirtyLog(this.vmFd, false, slot, 0, 0, bitmap);
+    return bitmap;
+  }
+
+  clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap: Uint32Array): void {
+    this.slotPages(slot);
+    this.addon.dirtyLog(this.vmFd, true, slot, firstPage, numPages, bitmap);
+  }
+
+  private drainRings(): void {
+    for (const vc of this.vcpus) vc.ring?.collect(this.pendingRing);
+    this.addon.ioctl(this.vmFd, 'KVM_RESET_DIRTY_RINGS', 0);
+    ring(this.control, VM_DOORBELL);
+  }
+
+  harvestDirtyRings(): DirtyGfn[] {
+    if (this.config.dirtyRingEntries === 0) throw new Error('harvestDirtyRings: VM created without dirtyRingEntries');
+    this.drainRings();
+    return this.pendingRing.splice(0);
+  }
+
+  /** Visit [gpa, gpa+bytes) as runs inside one memslot: fn(hostView, offsetInRun). */
+  private forEachRun(gpa: number, bytes: number, fn: (host: Uint8Array, done: number) => void): void {
+    let done = 0;
+    while (done < bytes) {
+      const g = gpa + done;
+      const s = this.slots.list().find((m) => g >= m.guestPhysAddr && g < m.guestPhysAddr + m.memorySize);
+      if (!s) throw new RangeError(`gpa 0x${g.toString(16)} is in no memslot`);
+      const n = Math.min(bytes - done, s.guestPhysAddr + s.memorySize - g);
+      const hva = s.userspaceAddr + (g - s.guestPhysAddr);
+      const m = this.mappingOf(hva, n)!;
+      fn(new Uint8Array(m.buffer, hva - m.hva, n), done);
+      done += n;
+    }
+  }
+
+  readGuest(gpa: number, dst: Uint8Array): void {
+    this.forEachRun(gpa, dst.length, (host, done) => dst.set(host, done));
+  }
+
+  writeGuest(gpa: number, src: Uint8Array): void {
+    this.forEachRun(gpa, src.length, (host, done) => host.set(src.subarray(done, done + host.length)));
+  }
+
+  private requireStopped(what: string): void {
+    if (this.workersStarted && !this.paused) throw new Error(`${what}: vCPUs are running (pause() first)`);
+  }
+
+  saveVcpuState(vcpu: number): VcpuState {
+    this.requireStopped('saveVcpuState');
+    const vc = this.vcpus[vcpu];
+    if (!vc) throw new RangeError(`saveVcpuState: no vcpu ${vcpu}`);
+    const arch = saveArchState(this.addon, vc.fd, this.features!);
+    return { engine: 'kvm', vcpu, progress: this.progress()[vcpu]!, arch };
+  }
+
+  loadVcpuState(state: VcpuState): void {
+    this.requireStopped('loadVcpuState');
+    if (state.engine !== 'kvm') throw new Error(`loadVcpuState: state from the ${state.engine} engine`);
+    const vc = this.vcpus[state.vcpu];
+    if (!vc) throw new RangeError(`loadVcpuState: no vcpu ${state.vcpu}`);
+    loadArchState(this.addon, vc.fd, this.features!, state.arch as KvmArchState);
+    // The worker is stopped (not started or PAUSED), so the VMM may write its words.
+    const b = vcpuBase(state.vcpu);
+    Atomics.store(this.control, b + VCPU_PASSES, state.progress.passesCompleted);
+    Atomics.store(this.control, b + VCPU_HALTED, state.progress.halted ? 1 : 0);
+  }
+
+  stats(): VmStats {
+    const out: VmStats = this.stats_ ? this.stats_.read() : {};
+    let exits = 0;
+    let passes = 0;
+    this.vcpus.forEach((_, v) => {
+      exits += this.word(v, VCPU_EXITS);
+      passes += this.word(v, VCPU_PASSES);
+    });
+    out.vcpuExits = exits;
+    out.passesCompleted = passes;
+    return out;
+  }
+
+  async destroy(): Promise<void> {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    Atomics.store(this.control, VM_STOP, 1);
+    ring(this.control, VM_DOORBELL);
+    this.kickAll();
+    await Promise.all(this.vcpus.map((vc) => vc.exited));
+    for (const vc of this.vcpus) this.addon.close(vc.fd);
+    this.stats_?.close();
+    this.addon.close(this.vmFd);
+    for (const m of this.mappings) this.addon.releaseGuest(m.hva, m.bytes);
+    this.mappings.length = 0;
+    this.vcpus = [];
+  }
+}
+
+/** KVM_GET_SUPPORTED_CPUID as a struct kvm_cpuid2 ready for KVM_SET_CPUID2. */
+function supportedCpuid(a: KvmAddon, kvmFd: number): Uint8Array {
+  for (let nent = 128; ; nent *= 2) {
+    const buf = new Uint8Array(8 + 40 * nent);
+    new DataView(buf.buffer).setUint32(0, nent, true);
+    const r = a.ioctl(kvmFd, 'KVM_GET_SUPPORTED_CPUID', buf, [7 /* E2BIG */]);
+    if (r >= 0) return buf;
+    if (nent > 4096) throw new Error('KVM_GET_SUPPORTED_CPUID: too many entries');
+  }
+}
+void EINTR;
+void VCPU_STARTED;
