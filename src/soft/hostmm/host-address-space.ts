@@ -3,20 +3,12 @@
 // race with an unmap.
 //
 // Concurrency rules:
-// - mmap, munmap, zapRange, splitHugePmd and addInvalidateNotifier run on the main thread only. Everything else runs on
-//   any thread, lock-free.
+// - mmap, munmap, zapRange, splitHugePmd, setUserfault and addInvalidateNotifier run on the
+//   main thread only. Everything else runs on any thread, lock-free.
 // - Host page table: one pte pool (Int32 per 4 KiB page, value pfn + 1, 0 = none) and one pmd
 //   pool (Int32 per 2 MiB block: head pfn + 1 = mapped huge, PMD_SMALL = populated with 4 KiB
 //   ptes, 0 = empty), both preallocated SharedArrayBuffers (committed lazily) so that VMAs mapped
 //   after a worker attached need no new buffer. Each VMA owns a range of each pool.
-// - First touch installs with Atomics.compareExchange(0 -> pfn + 1): exactly one thread wins;
-//   a loser frees the frame it allocated and uses the winner's. In a THP VMA the pmd decides
-//   first: CAS 0 -> huge head, or CAS 0 -> PMD_SMALL before any 4 KiB pte is installed, so a
-//   block is never mapped both ways.
-// - An installed entry holds one page reference (the mapping's). A thread that finds a populated
-//   entry takes its caller's reference with tryGetPageRef (get_page_unless_zero) and then
-//   re-checks the entry still holds that pfn: munmap may have dropped it and the frame been
-//   reused in between (GUP-fast's speculative reference).
 // - munmap: seq++ and inProgress++ (invalidate_range_start), the notifiers run synchronously
 //   (the soft MMU unmaps stage-2 there), the VMA goes DYING, every entry is taken with
 //   Atomics.exchange(0) and its reference put (whoever takes a non-zero value owns that put), the
@@ -24,6 +16,7 @@
 //   installed an entry re-checks the VMA state afterwards and, if DYING, takes its entry back
 //   itself: the state store happens before munmap's scan, so every installed entry is dropped by
 //   exactly one of them.
+// - The lock-free reader side (getUserPage, first touch, speculative references) is in gup.ts.
 // - zapRange (MADV_DONTNEED) and splitHugePmd use the same invalidate bracket with the VMA kept
 //   LIVE; their entry-level rules are in zap.ts.
 // - A fault handler reads notifierSeq() BEFORE getUserPage and, under its MMU lock, calls
@@ -31,16 +24,18 @@
 //   while an unmap was in progress or after one began is never mapped.
 
 import { HostMemory } from '../hostmem/host-memory.ts';
-import { EAGAIN, EEXIST, EFAULT, EINVAL, ENOMEM, EPERM, errnoName } from '../hostmem/errno.ts';
+import { EFAULT, EINVAL, ENOMEM, errnoName } from '../hostmem/errno.ts';
 import { HUGE_FRAME_BYTES, HUGE_FRAME_PAGES, WINDOW_MASK, WINDOW_SHIFT } from '../hostmem/page-flags.ts';
 import {
-  F_BASE_PFN, F_KIND, F_PAGES, F_PMD_BASE, F_PTE_BASE, F_READONLY, F_UFFD, I32_PER_VMA, K_ANON, K_HUGETLB, K_PFNMAP, K_THP,
-  T_GENERATION, T_IN_PROGRESS, T_PMD_USED, T_PTE_USED, T_SEQ, VMA_DEAD, VMA_DYING, VMA_KINDS, VMA_LIVE,
+  F_KIND, F_PMD_BASE, F_UFFD, I32_PER_VMA, K_ANON, K_HUGETLB, K_PFNMAP, K_THP,
+  T_GENERATION, T_IN_PROGRESS, T_PMD_USED, T_PTE_USED, T_SEQ, VMA_DEAD, VMA_DYING, VMA_KINDS,
   VmaTable, type VmaInfo, type VmaKind, type VmaTableShared,
 } from './vma-table.ts';
-import { PMD_SMALL, splitBlock, zapPages, zapVma, type HostTables } from './zap.ts';
+import { splitBlock, zapPages, zapVma, type HostTables } from './zap.ts';
+import { GupResult, HostPageWalker } from './gup.ts';
 
 export type { VmaInfo, VmaKind } from './vma-table.ts';
+export { GupResult } from './gup.ts';
 
 export interface HostAddressSpaceShared {
   vmas: VmaTableShared;
@@ -52,17 +47,6 @@ export interface HostAddressSpaceOptions {
   /** Host page-table capacity in 4 KiB pages over all VMAs ever mapped (pool space is not reused). */
   maxPages?: number;
   maxVmas?: number;
-}
-
-/** What getUserPage resolved, besides the pfn. One reusable object per caller. */
-export class GupResult {
-  /** Host mapping level: 0 = 4 KiB, 1 = 2 MiB (host_pfn_mapping_level). */
-  level: 0 | 1 = 0;
-  kind: VmaKind = 'anonymous';
-  /** The VMA allows writes (KVM's map_writable). */
-  writable = false;
-  /** The returned pfn carries a reference the caller must drop (HostMemory.releasePfn does). */
-  refcounted = false;
 }
 
 export class HostFaultError extends Error {
@@ -92,18 +76,7 @@ export class HostAddressSpace {
   private nextHva = HVA_BASE;
   private readonly scratch = new GupResult();
   private readonly tables: HostTables;
-  // False only inside write(): the VMM's own writes populate userfault-registered pages directly.
-  private honorUffd = true;
-  // This thread's last VMA, valid while its entry is LIVE (fields of a LIVE entry never change).
-  private cEntry = -1;
-  private cStart = 0;
-  private cEnd = 0;
-  private cKind = 0;
-  private cReadonly = false;
-  private cBasePfn = 0;
-  private cPteBase = 0;
-  private cPmdBase = 0;
-  private cPages = 0;
+  private readonly walker: HostPageWalker;
 
   private constructor(shared: HostAddressSpaceShared, mem: HostMemory) {
     this.shared = shared;
@@ -112,6 +85,7 @@ export class HostAddressSpace {
     this.pte = new Int32Array(shared.pte);
     this.pmd = new Int32Array(shared.pmd);
     this.tables = { mem, table: this.table, pte: this.pte, pmd: this.pmd };
+    this.walker = new HostPageWalker(this.tables);
   }
 
   static create(mem: HostMemory, opts: HostAddressSpaceOptions = {}): HostAddressSpace {
@@ -272,121 +246,6 @@ export class HostAddressSpace {
     return e < 0 ? undefined : this.table.info(e);
   }
 
-  /** Load the VMA of hva into this thread's cache; false if none. */
-  private lookup(hva: number): boolean {
-    if (this.cEntry >= 0 && hva >= this.cStart && hva < this.cEnd && this.table.state(this.cEntry) === VMA_LIVE) return true;
-    const e = this.table.find(hva);
-    if (e < 0) return false;
-    const t = this.table;
-    this.cEntry = e;
-    this.cStart = t.start(e);
-    this.cEnd = t.end(e);
-    this.cKind = t.field(e, F_KIND);
-    this.cReadonly = t.field(e, F_READONLY) !== 0;
-    this.cBasePfn = t.field(e, F_BASE_PFN);
-    this.cPteBase = t.field(e, F_PTE_BASE);
-    this.cPmdBase = t.field(e, F_PMD_BASE);
-    this.cPages = t.field(e, F_PAGES);
-    return true;
-  }
-
-  /**
-   * hva_to_pfn / get_user_pages: resolve hva (first touch allocates) and take a page reference on
-   * ram for the caller. Returns the pfn, or EFAULT (no VMA), EPERM (write to a read-only VMA),
-   * ENOMEM (no frame). Fills `out`. The caller drops its reference with mem.releasePfn(pfn) once
-   * the stage-2 mapping is installed or abandoned (kvm_release_faultin_page).
-   */
-  getUserPage(hva: number, write: boolean, out: GupResult): number {
-    if (!this.lookup(hva)) return EFAULT;
-    if (write && this.cReadonly) return EPERM;
-    const kind = this.cKind;
-    const idx = Math.floor((hva - this.cStart) / PAGE);
-    out.kind = VMA_KINDS[kind]!;
-    out.writable = !this.cReadonly;
-    out.level = 0;
-    if (kind === K_PFNMAP) {
-      // remap_pfn_range maps 4 KiB only; a pfn is refcounted only if it is ordinary RAM (seed 001).
-      const pfn = this.cBasePfn + idx;
-      out.refcounted = false;
-      if (this.mem.isMmioPfn(pfn)) return pfn;
-      if (this.mem.tryGetPageRef(pfn) < 0) return EFAULT;
-      out.refcounted = true;
-      return pfn;
-    }
-    out.refcounted = true;
-    if (kind === K_ANON) return this.faultPte(this.cEntry, this.cPteBase + idx);
-    const block = Math.floor(idx / HUGE_FRAME_PAGES);
-    const entry = this.cEntry;
-    const slot = this.cPmdBase + block;
-    const pmd = this.pmd;
-    for (;;) {
-      const v = Atomics.load(pmd, slot);
-      if (v > 0) {
-        const pfn = v - 1 + (idx & (HUGE_FRAME_PAGES - 1));
-        const ref = this.mem.tryGetPageRef(pfn);
-        if (ref >= 0) {
-          if (Atomics.load(pmd, slot) === v) {
-            out.level = 1;
-            return pfn;
-          }
-          this.mem.putPageRef(ref);
-        }
-        if (this.table.state(entry) !== VMA_LIVE) return EFAULT;
-        continue;
-      }
-      if (v === PMD_SMALL) return this.faultPte(entry, this.cPteBase + idx);
-      // v === 0: first touch of this 2 MiB block.
-      const eligible = (block + 1) * HUGE_FRAME_PAGES <= this.cPages; // whole block inside the VMA
-      if (kind === K_THP && !eligible) return this.faultPte(entry, this.cPteBase + idx);
-      if (this.honorUffd && this.userfaultMissing(entry)) return EAGAIN;
-      const head = this.mem.allocHugeFrame();
-      if (head < 0) {
-        if (kind === K_HUGETLB) return ENOMEM;
-        Atomics.compareExchange(pmd, slot, 0, PMD_SMALL); // THP falls back to 4 KiB pages
-        continue;
-      }
-      if (Atomics.compareExchange(pmd, slot, 0, head + 1) !== 0) {
-        this.mem.freeHugeFrame(head);
-        continue;
-      }
-      if (this.table.state(entry) !== VMA_LIVE) {
-        if (Atomics.compareExchange(pmd, slot, head + 1, 0) === head + 1) this.mem.putPage(head);
-        return EFAULT;
-      }
-    }
-  }
-
-  private faultPte(entry: number, slot: number): number {
-    const pte = this.pte;
-    for (;;) {
-      const v = Atomics.load(pte, slot);
-      if (v > 0) {
-        const ref = this.mem.tryGetPageRef(v - 1);
-        if (ref >= 0) {
-          if (Atomics.load(pte, slot) === v) return v - 1;
-          this.mem.putPageRef(ref);
-        }
-        if (this.table.state(entry) !== VMA_LIVE) return EFAULT;
-        continue;
-      }
-      if (this.honorUffd && this.userfaultMissing(entry)) return EAGAIN;
-      const pfn = this.mem.allocFrame();
-      if (pfn < 0) return pfn;
-      if (Atomics.compareExchange(pte, slot, 0, pfn + 1) !== 0) {
-        this.mem.freeFrame(pfn); // lost the race: use the winner's frame
-        continue;
-      }
-      if (this.table.state(entry) !== VMA_LIVE) {
-        if (Atomics.compareExchange(pte, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
-        return EFAULT;
-      }
-    }
-  }
-
-  private userfaultMissing(entry: number): boolean {
-    return Atomics.load(this.table.i32, entry * I32_PER_VMA + F_UFFD) !== 0;
-  }
-
   /**
    * UFFDIO_REGISTER (MISSING) / UFFDIO_UNREGISTER on whole VMAs (main thread): while registered,
    * getUserPage of a page never populated returns EAGAIN instead of allocating, and the page is
@@ -405,54 +264,28 @@ export class HostAddressSpace {
   }
 
   /**
+   * hva_to_pfn / get_user_pages: resolve hva (first touch allocates) and take a page reference on
+   * ram for the caller. Returns the pfn, or EFAULT (no VMA), EPERM (write to a read-only VMA),
+   * ENOMEM (no frame), EAGAIN (missing page in a userfaultfd-registered VMA). Fills `out`. The
+   * caller drops its reference with mem.releasePfn(pfn) once the stage-2 mapping is installed or
+   * abandoned (kvm_release_faultin_page). Rules in gup.ts.
+   */
+  getUserPage(hva: number, write: boolean, out: GupResult): number {
+    return this.walker.getUserPage(hva, write, out, true);
+  }
+
+  /** The frame behind an already-populated hva, without allocating or taking a reference; -1 if none. */
+  lookupPfn(hva: number): number {
+    return this.walker.lookupPfn(hva);
+  }
+
+  /**
    * UFFDIO_COPY: atomically populate the missing page at hva with src (4096 bytes; 2 MiB for a
    * hugetlb VMA, hva aligned to it). Any thread. Returns 0, EEXIST if already populated (a racing
    * fault or copy won), EFAULT, EINVAL or ENOMEM. Waking waiters is the userfaultfd model's job.
    */
   uffdCopy(hva: number, src: Uint8Array): number {
-    if (!this.lookup(hva)) return EFAULT;
-    const kind = this.cKind;
-    if (kind === K_PFNMAP) return EINVAL;
-    const entry = this.cEntry;
-    const idx = Math.floor((hva - this.cStart) / PAGE);
-    const huge = kind === K_HUGETLB;
-    if (huge ? src.length !== HUGE_FRAME_BYTES || idx % HUGE_FRAME_PAGES !== 0 : src.length !== PAGE || hva % PAGE !== 0) return EINVAL;
-    const pmdSlot = this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES);
-    if (kind === K_THP) {
-      // UFFDIO_COPY maps 4 KiB pages: claim the block for ptes unless it is already huge.
-      const v = Atomics.compareExchange(this.pmd, pmdSlot, 0, PMD_SMALL);
-      if (v > 0) return EEXIST;
-    }
-    const pfn = huge ? this.mem.allocHugeFrame() : this.mem.allocFrame();
-    if (pfn < 0) return pfn;
-    this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.set(src, (pfn & WINDOW_MASK) * PAGE);
-    const arr = huge ? this.pmd : this.pte;
-    const slot = huge ? pmdSlot : this.cPteBase + idx;
-    if (Atomics.compareExchange(arr, slot, 0, pfn + 1) !== 0) {
-      if (huge) this.mem.freeHugeFrame(pfn);
-      else this.mem.freeFrame(pfn);
-      return EEXIST;
-    }
-    if (this.table.state(entry) !== VMA_LIVE) {
-      if (Atomics.compareExchange(arr, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
-      return EFAULT;
-    }
-    return 0;
-  }
-
-  /** The frame behind an already-populated hva, without allocating or taking a reference; -1 if none. */
-  lookupPfn(hva: number): number {
-    if (!this.lookup(hva)) return -1;
-    const idx = Math.floor((hva - this.cStart) / PAGE);
-    const kind = this.cKind;
-    if (kind === K_PFNMAP) return this.cBasePfn + idx;
-    if (kind !== K_ANON) {
-      const v = Atomics.load(this.pmd, this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES));
-      if (v > 0) return v - 1 + (idx & (HUGE_FRAME_PAGES - 1));
-      if (v !== PMD_SMALL && kind === K_HUGETLB) return -1;
-    }
-    const p = Atomics.load(this.pte, this.cPteBase + idx);
-    return p > 0 ? p - 1 : -1;
+    return this.walker.uffdCopy(hva, src);
   }
 
   /** The VMM reading guest RAM through its own mapping: untouched pages read as zeros, nothing is allocated. */
@@ -462,8 +295,8 @@ export class HostAddressSpace {
       const at = hva + done;
       const inPage = at % PAGE;
       const n = Math.min(PAGE - inPage, dst.length - done);
-      if (!this.lookup(at)) throw new HostFaultError(at, EFAULT, `read: no VMA at hva 0x${at.toString(16)}`);
-      const pfn = this.lookupPfn(at);
+      const pfn = this.walker.lookupPfn(at);
+      if (pfn < 0 && this.table.find(at) < 0) throw new HostFaultError(at, EFAULT, `read: no VMA at hva 0x${at.toString(16)}`);
       if (pfn < 0) {
         dst.fill(0, done, done + n);
       } else {
@@ -482,13 +315,7 @@ export class HostAddressSpace {
       const at = hva + done;
       const inPage = at % PAGE;
       const n = Math.min(PAGE - inPage, src.length - done);
-      this.honorUffd = false;
-      let pfn: number;
-      try {
-        pfn = this.getUserPage(at, true, out);
-      } finally {
-        this.honorUffd = true;
-      }
+      const pfn = this.walker.getUserPage(at, true, out, false); // the VMM's own writes ignore userfault registration
       if (pfn < 0) throw new HostFaultError(at, pfn, `write: ${errnoName(pfn)} at hva 0x${at.toString(16)}`);
       const off = (pfn & WINDOW_MASK) * PAGE + inPage;
       this.mem.windowBytes[pfn >>> WINDOW_SHIFT]!.set(src.subarray(done, done + n), off);
