@@ -25,8 +25,13 @@ export interface SendCounters {
   normalPages: number;
 }
 
+/** Bytes sent between two yields to the event loop (timers, signals, socket events). */
+const YIELD_BYTES = 2 << 20;
+const yieldToLoop = () => new Promise<void>((r) => setImmediate(r));
+
 export class PageSender {
   private channel = 0;
+  private sinceYield = 0;
   readonly counters: SendCounters = { zeroPages: 0, normalPages: 0 };
   /** Checked between runs; throws to abort the stream. */
   check: () => void = () => undefined;
@@ -45,6 +50,13 @@ export class PageSender {
 
   /** Send `pages` pages starting at guest-physical `gpa`, tagged with `round`. */
   async sendRun(gpa: number, pages: number, round: number): Promise<void> {
+    // Sends that never block resolve as microtasks: without this the loop would starve timers
+    // (the throttle, progress), signal handlers and socket events for a whole round.
+    this.sinceYield += pages * PAGE_SIZE;
+    if (this.sinceYield >= YIELD_BYTES) {
+      this.sinceYield = 0;
+      await yieldToLoop();
+    }
     this.check();
     const buf = Buffer.allocUnsafe(pages * PAGE_SIZE);
     this.vm.readGuest(gpa, buf);
@@ -121,6 +133,7 @@ export class PageSender {
 
   /** SYNC(round) on every channel: the destination's marker that the round's data is complete. */
   async syncAll(round: number): Promise<void> {
+    await yieldToLoop();
     for (let ch = 0; ch < this.link.channels; ch++) await this.link.send({ type: 'sync', round }, ch);
   }
 }

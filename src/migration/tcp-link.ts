@@ -181,6 +181,7 @@ function decodeDest(f: Frame): DestRecord {
 }
 
 function write(sock: Socket, bufs: Buffer[]): Promise<void> {
+  if (sock.destroyed || sock.writableEnded) return Promise.reject(new MigrationLinkError('connection closed'));
   let ok = true;
   for (const b of bufs) ok = sock.write(b);
   if (ok) return Promise.resolve();
@@ -328,10 +329,14 @@ export async function connectTcpLink(opts: { host: string; port: number; channel
 
 class TcpDestLink implements DestLink {
   private closing = false;
+  /** A channel that closed before run() attached its handlers. */
+  private droppedEarly = false;
   constructor(
     private readonly socks: Socket[],
     private readonly readers: FrameReader[],
-  ) {}
+  ) {
+    for (const s of socks) s.once('close', () => (this.droppedEarly = true));
+  }
 
   get channels(): number {
     return this.socks.length;
@@ -376,6 +381,10 @@ class TcpDestLink implements DestLink {
           finish(e as Error);
         }
       };
+      if (this.droppedEarly || this.socks.some((s) => s.destroyed)) {
+        finish(new MigrationLinkError('connection from source dropped'));
+        return;
+      }
       this.socks.forEach((s, ch) => {
         s.on('data', (c: Buffer) => {
           this.readers[ch]!.push(c);
