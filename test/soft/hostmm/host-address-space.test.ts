@@ -350,7 +350,7 @@ describe('HostAddressSpace: userfaultfd MISSING hooks', () => {
 });
 
 describe('HostAddressSpace: concurrent first touch from worker threads', () => {
-  async function runWorkers(as: HostAddressSpace, mem: HostMemory, hva: number, pages: number, workers: number, mode: 'touch' | 'race-munmap', whileRunning?: (sync: Int32Array) => Promise<void>) {
+  async function runWorkers(as: HostAddressSpace, mem: HostMemory, hva: number, pages: number, workers: number, mode: 'touch' | 'race-munmap' | 'uffd-copy' | 'fault-loop', whileRunning?: (sync: Int32Array) => Promise<void>) {
     const sync = new SharedArrayBuffer(16);
     const sync32 = new Int32Array(sync);
     const results = new SharedArrayBuffer(workers * Math.max(pages, 3) * 4);
@@ -407,6 +407,57 @@ describe('HostAddressSpace: concurrent first touch from worker threads', () => {
     for (let b = 0; b < 4; b++) expect(mem.refcount(res[b * 512]!)).toBe(1);
     as.munmap(hva, pages * 4096);
     expect(mem.stats()).toMatchObject({ hugeFramesInUse: 0, framesInUse: 0 });
+  }, 30_000);
+
+  it('racing uffdCopy of the same pages: one copy wins per page, whole, and the others get EEXIST', async () => {
+    const { mem, as } = setup();
+    const pages = 1024;
+    const hva = as.mmap(pages * 4096, 'anonymous');
+    as.setUserfault(hva, pages * 4096, true);
+    const res = await runWorkers(as, mem, hva, pages, 3, 'uffd-copy');
+    const buf = new Uint8Array(4096);
+    for (let i = 0; i < pages; i++) {
+      const codes = [res[i], res[pages + i], res[2 * pages + i]];
+      expect(codes.filter((c) => c === 0)).toHaveLength(1);
+      expect(codes.filter((c) => c === EEXIST)).toHaveLength(2);
+      const winner = codes.indexOf(0) + 1;
+      as.read(hva + i * 4096, buf);
+      expect(buf.every((b) => b === winner)).toBe(true);
+    }
+    expect(mem.stats().framesInUse).toBe(pages);
+    as.munmap(hva, pages * 4096);
+    expect(mem.stats().framesInUse).toBe(0);
+  }, 30_000);
+
+  it('faults racing zapRange and splitHugePmd on a THP VMA never leak or double-free a frame', async () => {
+    const { mem, as } = setup();
+    const pages = 4 * 512;
+    const hva = as.mmap(pages * 4096, 'anonymous_thp');
+    let notified = 0;
+    as.addInvalidateNotifier(() => notified++);
+    const res = await runWorkers(as, mem, hva, pages, 2, 'fault-loop', async (sync) => {
+      while (Atomics.load(sync, 2) < 2) await new Promise((r) => setTimeout(r, 1));
+      for (let round = 0; round < 20; round++) {
+        as.splitHugePmd(hva + (round % 4) * 2 * MiB);
+        as.zapRange(hva + ((round * 5) % pages) * 4096, 64 * 4096);
+        if (round % 5 === 4) as.zapRange(hva + (round % 4) * 2 * MiB, 2 * MiB);
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      Atomics.store(sync, 3, 1);
+    });
+    expect(notified).toBeGreaterThanOrEqual(24);
+    for (let w = 0; w < 2; w++) {
+      expect(res[w * 3]).toBeGreaterThan(0);
+      expect(res[w * 3 + 2]).toBe(0);
+    }
+    // every populated page is mapped exactly once: the mapping's reference per pte / huge pmd
+    for (let i = 0; i < pages; i++) {
+      const pfn = as.lookupPfn(hva + i * 4096);
+      if (pfn < 0) continue;
+      expect(mem.refcount(pfn)).toBeGreaterThanOrEqual(1);
+    }
+    as.munmap(hva, pages * 4096);
+    expect(mem.stats()).toMatchObject({ framesInUse: 0, hugeFramesInUse: 0 });
   }, 30_000);
 
   it('faults racing a munmap on the main thread either retry or see EFAULT, and nothing leaks', async () => {

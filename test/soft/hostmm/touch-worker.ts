@@ -13,7 +13,7 @@ interface Data {
   sync: SharedArrayBuffer;
   results: SharedArrayBuffer;
   worker: number;
-  mode: 'touch' | 'race-munmap';
+  mode: 'touch' | 'race-munmap' | 'uffd-copy' | 'fault-loop';
 }
 
 const d = workerData as Data;
@@ -37,6 +37,32 @@ if (d.mode === 'touch') {
       mem.releasePfn(pfn);
     }
   }
+} else if (d.mode === 'uffd-copy') {
+  // Every worker copies its own pattern into every page; exactly one copy per page may win.
+  const page = new Uint8Array(4096).fill(d.worker + 1);
+  for (let i = 0; i < d.pages; i++) results[d.worker * d.pages + i] = as.uffdCopy(d.hva + i * 4096, page);
+} else if (d.mode === 'fault-loop') {
+  // Fault protocol over and over until the main thread sets sync[3]; the main thread zaps and
+  // splits meanwhile. Counts ok / retry / error in results.
+  let ok = 0;
+  let retries = 0;
+  let errors = 0;
+  for (let round = 0; Atomics.load(sync, 3) === 0; round++) {
+    const i = (round * 7 + d.worker * 131) % d.pages;
+    const seq = as.notifierSeq();
+    const pfn = as.getUserPage(d.hva + i * 4096, (round & 1) === 0, out);
+    if (pfn < 0) {
+      errors++;
+      continue;
+    }
+    if (as.retryNeeded(seq)) retries++;
+    else ok++;
+    mem.releasePfn(pfn);
+    if (round === 1000) Atomics.add(sync, 2, 1);
+  }
+  results[d.worker * 3] = ok;
+  results[d.worker * 3 + 1] = retries;
+  results[d.worker * 3 + 2] = errors;
 } else {
   // The KVM fault protocol against a concurrent munmap: seq, gup, check retry, release.
   let ok = 0;
