@@ -5,8 +5,6 @@
 // guest memory that the guest itself writes; their rules are in control.ts and vcpu-worker.ts.
 import type { Worker } from 'node:worker_threads';
 import {
-  KVM_MEM_LOG_DIRTY_PAGES,
-  KVM_MEM_READONLY,
   MemslotError,
   PAGE_SIZE,
   type Backing,
@@ -76,7 +74,7 @@ export class KvmVm implements Vm {
     private readonly irqchip: boolean,
   ) {
     this.addon = kvm.addon;
-    this.slots = new MemslotTable(kvm.checkExtension(CAP.NR_MEMSLOTS));
+    this.slots = new MemslotTable({ maxSlots: kvm.checkExtension(CAP.NR_MEMSLOTS), readonlySupported: kvm.checkExtension(CAP.READONLY_MEM) > 0 });
     let stats: BinaryStats | null = null;
     try {
       if (kvm.checkExtension(CAP.BINARY_STATS_FD) > 0) stats = new BinaryStats(this.addon.ioctl(vmFd, 'KVM_GET_STATS_FD', 0));
@@ -144,8 +142,7 @@ export class KvmVm implements Vm {
   }
 
   private applyRegion(region: MemoryRegion, internal: boolean): void {
-    const supported = KVM_MEM_LOG_DIRTY_PAGES | (this.kvm.checkExtension(CAP.READONLY_MEM) > 0 ? KVM_MEM_READONLY : 0);
-    const commit = this.slots.validate(region, internal, supported);
+    const commit = this.slots.validate(region, internal);
     if (region.memorySize !== 0 && !this.mappingOf(region.userspaceAddr, region.memorySize)) {
       throw new MemslotError('hva', `slot ${region.slot}: [0x${region.userspaceAddr.toString(16)}, +0x${region.memorySize.toString(16)}) is not inside one mapping from mapHostMemory`);
     }
