@@ -1,0 +1,43 @@
+// Opening one TCP connection with a timeout and errors that say which endpoint failed and how.
+
+import { connect as netConnect, type Socket } from 'node:net';
+import { MigrationTransportError, describeSocketError } from './errors.ts';
+
+export async function connectSocket(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  return await new Promise<Socket>((resolve, reject) => {
+    const socket = netConnect({ host, port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new MigrationTransportError('connect-timeout', `destination ${host}:${port} did not accept the connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.removeAllListeners('error');
+      resolve(socket);
+    });
+    socket.once('error', (e: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      socket.destroy();
+      if (e.code === 'ECONNREFUSED') {
+        reject(new MigrationTransportError('connect-refused', `destination ${host}:${port} refused the connection`));
+      } else {
+        reject(new MigrationTransportError('connect-failed', `cannot connect to destination ${host}:${port}: ${describeSocketError(e)}`));
+      }
+    });
+  });
+}
+
+/** A promise that resolves on the next notify(); many waiters may share one. */
+export class Signal {
+  private waiters: (() => void)[] = [];
+
+  notify = (): void => {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  };
+
+  wait(): Promise<void> {
+    return new Promise<void>((resolve) => this.waiters.push(resolve));
+  }
+}

@@ -1,0 +1,315 @@
+// Destination side of the migration transport. API (for the receive layer):
+//
+//   const server = await MigrationListener.listen({ host, port });   // port 0: server.port
+//   const incoming = await server.accept();      // HELLO answered, every channel joined
+//   for await (const rec of incoming.records()) {
+//     // 'config' first; then 'ram' / 'zero' (already range-checked against CONFIG's memslots),
+//     // 'sync' once per round after that round's pages from EVERY channel; then 'vcpu-state',
+//     // 'end' (last). RAM data is a view that stays valid; apply it before asking for more.
+//   }
+//   await incoming.reply({ kind: 'complete', memoryHash, pages })    // back channel (channel 0)
+//   await incoming.close(); await server.close();
+//
+// The round barrier: each channel is read until it reaches SYNC(r); it is then parked (not read,
+// so its socket fills and TCP stops its sender) until every channel has reached SYNC(r). Only
+// then is one 'sync' record yielded and the channels read on into round r+1. So every page of
+// round r is yielded before any page of round r+1, whatever channel either came on, which is
+// what lets a later round's copy of a page overwrite an earlier one safely (QEMU's multifd does
+// the same with its per-round sync packets). Within a round the order among channels is
+// arbitrary; the source sends each page at most once per round.
+//
+// Errors: a malformed stream throws MigrationStreamError out of records(); a channel lost before
+// END, or an ERROR record from the source, throws MigrationTransportError. Either way all
+// channels are closed. Everything runs on the main thread; no shared memory.
+
+import { createServer, type Server, type Socket } from 'node:net';
+import {
+  CAP_LZ4,
+  CAP_MULTICHANNEL,
+  MAX_CHANNELS,
+  MigrationStreamError,
+  STREAM_VERSION,
+  errorCodeFor,
+  ErrorCode,
+  type MigrationRecord,
+} from '../stream/format.ts';
+import { encodeRecord } from '../stream/encoder.ts';
+import { StreamLayout } from '../stream/layout.ts';
+import { Channel } from './channel.ts';
+import { Signal } from './connect.ts';
+import { MigrationTransportError } from './errors.ts';
+
+export interface ListenOptions {
+  host?: string;
+  port: number;
+  /** Capabilities this destination accepts. Default: lz4 and multichannel. */
+  acceptCaps?: number;
+  maxChannels?: number;
+  handshakeTimeoutMs?: number;
+  readHighWaterBytes?: number;
+}
+
+interface PendingSession {
+  channels: (Channel | undefined)[];
+  joined: number;
+  caps: number;
+}
+
+export class MigrationListener {
+  private readonly server: Server;
+  private readonly opts: ListenOptions;
+  private readonly pending = new Map<bigint, PendingSession>();
+  private readonly ready: IncomingMigration[] = [];
+  private readonly arrived = new Signal();
+  private closed = false;
+
+  private constructor(server: Server, opts: ListenOptions) {
+    this.server = server;
+    this.opts = opts;
+  }
+
+  static async listen(opts: ListenOptions): Promise<MigrationListener> {
+    const server = createServer({ noDelay: true });
+    const listener = new MigrationListener(server, opts);
+    server.on('connection', (socket) => void listener.handshake(socket));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (e: NodeJS.ErrnoException) => {
+        reject(new MigrationTransportError('connect-failed', `cannot listen on ${opts.host ?? '0.0.0.0'}:${opts.port}: ${e.code ?? e.message}`));
+      });
+      server.listen(opts.port, opts.host, () => resolve());
+    });
+    return listener;
+  }
+
+  get port(): number {
+    const a = this.server.address();
+    return typeof a === 'object' && a ? a.port : this.opts.port;
+  }
+
+  get host(): string {
+    return this.opts.host ?? '0.0.0.0';
+  }
+
+  /** The next migration whose channels have all joined. */
+  async accept(timeoutMs = Infinity): Promise<IncomingMigration> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = this.ready.shift();
+      if (m) return m;
+      if (this.closed) throw new MigrationTransportError('closed', `listener on ${this.host}:${this.port} is closed`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new MigrationTransportError('connect-timeout', `no migration arrived on ${this.host}:${this.port} within ${timeoutMs} ms`);
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        this.arrived.wait(),
+        Number.isFinite(left) ? new Promise<void>((r) => (timer = setTimeout(r, left))) : new Promise<void>(() => undefined),
+      ]);
+      clearTimeout(timer);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const s of this.pending.values()) for (const ch of s.channels) ch?.destroy();
+    this.pending.clear();
+    this.arrived.notify();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private async handshake(socket: Socket): Promise<void> {
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    const signal = new Signal();
+    const ch = new Channel(socket, {
+      index: 0,
+      peer,
+      incoming: 'to-destination',
+      readHighWaterBytes: this.opts.readHighWaterBytes,
+      onActivity: signal.notify,
+    });
+    const timeoutMs = this.opts.handshakeTimeoutMs ?? 10_000;
+    const deadline = Date.now() + timeoutMs;
+    try {
+      let rec: MigrationRecord | null = null;
+      while (!(rec = ch.next())) {
+        if (ch.isClosed) return; // gone before saying hello: nothing to answer
+        const left = deadline - Date.now();
+        if (left <= 0) throw new MigrationTransportError('handshake', `${peer} sent no HELLO within ${timeoutMs} ms`);
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([signal.wait(), new Promise<void>((r) => (timer = setTimeout(r, left)))]);
+        clearTimeout(timer);
+      }
+      if (this.closed) throw new MigrationTransportError('closed', 'listener closed');
+      const acceptCaps = this.opts.acceptCaps ?? (CAP_LZ4 | CAP_MULTICHANNEL);
+      if (rec.kind === 'hello') {
+        const caps = rec.caps & acceptCaps;
+        const channels = caps & CAP_MULTICHANNEL ? Math.min(rec.channels, this.opts.maxChannels ?? MAX_CHANNELS) : 1;
+        if (this.pending.has(rec.sessionId)) throw new MigrationStreamError('unexpected-record', `HELLO for session ${rec.sessionId} which already exists`);
+        const session: PendingSession = { channels: new Array<Channel | undefined>(channels).fill(undefined), joined: 1, caps };
+        session.channels[0] = ch;
+        await ch.send({ kind: 'hello-ack', version: STREAM_VERSION, channels, caps });
+        await ch.flush();
+        this.pending.set(rec.sessionId, session);
+        this.maybeReady(rec.sessionId, session);
+      } else if (rec.kind === 'channel-hello') {
+        const session = this.pending.get(rec.sessionId);
+        if (!session) {
+          throw new MigrationTransportError('handshake', `CHANNEL_HELLO for unknown session ${rec.sessionId.toString(16)}`, ErrorCode.UNKNOWN_SESSION);
+        }
+        if (rec.channelIndex >= session.channels.length || session.channels[rec.channelIndex]) {
+          throw new MigrationStreamError('out-of-range', `CHANNEL_HELLO channelIndex ${rec.channelIndex}: session has ${session.channels.length} channels and it is taken or out of range`);
+        }
+        ch.index = rec.channelIndex;
+        session.channels[rec.channelIndex] = ch;
+        session.joined++;
+        await ch.send({ kind: 'hello-ack', version: STREAM_VERSION, channels: session.channels.length, caps: session.caps });
+        await ch.flush();
+        this.maybeReady(rec.sessionId, session);
+      } else {
+        throw new MigrationStreamError('unexpected-record', `first record from ${peer} is ${rec.kind}, expected HELLO or CHANNEL_HELLO`);
+      }
+    } catch (e) {
+      // Tell the peer why (best effort), then drop it.
+      const code = e instanceof MigrationTransportError && e.remoteCode ? e.remoteCode : errorCodeFor(e);
+      const msg = (e as Error).message;
+      try {
+        const buf = Buffer.alloc(8 + 4 + 4096);
+        ch.abortWith(buf.subarray(0, encodeRecord({ kind: 'error', code, message: msg }, buf, 0)));
+      } catch {
+        ch.destroy();
+      }
+    }
+  }
+
+  private maybeReady(sessionId: bigint, session: PendingSession): void {
+    if (session.joined !== session.channels.length) return;
+    this.pending.delete(sessionId);
+    this.ready.push(new IncomingMigration(sessionId, session.channels as Channel[], session.caps));
+    this.arrived.notify();
+  }
+}
+
+export class IncomingMigration {
+  readonly sessionId: bigint;
+  readonly channels: readonly Channel[];
+  readonly caps: number;
+  layout: StreamLayout | undefined;
+  /** The last round whose barrier was passed (-1 before the first SYNC). */
+  round = -1;
+  private readonly activity = new Signal();
+  private done = false;
+
+  constructor(sessionId: bigint, channels: Channel[], caps: number) {
+    this.sessionId = sessionId;
+    this.channels = channels;
+    this.caps = caps;
+    for (const ch of channels) ch.setOnActivity(this.activity.notify);
+  }
+
+  get control(): Channel {
+    return this.channels[0]!;
+  }
+
+  get bytesReceived(): number {
+    let n = 0;
+    for (const ch of this.channels) n += ch.bytesReceived;
+    return n;
+  }
+
+  /** Records in barrier order (see the header). Ends after END; throws on any failure. */
+  async *records(): AsyncGenerator<MigrationRecord, void, undefined> {
+    const n = this.channels.length;
+    const parked: (number | undefined)[] = new Array<number | undefined>(n).fill(undefined);
+    let parkedCount = 0;
+    let pagesSinceBarrier = false;
+    try {
+      for (;;) {
+        let progressed = false;
+        for (const ch of this.channels) if (ch.error) throw ch.error;
+        for (let i = 0; i < n; i++) {
+          // Data channels wait until CONFIG (on channel 0) gives us the memslots to check against.
+          if (parked[i] !== undefined || (i !== 0 && !this.layout)) continue;
+          const ch = this.channels[i]!;
+          for (let rec = ch.next(); rec; rec = parked[i] === undefined ? ch.next() : null) {
+            progressed = true;
+            switch (rec.kind) {
+              case 'sync':
+                if (rec.round <= this.round) {
+                  throw new MigrationStreamError('bad-round', `channel ${i}: SYNC round ${rec.round} after round ${this.round} was already closed`);
+                }
+                parked[i] = rec.round;
+                parkedCount++;
+                break;
+              case 'ram':
+              case 'zero':
+                pagesSinceBarrier = true;
+                yield rec;
+                break;
+              case 'config':
+                if (i !== 0 || this.layout) throw new MigrationStreamError('unexpected-record', `CONFIG on channel ${i}${this.layout ? ' (a second one)' : ''}`);
+                this.layout = StreamLayout.fromConfig(rec.config);
+                for (const c of this.channels) c.decoder.setLayout(this.layout);
+                yield rec;
+                break;
+              case 'vcpu-state':
+              case 'end':
+                if (i !== 0) throw new MigrationStreamError('unexpected-record', `${rec.kind.toUpperCase()} on data channel ${i}`);
+                if (rec.kind === 'end') {
+                  if (pagesSinceBarrier || parkedCount > 0) {
+                    throw new MigrationStreamError('unexpected-record', 'END inside an unfinished round: SYNC every channel before END');
+                  }
+                  this.done = true;
+                  for (const c of this.channels) c.expectEnd();
+                }
+                yield rec;
+                if (this.done) return;
+                break;
+              case 'error':
+                throw new MigrationTransportError('remote-error', `source on channel ${i} reported error ${rec.code}: ${rec.message}`, rec.code);
+              default:
+                throw new MigrationStreamError('unexpected-record', `${rec.kind} on channel ${i} after the handshake`);
+            }
+          }
+        }
+        if (parkedCount === n) {
+          const round = parked[0]!;
+          for (let i = 1; i < n; i++) {
+            if (parked[i] !== round) {
+              throw new MigrationStreamError('bad-round', `channels disagree on the round: channel 0 at SYNC ${round}, channel ${i} at SYNC ${parked[i]}`);
+            }
+          }
+          parked.fill(undefined);
+          parkedCount = 0;
+          pagesSinceBarrier = false;
+          this.round = round;
+          yield { kind: 'sync', round };
+          continue;
+        }
+        if (!progressed) await this.activity.wait();
+      }
+    } catch (e) {
+      this.abort(e as Error);
+      throw e;
+    }
+  }
+
+  /** A back-channel record on channel 0 (READY, COMPLETE, ERROR, POSTCOPY_REQUEST), written now. */
+  async reply(rec: MigrationRecord): Promise<void> {
+    await this.control.send(rec);
+    await this.control.flush();
+  }
+
+  /** Tell the source why we give up (best effort) and drop every channel. */
+  abort(err: Error): void {
+    this.done = true;
+    const code = err instanceof MigrationTransportError && err.remoteCode ? ErrorCode.INTERNAL : errorCodeFor(err);
+    const buf = Buffer.alloc(8 + 4 + 4096);
+    this.control.abortWith(buf.subarray(0, encodeRecord({ kind: 'error', code, message: err.message }, buf, 0)));
+    for (const ch of this.channels.slice(1)) ch.destroy();
+  }
+
+  /** Close every channel (after END and the final reply). */
+  async close(): Promise<void> {
+    for (const ch of this.channels) ch.expectEnd();
+    await Promise.all(this.channels.map((ch) => ch.close().catch(() => undefined)));
+  }
+}

@@ -1,0 +1,241 @@
+import type { Socket } from 'node:net';
+import { describe, expect, it } from 'vitest';
+import { PageHashTable, createMemoryHasher } from '../../../src/migration/hash.ts';
+import { MigrationTransportError } from '../../../src/migration/transport/errors.ts';
+import { MigrationConnection } from '../../../src/migration/transport/connection.ts';
+import { MigrationListener, type IncomingMigration } from '../../../src/migration/transport/listener.ts';
+import { CAP_LZ4, MigrationStreamError, type MigrationRecord } from '../../../src/migration/stream/format.ts';
+
+const PAGE = 4096;
+const LAYOUT = [
+  { slot: 0, pages: 512 },
+  { slot: 5, pages: 256 },
+];
+
+/** A stand-in guest: one byte array per slot. */
+type Memory = Map<number, Uint8Array>;
+
+function freshMemory(): Memory {
+  return new Map(LAYOUT.map((s) => [s.slot, new Uint8Array(s.pages * PAGE)]));
+}
+
+/** Page contents carry the round that wrote them in their first word, so order can be checked. */
+function writePage(mem: Memory, slot: number, page: number, round: number, rng: () => number): void {
+  const p = mem.get(slot)!.subarray(page * PAGE, (page + 1) * PAGE);
+  const dv = new DataView(p.buffer, p.byteOffset, PAGE);
+  dv.setUint32(0, round, true);
+  for (let w = 1; w < 1024; w += 31) dv.setUint32(w * 4, rng() >>> 0, true);
+}
+
+function rngFrom(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>>= 0);
+  };
+}
+
+
+/** Split a set of page indexes of one slot into runs of consecutive pages. */
+function runsOf(slot: number, pages: number[]): { slot: number; first: number; count: number }[] {
+  const out: { slot: number; first: number; count: number }[] = [];
+  for (const p of pages.sort((a, b) => a - b)) {
+    const last = out[out.length - 1];
+    if (last && last.first + last.count === p && last.count < 64) last.count++;
+    else out.push({ slot, first: p, count: 1 });
+  }
+  return out;
+}
+
+async function receive(incoming: IncomingMigration, hasherP: ReturnType<typeof createMemoryHasher>) {
+  const hasher = await hasherP;
+  const mem = freshMemory();
+  let table: PageHashTable | undefined;
+  let barrierRound = 0; // pages of round r may only arrive after SYNC(r-1)
+  const violations: string[] = [];
+  const syncs: number[] = [];
+  let end: MigrationRecord | undefined;
+  for await (const rec of incoming.records()) {
+    if (rec.kind === 'config') table = new PageHashTable(LAYOUT);
+    else if (rec.kind === 'ram') {
+      const m = mem.get(rec.slot)!;
+      for (let i = 0; i < rec.count; i++) {
+        const round = new DataView(rec.data.buffer, rec.data.byteOffset + i * PAGE, 4).getUint32(0, true);
+        if (round !== barrierRound + 1) violations.push(`slot ${rec.slot} page ${rec.firstPage + i} of round ${round} applied in round ${barrierRound + 1}`);
+      }
+      m.set(rec.data, rec.firstPage * PAGE);
+      hasher.hashInto(table!, rec.slot, rec.firstPage, rec.count, rec.data);
+    } else if (rec.kind === 'zero') {
+      mem.get(rec.slot)!.fill(0, rec.firstPage * PAGE, (rec.firstPage + rec.count) * PAGE);
+      table!.setZero(rec.slot, rec.firstPage, rec.count);
+    } else if (rec.kind === 'sync') {
+      syncs.push(rec.round);
+      barrierRound = rec.round;
+    } else if (rec.kind === 'end') end = rec;
+  }
+  await incoming.reply({ kind: 'complete', memoryHash: table!.total(), pages: table!.pages });
+  return { mem, table: table!, violations, syncs, end };
+}
+
+async function transfer(channels: number, opts: { compress?: boolean; rounds?: number } = {}) {
+  const hasherP = createMemoryHasher();
+  const hasher = await hasherP;
+  const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+  const received = server.accept().then((inc) => receive(inc, hasherP).finally(() => inc.close()));
+  const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels, caps: opts.compress ? CAP_LZ4 : 0, batchBytes: 128 * 1024 });
+  expect(conn.channelCount).toBe(channels);
+  const src = freshMemory();
+  const rng = rngFrom(42);
+  await conn.send({ kind: 'config', config: { memslots: LAYOUT, engine: 'soft' } });
+  const rounds = opts.rounds ?? 4;
+  for (let round = 1; round <= rounds; round++) {
+    // Round 1 writes most pages (leaving some zero); later rounds re-dirty a shrinking random set.
+    const dirty = new Map<number, number[]>();
+    for (const { slot, pages } of LAYOUT) {
+      const list: number[] = [];
+      for (let p = 0; p < pages; p++) if (round === 1 ? p % 7 !== 3 : rng() % (round * 3) === 0) list.push(p);
+      for (const p of list) writePage(src, slot, p, round, rng);
+      dirty.set(slot, list);
+    }
+    if (round === 2) {
+      // A page that became zero again travels as ZERO.
+      src.get(0)!.fill(0, 10 * PAGE, 11 * PAGE);
+      dirty.get(0)!.push(10);
+    }
+    const runs = [...dirty].flatMap(([slot, pages]) => runsOf(slot, [...new Set(pages)]));
+    // Skew: channel 0 gets the first half of the runs, the rest spread, so channels finish a
+    // round at very different times and the barrier has something to hold back.
+    const perChannel: (typeof runs)[] = Array.from({ length: channels }, () => []);
+    runs.forEach((r, i) => perChannel[i < runs.length / 2 ? 0 : i % channels]!.push(r));
+    await Promise.all(perChannel.map(async (list, ch) => {
+      for (const r of list) {
+        const data = src.get(r.slot)!.subarray(r.first * PAGE, (r.first + r.count) * PAGE);
+        await conn.sendPages(r.slot, r.first, r.count, data, { channel: ch });
+      }
+    }));
+    await conn.sync(round);
+  }
+  const srcHash = hasher.hashGuestMemory((slot, first, dst) => dst.set(src.get(slot)!.subarray(first * PAGE, first * PAGE + dst.length)), LAYOUT);
+  await conn.send({ kind: 'vcpu-state', state: { vcpus: [] } });
+  await conn.send({ kind: 'end', memoryHash: srcHash.memoryHash, pages: srcHash.pages });
+  await conn.flush();
+  const complete = await conn.nextBackRecord(['complete'], 20_000);
+  const bytesSent = conn.bytesSent;
+  const compressedPages = conn.channels.reduce((n, c) => n + c.compressedPages, 0);
+  await conn.close();
+  const result = await received;
+  await server.close();
+  return { src, srcHash, complete, bytesSent, compressedPages, ...result };
+}
+
+function memEqual(a: Memory, b: Memory): boolean {
+  return [...a].every(([slot, m]) => Buffer.compare(m, b.get(slot)!) === 0);
+}
+
+describe('migration transport over TCP on 127.0.0.1', () => {
+  it('transfers several rounds over 1, 2 and 4 channels with identical applied memory', async () => {
+    const results = [];
+    for (const channels of [1, 2, 4]) {
+      const r = await transfer(channels);
+      expect(r.violations).toEqual([]);
+      expect(r.syncs).toEqual([1, 2, 3, 4]);
+      expect(memEqual(r.src, r.mem)).toBe(true);
+      expect(r.end).toMatchObject({ kind: 'end', memoryHash: r.srcHash.memoryHash, pages: 768 });
+      expect(r.complete).toMatchObject({ kind: 'complete', memoryHash: r.srcHash.memoryHash });
+      expect(r.table.total()).toBe(r.srcHash.memoryHash);
+      results.push(r);
+    }
+    // Same source sequence (seeded) gives the same memory whatever the channel count.
+    expect(memEqual(results[0]!.mem, results[1]!.mem)).toBe(true);
+    expect(memEqual(results[0]!.mem, results[2]!.mem)).toBe(true);
+  });
+
+  it('compresses with lz4 when both sides accept it, and memory still matches', async () => {
+    const r = await transfer(2, { compress: true, rounds: 2 });
+    expect(memEqual(r.src, r.mem)).toBe(true);
+    expect(r.compressedPages).toBeGreaterThan(0); // the test pages are mostly zero bytes
+    expect(r.bytesSent).toBeLessThan(768 * PAGE / 2);
+  });
+});
+
+describe('migration transport failures', () => {
+  it('says who refused the connection', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const port = server.port;
+    await server.close();
+    const err = await MigrationConnection.connect({ host: '127.0.0.1', port, timeoutMs: 2000 }).catch((e) => e);
+    expect(err).toBeInstanceOf(MigrationTransportError);
+    expect(err.code).toBe('connect-refused');
+    expect(err.message).toBe(`destination 127.0.0.1:${port} refused the connection`);
+  });
+
+  it('a data channel dropped mid-transfer fails both ends with typed errors', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 3 });
+    const incoming = await server.accept();
+    const destErr = (async () => {
+      for await (const rec of incoming.records()) void rec;
+    })().catch((e) => e);
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    const page = new Uint8Array(64 * PAGE).fill(1);
+    await conn.sendRam(0, 0, 64, page, { channel: 1 });
+    await conn.sync(1);
+    // The wire to channel 2 is cut (not an orderly close: no ERROR, no END).
+    (conn.channels[2] as unknown as { socket: Socket }).socket.destroy();
+    const e1 = await destErr;
+    expect(e1).toBeInstanceOf(MigrationTransportError);
+    expect(e1.code).toBe('connection-lost');
+    expect(e1.message).toMatch(/channel 2 .*peer closed the connection mid-stream/);
+    // The destination gave up: the source learns it on its next calls.
+    const e2 = await (async () => {
+      for (let i = 0; i < 100; i++) {
+        await conn.sendRam(0, 0, 64, page, { channel: 0 });
+        await conn.flush();
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    })().catch((e) => e);
+    expect(e2).toBeInstanceOf(MigrationTransportError);
+    expect(e2.code).toBe('connection-lost');
+    expect(e2.message).toMatch(/channel 2 \(127\.0\.0\.1:\d+\): peer closed the connection mid-stream/);
+    conn.destroy();
+    await server.close();
+  });
+
+  it('a destination that dies mid-stream fails the source with connection-lost', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 2 });
+    const incoming = await server.accept();
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    for (const ch of incoming.channels) ch.destroy(); // destination process gone, no ERROR sent
+    const err = await conn.nextBackRecord(['complete'], 5000).catch((e) => e);
+    expect(err).toBeInstanceOf(MigrationTransportError);
+    expect(err.code).toBe('connection-lost');
+    expect(err.message).toMatch(/channel \d \(127\.0\.0\.1:\d+\)/);
+    conn.destroy();
+    await server.close();
+  });
+
+  it('a corrupt record makes the destination throw MigrationStreamError and tell the source', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port });
+    const incoming = await server.accept();
+    const destErr = (async () => {
+      for await (const rec of incoming.records()) void rec;
+    })().catch((e) => e);
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    await conn.sendRam(5, 251, 6, new Uint8Array(6 * PAGE).fill(9)).catch(() => undefined); // beyond slot 5's 256 pages
+    await conn.flush().catch(() => undefined);
+    const e1 = await destErr;
+    expect(e1).toBeInstanceOf(MigrationStreamError);
+    expect(e1.message).toMatch(/slot 5 firstPage 251 count 6 outside the slot's 256 pages/);
+    const e2 = await conn.nextBackRecord(['complete'], 5000).catch((e) => e);
+    expect(e2).toBeInstanceOf(MigrationTransportError);
+    expect(e2.code).toBe('remote-error');
+    expect(e2.message).toMatch(/outside the slot's 256 pages/);
+    conn.destroy();
+    await server.close();
+  });
+});
