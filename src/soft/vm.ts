@@ -436,6 +436,10 @@ export class SoftVm implements Vm, DirtyLogMmu {
         return lookup;
       },
       readUnlock: () => {},
+      peek: () => {
+        lookup.set(pub.current.slots);
+        return lookup;
+      },
     };
     this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.inval, this.vmStats);
     return this.mainFaults;

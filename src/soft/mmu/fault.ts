@@ -50,6 +50,8 @@ import { VcpuExitReason_Efault, VcpuExitReason_Mmio } from '../vcpu/control.ts';
 export interface SlotSource {
   readLock(): SlotLookup;
   readUnlock(): void;
+  /** Current generation, no reader registration: only under the MMU fault lock (slot-table.ts). */
+  peek(): SlotLookup;
 }
 
 /** Test hooks to construct races deterministically. Never set in production. */
@@ -69,6 +71,7 @@ const MAX_RETRIES = 1_000_000;
 export class FaultHandler {
   private readonly gup = new GupResult();
   private readonly leaf = newLeafLookup();
+  private readonly words: Int32Array;
   hooks: FaultHooks = {};
   /** Exit details of the last failed fault (for the VMM's error message). */
   lastError = '';
@@ -81,7 +84,9 @@ export class FaultHandler {
     private readonly slots: SlotSource,
     private readonly inval: MemslotInvalidation,
     private readonly stats: VcpuStats,
-  ) {}
+  ) {
+    this.words = pgt.pool.words;
+  }
 
   /** Resolve a stage-2 fault at gfn. FAULT_OK: retry the access; negative: exit to the VMM. */
   handle(gfn: number, write: boolean): number {
@@ -150,6 +155,39 @@ export class FaultHandler {
     }
     // The leaf changed under us (zapped, split, LOCKED): take the full path.
     return FAULT_RETRY;
+  }
+
+  /**
+   * The vCPU's fast path for a write to a 4 KiB leaf it just walked and found write-protected
+   * (pte at word ptep). The caller stays in its RCU read section, so ptep is still a table word
+   * (possibly of a table unlinked meanwhile: then the cmpxchg below changes nothing anyone will
+   * walk again, and the vCPU's re-walk faults properly). The memslot is read under the fault
+   * lock (peek): a logging enable publishes its bitmap before its exclusive write-protect sweep.
+   * Returns the host pfn now mapped writable, or -1 to take the full fault path.
+   */
+  fastWrite(gfn: number, pte: number, ptep: number): number {
+    const st = this.stats;
+    st.add(S_FAULTS, 1);
+    st.add(S_WP_FAULTS, 1);
+    const lock = this.lock;
+    let ok = false;
+    lock.faultLock();
+    try {
+      const slot = this.slots.peek().find(gfn);
+      if (slot !== null && (slot.flags & KVM_MEM_READONLY) === 0 && slot.hostWritable) {
+        const bm = slot.dirtyBitmap;
+        if (bm !== null) {
+          markPageDirty(bm, gfn - slot.baseGfn);
+          st.add(S_DIRTY_MARKS, 1);
+        }
+        ok = Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) === pte;
+      }
+    } finally {
+      lock.faultUnlock();
+    }
+    if (!ok) return -1;
+    st.add(S_FAST_RELAX, 1);
+    return pte >>> 5;
   }
 
   private slowPath(slot: SlotDesc, gfn: number, write: boolean, logging: boolean): number {

@@ -143,6 +143,18 @@ export class SlotReader {
     return this.lookup;
   }
 
+  /**
+   * The current generation without registering as a reader. Only for a caller holding the MMU
+   * fault lock that installs nothing new (the fast path): the VMM publishes a generation before
+   * it takes the exclusive lock to act on it, so under the fault lock the current generation is
+   * at least as new as any change already acted on.
+   */
+  peek(): SlotLookup {
+    const g = Atomics.load(this.ctl, G_SLOTS_GEN);
+    if (g !== this.gen) this.catchUp(g);
+    return this.lookup;
+  }
+
   readUnlock(): void {
     Atomics.store(this.ctl, this.readerWord, 0);
     if (Atomics.load(this.ctl, G_SLOTS_WAITERS) !== 0) Atomics.notify(this.ctl, this.readerWord);

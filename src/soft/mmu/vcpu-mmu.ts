@@ -6,7 +6,7 @@
 // guest mode or acknowledges a flush, see runner.ts). A PTE read here may be stale by one
 // concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
 // LOCKED or absent entry, or one without the needed permission, makes the access fault.
-import { LEVEL_PAGES, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL } from '../pgtable/pte.ts';
+import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL } from '../pgtable/pte.ts';
 import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import type { SoftTlb } from '../vcpu/soft-tlb.ts';
 import type { VcpuMmu } from '../vcpu/runner.ts';
@@ -28,8 +28,12 @@ export class VcpuStage2 implements VcpuMmu {
     this.pgt.rcuReadUnlock();
   }
 
+  /** The leaf the last walk() found (0 if none). */
+  private lastPte = 0;
+
   walk(gfn: number, write: boolean, tlb: SoftTlb): number {
     const pte = this.pgt.getLeaf(gfn, this.leaf);
+    this.lastPte = pte;
     if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return -1;
     if ((pte & (write ? PTE_W : PTE_R)) === 0) return -1;
     const perm = ((pte & PTE_R) !== 0 ? 1 : 0) | ((pte & PTE_W) !== 0 ? 2 : 0);
@@ -42,6 +46,14 @@ export class VcpuStage2 implements VcpuMmu {
     const pfn = (pte >>> 5) + (gfn % LEVEL_PAGES[level]!);
     tlb.fillHuge(gfn, pfn, perm);
     return pfn;
+  }
+
+  canFastWrite(): boolean {
+    return (this.lastPte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) === (PTE_TYPE_LEAF | PTE_R) && this.leaf.level === LAST_LEVEL;
+  }
+
+  fastWrite(gfn: number): number {
+    return this.faults.fastWrite(gfn, this.lastPte, this.leaf.ptep);
   }
 
   fault(gfn: number, write: boolean): number {

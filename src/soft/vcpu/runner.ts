@@ -51,7 +51,7 @@ import {
   vcpuBase,
 } from './control.ts';
 import { acknowledgeFlush } from './tlb-flush.ts';
-import { SoftTlb } from './soft-tlb.ts';
+import { SoftTlb, TLB_R, TLB_W } from './soft-tlb.ts';
 import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
 import type { WorkloadSpec } from '../../guest/workload.ts';
 import { VcpuStats, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
@@ -71,6 +71,13 @@ export interface VcpuMmu {
    * access); a negative value is a VcpuExitReason (negated) the vCPU cannot get past.
    */
   fault(gfn: number, write: boolean): number;
+  /** The last walk found a present, write-protected 4 KiB RAM leaf (a fast-path candidate). */
+  canFastWrite(): boolean;
+  /**
+   * Fast path for that leaf, called outside guest mode but still inside the RCU read section:
+   * mark dirty and set W by cmpxchg under the fault lock. Host pfn, or -1 (take fault()).
+   */
+  fastWrite(gfn: number): number;
 }
 
 export class VcpuRunner implements GuestAccess {
@@ -173,7 +180,9 @@ export class VcpuRunner implements GuestAccess {
   enterGuest(): boolean {
     Atomics.store(this.ctl, this.base + V_MODE, GuestMode_InGuest);
     this.mmu.enterGuest();
-    if (this.handleRequests()) {
+    // A flusher bumps G_FLUSH_GEN before G_REQ, so one load of G_REQ after the V_MODE store is
+    // enough to see any flush that might have skipped us.
+    if (Atomics.load(this.ctl, G_REQ) !== this.reqSeen && this.handleRequests()) {
       this.exitGuest();
       return false;
     }
@@ -247,25 +256,42 @@ export class VcpuRunner implements GuestAccess {
 
   /** TLB miss: walk; on a stage-2 fault leave guest mode, handle it, re-enter and walk again. */
   private translateSlow(gfn: number, write: boolean): number {
+    const ctl = this.ctl;
+    const modeWord = this.base + V_MODE;
     this.stats.add(S_TLB_MISSES, 1);
     for (;;) {
       const pfn = this.mmu.walk(gfn, write, this.tlb);
       if (pfn >= 0) return pfn;
+      if (write && this.mmu.canFastWrite()) {
+        // Write-protect fault on a 4 KiB leaf: a short exit that keeps the RCU read section.
+        Atomics.store(ctl, modeWord, GuestMode_OutsideGuest);
+        const p = this.mmu.fastWrite(gfn);
+        Atomics.store(ctl, modeWord, GuestMode_InGuest);
+        // Guest entry check (Dekker with the flusher, see tlb-flush.ts): if any request came in
+        // while we were out, what we learned may be stale: handle it and walk again.
+        if (Atomics.load(ctl, G_REQ) !== this.reqSeen) {
+          this.handleRequests();
+          continue;
+        }
+        if (p >= 0) {
+          this.tlb.fillSmall(gfn, p, TLB_R | TLB_W);
+          return p;
+        }
+      }
       this.exitGuest();
       const r = this.mmu.fault(gfn, write);
       // Re-enter before touching the TLB again; a flush that ran meanwhile is seen here. A
       // pause request is noted (reqSeen kept stale) and honoured after this access completes.
-      Atomics.store(this.ctl, this.base + V_MODE, GuestMode_InGuest);
+      Atomics.store(ctl, modeWord, GuestMode_InGuest);
       this.mmu.enterGuest();
-      this.handleRequests();
+      if (Atomics.load(ctl, G_REQ) !== this.reqSeen) this.handleRequests();
       if (r < 0) {
         const gpa = gfn * 4096;
-        Atomics.store(this.ctl, this.base + V_EXIT_REASON, -r);
-        Atomics.store(this.ctl, this.base + V_EXIT_GPA_HI, Math.floor(gpa / 2 ** 32));
-        Atomics.store(this.ctl, this.base + V_EXIT_GPA_LO, gpa >>> 0);
+        Atomics.store(ctl, this.base + V_EXIT_REASON, -r);
+        Atomics.store(ctl, this.base + V_EXIT_GPA_HI, Math.floor(gpa / 2 ** 32));
+        Atomics.store(ctl, this.base + V_EXIT_GPA_LO, gpa >>> 0);
         return -1;
       }
-      if (this.windows.length === 0) throw new Error('vCPU has no host memory windows');
     }
   }
 

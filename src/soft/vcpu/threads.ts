@@ -273,8 +273,22 @@ export class VcpuThreads {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const ev = Atomics.load(ctl, G_EVENT);
-      if (done()) return;
-      if (failFast) for (let v = 0; v < this.count; v++) this.throwIfFailed(v);
+      let ok = false;
+      try {
+        ok = done();
+      } catch (e) {
+        if (!failFast) throw e;
+      }
+      if (ok) return;
+      if (failFast) {
+        for (let v = 0; v < this.count; v++) {
+          // A crashed thread's 'error' event may still be on its way: let it arrive first.
+          if (Atomics.load(ctl, vcpuBase(v) + V_STATE) === VcpuRunState_Exited && Atomics.load(ctl, vcpuBase(v) + V_EXIT_REASON) === VcpuExitReason_Crash && this.crashes[v] === null) {
+            await Promise.race([this.exited[v], new Promise((r) => setTimeout(r, 1000))]);
+          }
+          this.throwIfFailed(v);
+        }
+      }
       const left = deadline - Date.now();
       if (left <= 0) throw new VcpuError(-1, 'timeout', `timed out after ${timeoutMs} ms waiting for ${what}`);
       Atomics.add(ctl, G_EVENT_WAITERS, 1);
