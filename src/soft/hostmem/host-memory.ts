@@ -15,6 +15,9 @@
 //   one Atomics.add on the fresh-chunk cursor) and hands out its frames with plain arithmetic.
 //   Freed 4 KiB frames and freed 2 MiB chunks go to AtomicBitPools (bitmap + CAS, see bitpool.ts).
 //   A thread's unused chunk tail is not returned when the thread ends (it is headroom, by design).
+//   There is no compaction: freed 4 KiB frames are reused as 4 KiB frames only, so once the fresh
+//   chunks are gone a 2 MiB allocation succeeds only from a freed compound frame (THP then falls
+//   back to 4 KiB pages, hugetlb fails with ENOMEM).
 //
 // Seed 001 (kvm_is_mmio_pfn): a pfn without a struct page (hole, device BAR) must be recognised
 // by pfn_valid BEFORE anything reads its page flags; a valid page with PG_RESERVED (driver-owned
@@ -69,6 +72,8 @@ export interface HostMemoryStats {
   /** Live frames: allocated minus freed. */
   framesInUse: number;
   hugeFramesInUse: number;
+  /** framesInUse * 4 KiB + hugeFramesInUse * 2 MiB. */
+  bytesInUse: number;
   /** Never-used 2 MiB chunks left for the fresh-chunk cursor. */
   freshChunksLeft: number;
   totalFrames: number;
@@ -294,7 +299,10 @@ export class HostMemory {
     let pfn: number;
     if (this.localNext < this.localEnd) {
       pfn = this.localNext++;
-      if (this.localNeedsZero) this.zeroFrames(pfn, 1);
+      if (this.localNeedsZero) {
+        this.zeroFrames(pfn, 1);
+        Atomics.add(this.ctl, C_FRAMES_REUSED, 1);
+      }
     } else {
       pfn = this.freeFramePool.claim();
       if (pfn >= 0) {
@@ -308,12 +316,14 @@ export class HostMemory {
           if (c < 0) return ENOMEM;
           head = this.chunkPfns[c]!;
           this.localNeedsZero = true;
-          Atomics.add(this.ctl, C_FRAMES_REUSED, HUGE_FRAME_PAGES);
         }
         pfn = head;
         this.localNext = head + 1;
         this.localEnd = head + HUGE_FRAME_PAGES;
-        if (this.localNeedsZero) this.zeroFrames(pfn, 1);
+        if (this.localNeedsZero) {
+          this.zeroFrames(pfn, 1);
+          Atomics.add(this.ctl, C_FRAMES_REUSED, 1);
+        }
       }
     }
     Atomics.store(this.refs, pfn, 1);
@@ -430,6 +440,7 @@ export class HostMemory {
       hugeFramesReused: Atomics.load(ctl, C_HUGE_REUSED),
       framesInUse: framesAllocated - framesFreed,
       hugeFramesInUse: hugeFramesAllocated - hugeFramesFreed,
+      bytesInUse: (framesAllocated - framesFreed) * 4096 + (hugeFramesAllocated - hugeFramesFreed) * HUGE_FRAME_PAGES * 4096,
       freshChunksLeft: Math.max(0, this.nChunks - Atomics.load(ctl, C_FRESH_CHUNK)),
       totalFrames: this.totalFrames,
       ramFrames: kindFrames('ram'),

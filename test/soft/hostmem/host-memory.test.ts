@@ -168,3 +168,19 @@ describe('HostMemory refcounts and allocation', () => {
     expect(mem.stats().framesAllocated).toBe(2);
   });
 });
+
+describe('HostMemory: freed chunks reused for 4 KiB frames', () => {
+  it('zeroes and counts each reused frame as it is handed out', () => {
+    const mem = HostMemory.create({ regions: [{ kind: 'ram', startPfn: 512, frames: 512 }] });
+    const head = mem.allocHugeFrame();
+    const bytes = mem.windowBytes[0]!;
+    bytes.fill(0xee, HostMemory.frameByteOffset(head), HostMemory.frameByteOffset(head) + 2 * 4096);
+    mem.putPage(head);
+    const a = mem.allocFrame();
+    const b = mem.allocFrame();
+    expect([a, b]).toEqual([head, head + 1]);
+    expect(bytes.subarray(HostMemory.frameByteOffset(a), HostMemory.frameByteOffset(a) + 2 * 4096).every((x) => x === 0)).toBe(true);
+    expect(mem.stats()).toMatchObject({ framesReused: 2, framesInUse: 2, hugeFramesInUse: 0, bytesInUse: 8192 });
+    expect(mem.allocHugeFrame()).toBe(ENOMEM); // no compaction
+  });
+});
