@@ -68,6 +68,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
     vm = await buildDestinationVm(c, engine);
+    // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
+    // the pause costs nothing on the downtime path.
+    await vm.pause();
     cfg = c;
     table = PageDigestTable.forSlots(c.memslots);
     lastRound = new Uint32Array(c.ramBytes / PAGE_SIZE);

@@ -35,6 +35,8 @@ export class PageSender {
   readonly counters: SendCounters = { zeroPages: 0, normalPages: 0 };
   /** Checked between runs; throws to abort the stream. */
   check: () => void = () => undefined;
+  /** Told about every page run put on the link (data null: zero pages). */
+  onSent: ((gpa: number, data: Uint8Array | null, pages: number) => void) | null = null;
 
   constructor(
     private readonly vm: Vm,
@@ -69,12 +71,15 @@ export class PageSender {
       const ch = this.nextChannel();
       if (zero) {
         this.counters.zeroPages += j - i;
+        if (this.onSent) for (let k = i; k < j; k++) this.onSent(gpa + k * PAGE_SIZE, null, 1);
         await this.link.send({ type: 'zero', round, gpa: at, pages: j - i }, ch);
       } else {
         this.counters.normalPages += j - i;
         const wait = this.limiter.take((j - i) * PAGE_SIZE);
         if (wait) await wait;
-        await this.link.send({ type: 'ram', round, gpa: at, data: buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE) }, ch);
+        const data = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE);
+        this.onSent?.(at, data, j - i);
+        await this.link.send({ type: 'ram', round, gpa: at, data }, ch);
       }
       i = j;
     }

@@ -16,9 +16,9 @@
 //
 // Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
 // own threads until the pause.
-import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES, MemslotError, PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
 import type { WorkloadSpec } from '../guest/workload.ts';
-import { countBits } from '../vmm/dirty-bitmap.ts';
+import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
@@ -102,16 +102,47 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const el = secs(t0) - setupSeconds;
     opts.onProgress({ status, round, sentPages: sent, totalPages, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
+  // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
+  // on its own internal slot): we keep a shadow of exactly what was sent and find their dirty
+  // pages by comparing with it. Such slots are small (guest code, page tables, stacks).
+  const shadows = new Map<number, { slot: MemslotInfo; sent: Buffer }>();
   const setLogging = (on: boolean) => {
-    for (const s of slots) vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
+    for (const s of slots) {
+      if (shadows.has(s.slot)) continue;
+      try {
+        vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
+      } catch (e) {
+        if (!(on && s.internal && e instanceof MemslotError)) throw e;
+        shadows.set(s.slot, { slot: s, sent: Buffer.alloc(s.memorySize) });
+      }
+    }
     loggingOn = on;
+  };
+  sender.onSent = (gpa, data) => {
+    for (const { slot, sent } of shadows.values()) {
+      if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
+        if (data) sent.set(data, gpa - slot.guestPhysAddr);
+        else sent.fill(0, gpa - slot.guestPhysAddr, gpa - slot.guestPhysAddr + PAGE_SIZE);
+      }
+    }
+  };
+  const shadowDirtyLog = (slot: MemslotInfo, sent: Buffer): Uint32Array => {
+    const cur = Buffer.allocUnsafe(slot.memorySize);
+    vm.readGuest(slot.guestPhysAddr, cur);
+    const log = newBitmap(slot.pages);
+    for (let p = 0; p < slot.pages; p++) {
+      const o = p * PAGE_SIZE;
+      if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, p);
+    }
+    return log;
   };
   const pending = new Map<number, Uint32Array>();
   /** OR every slot's dirty log into `pending`; returns the pending page count. */
   const harvest = (): number => {
     let n = 0;
     for (const s of slots) {
-      const log = vm.getDirtyLog(s.slot);
+      const shadow = shadows.get(s.slot);
+      const log = shadow ? shadowDirtyLog(s, shadow.sent) : vm.getDirtyLog(s.slot);
       const p = pending.get(s.slot);
       if (!p) pending.set(s.slot, log);
       else for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
@@ -249,7 +280,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   async function sendAllPending(round: number, clearLog = manual): Promise<number> {
     let n = 0;
     for (const s of slots) {
-      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog);
+      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog && !shadows.has(s.slot));
       progress(round);
     }
     return n;
