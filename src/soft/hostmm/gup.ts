@@ -63,6 +63,11 @@ export class HostPageWalker {
     this.pmd = t.pmd;
   }
 
+  /** Some LIVE VMA covers hva (uses and refreshes this thread's VMA cache). */
+  hasVma(hva: number): boolean {
+    return this.lookup(hva);
+  }
+
   /** Load the VMA of hva into this thread's cache; false if none. */
   private lookup(hva: number): boolean {
     if (this.cEntry >= 0 && hva >= this.cStart && hva < this.cEnd && this.table.state(this.cEntry) === VMA_LIVE) return true;

@@ -296,7 +296,7 @@ export class HostAddressSpace {
       const inPage = at % PAGE;
       const n = Math.min(PAGE - inPage, dst.length - done);
       const pfn = this.walker.lookupPfn(at);
-      if (pfn < 0 && this.table.find(at) < 0) throw new HostFaultError(at, EFAULT, `read: no VMA at hva 0x${at.toString(16)}`);
+      if (pfn < 0 && !this.walker.hasVma(at)) throw new HostFaultError(at, EFAULT, `read: no VMA at hva 0x${at.toString(16)}`);
       if (pfn < 0) {
         dst.fill(0, done, done + n);
       } else {
