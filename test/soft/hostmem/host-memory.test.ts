@@ -1,4 +1,6 @@
 import { describe, it, expect } from 'vitest';
+import { once } from 'node:events';
+import { startWorker } from '../../../src/util/worker.ts';
 import {
   HostMemory,
   HostMemoryError,
@@ -183,4 +185,46 @@ describe('HostMemory: freed chunks reused for 4 KiB frames', () => {
     expect(mem.stats()).toMatchObject({ framesReused: 2, framesInUse: 2, hugeFramesInUse: 0, bytesInUse: 8192 });
     expect(mem.allocHugeFrame()).toBe(ENOMEM); // no compaction
   });
+});
+
+describe('HostMemory: lock-free allocation from several threads', () => {
+  it('never hands one frame to two owners, and counts balance', async () => {
+    const mem = HostMemory.create({ ramBytes: 64 << 20, headroomFrames: 0 });
+    const workers = 3;
+    const perWorker = 3000;
+    const sync = new SharedArrayBuffer(8);
+    const sync32 = new Int32Array(sync);
+    const held = new SharedArrayBuffer(workers * (perWorker + 1) * 4);
+    const ws = Array.from({ length: workers }, (_, w) =>
+      startWorker(new URL('./alloc-worker.ts', import.meta.url), { mem: mem.shared, sync, held, worker: w, perWorker, rounds: 30 }),
+    );
+    const done = ws.map((w) => once(w, 'message'));
+    while (Atomics.load(sync32, 1) < workers) await new Promise((r) => setTimeout(r, 5));
+    Atomics.store(sync32, 0, 1);
+    Atomics.notify(sync32, 0);
+    await Promise.all(done);
+    await Promise.all(ws.map((w) => w.terminate()));
+    const h = new Int32Array(held);
+    const owned = new Set<number>();
+    let smallCount = 0;
+    let hugeCount = 0;
+    for (let w = 0; w < workers; w++) {
+      const base = w * (perWorker + 1);
+      for (let k = 1; k <= h[base]!; k++) {
+        const v = h[base + k]!;
+        const frames = v < 0 ? Array.from({ length: 512 }, (_, i) => -v - 1 + i) : [v];
+        if (v < 0) hugeCount++;
+        else smallCount++;
+        for (const p of frames) {
+          expect(owned.has(p)).toBe(false);
+          owned.add(p);
+        }
+        expect(mem.refcount(v < 0 ? -v - 1 : v)).toBe(1);
+      }
+    }
+    const st = mem.stats();
+    expect(st.framesInUse).toBe(smallCount);
+    expect(st.hugeFramesInUse).toBe(hugeCount);
+    expect(st.framesReused + st.hugeFramesReused).toBeGreaterThan(0);
+  }, 30_000);
 });
