@@ -169,6 +169,8 @@ export class SoftVm implements Vm, DirtyLogMmu {
       case 'none':
         return;
       case 'create':
+        // A slot created with LOG_DIRTY_PAGES logs from the start; nothing is mapped to protect.
+        this.syncBitmap(res.new!);
         this.slotSet = res.set;
         this.publish();
         return;
@@ -179,6 +181,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
         try {
           this.slotSet = res.set;
           if (res.change === 'delete') this.bitmaps.delete(old.id);
+          else this.syncBitmap(res.new!); // a move keeps the bitmap while logging (KVM reuses it)
           this.publish();
           this.publisher.synchronize();
           if (this.host) this.unmapGfns(old.baseGfn, old.npages);
@@ -205,6 +208,12 @@ export class SoftVm implements Vm, DirtyLogMmu {
         return;
       }
     }
+  }
+
+  /** Give the slot a dirty bitmap iff it logs (keeping an existing one). */
+  private syncBitmap(s: Memslot): void {
+    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) this.bitmaps.delete(s.id);
+    else if (!this.bitmaps.has(s.id)) this.bitmaps.set(s.id, allocDirtyBitmap(s.npages));
   }
 
   memslots(): readonly MemslotInfo[] {

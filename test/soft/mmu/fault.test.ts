@@ -1,0 +1,171 @@
+// The stage-2 fault handler: mapping sizes (huge pages vs dirty logging), reserved/MMIO frames,
+// and faults racing memslot changes and mmu-notifier invalidations.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVM_MEM_LOG_DIRTY_PAGES } from '../../../src/vmm/engine.ts';
+import { FAULT_EFAULT, FAULT_MMIO, FAULT_OK } from '../../../src/soft/mmu/fault.ts';
+import { newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
+import { PTE_DEVICE, PTE_W } from '../../../src/soft/pgtable/pte.ts';
+import { DEFAULT_MMIO_START_PFN, DEFAULT_RESERVED_START_PFN } from '../../../src/soft/hostmem/layout.ts';
+import { makeTestVm, snapshotWords, type TestVm } from '../vcpu/harness.ts';
+
+let current: TestVm | null = null;
+afterEach(async () => {
+  await current?.vm.destroy();
+  current = null;
+});
+
+function leafAt(t: TestVm, gfn: number): { pte: number; level: number } {
+  const out = newLeafLookup();
+  const pgt = t.vm.stage2;
+  pgt.rcuReadLock();
+  const pte = pgt.getLeaf(gfn, out);
+  pgt.rcuReadUnlock();
+  return { pte, level: out.level };
+}
+
+describe.each(['global', 'parallel'] as const)('huge mappings and dirty logging (lock %s)', (lock) => {
+  it.each(['anonymous_thp', 'hugetlb'] as const)('%s: 2 MiB blocks when not logging, split on write faults while logging', async (backing) => {
+    const t = (current = await makeTestVm({ lock, backing, vcpus: 2, bytesPerVcpu: 2 * 2 ** 21 }));
+    t.vm.allowPasses(1);
+    await t.vm.waitForPasses(1);
+    let st = t.vm.stats();
+    expect(st.pages_2m).toBe(4);
+    expect(st.pages_4k).toBe(0);
+    t.setLogging(true);
+    // Logging write-protects the blocks as they are: no eager split.
+    st = t.vm.stats();
+    expect(st.pages_2m).toBe(4);
+    expect(st.writableLeaves).toBe(0);
+    t.vm.allowPasses(2);
+    await t.vm.waitForPasses(2);
+    st = t.vm.stats();
+    expect(st.hugePageSplits).toBe(4);
+    expect(st.pages_2m).toBe(0);
+    expect(st.pages_4k).toBe(t.pages);
+    expect(st.writableLeaves).toBe(t.pages);
+    // One slow fault per block (the split), every other page by the fast path.
+    expect(st.fastPathRelaxes).toBe(t.pages - 4);
+    const bm = t.vm.getDirtyLog(0);
+    expect(bm.every((w) => w === 0xffffffff)).toBe(true);
+    expect(snapshotWords(t).every((w, p) => w === (Math.floor(p / (t.pages / 2)) + 1) * 2 ** 32 + 2)).toBe(true);
+  });
+
+  it('installs no huge mapping while the slot logs, and huge ones again for new faults once it stops', async () => {
+    const t = (current = await makeTestVm({ lock, backing: 'anonymous_thp', bytesPerVcpu: 4 * 2 ** 21, vcpusNow: false }));
+    t.setLogging(true);
+    const fh = t.vm.mainThreadFaultHandler();
+    const base = t.spec.gpaBase / 4096;
+    for (let i = 0; i < 512; i++) expect(fh.handle(base + i, (i & 1) === 0)).toBe(FAULT_OK);
+    let st = t.vm.stats();
+    expect(st.pages_2m).toBe(0);
+    expect(st.pages_4k).toBe(512);
+    // Read faults while logging map read-only (the write must fault to be logged).
+    expect(leafAt(t, base + 1).pte & PTE_W).toBe(0);
+    expect(leafAt(t, base).pte & PTE_W).toBe(PTE_W);
+    t.setLogging(false);
+    expect(fh.handle(base + 512 + 7, false)).toBe(FAULT_OK);
+    st = t.vm.stats();
+    expect(st.pages_2m).toBe(1);
+    expect(leafAt(t, base + 512 + 7).level).toBe(2);
+  });
+
+  it('maps 4 KiB only for plain anonymous memory or a memslot not 2 MiB-congruent with its hva', async () => {
+    const t = (current = await makeTestVm({ lock, backing: 'anonymous', bytesPerVcpu: 2 * 2 ** 21 }));
+    t.vm.allowPasses(1);
+    await t.vm.waitForPasses(1);
+    expect(t.vm.stats().pages_2m).toBe(0);
+    const h = t.vm.mapHostMemory(4 * 2 ** 21, 'anonymous_thp');
+    // gpa 4 KiB past a 2 MiB boundary, hva 2 MiB aligned: no block can map one host huge page.
+    const gpa = 2 ** 34 + 4096;
+    t.vm.setUserMemoryRegion({ slot: 1, flags: 0, guestPhysAddr: gpa, memorySize: 2 * 2 ** 21, userspaceAddr: h.hva });
+    const fh = t.vm.mainThreadFaultHandler();
+    for (let i = 0; i < 1024; i += 97) expect(fh.handle(gpa / 4096 + i, true)).toBe(FAULT_OK);
+    expect(t.vm.stats().pages_2m).toBe(0);
+  });
+});
+
+describe('reserved and MMIO frames (a pfnmap memslot, seed 001)', () => {
+  it.each([
+    ['mmio', DEFAULT_MMIO_START_PFN],
+    ['reserved', DEFAULT_RESERVED_START_PFN],
+  ] as const)('%s frames are mapped 4 KiB with the device attribute and never refcounted', async (_kind, basePfn) => {
+    const t = (current = await makeTestVm({ vcpusNow: false }));
+    const mm = t.vm.hostAddressSpace;
+    const mem = t.vm.hostMemory;
+    const hva = mm.mmap(512 * 4096, 'pfnmap', { basePfn });
+    const gpa = 2 ** 35;
+    t.vm.setUserMemoryRegion({ slot: 2, flags: 0, guestPhysAddr: gpa, memorySize: 512 * 4096, userspaceAddr: hva });
+    const fh = t.vm.mainThreadFaultHandler();
+    for (let i = 0; i < 512; i++) {
+      // HostMemory.getPage/putPage throw on non-RAM frames, so a refcount attempt fails the fault.
+      expect(fh.handle(gpa / 4096 + i, (i & 1) === 1)).toBe(FAULT_OK);
+      expect(mem.classifyPfn(basePfn + i)).not.toBe('ram');
+    }
+    const st = t.vm.stats();
+    expect(st.deviceLeaves).toBe(512);
+    expect(st.deviceMappings).toBe(512);
+    expect(st.pages_2m).toBe(0);
+    const leaf = leafAt(t, gpa / 4096 + 3);
+    expect(leaf.level).toBe(3);
+    expect(leaf.pte & PTE_DEVICE).toBe(PTE_DEVICE);
+    expect(leaf.pte >>> 5).toBe(basePfn + 3);
+    for (let i = 0; i < 512; i++) expect(mem.refcount(basePfn + i)).toBe(0);
+  });
+
+  it('RAM pages keep no extra reference after a fault (the fault drops the one it took)', async () => {
+    const t = (current = await makeTestVm({ vcpusNow: false }));
+    const fh = t.vm.mainThreadFaultHandler();
+    const gfn = t.spec.gpaBase / 4096 + 5;
+    expect(fh.handle(gfn, true)).toBe(FAULT_OK);
+    const pfn = leafAt(t, gfn).pte >>> 5;
+    expect(t.vm.hostMemory.classifyPfn(pfn)).toBe('ram');
+    expect(t.vm.hostMemory.refcount(pfn)).toBe(1); // the host page table's own reference
+    expect(leafAt(t, gfn).pte & PTE_DEVICE).toBe(0);
+  });
+});
+
+describe.each(['global', 'parallel'] as const)('faults racing invalidations (lock %s)', (lock) => {
+  it('a fault racing a memslot delete retries and then exits as MMIO, mapping nothing', async () => {
+    const t = (current = await makeTestVm({ lock, vcpusNow: false }));
+    const fh = t.vm.mainThreadFaultHandler();
+    let fired = 0;
+    fh.hooks.afterResolvePfn = () => {
+      if (fired++ === 0) t.vm.setUserMemoryRegion({ ...t.region, memorySize: 0 });
+    };
+    const before = t.vm.stats().faultRetries;
+    expect(fh.handle(t.spec.gpaBase / 4096, true)).toBe(FAULT_MMIO);
+    expect(t.vm.stats().faultRetries - before).toBe(1);
+    expect(t.vm.stats().pages_4k).toBe(0);
+  });
+
+  it('a fault racing a memslot move retries; the old gfn is gone, the new one maps', async () => {
+    const t = (current = await makeTestVm({ lock, vcpusNow: false }));
+    const fh = t.vm.mainThreadFaultHandler();
+    const newGpa = 2 ** 36;
+    fh.hooks.afterResolvePfn = () => {
+      fh.hooks = {};
+      t.vm.setUserMemoryRegion({ ...t.region, guestPhysAddr: newGpa, flags: KVM_MEM_LOG_DIRTY_PAGES });
+    };
+    expect(fh.handle(t.spec.gpaBase / 4096 + 1, true)).toBe(FAULT_MMIO);
+    expect(fh.handle(newGpa / 4096 + 1, true)).toBe(FAULT_OK);
+    expect(t.vm.stats().pages_4k).toBe(1);
+    expect(t.vm.getDirtyLog(0)[0]).toBe(2);
+  });
+
+  it('a fault racing an mmu-notifier invalidation (munmap) retries and never maps the stale pfn', async () => {
+    const t = (current = await makeTestVm({ lock, vcpusNow: false }));
+    const fh = t.vm.mainThreadFaultHandler();
+    const gfn = t.spec.gpaBase / 4096 + 9;
+    expect(fh.handle(gfn - 1, true)).toBe(FAULT_OK); // a neighbour, mapped before the unmap
+    fh.hooks.afterResolvePfn = () => {
+      fh.hooks = {};
+      t.vm.hostAddressSpace.munmap(t.region.userspaceAddr, t.region.memorySize);
+    };
+    const before = t.vm.stats();
+    expect(fh.handle(gfn, true)).toBe(FAULT_EFAULT);
+    const after = t.vm.stats();
+    expect(after.faultRetries - before.faultRetries).toBe(1);
+    expect(after.notifierInvalidations - before.notifierInvalidations).toBe(1);
+    expect(after.pages_4k).toBe(0); // the neighbour was unmapped by the notifier, the racer never mapped
+  });
+});
