@@ -77,6 +77,8 @@ export interface Stage2CreateOptions extends Stage2Callbacks {
   maxThreads?: number;
   /** Check every walk for freed (POISON) table pages and throw. */
   debug?: boolean;
+  /** Never reuse freed table pages (they stay POISON), so late readers are always caught. */
+  quarantineFreedTables?: boolean;
 }
 
 export class Stage2Error extends Error {
@@ -134,7 +136,7 @@ export class Stage2PageTable implements Stage2Env {
   /** A new, empty table (main thread). The creating thread gets RCU slot 0 unless told otherwise. */
   static create(opts: Stage2CreateOptions): Stage2PageTable {
     const maxThreads = opts.maxThreads ?? 64;
-    const pool = TablePool.create(opts.maxTablePages);
+    const pool = TablePool.create(opts.maxTablePages, { quarantine: opts.quarantineFreedTables ?? false });
     const epoch = EpochDomain.create({ maxSlots: maxThreads, capacity: opts.maxTablePages }, () => {
       throw new Stage2Error('epoch domain used before the table was attached');
     });

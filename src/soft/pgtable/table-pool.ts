@@ -48,6 +48,7 @@ const CTL_BUMP = 0; // next never-used page index
 const CTL_LIVE = 1; // allocated pages
 const CTL_FREED_TOTAL = 2; // statistics: pages ever freed
 const CTL_ALLOC_TOTAL = 3; // statistics: pages ever allocated
+const CTL_QUARANTINE = 4; // 1: freed pages are poisoned and never reused (debug / stress tests)
 const CTL_WORDS = 16; // 64 bytes; the head (BigInt64 index 8) sits at byte 64
 const HEAD_I64 = 8;
 const NIL = 0xffffffff;
@@ -73,8 +74,12 @@ export class TablePool implements MmOps {
     this.maxTablePages = shared.maxTablePages;
   }
 
-  /** A new pool of maxTablePages pages (page 0 reserved). Memory is committed lazily. */
-  static create(maxTablePages: number): TablePool {
+  /**
+   * A new pool of maxTablePages pages (page 0 reserved). Memory is committed lazily. With
+   * quarantine, freed pages stay poisoned forever, so any late read of one is caught (a reused
+   * page would look like a live table).
+   */
+  static create(maxTablePages: number, opts: { quarantine?: boolean } = {}): TablePool {
     if (!(Number.isInteger(maxTablePages) && maxTablePages >= 2 && maxTablePages <= MAX_TABLE_PAGES)) {
       throw new RangeError(`maxTablePages must be an integer in [2, 2^22], got ${maxTablePages}`);
     }
@@ -87,6 +92,7 @@ export class TablePool implements MmOps {
     const pool = new TablePool(shared);
     Atomics.store(pool.ctl, CTL_BUMP, 1);
     Atomics.store(pool.head, HEAD_I64, BigInt(NIL));
+    Atomics.store(pool.ctl, CTL_QUARANTINE, opts.quarantine ? 1 : 0);
     return pool;
   }
 
@@ -115,7 +121,7 @@ export class TablePool implements MmOps {
   freeTablePage(idx: number): void {
     if (!(idx > 0 && idx < this.maxTablePages)) throw new RangeError(`freeTablePage(${idx}): not a pool page`);
     this.words.fill(PTE_POISON, idx * PTRS_PER_TABLE, (idx + 1) * PTRS_PER_TABLE);
-    this.pushFree(idx);
+    if (Atomics.load(this.ctl, CTL_QUARANTINE) === 0) this.pushFree(idx);
     Atomics.sub(this.ctl, CTL_LIVE, 1);
     Atomics.add(this.ctl, CTL_FREED_TOTAL, 1);
   }

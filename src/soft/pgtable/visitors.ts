@@ -17,6 +17,8 @@ import { buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, t
 import { LAST_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
 import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
+const SPLIT_RETRIES = 1000;
+
 function corrupt(ctx: VisitCtx, what: string): never {
   throw new CorruptTableError(`${what}: ${formatPte(ctx.old)} at gfn ${ctx.gfn} level ${ctx.level} (page ${ctx.table}[${ctx.index}])`);
 }
@@ -136,22 +138,31 @@ export class SplitVisitor implements Visitor {
   constructor(private readonly env: Stage2Env) {}
 
   visit(ctx: VisitCtx): number {
-    const old = ctx.old;
-    if (ctx.level === LAST_LEVEL || (old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
-    const table = buildSplitTable(this.env.mm, old, ctx.level, true);
-    if (table < 0) {
-      this.noMemory = true;
-      return ENOMEM;
-    }
-    if (!tryBreakPte(ctx, this.env)) {
+    // A shared walk retries an entry it lost (it may have become a table: the walk descends,
+    // or another block: split that), waiting out a LOCKED entry a bounded number of times.
+    for (let tries = 0; ; tries++) {
+      const old = ctx.old;
+      if (old === PTE_LOCKED && ctx.shared && tries < SPLIT_RETRIES) {
+        ctx.old = ctx.load();
+        continue;
+      }
+      if (ctx.level === LAST_LEVEL || (old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
+      const table = buildSplitTable(this.env.mm, old, ctx.level, true);
+      if (table < 0) {
+        this.noMemory = true;
+        return ENOMEM;
+      }
+      if (tryBreakPte(ctx, this.env)) {
+        makePte(ctx, mkTable(table));
+        ctx.skipChildren = true;
+        this.split++;
+        return OK;
+      }
       freeUnpublished(this.env.mm, table, ctx.level + 1);
       this.lostRaces++;
-      return EAGAIN;
+      if (tries >= SPLIT_RETRIES) return EAGAIN;
+      ctx.old = ctx.load();
     }
-    makePte(ctx, mkTable(table));
-    ctx.skipChildren = true;
-    this.split++;
-    return OK;
   }
 }
 

@@ -161,6 +161,7 @@ export class Walker {
     ctx.start = this.start;
     ctx.end = this.end;
     ctx.flags = this.flags;
+    ctx.skipChildren = false;
     ctx.old = Atomics.load(words, ptep);
     if (ctx.old === PTE_POISON && this.debug) this.poisoned(ctx);
     let isTable = this.isTableAt(ctx.old, level, ctx);
@@ -181,7 +182,6 @@ export class Walker {
     }
     if (!this.keepGoing(r)) return r;
     if (!isTable || ctx.skipChildren) {
-      ctx.skipChildren = false;
       this.addr = ctx.gfn + pages;
       return OK;
     }

@@ -1,0 +1,277 @@
+// Worker for stage2-stress.test.ts: one thread hammering the shared stage-2 table.
+//
+// Roles (workerData.role):
+//  'mutator' - owns OWN_BLOCKS 2 MiB blocks of guest memory (its "own region") and keeps a model
+//              of what each own gfn must translate to; under the MMU read lock it maps 4K pages
+//              and 2M blocks (collapsing tables), relaxes W, splits, and checks the model after
+//              every change; in the shared 1 GiB region it maps, collapses (2M and, rarely, 1G)
+//              and splits concurrently with every other mutator, checking that any translation
+//              it sees is the only legal one. Now and then it takes the MMU lock exclusively to
+//              write-protect everything (bumping a shared generation so every mutator drops W
+//              from its model) or to unmap one of its blocks.
+//  'reader'  - a lock-free TLB filler: RCU read sections of random getLeaf() over the whole area,
+//              checking every leaf it sees decodes to a legal pfn.
+// Every table walk runs with debug on and a quarantined pool: touching a freed table page throws.
+
+import { parentPort, workerData } from 'node:worker_threads';
+import { MmuLock, type MmuLockShared } from '../../../src/soft/locking/mmu-lock.ts';
+import { PROT_RW, PROT_W, ptePfn, pteWritable } from '../../../src/soft/pgtable/pte.ts';
+import { EAGAIN, ENOMEM, OK, Stage2PageTable, newLeafLookup, type Stage2Shared } from '../../../src/soft/pgtable/stage2.ts';
+
+export const G1 = 2 ** 18;
+export const M2 = 512;
+/** Shared region: gfns [G1, 2*G1), mapped only to pfn = gfn + PFN_VARIANT[0]. */
+export const SHARED_BASE = G1;
+/** Own regions: thread t owns [OWN_BASE + t*OWN_BLOCKS*M2, ... + OWN_BLOCKS*M2). */
+export const OWN_BASE = 4 * G1;
+export const OWN_BLOCKS = 8;
+/** The two legal pfns of gfn: gfn + variant (multiples of 1 GiB keep blocks aligned). */
+export const PFN_VARIANT = [8 * G1, 16 * G1];
+export const AREA_PAGES = 8 * G1;
+
+interface Data {
+  role: 'mutator' | 'reader';
+  index: number;
+  seed: number;
+  durationMs: number;
+  pgt: Stage2Shared;
+  lock: MmuLockShared;
+  /** Int32: [0] write-protect generation, [1] stop flag. */
+  ctl: SharedArrayBuffer;
+}
+
+const d = workerData as Data;
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    // mulberry32
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const rand = rng(d.seed);
+const randInt = (n: number): number => Math.floor(rand() * n);
+const ctl = new Int32Array(d.ctl);
+const counts: Record<string, number> = {};
+const bump = (k: string): void => {
+  counts[k] = (counts[k] ?? 0) + 1;
+};
+let leavesRemoved = 0;
+
+const pgt = Stage2PageTable.attach(d.pgt, {
+  onLeafRemoved: (pfn, level) => {
+    if (!(level >= 1 && level <= 3 && pfn >= PFN_VARIANT[0]! && pfn < PFN_VARIANT[1]! + AREA_PAGES)) {
+      throw new Error(`onLeafRemoved: impossible leaf pfn ${pfn} level ${level}`);
+    }
+    leavesRemoved++;
+  },
+});
+const lock = MmuLock.attach(d.lock);
+lock.onExclusiveUnlock = () => pgt.reclaim();
+const out = newLeafLookup();
+
+class CheckError extends Error {
+  override name = 'CheckError';
+}
+function fail(msg: string): never {
+  throw new CheckError(`[${d.role} ${d.index}] ${msg}`);
+}
+
+/** Any leaf anywhere must decode to one of gfn's two legal pfns. */
+function checkLegal(gfn: number): void {
+  const pte = pgt.getLeaf(gfn, out);
+  if (pte === 0) return;
+  const pfn = ptePfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
+  if (pfn !== gfn + PFN_VARIANT[0]! && pfn !== gfn + PFN_VARIANT[1]!) fail(`gfn ${gfn} translates to illegal pfn ${pfn} (level ${out.level})`);
+  if (gfn >= SHARED_BASE && gfn < SHARED_BASE + G1 && pfn !== gfn + PFN_VARIANT[0]!) fail(`shared gfn ${gfn} has the wrong variant`);
+}
+
+function runReader(): void {
+  const checkShared = (gfn: number, level: number, pte: number): void => {
+    if (ptePfn(pte) !== gfn + PFN_VARIANT[0]!) fail(`forEachLeaf: shared gfn ${gfn} level ${level} has pfn ${ptePfn(pte)}`);
+  };
+  while (Atomics.load(ctl, 1) === 0) {
+    if (rand() < 0.2) {
+      // A long walk (its own RCU section) through tables that collapses are unlinking.
+      pgt.forEachLeaf(SHARED_BASE + randInt(G1 / M2) * M2, 16 * M2, checkShared);
+      bump('readerWalks');
+      continue;
+    }
+    pgt.rcuReadLock();
+    for (let i = 0; i < 64; i++) {
+      const gfn = rand() < 0.5 ? SHARED_BASE + randInt(G1) : OWN_BASE + randInt(8 * OWN_BLOCKS * M2);
+      checkLegal(gfn);
+    }
+    pgt.rcuReadUnlock();
+    bump('readerBatches');
+  }
+}
+
+function runMutator(): void {
+  const ownBase = OWN_BASE + d.index * OWN_BLOCKS * M2;
+  const ownPages = OWN_BLOCKS * M2;
+  // Model: expected pfn (-1 unmapped) and W of each own gfn.
+  const modelPfn = new Float64Array(ownPages).fill(-1);
+  const modelW = new Uint8Array(ownPages);
+  let seenGeneration = Atomics.load(ctl, 0);
+
+  const syncGeneration = (): void => {
+    const g = Atomics.load(ctl, 0);
+    if (g !== seenGeneration) {
+      modelW.fill(0);
+      seenGeneration = g;
+    }
+  };
+  const checkOwn = (i: number): void => {
+    const gfn = ownBase + i;
+    const pte = pgt.getLeaf(gfn, out);
+    if (modelPfn[i] === -1) {
+      if (pte !== 0) fail(`own gfn ${gfn} should be unmapped, has pfn ${ptePfn(pte)} (lost unmap?)`);
+      return;
+    }
+    if (pte === 0) fail(`own gfn ${gfn} lost its mapping (expected pfn ${modelPfn[i]}, locked=${out.locked})`);
+    const pfn = ptePfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
+    if (pfn !== modelPfn[i]) fail(`own gfn ${gfn}: pfn ${pfn}, expected ${modelPfn[i]} (torn or lost update)`);
+    if (pteWritable(pte) !== (modelW[i] === 1)) fail(`own gfn ${gfn}: W=${pteWritable(pte)}, expected ${modelW[i] === 1}`);
+  };
+  /** Retry a shared op that may lose table-allocation races with other threads. */
+  const retry = (op: () => number, what: string): number => {
+    for (let i = 0; i < 10_000; i++) {
+      const r = op();
+      if (r !== EAGAIN) return r;
+      bump(`${what}.eagain`);
+    }
+    fail(`${what}: EAGAIN 10000 times in a row`);
+  };
+
+  const deadline = Date.now() + d.durationMs;
+  while (Date.now() < deadline) {
+    const p = rand();
+    if (p < 0.02) {
+      // Exclusive: write-protect sweep or unmap of an own block.
+      lock.exclusiveLock();
+      try {
+        if (rand() < 0.6) {
+          pgt.writeProtect(0, AREA_PAGES);
+          Atomics.add(ctl, 0, 1);
+          syncGeneration();
+          bump('wrprotSweep');
+        } else {
+          const b = randInt(OWN_BLOCKS);
+          pgt.unmap(ownBase + b * M2, M2);
+          modelPfn.fill(-1, b * M2, (b + 1) * M2);
+          modelW.fill(0, b * M2, (b + 1) * M2);
+          bump('unmap');
+        }
+        for (let i = 0; i < ownPages; i++) checkOwn(i);
+      } finally {
+        lock.exclusiveUnlock();
+      }
+      continue;
+    }
+    lock.faultLock();
+    try {
+      syncGeneration();
+      if (p < 0.45) {
+        // Own 4K fault.
+        const i = randInt(ownPages);
+        const v = randInt(2);
+        const gfn = ownBase + i;
+        if (retry(() => pgt.map(gfn, 3, gfn + PFN_VARIANT[v]!, PROT_RW, true), 'own.map4k') !== OK) fail('own map4k failed');
+        modelPfn[i] = gfn + PFN_VARIANT[v]!;
+        modelW[i] = 1;
+        checkOwn(i);
+        // Neighbours in the same block keep their values.
+        checkOwn(i ^ 1);
+        bump('own.map4k');
+      } else if (p < 0.5) {
+        // Own 2M block (collapses the 4K table when there is one).
+        const b = randInt(OWN_BLOCKS);
+        const v = randInt(2);
+        const gfn = ownBase + b * M2;
+        if (retry(() => pgt.map(gfn, 2, gfn + PFN_VARIANT[v]!, PROT_RW, true), 'own.map2m') !== OK) fail('own map2m failed');
+        for (let j = 0; j < M2; j++) {
+          modelPfn[b * M2 + j] = gfn + j + PFN_VARIANT[v]!;
+          modelW[b * M2 + j] = 1;
+        }
+        checkOwn(b * M2 + randInt(M2));
+        bump('own.map2m');
+      } else if (p < 0.6) {
+        // Relax W on an own page (the dirty-logging write fault).
+        const i = randInt(ownPages);
+        const r = pgt.relaxPerms(ownBase + i, PROT_W, true);
+        if (modelPfn[i] === -1) {
+          if (r !== EAGAIN) fail(`relax of unmapped own gfn returned ${r}`);
+        } else {
+          if (r !== OK) fail(`relax of mapped own gfn returned ${r}`);
+          // A relax on a block sets W for the whole block.
+          const lvlPages = [2 ** 27, G1, M2, 1][pgt.getLeaf(ownBase + i, out) ? out.level : 3]!;
+          const start = i - ((ownBase + i) % lvlPages);
+          for (let j = Math.max(0, start); j < Math.min(ownPages, start + lvlPages); j++) modelW[j] = 1;
+        }
+        checkOwn(i);
+        bump('own.relax');
+      } else if (p < 0.63) {
+        const b = randInt(OWN_BLOCKS);
+        const r = pgt.splitHugePages(ownBase + b * M2, M2, true);
+        if (r < 0) fail(`own split returned ${r}`);
+        for (let j = 0; j < M2; j += 37) checkOwn(b * M2 + j);
+        bump('own.split');
+      } else if (p < 0.85) {
+        // Shared 4K fault.
+        const gfn = SHARED_BASE + randInt(G1);
+        const r = pgt.map(gfn, 3, gfn + PFN_VARIANT[0]!, PROT_RW, true);
+        if (r !== OK && r !== EAGAIN) fail(`shared map4k returned ${r}`);
+        checkLegal(gfn);
+        if (r === OK && pgt.getLeaf(gfn, out) === 0 && !out.locked) fail(`shared gfn ${gfn} unmapped right after map`);
+        bump(r === OK ? 'shared.map4k' : 'shared.map4k.eagain');
+      } else if (p < 0.93) {
+        const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
+        const r = pgt.collapse(gfn, 2, gfn + PFN_VARIANT[0]!, PROT_RW, true);
+        if (r !== OK && r !== EAGAIN) fail(`shared collapse2m returned ${r}`);
+        checkLegal(gfn + randInt(M2));
+        bump(r === OK ? 'shared.collapse2m' : 'shared.collapse2m.eagain');
+      } else if (p < 0.935) {
+        const r = pgt.collapse(SHARED_BASE, 1, SHARED_BASE + PFN_VARIANT[0]!, PROT_RW, true);
+        if (r !== OK && r !== EAGAIN) fail(`shared collapse1g returned ${r}`);
+        bump(r === OK ? 'shared.collapse1g' : 'shared.collapse1g.eagain');
+      } else if (p < 0.96) {
+        const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
+        const r = pgt.splitHugePages(gfn, 4 * M2, true);
+        if (r === ENOMEM) fail('pool exhausted');
+        if (r < 0) fail(`shared split returned ${r}`);
+        bump('shared.split');
+      } else {
+        const gfn = SHARED_BASE + randInt(G1);
+        const r = pgt.relaxPerms(gfn, PROT_W, true);
+        if (r !== OK && r !== EAGAIN) fail(`shared relax returned ${r}`);
+        bump('shared.relax');
+      }
+    } finally {
+      lock.faultUnlock();
+    }
+  }
+  // Final full check of the own region.
+  lock.faultLock();
+  try {
+    syncGeneration();
+    for (let i = 0; i < ownPages; i++) checkOwn(i);
+  } finally {
+    lock.faultUnlock();
+  }
+}
+
+try {
+  if (d.role === 'reader') runReader();
+  else runMutator();
+  pgt.reclaim();
+  pgt.detach();
+  parentPort!.postMessage({ ok: true, counts, leavesRemoved, lockSleeps: lock.rw.sleeps });
+} catch (e) {
+  parentPort!.postMessage({ ok: false, error: e instanceof Error ? `${e.name}: ${e.message}\n${e.stack}` : String(e), counts });
+}
