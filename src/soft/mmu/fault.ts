@@ -166,26 +166,50 @@ export class FaultHandler {
    * Returns the host pfn now mapped writable, or -1 to take the full fault path.
    */
   fastWrite(gfn: number, pte: number, ptep: number): number {
-    const st = this.stats;
-    st.add(S_FAULTS, 1);
-    st.add(S_WP_FAULTS, 1);
     const lock = this.lock;
-    let ok = false;
     lock.faultLock();
+    let pfn: number;
     try {
-      const slot = this.slots.peek().find(gfn);
-      if (slot !== null && (slot.flags & KVM_MEM_READONLY) === 0 && slot.hostWritable) {
-        const bm = slot.dirtyBitmap;
-        if (bm !== null) {
-          markPageDirty(bm, gfn - slot.baseGfn);
-          st.add(S_DIRTY_MARKS, 1);
-        }
-        ok = Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) === pte;
-      }
+      pfn = this.fastWriteLocked(gfn, pte, ptep);
     } finally {
       lock.faultUnlock();
     }
-    if (!ok) return -1;
+    return pfn;
+  }
+
+  /**
+   * fastWrite without blocking: -2 when the fault lock is not free right now (the caller then
+   * leaves guest mode and calls fastWrite). A vCPU may call this without leaving guest mode:
+   * nothing in it waits, so a flusher waiting for this vCPU's acknowledgement is delayed by
+   * one access at most, like any access in flight.
+   */
+  tryFastWrite(gfn: number, pte: number, ptep: number): number {
+    const lock = this.lock;
+    const rw = lock.rw;
+    const shared = lock.faultShared;
+    if (!(shared ? rw.tryReadLock() : rw.tryWriteLock())) return -2;
+    let pfn: number;
+    try {
+      pfn = this.fastWriteLocked(gfn, pte, ptep);
+    } finally {
+      if (shared) rw.readUnlock();
+      else lock.faultUnlock();
+    }
+    return pfn;
+  }
+
+  private fastWriteLocked(gfn: number, pte: number, ptep: number): number {
+    const st = this.stats;
+    st.add(S_FAULTS, 1);
+    st.add(S_WP_FAULTS, 1);
+    const slot = this.slots.peek().find(gfn);
+    if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
+    const bm = slot.dirtyBitmap;
+    if (bm !== null) {
+      markPageDirty(bm, gfn - slot.baseGfn);
+      st.add(S_DIRTY_MARKS, 1);
+    }
+    if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
     st.add(S_FAST_RELAX, 1);
     return pte >>> 5;
   }

@@ -78,6 +78,8 @@ export interface VcpuMmu {
    * mark dirty and set W by cmpxchg under the fault lock. Host pfn, or -1 (take fault()).
    */
   fastWrite(gfn: number): number;
+  /** fastWrite if the fault lock is free right now, from guest mode; -2 when it is not. */
+  tryFastWrite(gfn: number): number;
 }
 
 export class VcpuRunner implements GuestAccess {
@@ -263,20 +265,25 @@ export class VcpuRunner implements GuestAccess {
       const pfn = this.mmu.walk(gfn, write, this.tlb);
       if (pfn >= 0) return pfn;
       if (write && this.mmu.canFastWrite()) {
-        // Write-protect fault on a 4 KiB leaf: a short exit that keeps the RCU read section.
-        Atomics.store(ctl, modeWord, GuestMode_OutsideGuest);
-        const p = this.mmu.fastWrite(gfn);
-        Atomics.store(ctl, modeWord, GuestMode_InGuest);
-        // Guest entry check (Dekker with the flusher, see tlb-flush.ts): if any request came in
-        // while we were out, what we learned may be stale: handle it and walk again.
-        if (Atomics.load(ctl, G_REQ) !== this.reqSeen) {
-          this.handleRequests();
-          continue;
+        // Write-protect fault on a 4 KiB leaf. Uncontended: fix it without leaving guest mode.
+        let p = this.mmu.tryFastWrite(gfn);
+        if (p === -2) {
+          // Lock busy: a short exit that keeps the RCU read section while we block on it.
+          Atomics.store(ctl, modeWord, GuestMode_OutsideGuest);
+          p = this.mmu.fastWrite(gfn);
+          Atomics.store(ctl, modeWord, GuestMode_InGuest);
+          // Guest entry check (Dekker with the flusher, see tlb-flush.ts): if any request came
+          // in while we were out, what we learned may be stale: handle it and walk again.
+          if (Atomics.load(ctl, G_REQ) !== this.reqSeen) {
+            this.handleRequests();
+            continue;
+          }
         }
         if (p >= 0) {
           this.tlb.fillSmall(gfn, p, TLB_R | TLB_W);
           return p;
         }
+        // -1: the leaf changed under us or the slot does not allow it: the full fault decides.
       }
       this.exitGuest();
       const r = this.mmu.fault(gfn, write);
