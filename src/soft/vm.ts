@@ -388,7 +388,9 @@ export class SoftVm implements Vm, DirtyLogMmu {
     const t = this.t;
     if (state.engine !== 'soft') throw new SoftVmError(`loadVcpuState: state from a '${state.engine}' vCPU cannot load into the soft engine`);
     this.checkVcpu(state.vcpu);
-    if (!t.isStopped(state.vcpu) && !(t.paused || this.neverRan())) throw new SoftVmError(`loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
+    // Before the first allowance a vCPU sits in WaitingForAllowance and reloads its registers
+    // when it wakes; otherwise it must be paused.
+    if (!t.isStopped(state.vcpu) && !this.neverRan()) throw new SoftVmError(`loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
     const a = state.arch as SoftVcpuArch;
     for (const k of ['passes', 'pos', 'rngHi', 'rngLo'] as const) {
       if (!Number.isInteger(a?.[k])) throw new SoftVmError(`loadVcpuState: arch.${k} missing or not an integer`);
@@ -397,7 +399,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
   }
 
   private neverRan(): boolean {
-    return this.progress().every((p) => p.passesCompleted === 0) && Atomics.load(this.ctl, G_ALLOWANCE) === 0;
+    return Atomics.load(this.ctl, G_ALLOWANCE) === 0;
   }
 
   private checkVcpu(v: number): void {

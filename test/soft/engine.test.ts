@@ -90,9 +90,10 @@ describe('soft engine', () => {
   it('saves vCPU state while paused and resumes it in another VM with the same result', async () => {
     const t = (current = await makeTestVm({ vcpus: 2, bytesPerVcpu: 512 * 4096, kind: 'random', seed: 4 }));
     t.vm.allowPasses(Infinity);
-    await new Promise((r) => setTimeout(r, 20));
+    await t.vm.waitForPasses(2);
     await t.vm.pause();
     const states = [t.vm.saveVcpuState(0), t.vm.saveVcpuState(1)];
+    expect(states.every((s) => s.progress.passesCompleted >= 2)).toBe(true);
     expect(() => JSON.parse(JSON.stringify(states))).not.toThrow();
     const mem = new Uint8Array(t.pages * 4096);
     t.vm.readGuest(t.spec.gpaBase, mem);
