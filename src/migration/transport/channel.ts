@@ -33,6 +33,7 @@ import {
 import { compressPages } from '../stream/lz4.ts';
 import { MigrationTransportError, describeSocketError } from './errors.ts';
 import type { RateLimiter } from './rate-limiter.ts';
+import { adoptWithSlabReads } from './slab-reads.ts';
 
 export interface ChannelOptions {
   index: number;
@@ -46,6 +47,11 @@ export interface ChannelOptions {
   readHighWaterBytes?: number;
   /** Called on every data, error or close event (a reader waiting on several channels). */
   onActivity?: () => void;
+  /**
+   * The socket was accepted with pauseOnConnect: re-wrap it for large slab reads
+   * (slab-reads.ts). Otherwise 'data' events are used.
+   */
+  slabReads?: boolean;
 }
 
 export const DEFAULT_BATCH_BYTES = 1 << 20;
@@ -58,12 +64,14 @@ export class Channel {
   readonly decoder: StreamDecoder;
   bytesSent = 0;
   bytesReceived = 0;
+  /** Socket reads that delivered data (bytesReceived / chunksReceived = mean read size). */
+  chunksReceived = 0;
   pagesSent = 0;
   /** Pages sent lz4-compressed, and the bytes their data took on the wire. */
   compressedPages = 0;
   compressedBytes = 0;
 
-  private readonly socket: Socket;
+  private socket: Socket;
   private readonly limiter: RateLimiter | undefined;
   private readonly batchBytes: number;
   private readonly maxBatchesInFlight: number;
@@ -91,16 +99,23 @@ export class Channel {
     this.readHighWaterBytes = opts.readHighWaterBytes ?? 16 << 20;
     this.onActivity = opts.onActivity;
     this.decoder = new StreamDecoder({ direction: opts.incoming });
-    socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => {
+    const onChunk = (chunk: Buffer): void => {
       this.bytesReceived += chunk.length;
+      this.chunksReceived++;
       this.decoder.push(chunk);
       if (this.decoder.bufferedBytes > this.readHighWaterBytes && !this.readPaused) {
         this.readPaused = true;
-        socket.pause();
+        this.socket.pause();
       }
       this.onActivity?.();
-    });
+    };
+    if (opts.slabReads) {
+      socket = this.socket = adoptWithSlabReads(socket, onChunk);
+    } else {
+      socket.on('data', onChunk);
+      socket.resume(); // a server socket accepted with pauseOnConnect starts paused
+    }
+    socket.setNoDelay(true);
     socket.on('error', (e) => {
       this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(e)} ${this.progress()}`));
     });

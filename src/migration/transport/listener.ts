@@ -47,6 +47,8 @@ export interface ListenOptions {
   maxChannels?: number;
   handshakeTimeoutMs?: number;
   readHighWaterBytes?: number;
+  /** Large slab reads (slab-reads.ts); default true. False: node's 64 KiB 'data' chunks. */
+  slabReads?: boolean;
 }
 
 interface PendingSession {
@@ -69,7 +71,7 @@ export class MigrationListener {
   }
 
   static async listen(opts: ListenOptions): Promise<MigrationListener> {
-    const server = createServer({ noDelay: true });
+    const server = createServer({ noDelay: true, pauseOnConnect: true });
     const listener = new MigrationListener(server, opts);
     server.on('connection', (socket) => void listener.handshake(socket));
     await new Promise<void>((resolve, reject) => {
@@ -125,6 +127,7 @@ export class MigrationListener {
       incoming: 'to-destination',
       readHighWaterBytes: this.opts.readHighWaterBytes,
       onActivity: signal.notify,
+      slabReads: this.opts.slabReads ?? true,
     });
     const timeoutMs = this.opts.handshakeTimeoutMs ?? 10_000;
     const deadline = Date.now() + timeoutMs;

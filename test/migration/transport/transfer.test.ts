@@ -80,10 +80,10 @@ async function receive(incoming: IncomingMigration, hasherP: ReturnType<typeof c
   return { mem, table: table!, violations, syncs, end };
 }
 
-async function transfer(channels: number, opts: { compress?: boolean; rounds?: number } = {}) {
+async function transfer(channels: number, opts: { compress?: boolean; rounds?: number; slabReads?: boolean } = {}) {
   const hasherP = createMemoryHasher();
   const hasher = await hasherP;
-  const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+  const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0, slabReads: opts.slabReads });
   const received = server.accept().then((inc) => receive(inc, hasherP).finally(() => inc.close()));
   const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels, caps: opts.compress ? CAP_LZ4 : 0, batchBytes: 128 * 1024 });
   expect(conn.channelCount).toBe(channels);
@@ -151,6 +151,13 @@ describe('migration transport over TCP on 127.0.0.1', () => {
     // Same source sequence (seeded) gives the same memory whatever the channel count.
     expect(memEqual(results[0]!.mem, results[1]!.mem)).toBe(true);
     expect(memEqual(results[0]!.mem, results[2]!.mem)).toBe(true);
+  });
+
+  it('gives the same result with node\'s plain 64 KiB reads instead of slab reads', async () => {
+    const r = await transfer(2, { slabReads: false, rounds: 3 });
+    expect(r.violations).toEqual([]);
+    expect(memEqual(r.src, r.mem)).toBe(true);
+    expect(r.complete).toMatchObject({ kind: 'complete', memoryHash: r.srcHash.memoryHash });
   });
 
   it('compresses with lz4 when both sides accept it, and memory still matches', async () => {
