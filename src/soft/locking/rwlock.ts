@@ -98,6 +98,11 @@ export class RwLock {
 
   writeLock(): void {
     if (this.readHeld || this.writeHeld) throw new LockError('writeLock: this thread already holds the lock');
+    // Uncontended: one compare-and-exchange.
+    if (Atomics.compareExchange(this.w, this.st, 0, WRITER) === 0) {
+      this.writeHeld = true;
+      return;
+    }
     Atomics.add(this.w, this.st, PENDING_ONE);
     for (let spins = 0; ; spins++) {
       const s = Atomics.load(this.w, this.st);

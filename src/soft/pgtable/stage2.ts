@@ -31,7 +31,7 @@
 
 import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
 import { freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
 import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
 import { LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
 import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker } from './walker.ts';
@@ -86,6 +86,7 @@ export class Stage2Error extends Error {
 }
 
 const CTL_ROOT = 0;
+const NOT_HANDLED = 1;
 const CTL_DESTROYED = 1;
 
 export class Stage2PageTable implements Stage2Env {
@@ -199,24 +200,44 @@ export class Stage2PageTable implements Stage2Env {
    * atomics. Caller: inside rcuReadLock(), or holding the MMU lock for write.
    */
   getLeaf(gfn: number, out: LeafLookup): number {
+    // gfns below 2^31 (8 TiB of guest memory) take integer shifts; larger ones divide.
+    if (gfn > 0x7fffffff) return this.getLeafWide(gfn, out);
     const w = this.words;
-    let ptep = this.rootBase + ((gfn / 134217728) & 511);
+    let ptep = this.rootBase + (gfn >>> 27);
     let pte = w[ptep]!;
     let level = 0;
-    if ((pte & PTE_TYPE_MASK) === 2) {
-      ptep = ((pte >>> 5) << 9) + ((gfn / 262144) & 511);
+    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
+      ptep = ((pte >>> 5) << 9) + ((gfn >>> 18) & 511);
       pte = w[ptep]!;
       level = 1;
-      if ((pte & PTE_TYPE_MASK) === 2) {
-        ptep = ((pte >>> 5) << 9) + ((gfn / 512) & 511);
+      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
+        ptep = ((pte >>> 5) << 9) + ((gfn >>> 9) & 511);
         pte = w[ptep]!;
         level = 2;
-        if ((pte & PTE_TYPE_MASK) === 2) {
+        if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
           ptep = ((pte >>> 5) << 9) + (gfn & 511);
           pte = w[ptep]!;
           level = 3;
         }
       }
+    }
+    out.level = level;
+    out.ptep = ptep;
+    out.locked = pte === PTE_LOCKED;
+    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
+    if (pte === PTE_POISON && this.debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
+    return 0;
+  }
+
+  private getLeafWide(gfn: number, out: LeafLookup): number {
+    const w = this.words;
+    let ptep = this.rootBase + ((gfn / 134217728) & 511);
+    let pte = w[ptep]!;
+    let level = 0;
+    while ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE && level < LAST_LEVEL) {
+      level++;
+      ptep = ((pte >>> 5) << 9) + ((gfn / LEVEL_PAGES[level]!) & 511);
+      pte = w[ptep]!;
     }
     out.level = level;
     out.ptep = ptep;
@@ -245,13 +266,51 @@ export class Stage2PageTable implements Stage2Env {
     this.checkRange(gfn, level);
     const pages = LEVEL_PAGES[level]!;
     if (pfn % pages !== 0) throw new Stage2Error(`map: pfn ${pfn} is not aligned to a level-${level} block`);
+    const nu = mkLeaf(pfn, prot);
+    const fast = this.mapFast(gfn, level, nu, shared);
+    if (fast !== NOT_HANDLED) return fast;
     const v = this.mapVisitor;
     v.level = level;
-    v.newPte = mkLeaf(pfn, prot);
+    v.newPte = nu;
     v.changed = false;
     const r = this.runWalk(gfn, pages, v, WALK_LEAF | WALK_TABLE_PRE | WALK_HANDLE_FAULT, shared);
     this.lastMapChanged = v.changed;
     return r;
+  }
+
+  /**
+   * The common fault cases without the walker: every table down to `level` exists and the entry
+   * there is invalid, already the wanted leaf, or the same leaf with fewer permissions. Anything
+   * else (a missing table, a block to split, a table to collapse, LOCKED, another pfn) is
+   * NOT_HANDLED and goes to the map visitor.
+   */
+  private mapFast(gfn: number, level: number, nu: number, shared: boolean): number {
+    if (shared) this.epoch.readLock(this.rcuSlot);
+    try {
+      const w = this.words;
+      let ptep = this.rootBase + pteIndex(gfn, 0);
+      for (let l = 1; l <= level; l++) {
+        const pte = w[ptep]!;
+        if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return NOT_HANDLED;
+        ptep = ((pte >>> 5) << 9) + pteIndex(gfn, l);
+      }
+      const old = Atomics.load(w, ptep);
+      if (old === nu) {
+        this.lastMapChanged = false;
+        return OK;
+      }
+      const addsOnly = old === 0 || ((old & PTE_TYPE_MASK) === PTE_TYPE_LEAF && ((old ^ nu) & ~PTE_PERM_MASK) === 0 && (old & ~nu & PTE_PERM_MASK) === 0);
+      if (!addsOnly) return NOT_HANDLED;
+      if (shared) {
+        if (Atomics.compareExchange(w, ptep, old, nu) !== old) return EAGAIN;
+      } else {
+        Atomics.store(w, ptep, nu);
+      }
+      this.lastMapChanged = true;
+      return OK;
+    } finally {
+      if (shared) this.epoch.readUnlock(this.rcuSlot);
+    }
   }
 
   /**
