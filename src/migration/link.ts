@@ -14,8 +14,11 @@ import type { MigrationConfig } from './config.ts';
 
 export type SourceRecord =
   | { type: 'config'; config: MigrationConfig }
-  /** `data` holds data.length / 4096 consecutive pages starting at guest-physical `gpa`. */
-  | { type: 'ram'; round: number; gpa: number; data: Uint8Array }
+  /**
+   * `data` holds data.length / 4096 consecutive pages starting at guest-physical `gpa`. The link
+   * may keep a reference to `data` until it calls onWritten (then the sender may reuse it).
+   */
+  | { type: 'ram'; round: number; gpa: number; data: Uint8Array; onWritten?: () => void }
   /** `pages` consecutive all-zero pages starting at `gpa`. */
   | { type: 'zero'; round: number; gpa: number; pages: number }
   /** End of a round on this channel. */
@@ -27,6 +30,8 @@ export type SourceRecord =
 export type DestRecord =
   /** The destination created the VM and is ready for pages (answers CONFIG). */
   | { type: 'ready' }
+  /** Every page of rounds up to `round` is applied (lets the source pause only once caught up). */
+  | { type: 'synced'; round: number }
   /** The guest runs on the destination; `hash` is the memory hash of what it held at switchover. */
   | { type: 'complete'; hash: string; pagesReceived: number; rescanHash?: string }
   | { type: 'error'; message: string };
@@ -49,7 +54,8 @@ export interface DestLink {
   /**
    * Deliver every record from the source to `onRecord`, channel by channel in arrival order.
    * While a returned promise is pending no further record is delivered (back-pressure reaches
-   * the source through TCP). Resolves when the source closes; rejects when a channel drops or a
+   * the source through TCP). A RAM record's data is valid only during the call. Resolves when
+   * the source closes; rejects when a channel drops or a
    * record is malformed.
    */
   run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void>;

@@ -54,7 +54,14 @@ function format(a: number, b: number, pages: number): string {
   return `${(b >>> 0).toString(16).padStart(8, '0')}${(a >>> 0).toString(16).padStart(8, '0')}/${pages}`;
 }
 
+/** All 4096 bytes zero? Word scan that stops at the first non-zero word (usually the first). */
 export function isZeroPage(page: Uint8Array): boolean {
+  if ((page.byteOffset & 7) === 0) {
+    const w = new Float64Array(page.buffer, page.byteOffset, PAGE_SIZE / 8);
+    // Float64 compare: +0 and -0 are both "=== 0", so also check the sign via 1/x.
+    for (let i = 0; i < w.length; i++) if (w[i] !== 0 || 1 / w[i]! < 0) return false;
+    return true;
+  }
   return Buffer.from(page.buffer, page.byteOffset, page.byteLength).equals(ZERO_PAGE);
 }
 

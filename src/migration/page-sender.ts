@@ -11,9 +11,17 @@
 // Concurrency: single-threaded (the VMM's main thread); vCPUs may write guest memory while a run
 // is read, which is harmless because such a page is dirty again and will be re-sent.
 import { PAGE_SIZE, type MemslotInfo, type Vm } from '../vmm/engine.ts';
-import { isZeroPage } from './page-digest.ts';
+
 import type { SourceLink } from './link.ts';
 import type { TokenBucket } from './rate-limit.ts';
+
+/** Is page `page` of a run (as Float64 words) all zero? Stops at the first non-zero word. */
+function zeroPageAt(words: Float64Array, page: number): boolean {
+  const end = (page + 1) * (PAGE_SIZE / 8);
+  // Float64 compare: -0 === 0, so the sign is checked too; NaN !== 0 counts as non-zero.
+  for (let i = page * (PAGE_SIZE / 8); i < end; i++) if (words[i] !== 0 || 1 / words[i]! < 0) return false;
+  return true;
+}
 
 /** Pages per RAM record at most (256 KiB). */
 export const RUN_PAGES = 64;
@@ -60,13 +68,20 @@ export class PageSender {
       await yieldToLoop();
     }
     this.check();
-    const buf = Buffer.allocUnsafe(pages * PAGE_SIZE);
+    const whole = this.acquire();
+    const buf = whole.subarray(0, pages * PAGE_SIZE);
     this.vm.readGuest(gpa, buf);
+    const words = new Float64Array(buf.buffer, buf.byteOffset, buf.length / 8);
+    // Refcount of RAM records still queued on a socket that point into buf (+1 while we work).
+    let users = 1;
+    const release = () => {
+      if (--users === 0) this.pool.push(whole);
+    };
     let i = 0;
     while (i < pages) {
-      const zero = isZeroPage(buf.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+      const zero = zeroPageAt(words, i);
       let j = i + 1;
-      while (j < pages && isZeroPage(buf.subarray(j * PAGE_SIZE, (j + 1) * PAGE_SIZE)) === zero) j++;
+      while (j < pages && zeroPageAt(words, j) === zero) j++;
       const at = gpa + i * PAGE_SIZE;
       const ch = this.nextChannel();
       if (zero) {
@@ -79,10 +94,18 @@ export class PageSender {
         if (wait) await wait;
         const data = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE);
         this.onSent?.(at, data, j - i);
-        await this.link.send({ type: 'ram', round, gpa: at, data }, ch);
+        users++;
+        await this.link.send({ type: 'ram', round, gpa: at, data, onWritten: release }, ch);
       }
       i = j;
     }
+    release();
+  }
+
+  /** Run buffers are reused once the socket has written them: no GC churn, no fresh pages. */
+  private readonly pool: Buffer[] = [];
+  private acquire(): Buffer {
+    return this.pool.pop() ?? Buffer.allocUnsafeSlow(RUN_PAGES * PAGE_SIZE);
   }
 
   /** Every page of the slot (the bulk stage). */

@@ -84,6 +84,14 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let destinationHash: string | null = null;
   let passesAtSwitchover: number[] = [];
   let activeSeconds = 0;
+  let ackedRound = 0;
+  const ackWaiters: (() => void)[] = [];
+  /** Wait until the destination has applied every round up to `round` (or the link failed). */
+  const caughtUp = async (round: number) => {
+    while (ackedRound < round && !destFailure) await new Promise<void>((r) => ackWaiters.push(r));
+    sender.check();
+  };
+  let stopAndCopy: MigrationStats['stopAndCopy'] = null;
 
   const onAbort = () => {
     if (!endSent) link.destroy(new MigrationCancelledError());
@@ -161,16 +169,23 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const ready = await link.receive();
     if (ready.type === 'error') throw new DestinationError(ready.message);
     if (ready.type !== 'ready') throw new DestinationError(`expected READY, got ${ready.type}`);
-    // From here on the destination only speaks to fail or to confirm: watch for it.
-    const finalReply: Promise<DestRecord> = link.receive();
-    finalReply.then(
-      (r) => {
+    // From here on the destination speaks to acknowledge rounds, to fail, or to confirm.
+    const finalReply: Promise<DestRecord> = (async () => {
+      for (;;) {
+        const r = await link.receive();
+        if (r.type === 'synced') {
+          ackedRound = Math.max(ackedRound, r.round);
+          for (const w of ackWaiters.splice(0)) w();
+          continue;
+        }
         if (r.type === 'error') destFailure = new DestinationError(r.message);
-      },
-      (e: Error) => {
-        destFailure ??= e;
-      },
-    );
+        return r;
+      }
+    })();
+    finalReply.catch((e: Error) => {
+      destFailure ??= e;
+      for (const w of ackWaiters.splice(0)) w();
+    });
     setLogging(true);
     setupSeconds = secs(t0);
 
@@ -235,20 +250,28 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     opts.onPhase?.('stop-and-copy', link);
     sender.check();
     await throttle.stop();
+    // Pause only once the destination has applied what is in flight: otherwise the downtime
+    // would include draining the socket buffers.
+    await caughtUp(round);
     const tPause = now();
     await vm.pause();
     paused = true;
+    const tHarvestFinal = now();
     harvest();
     round++;
+    const tSend = now();
     const finalPages = await sendAllPending(round, false);
+    const tVcpu = now();
     passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
     for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
     await sender.syncAll(round);
     sender.check();
     endSent = true;
     await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages });
+    const tEnd = now();
     const reply = await finalReply;
     downtimeSeconds = secs(tPause);
+    stopAndCopy = { pauseSeconds: secs(tPause, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tVcpu), vcpuStateSeconds: secs(tVcpu, tEnd), waitCompleteSeconds: secs(tEnd) };
     endRound('stop-and-copy', finalPages);
     if (reply.type === 'error') throw new DestinationError(reply.message);
     if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
@@ -315,6 +338,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       sourceHash,
       destinationHash,
       passesAtSwitchover,
+      stopAndCopy,
       params: { vcpus: cfg.vcpus, ramBytes: cfg.ramBytes, channels: link.channels, maxBandwidth, downtimeLimitMs, maxRounds, autoConverge, workload: opts.workload.kind },
     };
     if (error !== undefined) {

@@ -45,6 +45,8 @@ export interface MigrationStats {
   destinationHash: string | null;
   /** vCPU pass counters when the source paused (what the destination continues from). */
   passesAtSwitchover: number[];
+  /** Where the downtime went: pause, final harvest, last pages, vCPU state + END, wait for COMPLETE. */
+  stopAndCopy: { pauseSeconds: number; harvestSeconds: number; sendSeconds: number; vcpuStateSeconds: number; waitCompleteSeconds: number } | null;
   params: {
     vcpus: number;
     ramBytes: number;

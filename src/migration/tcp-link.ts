@@ -29,6 +29,7 @@ const enum T {
   READY = 10,
   COMPLETE = 11,
   ERROR = 12,
+  SYNCED = 13,
 }
 
 interface Frame {
@@ -64,7 +65,13 @@ class FrameReader {
     this.buffered += chunk.length;
   }
 
-  private take(n: number): Buffer {
+  /**
+   * RAM payloads that span socket chunks are reassembled here, not in a fresh buffer: the
+   * destination applies a RAM record before the next one is parsed (see DestLink.run).
+   */
+  private scratch: Buffer | null = null;
+
+  private take(n: number, reuse = false): Buffer {
     if (this.chunks[0]!.length >= n) {
       const first = this.chunks[0]!;
       const out = first.subarray(0, n);
@@ -73,7 +80,11 @@ class FrameReader {
       this.buffered -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    let out: Buffer;
+    if (reuse) {
+      if (!this.scratch || this.scratch.length < n) this.scratch = Buffer.allocUnsafeSlow(Math.max(n, 1 << 20));
+      out = this.scratch.subarray(0, n);
+    } else out = Buffer.allocUnsafe(n);
     let off = 0;
     while (off < n) {
       const c = this.chunks[0]!;
@@ -96,14 +107,14 @@ class FrameReader {
     const h = this.peekHeader();
     const len = h.readUInt32LE(0);
     const type = h.readUInt32LE(4);
-    if (type < T.HELLO || type > T.ERROR) throw new MigrationLinkError(`protocol error: unknown record type ${type}`);
+    if (type < T.HELLO || type > T.SYNCED) throw new MigrationLinkError(`protocol error: unknown record type ${type}`);
     if (len > MAX_PAYLOAD_BYTES) throw new MigrationLinkError(`protocol error: record of ${len} bytes exceeds ${MAX_PAYLOAD_BYTES}`);
     if (this.buffered < HEADER_BYTES + len) return null;
     const round = h.readUInt32LE(8);
     const pages = h.readUInt32LE(12);
     const gpa = h.readDoubleLE(16);
     this.take(HEADER_BYTES);
-    const payload = len ? this.take(len) : Buffer.alloc(0);
+    const payload = len ? this.take(len, type === T.RAM) : Buffer.alloc(0);
     if (type === T.RAM && len !== pages * PAGE_SIZE) throw new MigrationLinkError(`protocol error: RAM record of ${len} bytes for ${pages} pages`);
     if ((type === T.RAM || type === T.ZERO) && (gpa % PAGE_SIZE !== 0 || !Number.isSafeInteger(gpa))) throw new MigrationLinkError(`protocol error: unaligned gpa ${gpa}`);
     return { type, round, pages, gpa, payload };
@@ -160,6 +171,8 @@ function encodeDest(r: DestRecord): Buffer {
   switch (r.type) {
     case 'ready':
       return header(T.READY, 0);
+    case 'synced':
+      return header(T.SYNCED, 0, r.round);
     case 'complete':
       return jsonFrame(T.COMPLETE, r);
     case 'error':
@@ -171,6 +184,8 @@ function decodeDest(f: Frame): DestRecord {
   switch (f.type) {
     case T.READY:
       return { type: 'ready' };
+    case T.SYNCED:
+      return { type: 'synced', round: f.round };
     case T.COMPLETE:
       return { ...parseJson<object>(f), type: 'complete' } as DestRecord;
     case T.ERROR:
@@ -180,10 +195,10 @@ function decodeDest(f: Frame): DestRecord {
   }
 }
 
-function write(sock: Socket, bufs: Buffer[]): Promise<void> {
+function write(sock: Socket, bufs: Buffer[], onWritten?: () => void): Promise<void> {
   if (sock.destroyed || sock.writableEnded) return Promise.reject(new MigrationLinkError('connection closed'));
   let ok = true;
-  for (const b of bufs) ok = sock.write(b);
+  for (let i = 0; i < bufs.length; i++) ok = i === bufs.length - 1 && onWritten ? sock.write(bufs[i]!, () => onWritten()) : sock.write(bufs[i]!);
   if (ok) return Promise.resolve();
   return new Promise((resolve, reject) => {
     const onDrain = () => {
@@ -252,7 +267,7 @@ class TcpSourceLink implements SourceLink {
     if (this.failure) return Promise.reject(this.failure);
     const bufs = encodeSource(record);
     for (const b of bufs) this.sent += b.length;
-    return write(this.socks[channel]!, bufs);
+    return write(this.socks[channel]!, bufs, record.type === 'ram' ? record.onWritten : undefined);
   }
 
   receive(): Promise<DestRecord> {
