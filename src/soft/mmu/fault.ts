@@ -88,14 +88,19 @@ export class FaultHandler {
     this.words = pgt.pool.words;
   }
 
-  /** Resolve a stage-2 fault at gfn. FAULT_OK: retry the access; negative: exit to the VMM. */
-  handle(gfn: number, write: boolean): number {
+  /**
+   * Resolve a stage-2 fault at gfn. FAULT_OK: retry the access; negative: exit to the VMM.
+   * hintPte/hintLevel: what the faulting vCPU's own walk just found (hintPte 0 = nothing mapped,
+   * -1 = unknown); it saves the walks the first attempt would repeat. A stale hint costs at most
+   * a retry.
+   */
+  handle(gfn: number, write: boolean, hintPte = -1, hintLevel = 0): number {
     this.stats.add(S_FAULTS, 1);
     for (let attempt = 0; attempt < MAX_RETRIES; attempt++) {
       const lookup = this.slots.readLock();
       let r: number;
       try {
-        r = this.once(lookup, gfn, write);
+        r = this.once(lookup, gfn, write, attempt === 0 ? hintPte : -1, hintLevel);
       } finally {
         this.slots.readUnlock();
       }
@@ -108,7 +113,7 @@ export class FaultHandler {
     return FAULT_EFAULT;
   }
 
-  private once(lookup: SlotLookup, gfn: number, write: boolean): number {
+  private once(lookup: SlotLookup, gfn: number, write: boolean, hintPte: number, hintLevel: number): number {
     const slot = lookup.find(gfn);
     if (slot === null || (write && (slot.flags & KVM_MEM_READONLY) !== 0)) {
       // No memslot, or a write to a read-only one: KVM emulates MMIO and exits to userspace.
@@ -117,11 +122,11 @@ export class FaultHandler {
       return FAULT_MMIO;
     }
     const logging = slot.dirtyBitmap !== null;
-    if (write) {
+    if (write && hintPte !== 0) {
       const r = this.tryFastPath(slot, gfn);
       if (r !== FAULT_RETRY) return r;
     }
-    return this.slowPath(slot, gfn, write, logging);
+    return this.slowPath(slot, gfn, write, logging, hintPte, hintLevel);
   }
 
   /**
@@ -214,7 +219,7 @@ export class FaultHandler {
     return pte >>> 5;
   }
 
-  private slowPath(slot: SlotDesc, gfn: number, write: boolean, logging: boolean): number {
+  private slowPath(slot: SlotDesc, gfn: number, write: boolean, logging: boolean, hintPte: number, hintLevel: number): number {
     const pgt = this.pgt;
     const mm = this.mm;
     const hva = slot.hva + (gfn - slot.baseGfn) * 4096;
@@ -222,10 +227,14 @@ export class FaultHandler {
     const hostSeq = mm.notifierSeq();
     const slotSeq = this.inval.seq();
 
-    pgt.rcuReadLock();
-    const oldPte = pgt.getLeaf(gfn, this.leaf);
-    pgt.rcuReadUnlock();
-    const oldLevel = this.leaf.level;
+    let oldPte = hintPte;
+    let oldLevel = hintLevel;
+    if (oldPte < 0) {
+      pgt.rcuReadLock();
+      oldPte = pgt.getLeaf(gfn, this.leaf);
+      pgt.rcuReadUnlock();
+      oldLevel = this.leaf.level;
+    }
 
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0;
     // Read faults also fault in a writable host page (x86's opportunistic map_writable), so a

@@ -150,7 +150,9 @@ export class SlotReader {
    * at least as new as any change already acted on.
    */
   peek(): SlotLookup {
-    const g = Atomics.load(this.ctl, G_SLOTS_GEN);
+    // A plain load is enough: the caller just took the MMU lock with an atomic read-modify-write
+    // (a full barrier, and an opaque call V8 cannot move this load above).
+    const g = this.ctl[G_SLOTS_GEN]!;
     if (g !== this.gen) this.catchUp(g);
     return this.lookup;
   }

@@ -96,6 +96,6 @@ export class VcpuStage2 implements VcpuMmu {
   }
 
   fault(gfn: number, write: boolean): number {
-    return this.faults.handle(gfn, write);
+    return this.faults.handle(gfn, write, this.lastPte, this.leaf.level);
   }
 }
