@@ -89,16 +89,21 @@ export class SlotPublisher {
     return next;
   }
 
-  /** synchronize_srcu: wait until every vCPU reads no generation older than the current one. */
-  synchronize(): void {
+  /**
+   * synchronize_srcu: wait until every vCPU reads no generation older than the current one.
+   * timeoutMs (tests) turns a reader that never leaves into an error instead of a hang.
+   */
+  synchronize(timeoutMs = Infinity): void {
     const gen = this.gen;
     const n = this.vcpuCount();
+    const deadline = Date.now() + timeoutMs;
     for (let v = 0; v < n; v++) {
       const w = vcpuBase(v) + V_SLOTS_READER;
       let spins = 0;
       for (;;) {
         const r = Atomics.load(this.ctl, w);
         if (r === 0 || r === gen) break;
+        if (Date.now() > deadline) throw new Error(`synchronize: vCPU ${v} still reads memslot generation ${r} after ${timeoutMs} ms`);
         if (++spins < 1000) continue;
         Atomics.add(this.ctl, G_SLOTS_WAITERS, 1);
         Atomics.wait(this.ctl, w, r, 1);
