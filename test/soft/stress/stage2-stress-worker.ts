@@ -74,6 +74,8 @@ const pgt = Stage2PageTable.attach(d.pgt, {
 const lock = MmuLock.attach(d.lock);
 lock.onExclusiveUnlock = () => pgt.reclaim();
 const out = newLeafLookup();
+/** Fault-path ops run shared (cmpxchg) under the read lock in 'parallel' mode, exclusive in 'global'. */
+const shared = lock.faultShared;
 
 class CheckError extends Error {
   override name = 'CheckError';
@@ -182,7 +184,7 @@ function runMutator(): void {
         const i = randInt(ownPages);
         const v = randInt(2);
         const gfn = ownBase + i;
-        if (retry(() => pgt.map(gfn, 3, gfn + PFN_VARIANT[v]!, PROT_RW, true), 'own.map4k') !== OK) fail('own map4k failed');
+        if (retry(() => pgt.map(gfn, 3, gfn + PFN_VARIANT[v]!, PROT_RW, shared), 'own.map4k') !== OK) fail('own map4k failed');
         modelPfn[i] = gfn + PFN_VARIANT[v]!;
         modelW[i] = 1;
         checkOwn(i);
@@ -194,7 +196,7 @@ function runMutator(): void {
         const b = randInt(OWN_BLOCKS);
         const v = randInt(2);
         const gfn = ownBase + b * M2;
-        if (retry(() => pgt.map(gfn, 2, gfn + PFN_VARIANT[v]!, PROT_RW, true), 'own.map2m') !== OK) fail('own map2m failed');
+        if (retry(() => pgt.map(gfn, 2, gfn + PFN_VARIANT[v]!, PROT_RW, shared), 'own.map2m') !== OK) fail('own map2m failed');
         for (let j = 0; j < M2; j++) {
           modelPfn[b * M2 + j] = gfn + j + PFN_VARIANT[v]!;
           modelW[b * M2 + j] = 1;
@@ -204,7 +206,7 @@ function runMutator(): void {
       } else if (p < 0.6) {
         // Relax W on an own page (the dirty-logging write fault).
         const i = randInt(ownPages);
-        const r = pgt.relaxPerms(ownBase + i, PROT_W, true);
+        const r = pgt.relaxPerms(ownBase + i, PROT_W, shared);
         if (modelPfn[i] === -1) {
           if (r !== EAGAIN) fail(`relax of unmapped own gfn returned ${r}`);
         } else {
@@ -218,37 +220,37 @@ function runMutator(): void {
         bump('own.relax');
       } else if (p < 0.63) {
         const b = randInt(OWN_BLOCKS);
-        const r = pgt.splitHugePages(ownBase + b * M2, M2, true);
+        const r = pgt.splitHugePages(ownBase + b * M2, M2, shared);
         if (r < 0) fail(`own split returned ${r}`);
         for (let j = 0; j < M2; j += 37) checkOwn(b * M2 + j);
         bump('own.split');
       } else if (p < 0.85) {
         // Shared 4K fault.
         const gfn = SHARED_BASE + randInt(G1);
-        const r = pgt.map(gfn, 3, gfn + PFN_VARIANT[0]!, PROT_RW, true);
+        const r = pgt.map(gfn, 3, gfn + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared map4k returned ${r}`);
         checkLegal(gfn);
         if (r === OK && pgt.getLeaf(gfn, out) === 0 && !out.locked) fail(`shared gfn ${gfn} unmapped right after map`);
         bump(r === OK ? 'shared.map4k' : 'shared.map4k.eagain');
       } else if (p < 0.93) {
         const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
-        const r = pgt.collapse(gfn, 2, gfn + PFN_VARIANT[0]!, PROT_RW, true);
+        const r = pgt.collapse(gfn, 2, gfn + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared collapse2m returned ${r}`);
         checkLegal(gfn + randInt(M2));
         bump(r === OK ? 'shared.collapse2m' : 'shared.collapse2m.eagain');
       } else if (p < 0.935) {
-        const r = pgt.collapse(SHARED_BASE, 1, SHARED_BASE + PFN_VARIANT[0]!, PROT_RW, true);
+        const r = pgt.collapse(SHARED_BASE, 1, SHARED_BASE + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared collapse1g returned ${r}`);
         bump(r === OK ? 'shared.collapse1g' : 'shared.collapse1g.eagain');
       } else if (p < 0.96) {
         const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
-        const r = pgt.splitHugePages(gfn, 4 * M2, true);
+        const r = pgt.splitHugePages(gfn, 4 * M2, shared);
         if (r === ENOMEM) fail('pool exhausted');
         if (r < 0) fail(`shared split returned ${r}`);
         bump('shared.split');
       } else {
         const gfn = SHARED_BASE + randInt(G1);
-        const r = pgt.relaxPerms(gfn, PROT_W, true);
+        const r = pgt.relaxPerms(gfn, PROT_W, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared relax returned ${r}`);
         bump('shared.relax');
       }

@@ -9,7 +9,7 @@
 // printed on failure. Bounded: STAGE2_STRESS_MS per run (default 1500 ms).
 
 import { describe, it, expect } from 'vitest';
-import { MmuLock } from '../../../src/soft/locking/mmu-lock.ts';
+import { MmuLock, type MmuLockMode } from '../../../src/soft/locking/mmu-lock.ts';
 import { Stage2PageTable } from '../../../src/soft/pgtable/stage2.ts';
 import { startWorker } from '../../../src/util/worker.ts';
 
@@ -23,9 +23,9 @@ interface Result {
   lockSleeps?: number;
 }
 
-async function runStress(seed: number, durationMs: number): Promise<{ results: Result[]; pgt: Stage2PageTable; removedAtDestroy: number }> {
+async function runStress(seed: number, durationMs: number, mode: MmuLockMode): Promise<{ results: Result[]; pgt: Stage2PageTable; removedAtDestroy: number }> {
   const pgt = Stage2PageTable.create({ maxTablePages: 1 << 19, debug: true, quarantineFreedTables: true, maxThreads: 16 });
-  const lock = MmuLock.create('parallel');
+  const lock = MmuLock.create(mode);
   const ctl = new SharedArrayBuffer(16);
   const entry = new URL('./stage2-stress-worker.ts', import.meta.url);
   const roles: { role: 'mutator' | 'reader'; index: number }[] = [
@@ -35,7 +35,9 @@ async function runStress(seed: number, durationMs: number): Promise<{ results: R
   const workers = roles.map((r, i) =>
     startWorker(entry, { ...r, seed: (seed + i * 0x9e3779b9) >>> 0, durationMs, pgt: pgt.shared, lock: lock.shared, ctl }),
   );
-  const stop = (): void => Atomics.store(new Int32Array(ctl), 1, 1);
+  const stop = (): void => {
+    Atomics.store(new Int32Array(ctl), 1, 1);
+  };
   const resultOf = (i: number): Promise<Result> =>
     new Promise<Result>((resolve) => {
       const w = workers[i]!;
@@ -71,31 +73,33 @@ async function runStress(seed: number, durationMs: number): Promise<{ results: R
 }
 
 describe('stage-2 parallel stress', () => {
-  it('survives random parallel faults, relaxes, splits, collapses, write-protect sweeps and teardown', async () => {
-    const seed = Number(process.env.STAGE2_STRESS_SEED ?? Math.floor(Math.random() * 2 ** 31));
-    const durationMs = Number(process.env.STAGE2_STRESS_MS ?? 1500);
-    let run;
-    try {
-      run = await runStress(seed, durationMs);
-    } catch (e) {
-      throw new Error(`stage-2 stress failed with STAGE2_STRESS_SEED=${seed}: ${String(e)}`);
-    }
-    const { results, pgt, removedAtDestroy } = run;
-    const failures = results.filter((r) => !r.ok).map((r) => r.error);
-    if (failures.length > 0) throw new Error(`stage-2 stress failed with STAGE2_STRESS_SEED=${seed}:\n${failures.join('\n')}`);
-    const total: Record<string, number> = {};
-    for (const r of results) for (const [k, v] of Object.entries(r.counts)) total[k] = (total[k] ?? 0) + v;
-    // The run really exercised the racy paths.
-    expect(total['own.map4k'] ?? 0, `seed ${seed}`).toBeGreaterThan(100);
-    expect(total['shared.collapse2m'] ?? 0, `seed ${seed}`).toBeGreaterThan(5);
-    expect(total['shared.split'] ?? 0, `seed ${seed}`).toBeGreaterThan(5);
-    expect(total['wrprotSweep'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
-    expect(total['readerBatches'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
-    expect(removedAtDestroy).toBeGreaterThan(0);
-    expect(pgt.liveTablePages(), `seed ${seed}`).toBe(0);
-    const st = pgt.pool.stats();
-    expect(st.allocated, `seed ${seed}`).toBe(st.freed);
-    expect(pgt.epoch.pending()).toBe(0);
-    console.log(`stage-2 stress seed ${seed}: ${JSON.stringify(total)} tables allocated ${st.allocated}`);
-  });
+  for (const mode of ['parallel', 'global'] as const) {
+    it(`survives random faults, relaxes, splits, collapses, write-protect sweeps and teardown (${mode} MMU lock)`, async () => {
+      const seed = Number(process.env.STAGE2_STRESS_SEED ?? Math.floor(Math.random() * 2 ** 31));
+      const durationMs = Number(process.env.STAGE2_STRESS_MS ?? (mode === 'parallel' ? 1500 : 800));
+      let run;
+      try {
+        run = await runStress(seed, durationMs, mode);
+      } catch (e) {
+        throw new Error(`stage-2 stress (${mode}) failed with STAGE2_STRESS_SEED=${seed}: ${String(e)}`);
+      }
+      const { results, pgt, removedAtDestroy } = run;
+      const failures = results.filter((r) => !r.ok).map((r) => r.error);
+      if (failures.length > 0) throw new Error(`stage-2 stress (${mode}) failed with STAGE2_STRESS_SEED=${seed}:\n${failures.join('\n')}`);
+      const total: Record<string, number> = {};
+      for (const r of results) for (const [k, v] of Object.entries(r.counts)) total[k] = (total[k] ?? 0) + v;
+      // The run really exercised the racy paths.
+      expect(total['own.map4k'] ?? 0, `seed ${seed}`).toBeGreaterThan(50);
+      expect(total['shared.collapse2m'] ?? 0, `seed ${seed}`).toBeGreaterThan(5);
+      expect(total['shared.split'] ?? 0, `seed ${seed}`).toBeGreaterThan(2);
+      expect(total['wrprotSweep'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
+      expect(total['readerBatches'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
+      expect(removedAtDestroy).toBeGreaterThan(0);
+      expect(pgt.liveTablePages(), `seed ${seed}`).toBe(0);
+      const st = pgt.pool.stats();
+      expect(st.allocated, `seed ${seed}`).toBe(st.freed);
+      expect(pgt.epoch.pending()).toBe(0);
+      console.log(`stage-2 stress (${mode}) seed ${seed}: ${JSON.stringify(total)} tables allocated ${st.allocated}`);
+    });
+  }
 });
