@@ -1,0 +1,39 @@
+// `migrate --to` against a receiver that cannot host the guest; SIGINT during a migration.
+import { describe, it, expect } from 'vitest';
+import { engines, stage2 } from './run-cli.ts';
+
+describe('stage2 migrate (CLI processes): failures', () => {
+  it('a receiver that cannot host the guest refuses it with a clear error; both exit non-zero', async () => {
+    const engine = engines[engines.length - 1]!.kind;
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const recv = stage2(['receive', '--listen', `127.0.0.1:${port}`, '--max-ram', '4M']);
+    await new Promise((r) => setTimeout(r, 1500));
+    const m = await stage2(['migrate', '--to', `127.0.0.1:${port}`, '--json', '--engine', engine, '-b', '8M', '--workload', 'idle']);
+    const rv = await recv;
+    expect(m.code).toBe(1);
+    const s = JSON.parse(m.stdout.trim());
+    expect(s.status).toBe('failed');
+    expect(s.error).toMatch(/cannot host this VM: \d+ bytes of guest RAM, this receiver accepts at most 4194304/);
+    expect(s.sourceIntact).toBe(true);
+    expect(rv.code).toBe(1);
+    expect(rv.stderr).toMatch(/incoming migration failed during setup: cannot host this VM/);
+  });
+
+  it('SIGINT during the migration cancels it; the source stays intact', async () => {
+    const engine = engines[engines.length - 1]!.kind;
+    let sent = false;
+    const r = await stage2(['migrate', '--local', '--json', '--engine', engine, '-b', '16M', '--workload', 'sequential', '--max-bandwidth', '2M'], {
+      onStderr: (text, child) => {
+        if (!sent && /migrating to/.test(text)) {
+          sent = true;
+          setTimeout(() => child.kill('SIGINT'), 300);
+        }
+      },
+    });
+    expect(r.code).toBe(1);
+    const s = JSON.parse(r.stdout.trim());
+    expect(s.status).toBe('cancelled');
+    expect(s.sourceIntact).toBe(true);
+    expect(s.destination.error).toMatch(/receiver exited with status 1/);
+  });
+});
