@@ -56,6 +56,7 @@ async function receiver(): Promise<void> {
   for (;;) {
     const incoming = await server.accept();
     const cpu0 = process.cpuUsage();
+    const faults0 = process.resourceUsage().minorPageFault;
     let pages = 0;
     for await (const rec of incoming.records()) {
       if (rec.kind === 'ram') {
@@ -73,7 +74,7 @@ async function receiver(): Promise<void> {
       } else if (rec.kind === 'end') {
         const cpu = process.cpuUsage(cpu0);
         const reads = incoming.channels.reduce((n, c) => n + c.chunksReceived, 0);
-        process.send!({ cpuSeconds: (cpu.user + cpu.system) / 1e6, userSeconds: cpu.user / 1e6, meanReadBytes: Math.round(incoming.bytesReceived / reads) });
+        process.send!({ cpuSeconds: (cpu.user + cpu.system) / 1e6, userSeconds: cpu.user / 1e6, meanReadBytes: Math.round(incoming.bytesReceived / reads), minorFaults: process.resourceUsage().minorPageFault - faults0 });
         await incoming.reply({ kind: 'complete', memoryHash: 0n, pages });
       }
     }
@@ -82,7 +83,7 @@ async function receiver(): Promise<void> {
 }
 
 async function transfer(child: ChildProcess, port: number, bytes: number, channels: number) {
-  const receiverCpu = new Promise<{ cpuSeconds: number; userSeconds: number; meanReadBytes: number }>((resolve) => child.once('message', resolve));
+  const receiverCpu = new Promise<{ cpuSeconds: number; userSeconds: number; meanReadBytes: number; minorFaults: number }>((resolve) => child.once('message', resolve));
   const totalPages = Math.floor(bytes / PAGE);
   const recordPages = Number(arg('record-pages', '256'));
   const mode = arg('mode', 'copy');
@@ -116,7 +117,7 @@ async function transfer(child: ChildProcess, port: number, bytes: number, channe
   const t2 = process.hrtime.bigint();
   const cpu = process.cpuUsage(cpu0);
   const senderCpuSeconds = (cpu.user + cpu.system) / 1e6;
-  const { cpuSeconds: receiverCpuSeconds, userSeconds: receiverUserSeconds, meanReadBytes } = await receiverCpu;
+  const { cpuSeconds: receiverCpuSeconds, userSeconds: receiverUserSeconds, meanReadBytes, minorFaults: receiverMinorFaults } = await receiverCpu;
   const senderUserSeconds = cpu.user / 1e6;
   const wireBytes = conn.bytesSent;
   await conn.close();
@@ -135,6 +136,7 @@ async function transfer(child: ChildProcess, port: number, bytes: number, channe
     receiverCpuSeconds,
     receiverUserSeconds,
     meanReadBytes,
+    receiverMinorFaults,
     /** What the two ends could do with a core each, from their CPU time: load-independent. */
     cpuBoundGBps: (totalPages * PAGE) / Math.max(senderCpuSeconds, receiverCpuSeconds) / 1e9,
   };
@@ -189,7 +191,7 @@ async function main(): Promise<void> {
       const r = await transfer(child, port, bytes, channels);
       rows.push(r);
       if (!flag('json')) {
-        console.log(`channels ${r.channels}: ${(r.bytes / 2 ** 30).toFixed(2)} GiB in ${r.seconds.toFixed(3)} s = ${r.GBps.toFixed(2)} GB/s (${r.GiBps.toFixed(2)} GiB/s), wire ${r.wireBytes} bytes, handshake ${(r.handshakeSeconds * 1000).toFixed(1)} ms; cpu (user+sys) sender ${r.senderCpuSeconds.toFixed(3)} s (user ${r.senderUserSeconds.toFixed(3)}) receiver ${r.receiverCpuSeconds.toFixed(3)} s (user ${r.receiverUserSeconds.toFixed(3)}) -> cpu-bound ${r.cpuBoundGBps.toFixed(2)} GB/s; mean read ${r.meanReadBytes} bytes`);
+        console.log(`channels ${r.channels}: ${(r.bytes / 2 ** 30).toFixed(2)} GiB in ${r.seconds.toFixed(3)} s = ${r.GBps.toFixed(2)} GB/s (${r.GiBps.toFixed(2)} GiB/s), wire ${r.wireBytes} bytes, handshake ${(r.handshakeSeconds * 1000).toFixed(1)} ms; cpu (user+sys) sender ${r.senderCpuSeconds.toFixed(3)} s (user ${r.senderUserSeconds.toFixed(3)}) receiver ${r.receiverCpuSeconds.toFixed(3)} s (user ${r.receiverUserSeconds.toFixed(3)}) -> cpu-bound ${r.cpuBoundGBps.toFixed(2)} GB/s; mean read ${r.meanReadBytes} bytes, receiver minor faults ${r.receiverMinorFaults}`);
       }
     }
   } finally {

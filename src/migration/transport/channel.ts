@@ -12,7 +12,9 @@
 //
 // Reading: socket chunks go into a StreamDecoder; next() pulls one record or null. The socket
 // is paused while more than readHighWaterBytes sit undecoded, so a reader that stops pulling
-// (at a SYNC barrier, or because applying pages is slow) stops the sender through TCP.
+// (at a SYNC barrier, or because applying pages is slow) stops the sender through TCP. On a
+// destination (slabReads) a RAM record's data is valid until the next next() on this channel
+// (slab-reads.ts), unless recycleReadBuffers is false.
 //
 // Failure: a socket error, or the peer closing before the owner called expectEnd(), fails the
 // channel with a MigrationTransportError('connection-lost'); every pending and later send or
@@ -33,7 +35,7 @@ import {
 import { compressPages } from '../stream/lz4.ts';
 import { MigrationTransportError, describeSocketError } from './errors.ts';
 import type { RateLimiter } from './rate-limiter.ts';
-import { adoptWithSlabReads } from './slab-reads.ts';
+import { adoptWithSlabReads, type SlabReader } from './slab-reads.ts';
 
 export interface ChannelOptions {
   index: number;
@@ -52,6 +54,11 @@ export interface ChannelOptions {
    * (slab-reads.ts). Otherwise 'data' events are used.
    */
   slabReads?: boolean;
+  /**
+   * With slabReads: reuse read slabs once their records are consumed, which makes a RAM
+   * record's data valid only until the next next() on this channel. Default true.
+   */
+  recycleReadBuffers?: boolean;
 }
 
 export const DEFAULT_BATCH_BYTES = 1 << 20;
@@ -88,6 +95,7 @@ export class Channel {
   private endExpected = false;
   private closed = false;
   private readPaused = false;
+  private slabReader: SlabReader | undefined;
 
   constructor(socket: Socket, opts: ChannelOptions) {
     this.socket = socket;
@@ -110,7 +118,9 @@ export class Channel {
       this.onActivity?.();
     };
     if (opts.slabReads) {
-      socket = this.socket = adoptWithSlabReads(socket, onChunk);
+      const adopted = adoptWithSlabReads(socket, onChunk, opts.recycleReadBuffers ?? true);
+      socket = this.socket = adopted.socket;
+      this.slabReader = adopted.reader;
     } else {
       socket.on('data', onChunk);
       socket.resume(); // a server socket accepted with pauseOnConnect starts paused
@@ -127,6 +137,11 @@ export class Channel {
       this.wakeWriters();
       this.onActivity?.();
     });
+  }
+
+  /** Read slabs allocated so far (slab reads only): stays small when slabs are recycled. */
+  get readSlabsAllocated(): number {
+    return this.slabReader?.slabsAllocated ?? 0;
   }
 
   setOnActivity(cb: (() => void) | undefined): void {
@@ -178,6 +193,8 @@ export class Channel {
    */
   next(): MigrationRecord | null {
     if (this.failure) throw this.failure;
+    // The caller is done with every record it got before: their slabs may be reused.
+    this.slabReader?.release(this.decoder.bytesConsumed);
     let rec: MigrationRecord | null;
     try {
       rec = this.decoder.next();

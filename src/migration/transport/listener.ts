@@ -5,7 +5,9 @@
 //   for await (const rec of incoming.records()) {
 //     // 'config' first; then 'ram' / 'zero' (already range-checked against CONFIG's memslots),
 //     // 'sync' once per round after that round's pages from EVERY channel; then 'vcpu-state',
-//     // 'end' (last). RAM data is a view that stays valid; apply it before asking for more.
+//     // 'end' (last). RAM data is a view into a read buffer that is reused once the next record
+//     // is requested: apply (copy) it before asking for more, or listen with
+//     // recycleReadBuffers: false.
 //   }
 //   await incoming.reply({ kind: 'complete', memoryHash, pages })    // back channel (channel 0)
 //   await incoming.close(); await server.close();
@@ -49,6 +51,11 @@ export interface ListenOptions {
   readHighWaterBytes?: number;
   /** Large slab reads (slab-reads.ts); default true. False: node's 64 KiB 'data' chunks. */
   slabReads?: boolean;
+  /**
+   * Reuse read buffers (default true): a RAM record's data is then valid only until the next
+   * record is requested. Pass false to keep data views valid indefinitely.
+   */
+  recycleReadBuffers?: boolean;
 }
 
 interface PendingSession {
@@ -128,6 +135,7 @@ export class MigrationListener {
       readHighWaterBytes: this.opts.readHighWaterBytes,
       onActivity: signal.notify,
       slabReads: this.opts.slabReads ?? true,
+      recycleReadBuffers: this.opts.recycleReadBuffers ?? true,
     });
     const timeoutMs = this.opts.handshakeTimeoutMs ?? 10_000;
     const deadline = Date.now() + timeoutMs;
