@@ -14,7 +14,8 @@
 //   while the vCPU is provably stopped (not started, or PAUSED); the vCPU reloads them whenever
 //   it leaves a stopped state.
 // - V_MODE is the guest-mode word of kvm_vcpu.mode: IN_GUEST while the vCPU may access guest
-//   memory through its soft TLB, OUTSIDE_GUEST otherwise (fault handling, waiting, paused).
+//   memory through its soft TLB, OUTSIDE_GUEST otherwise (a fault that may block, waiting,
+//   paused). A write-protect fault whose MMU try-lock succeeds is fixed without leaving.
 //   The flusher and the vCPU form a Dekker pair over (V_MODE, G_FLUSH_GEN): the vCPU stores
 //   IN_GUEST then reads G_FLUSH_GEN; the flusher bumps G_FLUSH_GEN then reads V_MODE. With
 //   sequentially consistent Atomics at least one of them sees the other's write.

@@ -12,8 +12,9 @@
 //   acknowledges, i.e. before flushRemoteTlbs returns; that is the same window hardware has
 //   between a PTE update and the TLBI completing, and callers order their work accordingly
 //   (dirty bits are harvested before write-protecting, see dirty/log.ts).
-// A flusher never holds anything a vCPU in guest mode needs: vCPUs leave guest mode before
-// taking the MMU lock, so a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
+// A flusher never holds anything a vCPU in guest mode waits for: a vCPU leaves guest mode before
+// it blocks on the MMU lock (in guest mode it only try-locks, for the write-protect fast path,
+// and never waits), so a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
 
 import {
   G_FLUSH_GEN,
