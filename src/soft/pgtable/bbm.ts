@@ -21,9 +21,20 @@ import type { MmOps } from './table-pool.ts';
 import { LAST_LEVEL, LEVEL_PAGES, PTE_LOCKED, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkTable, pteIsValid } from './pte.ts';
 import { CorruptTableError, PoisonedTableError, type VisitCtx } from './walker.ts';
 
+/** Slow-path events a Stage2Env counts (index into its shared counters). */
+export const Stage2Event = {
+  Break: 0,
+  BlockSplit: 1,
+  Collapse: 2,
+  TableRetired: 3,
+  MapEagain: 4,
+} as const;
+export type Stage2Event = (typeof Stage2Event)[keyof typeof Stage2Event];
+
 /** The stage-2 table's services a visitor needs (the kvm_pgtable_mm_ops + kvm_s2_mmu role). */
 export interface Stage2Env {
   readonly mm: MmOps;
+  countEvent(ev: Stage2Event): void;
   /** Invalidate every TLB entry for gfns [gfn, gfn+npages), on every vCPU, before returning. */
   tlbFlush(gfn: number, npages: number): void;
   /** Hand an unlinked table (entries at `level`) to RCU: freed after a grace period. */
@@ -44,6 +55,7 @@ export function tryBreakPte(ctx: VisitCtx, env: Stage2Env): boolean {
     return false;
   }
   if (!ctx.tryPte(PTE_LOCKED)) return false;
+  env.countEvent(Stage2Event.Break);
   // ctx.tryPte set ctx.old = LOCKED; the caller still needs the evicted value in `old`.
   if (pteIsValid(old)) env.tlbFlush(ctx.gfn, ctx.pages);
   return true;

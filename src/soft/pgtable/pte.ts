@@ -149,6 +149,20 @@ export function pteWithPerms(pte: number, perms: number): number {
   return (pte & ~PTE_PERM_MASK) | (perms & PTE_PERM_MASK);
 }
 
+/**
+ * Whether replacing old by nu (same entry) needs a TLB invalidation before the old translation
+ * may be considered gone: any change that removes a valid leaf's permission, output address or
+ * attribute, or removes a table (its leaves), does; making an invalid entry valid or adding
+ * permissions does not (a vCPU with the stricter, stale translation just faults again).
+ */
+export function pteChangeNeedsFlush(old: number, nu: number): boolean {
+  if (!pteIsValid(old)) return false;
+  if (pteIsTable(old)) return nu !== old;
+  if (!pteIsLeaf(nu)) return true;
+  if (((old ^ nu) & ~PTE_PERM_MASK) !== 0) return true;
+  return (old & ~nu & PTE_PERM_MASK) !== 0;
+}
+
 export function levelName(level: number): string {
   return ['512G', '1G', '2M', '4K'][level] ?? `level${level}`;
 }

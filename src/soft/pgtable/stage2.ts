@@ -30,7 +30,7 @@
 //   instance.
 
 import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
-import { freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
+import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
 import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
 import { LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
@@ -81,6 +81,21 @@ export interface Stage2CreateOptions extends Stage2Callbacks {
   quarantineFreedTables?: boolean;
 }
 
+export interface Stage2Stats {
+  /** Break-before-make sequences (entry swapped to LOCKED, TLBs flushed, new value stored). */
+  breaks: number;
+  /** Blocks replaced by a table (one level in map, down to 4K in splitHugePages). */
+  blockSplits: number;
+  /** Tables replaced by a block. */
+  collapses: number;
+  /** Table subtrees handed to RCU. */
+  tablesRetired: number;
+  /** map()/collapse() calls that returned EAGAIN. */
+  mapEagain: number;
+  liveTablePages: number;
+  retiredPending: number;
+}
+
 export class Stage2Error extends Error {
   override name = 'Stage2Error';
 }
@@ -88,6 +103,9 @@ export class Stage2Error extends Error {
 const CTL_ROOT = 0;
 const NOT_HANDLED = 1;
 const CTL_DESTROYED = 1;
+// Event counters (Atomics.add, slow paths only), see Stage2Stats.
+const CTL_STATS = 4;
+const CTL_WORDS = 16;
 
 export class Stage2PageTable implements Stage2Env {
   readonly shared: Stage2Shared;
@@ -144,7 +162,7 @@ export class Stage2PageTable implements Stage2Env {
     const mm = opts.mmOps ?? pool;
     const root = mm.zallocTablePage();
     if (root < 0) throw new Stage2Error('no table page for the root');
-    const ctl = new SharedArrayBuffer(16);
+    const ctl = new SharedArrayBuffer(CTL_WORDS * 4);
     Atomics.store(new Int32Array(ctl), CTL_ROOT, root);
     const shared: Stage2Shared = { pool: pool.shared, epoch: epoch.shared, ctl, debug: opts.debug ?? false };
     return new Stage2PageTable(shared, opts);
@@ -172,7 +190,12 @@ export class Stage2PageTable implements Stage2Env {
     this.flushCb(gfn, npages);
   }
 
+  countEvent(ev: Stage2Event): void {
+    Atomics.add(this.ctl, CTL_STATS + ev, 1);
+  }
+
   retireTable(tableIdx: number, level: number): void {
+    Atomics.add(this.ctl, CTL_STATS + Stage2Event.TableRetired, 1);
     this.epoch.deferFree(tableIdx, level);
     this.retiredSinceReclaim = true;
   }
@@ -275,6 +298,7 @@ export class Stage2PageTable implements Stage2Env {
     v.changed = false;
     const r = this.runWalk(gfn, pages, v, WALK_LEAF | WALK_TABLE_PRE | WALK_HANDLE_FAULT, shared);
     this.lastMapChanged = v.changed;
+    if (r === EAGAIN) this.countEvent(Stage2Event.MapEagain);
     return r;
   }
 
@@ -302,7 +326,10 @@ export class Stage2PageTable implements Stage2Env {
       const addsOnly = old === 0 || ((old & PTE_TYPE_MASK) === PTE_TYPE_LEAF && ((old ^ nu) & ~PTE_PERM_MASK) === 0 && (old & ~nu & PTE_PERM_MASK) === 0);
       if (!addsOnly) return NOT_HANDLED;
       if (shared) {
-        if (Atomics.compareExchange(w, ptep, old, nu) !== old) return EAGAIN;
+        if (Atomics.compareExchange(w, ptep, old, nu) !== old) {
+          this.countEvent(Stage2Event.MapEagain);
+          return EAGAIN;
+        }
       } else {
         Atomics.store(w, ptep, nu);
       }
@@ -395,6 +422,20 @@ export class Stage2PageTable implements Stage2Env {
       this.epoch.readUnlock(this.rcuSlot);
       this.leafIter.fn = () => {};
     }
+  }
+
+  /** Counters of slow-path events since creation (all threads). */
+  stats(): Stage2Stats {
+    const c = (ev: Stage2Event): number => Atomics.load(this.ctl, CTL_STATS + ev);
+    return {
+      breaks: c(Stage2Event.Break),
+      blockSplits: c(Stage2Event.BlockSplit),
+      collapses: c(Stage2Event.Collapse),
+      tablesRetired: c(Stage2Event.TableRetired),
+      mapEagain: c(Stage2Event.MapEagain),
+      liveTablePages: this.mm.liveTablePages(),
+      retiredPending: this.epoch.pending(),
+    };
   }
 
   /** Table pages allocated right now (like SecPageTables); 0 after destroy(). */

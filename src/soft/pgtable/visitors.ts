@@ -13,7 +13,7 @@
 //   caller (it batches a whole range). Adding permissions needs no flush: a vCPU with a stale,
 //   stricter translation just faults again and finds the entry already relaxed.
 
-import { buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
+import { Stage2Event, buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import { LAST_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
 import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
@@ -66,6 +66,7 @@ export class MapVisitor implements Visitor {
         return EAGAIN;
       }
       makePte(ctx, mkTable(table));
+      this.env.countEvent(Stage2Event.BlockSplit);
       this.changed = true;
       return OK;
     }
@@ -77,6 +78,7 @@ export class MapVisitor implements Visitor {
       const oldTable = old >>> 5;
       if (!tryBreakPte(ctx, this.env)) return EAGAIN;
       makePte(ctx, nu);
+      this.env.countEvent(Stage2Event.Collapse);
       this.env.retireTable(oldTable, ctx.level + 1);
       this.changed = true;
       return OK;
@@ -154,6 +156,7 @@ export class SplitVisitor implements Visitor {
       }
       if (tryBreakPte(ctx, this.env)) {
         makePte(ctx, mkTable(table));
+        this.env.countEvent(Stage2Event.BlockSplit);
         ctx.skipChildren = true;
         this.split++;
         return OK;

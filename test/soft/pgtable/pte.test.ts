@@ -1,7 +1,7 @@
 import { describe, it, expect } from 'vitest';
 import {
   MAX_PFN, PROT_DEVICE, PROT_R, PROT_RW, PTE_LOCKED, PTE_POISON, formatPte, levelPages, mkLeaf, mkTable, pteIndex,
-  pteIsDevice, pteIsLeaf, pteIsLocked, pteIsTable, pteIsValid, ptePfn, pteReadable, pteTableIndex, pteWithPerms, pteWritable,
+  pteChangeNeedsFlush, pteIsDevice, pteIsLeaf, pteIsLocked, pteIsTable, pteIsValid, ptePfn, pteReadable, pteTableIndex, pteWithPerms, pteWritable,
 } from '../../../src/soft/pgtable/pte.ts';
 
 describe('pte format', () => {
@@ -59,5 +59,19 @@ describe('pte format', () => {
     expect(pteIndex(gfn, 2)).toBe(7);
     expect(pteIndex(gfn, 3)).toBe(9);
     expect([0, 1, 2, 3].map(levelPages)).toEqual([2 ** 27, 2 ** 18, 512, 1]);
+  });
+
+  it('knows which changes need a TLB flush', () => {
+    const ro = mkLeaf(5, PROT_R);
+    const rw = mkLeaf(5, PROT_RW);
+    expect(pteChangeNeedsFlush(0, rw)).toBe(false); // invalid -> valid
+    expect(pteChangeNeedsFlush(ro, rw)).toBe(false); // relax
+    expect(pteChangeNeedsFlush(rw, ro)).toBe(true); // write-protect
+    expect(pteChangeNeedsFlush(rw, mkLeaf(6, PROT_RW))).toBe(true); // other pfn
+    expect(pteChangeNeedsFlush(rw, mkLeaf(5, PROT_RW | PROT_DEVICE))).toBe(true); // attribute
+    expect(pteChangeNeedsFlush(rw, 0)).toBe(true); // unmap
+    expect(pteChangeNeedsFlush(rw, PTE_LOCKED)).toBe(true); // break
+    expect(pteChangeNeedsFlush(mkTable(3), mkLeaf(0, PROT_RW))).toBe(true); // collapse
+    expect(pteChangeNeedsFlush(PTE_LOCKED, rw)).toBe(false); // make
   });
 });

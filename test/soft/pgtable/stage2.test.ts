@@ -299,3 +299,17 @@ describe('Stage2PageTable unmap / destroy', () => {
     pgt.destroy();
   });
 });
+
+describe('Stage2PageTable stats', () => {
+  it('counts breaks, splits, collapses and retired tables', () => {
+    const { pgt } = mk();
+    pgt.map(0, 2, 0, PROT_R, true);
+    pgt.map(3, 3, 3, PROT_RW, true); // split (one break)
+    pgt.collapse(0, 2, 0, PROT_RW, true); // collapse (one break, one retired table)
+    pgt.splitHugePages(0, M2, true); // split (one break)
+    const s = pgt.stats();
+    expect(s).toMatchObject({ breaks: 3, blockSplits: 2, collapses: 1, tablesRetired: 1, mapEagain: 0 });
+    expect(s.liveTablePages).toBe(pgt.liveTablePages());
+    pgt.destroy();
+  });
+});
