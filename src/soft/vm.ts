@@ -3,19 +3,10 @@
 //
 // Threads: a SoftVm is owned by the VMM thread that created it; every method runs there. vCPU
 // workers share its state through SharedArrayBuffers (see the files each part lives in).
-// Ordering rules this file is responsible for (KVM's kvm_set_memslot / commit_memory_region):
-// - create: publish the new generation; nothing can be mapped there yet.
-// - delete / move: begin a memslot invalidation (faults on the slot retry), publish the new
-//   generation, wait out readers of the old one, unmap the old gfn range under the exclusive MMU
-//   lock (the unmap flushes TLBs), end the invalidation.
-// - logging on: allocate the bitmap, publish, wait out old readers (no fault can still install a
-//   writable or huge mapping from a generation without the bitmap), then write-protect the slot
-//   and flush. logging off: publish without the bitmap, wait out old readers, drop it.
-// - mmu notifier (host munmap): unmap the gfns backed by the range under the exclusive lock
-//   (flush included) before the host frees anything.
+// Memslot changes and their ordering rules live in memslot-commit.ts; dirty-log calls in
+// dirty/dirty-log.ts; vCPU run control in vcpu/threads.ts. This file wires them together.
 
 import {
-  KVM_MEM_LOG_DIRTY_PAGES,
   PAGE_SIZE,
   type Backing,
   type HostMapping,
@@ -28,18 +19,16 @@ import {
   type VmConfig,
   type VmStats,
 } from '../vmm/engine.ts';
-import { MemslotSet, type Memslot } from '../vmm/memslots.ts';
 import type { WorkloadSpec } from '../guest/workload.ts';
 import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
 import { LAST_LEVEL, PTE_DEVICE, PTE_W } from './pgtable/pte.ts';
 import { Stage2PageTable } from './pgtable/stage2.ts';
-import { allocDirtyBitmap } from './dirty/dirty-bitmap.ts';
-import { clearDirtyLog, getDirtyLog, writeProtectSlot, DirtyLogError, type DirtyLogMmu } from './dirty/dirty-log.ts';
+import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts';
+import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
-import { MemslotInvalidation } from './mmu/memslot-inval.ts';
-import { SlotLookup, SlotPublisher, type SlotDesc } from './mmu/slot-table.ts';
+import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
 import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
 import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
 import { VcpuThreads, VcpuError, type SoftVcpuArch } from './vcpu/threads.ts';
@@ -66,7 +55,7 @@ interface HostParts {
   pgt: Stage2PageTable;
 }
 
-export class SoftVm implements Vm, DirtyLogMmu {
+export class SoftVm implements Vm, MemslotMmu {
   readonly engine = 'soft' as const;
   readonly config: Readonly<Required<VmConfig>>;
   readonly lock: MmuLock;
@@ -74,10 +63,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
   readonly statsSab: SharedArrayBuffer;
   /** The VMM thread's stats line (index maxVcpus). */
   private readonly vmStats: VcpuStats;
-  private readonly inval = new MemslotInvalidation();
-  private readonly publisher: SlotPublisher;
-  private slotSet = MemslotSet.empty();
-  private readonly bitmaps = new Map<number, Uint32Array>();
+  private readonly slots: VmMemslots;
   private host: HostParts | null = null;
   private threads: VcpuThreads | null = null;
   private readonly mappings: HostMapping[] = [];
@@ -99,7 +85,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
     this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
-    this.publisher = new SlotPublisher(this.ctl, () => this.vcpuCount);
+    this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this);
     if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
   }
 
@@ -164,85 +150,29 @@ export class SoftVm implements Vm, DirtyLogMmu {
 
   setUserMemoryRegion(region: MemoryRegion): void {
     this.checkAlive();
-    const res = this.slotSet.apply(region);
-    switch (res.change) {
-      case 'none':
-        return;
-      case 'create':
-        // A slot created with LOG_DIRTY_PAGES logs from the start; nothing is mapped to protect.
-        this.syncBitmap(res.new!);
-        this.slotSet = res.set;
-        this.publish();
-        return;
-      case 'delete':
-      case 'move': {
-        const old = res.old!;
-        this.inval.begin();
-        try {
-          this.slotSet = res.set;
-          if (res.change === 'delete') this.bitmaps.delete(old.id);
-          else this.syncBitmap(res.new!); // a move keeps the bitmap while logging (KVM reuses it)
-          this.publish();
-          this.publisher.synchronize();
-          if (this.host) this.unmapGfns(old.baseGfn, old.npages);
-        } finally {
-          this.inval.end();
-        }
-        return;
-      }
-      case 'flags-only': {
-        const old = res.old!;
-        const nu = res.new!;
-        const wasLogging = (old.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
-        const logging = (nu.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
-        if (logging && !wasLogging) this.bitmaps.set(nu.id, allocDirtyBitmap(nu.npages));
-        if (!logging) this.bitmaps.delete(nu.id);
-        this.slotSet = res.set;
-        this.publish();
-        this.publisher.synchronize();
-        if (logging && !wasLogging && this.host) {
-          const desc = this.desc(nu.id)!;
-          writeProtectSlot(this, desc);
-          this.vmStats.add(S_WRITE_PROTECTED, desc.npages);
-        }
-        return;
-      }
-    }
-  }
-
-  /** Give the slot a dirty bitmap iff it logs (keeping an existing one). */
-  private syncBitmap(s: Memslot): void {
-    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) this.bitmaps.delete(s.id);
-    else if (!this.bitmaps.has(s.id)) this.bitmaps.set(s.id, allocDirtyBitmap(s.npages));
+    this.slots.apply(region);
   }
 
   memslots(): readonly MemslotInfo[] {
-    return this.slotSet.toInfo();
+    return this.slots.set.toInfo();
   }
 
-  private publish(): void {
-    const slots: SlotDesc[] = this.slotSet.slots.map((s) => this.toDesc(s));
-    this.publisher.publish(slots);
+  // ---- MemslotMmu ----
+
+  hasHost(): boolean {
+    return this.host !== null;
   }
 
-  private toDesc(s: Memslot): SlotDesc {
-    const vma = this.host?.mm.findVma(s.userspaceAddr);
-    return {
-      slot: s.id,
-      flags: s.flags,
-      baseGfn: s.baseGfn,
-      npages: s.npages,
-      hva: s.userspaceAddr,
-      hostWritable: vma ? !vma.readonly : true,
-      dirtyBitmap: this.bitmaps.get(s.id) ?? null,
-    };
+  hostWritable(hva: number): boolean {
+    const vma = this.host?.mm.findVma(hva);
+    return vma ? !vma.readonly : true;
   }
 
-  private desc(id: number): SlotDesc | undefined {
-    return this.publisher.current.slots.find((s) => s.slot === id);
+  countWriteProtected(pages: number): void {
+    this.vmStats.add(S_WRITE_PROTECTED, pages);
   }
 
-  private unmapGfns(gfn: number, npages: number): void {
+  unmapGfns(gfn: number, npages: number): void {
     const { pgt } = this.h;
     this.lock.exclusiveLock();
     try {
@@ -252,19 +182,11 @@ export class SoftVm implements Vm, DirtyLogMmu {
     }
   }
 
-  /** mmu notifier: host [start, end) is going away; drop every stage-2 mapping of it first. */
+  /** mmu notifier: host [start, end) is going away. */
   private onHostInvalidate(start: number, end: number): void {
     if (this.destroyed || !this.host || this.host.pgt.destroyed) return;
     this.vmStats.add(S_NOTIFIER_INVALIDATIONS, 1);
-    for (const s of this.slotSet.slots) {
-      const sEnd = s.userspaceAddr + s.npages * PAGE_SIZE;
-      const lo = Math.max(start, s.userspaceAddr);
-      const hi = Math.min(end, sEnd);
-      if (lo >= hi) continue;
-      const first = s.baseGfn + Math.floor((lo - s.userspaceAddr) / PAGE_SIZE);
-      const last = s.baseGfn + Math.ceil((hi - s.userspaceAddr) / PAGE_SIZE);
-      this.unmapGfns(first, last - first);
-    }
+    this.slots.onHostInvalidate(start, end);
   }
 
   // ---- DirtyLogMmu ----
@@ -281,7 +203,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
   // ---- dirty log ----
 
   private loggingSlot(slot: number): SlotDesc {
-    const d = this.desc(slot);
+    const d = this.slots.desc(slot);
     if (!d) throw new DirtyLogError('ENOENT', `no memslot ${slot}`);
     return d;
   }
@@ -309,7 +231,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
     let done = 0;
     while (done < length) {
       const at = gpa + done;
-      const s = this.slotSet.findByGfn(Math.floor(at / PAGE_SIZE));
+      const s = this.slots.set.findByGfn(Math.floor(at / PAGE_SIZE));
       if (!s) throw new SoftVmError(`gpa 0x${at.toString(16)} is in no memslot`);
       const slotEnd = (s.baseGfn + s.npages) * PAGE_SIZE;
       const n = Math.min(length - done, slotEnd - at);
@@ -346,9 +268,9 @@ export class SoftVm implements Vm, DirtyLogMmu {
         mm: mm.shared,
         pgt: pgt.shared,
         lock: this.lock.shared,
-        inval: this.inval.sab,
+        inval: this.slots.inval.sab,
       },
-      this.publisher,
+      this.slots.publisher,
     );
   }
 
@@ -431,7 +353,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
     out.deviceLeaves = device;
     out.tablePages = this.host ? this.host.pgt.liveTablePages() : 0;
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
-    out.memslotGeneration = this.publisher.current.gen;
+    out.memslotGeneration = this.slots.publisher.current.gen;
     return out;
   }
 
@@ -440,7 +362,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
     if (this.mainFaults) return this.mainFaults;
     const { mem, mm, pgt } = this.h;
     const lookup = new SlotLookup();
-    const pub = this.publisher;
+    const pub = this.slots.publisher;
     const src: SlotSource = {
       readLock: () => {
         lookup.set(pub.current.slots);
@@ -452,7 +374,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
         return lookup;
       },
     };
-    this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.inval, this.vmStats);
+    this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats);
     return this.mainFaults;
   }
 
@@ -468,7 +390,7 @@ export class SoftVm implements Vm, DirtyLogMmu {
     try {
       await this.threads?.stop();
     } finally {
-      this.publisher.close();
+      this.slots.close();
       if (this.host) {
         const { mm, pgt } = this.host;
         this.lock.onExclusiveUnlock = undefined;
