@@ -352,6 +352,14 @@ export class SoftVm implements Vm, MemslotMmu {
     out.writableLeaves = writable;
     out.deviceLeaves = device;
     out.tablePages = this.host ? this.host.pgt.liveTablePages() : 0;
+    if (this.host && typeof this.host.pgt.stats === 'function') {
+      const ps = this.host.pgt.stats();
+      out.pgtableBreaks = ps.breaks;
+      out.pgtableBlockSplits = ps.blockSplits;
+      out.pgtableCollapses = ps.collapses;
+      out.pgtableTablesRetired = ps.tablesRetired;
+      out.pgtableMapEagain = ps.mapEagain;
+    }
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
     out.memslotGeneration = this.slots.publisher.current.gen;
     return out;
