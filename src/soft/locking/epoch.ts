@@ -172,13 +172,19 @@ export class EpochDomain {
     Atomics.add(this.w, G_EPOCH, 1);
     const min = this.minActiveEpoch();
     let freed = 0;
+    let failure: unknown;
     let id = Atomics.exchange(this.w, G_HEAD, NIL);
     while (id !== NIL) {
       const next = Atomics.load(this.w, this.nextBase + id);
       if (Atomics.load(this.w, this.epochBase + id) < min) {
         Atomics.sub(this.w, G_PENDING, 1);
         Atomics.add(this.w, G_FREED, 1);
-        this.freeRetired(id, Atomics.load(this.w, this.tagBase + id));
+        // One failing free (a bug the callback detected) must not lose the rest of the list.
+        try {
+          this.freeRetired(id, Atomics.load(this.w, this.tagBase + id));
+        } catch (e) {
+          failure ??= e;
+        }
         freed++;
       } else {
         this.push(id);
@@ -196,6 +202,7 @@ export class EpochDomain {
       this.localCallbacks.push(...keep);
       for (const fn of run) fn();
     }
+    if (failure !== undefined) throw failure;
     return freed;
   }
 

@@ -114,6 +114,18 @@ for (const shared of [true, false]) {
   results.writeProtectNsPer4k = median(runs);
 }
 
+// --- writeProtect of single random pages (a clear-dirty-log run of one page).
+{
+  const runs: number[] = [];
+  for (let r = 0; r < REPS; r++) {
+    for (let g = 0; g < PAGES; g++) pgt.relaxPerms(g, PROT_W, false);
+    runs.push(timeNs(() => {
+      for (let i = 0; i < PAGES; i++) pgt.writeProtect(gfns[i]!, 1);
+    }) / PAGES);
+  }
+  results.writeProtectNsSinglePage = median(runs);
+}
+
 // --- split of 2M blocks into 4K pages, per block.
 {
   const runs: number[] = [];

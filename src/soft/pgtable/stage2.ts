@@ -31,7 +31,7 @@
 
 import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_W, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
 import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
 import { LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
 import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker } from './walker.ts';
@@ -102,6 +102,8 @@ export class Stage2Error extends Error {
 
 const CTL_ROOT = 0;
 const NOT_HANDLED = 1;
+/** Up to this many pages, writeProtect looks pages up one by one instead of walking. */
+const WRPROT_FAST_PAGES = 16;
 const CTL_DESTROYED = 1;
 // Event counters (Atomics.add, slow paths only), see Stage2Stats.
 const CTL_STATS = 4;
@@ -377,10 +379,45 @@ export class Stage2PageTable implements Stage2Env {
    * caller flushes TLBs for the range when the count is non-zero. Locking: see file header.
    */
   writeProtect(startGfn: number, npages: number, shared = false): number {
+    if (npages <= WRPROT_FAST_PAGES) return this.writeProtectFew(startGfn, npages, shared);
     const v = this.wrprotVisitor;
     v.changed = 0;
     this.runWalk(startGfn, npages, v, WALK_LEAF, shared);
     return v.changed;
+  }
+
+  /** writeProtect for a few pages (clear-dirty-log runs): a lookup per page, no walker. */
+  private writeProtectFew(startGfn: number, npages: number, shared: boolean): number {
+    if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
+    const out = this.relaxOut;
+    const w = this.words;
+    const end = startGfn + npages;
+    let changed = 0;
+    if (shared) this.epoch.readLock(this.rcuSlot);
+    try {
+      for (let g = startGfn; g < end; ) {
+        let old = this.getLeaf(g, out);
+        while ((old & PTE_W) !== 0) {
+          if (!shared) {
+            Atomics.store(w, out.ptep, old & ~PTE_W);
+            changed++;
+            break;
+          }
+          const seen = Atomics.compareExchange(w, out.ptep, old, old & ~PTE_W);
+          if (seen === old) {
+            changed++;
+            break;
+          }
+          old = (seen & PTE_TYPE_MASK) === PTE_TYPE_LEAF ? seen : 0;
+        }
+        // A block is done once: go to the entry after it.
+        const pages = LEVEL_PAGES[out.level]!;
+        g = Math.floor(g / pages) * pages + pages;
+      }
+    } finally {
+      if (shared) this.epoch.readUnlock(this.rcuSlot);
+    }
+    return changed;
   }
 
   /**

@@ -313,3 +313,41 @@ describe('Stage2PageTable stats', () => {
     pgt.destroy();
   });
 });
+
+describe('writeProtect of a few pages (the per-page lookup path)', () => {
+  it('clears W exactly on the leaves overlapping the range and counts them, on random layouts', () => {
+    let seed = 12345;
+    const rnd = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      return seed % n;
+    };
+    const out = newLeafLookup();
+    for (let round = 0; round < 30; round++) {
+      const { pgt } = mk();
+      for (let i = 0; i < 60; i++) {
+        const level = rnd(10) === 0 ? 2 : 3;
+        const gfn = level === 2 ? rnd(8) * M2 : rnd(8 * M2);
+        pgt.map(gfn, level, gfn + 4 * M2, rnd(2) ? PROT_RW : PROT_R, false);
+      }
+      const start = rnd(8 * M2 - 20);
+      const n = 1 + rnd(16);
+      const before: number[] = [];
+      for (let g = 0; g < 8 * M2; g++) before.push(pgt.getLeaf(g, out));
+      // Expected: leaves (blocks once) overlapping [start, start+n) that are writable.
+      let expected = 0;
+      pgt.forEachLeaf(start, n, (_g, _l, pte) => {
+        if (pteWritable(pte)) expected++;
+      });
+      expect(pgt.writeProtect(start, n, rnd(2) === 1)).toBe(expected);
+      const touched = new Set<number>();
+      pgt.forEachLeaf(start, n, (g, l) => touched.add(g - (g % [0, G1, M2, 1][l]!)));
+      for (let g = 0; g < 8 * M2; g++) {
+        const pte = pgt.getLeaf(g, out);
+        const first = g - (g % [0, G1, M2, 1][out.level]!);
+        if (touched.has(first)) expect(pte).toBe(before[g]! & ~PROT_W);
+        else expect(pte).toBe(before[g]);
+      }
+      pgt.destroy();
+    }
+  });
+});
