@@ -22,6 +22,13 @@ export const PASS_DONE = 0;
 export const PASS_INTERRUPTED = 1;
 export const PASS_EXIT = 2;
 
+/**
+ * The vCPU looks at its request word every 32 accesses (and on every guest entry, i.e. after
+ * every fault that left guest mode). A flusher waits for the acknowledgement, so a request only
+ * waits up to 32 accesses longer; no access after the flush returns can use a stale entry.
+ */
+const REQUEST_CHECK_MASK = 31;
+
 const KIND_SEQUENTIAL = 0;
 const KIND_RANDOM = 1;
 const KIND_IDLE = 2;
@@ -88,7 +95,7 @@ export class Interpreter {
     const hi = this.hi;
     const pages = this.pages;
     for (let p = this.pos; p < pages; p++) {
-      if (a.checkRequests()) {
+      if ((p & REQUEST_CHECK_MASK) === 0 && a.checkRequests()) {
         this.pos = p;
         return PASS_INTERRUPTED;
       }
@@ -107,7 +114,7 @@ export class Interpreter {
     const pages = this.pages;
     const rng = this.rng;
     for (let p = this.pos; p < pages; p++) {
-      if (a.checkRequests()) {
+      if ((p & REQUEST_CHECK_MASK) === 0 && a.checkRequests()) {
         this.pos = p;
         return PASS_INTERRUPTED;
       }
@@ -130,7 +137,7 @@ export class Interpreter {
     const rng = this.rng;
     const wp = this.writePercent;
     for (let p = this.pos; p < pages; p++) {
-      if (a.checkRequests()) {
+      if ((p & REQUEST_CHECK_MASK) === 0 && a.checkRequests()) {
         this.pos = p;
         return PASS_INTERRUPTED;
       }

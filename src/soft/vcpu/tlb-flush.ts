@@ -4,14 +4,16 @@
 // entry filled before the call started. Protocol over the control block (see control.ts):
 // - flusher: gen = ++G_FLUSH_GEN; ++G_REQ; then for every other vCPU wait until it is outside
 //   guest mode (V_MODE) or has acknowledged gen (V_FLUSH_ACK >= gen).
-// - vCPU: before every guest access it compares G_REQ with the value it last handled; on a
-//   change it empties its TLB and stores V_FLUSH_ACK = G_FLUSH_GEN. On guest entry it stores
-//   V_MODE = IN_GUEST first and then does the same check, so a vCPU the flusher skipped because
-//   it was outside guest mode cannot re-enter with stale entries (Dekker pair, seq-cst Atomics).
-// - An access in progress when the flusher bumps the generation completes before the vCPU
+// - vCPU: every few guest accesses (interpreter.ts) it compares G_REQ with the value it last
+//   handled; on a change it empties its TLB and stores V_FLUSH_ACK = G_FLUSH_GEN. Until it does,
+//   the flusher waits: every access with a stale entry happens before the flush returns. On
+//   guest entry it stores V_MODE = IN_GUEST first and then does the same check, so a vCPU the
+//   flusher skipped because it was outside guest mode cannot re-enter with stale entries
+//   (Dekker pair, seq-cst Atomics).
+// - Accesses in progress when the flusher bumps the generation complete before the vCPU
 //   acknowledges, i.e. before flushRemoteTlbs returns; that is the same window hardware has
 //   between a PTE update and the TLBI completing, and callers order their work accordingly
-//   (dirty bits are harvested before write-protecting, see dirty/log.ts).
+//   (dirty bits are harvested before write-protecting, see dirty/dirty-log.ts).
 // A flusher never holds anything a vCPU in guest mode waits for: a vCPU leaves guest mode before
 // it blocks on the MMU lock (in guest mode it only try-locks, for the write-protect fast path,
 // and never waits), so a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
