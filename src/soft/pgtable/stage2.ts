@@ -33,10 +33,15 @@ import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_W, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
 import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
-import { LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
-import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker } from './walker.ts';
+import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
+import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
 
-export { EAGAIN, ENOMEM, OK } from './walker.ts';
+export { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
+
+/** kvm_pgtable_walk(pgt, addr, size, walker) in this project's units (see Stage2PageTable.walk). */
+export function walk(pgt: Stage2PageTable, startGfn: number, npages: number, visitor: Visitor, flags: number): number {
+  return pgt.walk(startGfn, npages, visitor, flags);
+}
 
 /** Out-parameter of getLeaf: where the lookup stopped. */
 export interface LeafLookup {
@@ -127,7 +132,6 @@ export class Stage2PageTable implements Stage2Env {
   private readonly wrprotVisitor = new WriteProtectVisitor();
   private readonly splitVisitor: SplitVisitor;
   private readonly unmapVisitor: UnmapVisitor;
-  private readonly leafIter = new LeafIterVisitor();
   private retiredSinceReclaim = false;
   /** Whether the last map()/collapse() changed the table (false: the mapping was already there). */
   lastMapChanged = false;
@@ -449,17 +453,52 @@ export class Stage2PageTable implements Stage2Env {
     rem.length = 0;
   }
 
-  /** Call fn(gfn, level, pte) for every leaf in range, in gfn order (RCU-protected). */
+  /**
+   * Call fn(gfn, level, pte) for every leaf in range, in gfn order (RCU-protected; any lock or
+   * none). fn may call other methods of this table.
+   */
   forEachLeaf(startGfn: number, npages: number, fn: (gfn: number, level: number, pte: number) => void): void {
-    this.leafIter.fn = fn;
-    this.epoch.readLock(this.rcuSlot);
+    const v = new LeafIterVisitor();
+    v.fn = fn;
+    this.walk(startGfn, npages, v, WALK_LEAF | WALK_SHARED);
+  }
+
+  /**
+   * Table entries (level 1 or 2) whose subtree maps one naturally aligned, physically contiguous
+   * range with one set of attributes: every entry of the child table is a leaf, pfn i = pfn0 + i
+   * * size, same R/W/DEVICE bits. Such a table can be collapsed into one block (collapse(gfn,
+   * level, pfn0, prot)) without resolving any pfn again. fn(gfn, level, pfn0, prot) runs inside
+   * the walk (RCU-protected); collapse after the walk, under the MMU lock, and expect EAGAIN if
+   * the table changed meanwhile.
+   */
+  forEachCollapsible(startGfn: number, npages: number, fn: (gfn: number, level: number, pfn: number, prot: number) => void): void {
+    const v = new CollapsibleVisitor();
+    v.fn = fn;
+    this.walk(startGfn, npages, v, WALK_TABLE_POST | WALK_SHARED);
+  }
+
+  /**
+   * The generic walker over this table (kvm_pgtable_walk): visitor.visit(ctx, kind) for the
+   * entries covering [startGfn, startGfn+npages) as `flags` (WALK_LEAF / TABLE_PRE / TABLE_POST
+   * / SHARED / HANDLE_FAULT) ask. With WALK_SHARED the walk runs in this thread's RCU read
+   * section and a visitor must change entries only by ctx.tryPte (cmpxchg) under the MMU read
+   * lock; without it the caller must hold the MMU lock for write. Re-entrant: each nested walk
+   * gets its own Walker.
+   */
+  walk(startGfn: number, npages: number, visitor: Visitor, flags: number): number {
+    if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
+    const shared = (flags & WALK_SHARED) !== 0;
+    const walker = this.spareWalkers.pop() ?? new Walker(this.words, this.debug);
+    if (shared) this.epoch.readLock(this.rcuSlot);
     try {
-      this.walker.walk(this.root, 0, startGfn, npages, this.leafIter, WALK_LEAF);
+      return walker.walk(this.root, 0, startGfn, npages, visitor, flags);
     } finally {
-      this.epoch.readUnlock(this.rcuSlot);
-      this.leafIter.fn = () => {};
+      if (shared) this.epoch.readUnlock(this.rcuSlot);
+      this.spareWalkers.push(walker);
+      if (this.retiredSinceReclaim && !this.epoch.inReadSection(this.rcuSlot)) this.reclaim();
     }
   }
+  private readonly spareWalkers: Walker[] = [];
 
   /** Counters of slow-path events since creation (all threads). */
   stats(): Stage2Stats {

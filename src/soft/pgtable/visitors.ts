@@ -14,7 +14,7 @@
 //   stricter translation just faults again and finds the entry already relaxed.
 
 import { Stage2Event, buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MIN_BLOCK_LEVEL, PROT_MASK, PTRS_PER_TABLE, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
 import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
 const SPLIT_RETRIES = 1000;
@@ -223,6 +223,31 @@ export class LeafIterVisitor implements Visitor {
 
   visit(ctx: VisitCtx): number {
     if ((ctx.old & PTE_TYPE_MASK) === PTE_TYPE_LEAF) this.fn(ctx.gfn, ctx.level, ctx.old);
+    return OK;
+  }
+}
+
+/** Finds table entries whose child table maps one contiguous, uniform block (see forEachCollapsible). */
+export class CollapsibleVisitor implements Visitor {
+  fn: (gfn: number, level: number, pfn: number, prot: number) => void = () => {};
+
+  visit(ctx: VisitCtx, kind: number): number {
+    if (kind !== WALK_TABLE_POST || ctx.level < MIN_BLOCK_LEVEL || ctx.level >= LAST_LEVEL) return OK;
+    const old = ctx.load();
+    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return OK;
+    const words = ctx.words;
+    const base = (old >>> 5) * PTRS_PER_TABLE;
+    const first = Atomics.load(words, base);
+    if ((first & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
+    const step = LEVEL_PAGES[ctx.level + 1]!;
+    const pfn0 = first >>> 5;
+    if (pfn0 % LEVEL_PAGES[ctx.level]! !== 0) return OK;
+    const attrs = first & 0x1f;
+    for (let i = 1; i < PTRS_PER_TABLE; i++) {
+      const pte = Atomics.load(words, base + i);
+      if ((pte & 0x1f) !== attrs || pte >>> 5 !== pfn0 + i * step) return OK;
+    }
+    this.fn(ctx.gfn, ctx.level, pfn0, attrs & PROT_MASK);
     return OK;
   }
 }

@@ -351,3 +351,33 @@ describe('writeProtect of a few pages (the per-page lookup path)', () => {
     }
   });
 });
+
+describe('forEachCollapsible and the public walk', () => {
+  it('finds fully populated, contiguous, uniform tables and nothing else', () => {
+    const { pgt } = mk();
+    // 2M at gfn 0: 512 contiguous RW pages -> collapsible.
+    for (let i = 0; i < M2; i++) pgt.map(i, 3, 4 * M2 + i, PROT_RW, false);
+    // 2M at M2: one page missing.
+    for (let i = 1; i < M2; i++) pgt.map(M2 + i, 3, 8 * M2 + i, PROT_RW, false);
+    // 2M at 2*M2: one page read-only.
+    for (let i = 0; i < M2; i++) pgt.map(2 * M2 + i, 3, 12 * M2 + i, i === 7 ? PROT_R : PROT_RW, false);
+    // 2M at 3*M2: contiguous but the first pfn is not 2M-aligned.
+    for (let i = 0; i < M2; i++) pgt.map(3 * M2 + i, 3, 16 * M2 + 1 + i, PROT_RW, false);
+    // 1G at G1: 512 contiguous 2M blocks -> collapsible at level 1.
+    for (let i = 0; i < 512; i++) pgt.map(G1 + i * M2, 2, 2 * G1 + i * M2, PROT_R, false);
+    const found: number[][] = [];
+    pgt.forEachCollapsible(0, 2 * G1, (gfn, level, pfn, prot) => found.push([gfn, level, pfn, prot]));
+    expect(found).toEqual([[0, 2, 4 * M2, PROT_RW], [G1, 1, 2 * G1, PROT_R]]);
+    // Collapsing from inside the callback is allowed (re-entrant walks) and works.
+    pgt.forEachCollapsible(0, 2 * G1, (gfn, level, pfn, prot) => {
+      expect(pgt.collapse(gfn, level as 1 | 2, pfn, prot, true)).toBe(OK);
+    });
+    const out = newLeafLookup();
+    expect(pgt.translate(5, out)).toBe(4 * M2 + 5);
+    expect(out.level).toBe(2);
+    expect(pgt.translate(G1 + 3 * M2 + 1, out)).toBe(2 * G1 + 3 * M2 + 1);
+    expect(out.level).toBe(1);
+    pgt.destroy();
+    expect(pgt.liveTablePages()).toBe(0);
+  });
+});
