@@ -9,13 +9,13 @@ import type { Command } from 'commander';
 import { openEngine } from '../vmm/factory.ts';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
-import { connectTcpLink } from '../migration/tcp-link.ts';
+import { connectLink, DEFAULT_TRANSPORT, type TransportKind } from '../migration/transports.ts';
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
 import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { addCommonOptions, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
-import { parseHostPort, type ReceiveReport } from './receive.ts';
+import { parseHostPort, parseTransport, type ReceiveReport } from './receive.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -27,6 +27,7 @@ export interface MigrateOptions extends CommonOptions {
   autoConverge: boolean;
   warmupMs: number;
   destRunMs: number;
+  transport: TransportKind;
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -46,14 +47,14 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, child?: ChildProcess): Promise<SourceLink> {
+async function connectWithRetry(transport: TransportKind, host: string, port: number, channels: number, timeoutMs: number, child?: ChildProcess): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
     try {
-      return await connectTcpLink({ host, port, channels });
+      return await connectLink(transport, { host, port, channels });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
-      if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED/.test((e as Error).message)) throw e;
+      if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
       await sleep(50);
     }
   }
@@ -67,7 +68,7 @@ interface LocalReceiver {
 }
 
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
-  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json', '--run-ms', String(opts.destRunMs)];
+  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--transport', opts.transport, '--json', '--run-ms', String(opts.destRunMs)];
   // Detached: a terminal ^C reaches the source only, which cancels; the receiver then sees the
   // connection drop and discards everything itself.
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -123,7 +124,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
       log(`destination: receiver process ${receiver.child.pid} on ${host}:${port}`);
     }
     const port = receiver ? receiver.port : opts.to!.port;
-    const linkP = connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
+    const linkP = connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
     await Promise.all([linkP, sleep(opts.warmupMs)]);
     const link = await linkP;
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
@@ -181,6 +182,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-bandwidth <size>', 'bytes per second on the link (accepts 64M); 0 = unlimited', parseSize, 0)
     .option('--downtime-limit <ms>', 'largest acceptable downtime, ms', (t) => Number(t), DEFAULT_DOWNTIME_LIMIT_MS)
     .option('--channels <n>', 'TCP connections to spread pages over', parsePositiveInt, 1)
+    .option('--transport <kind>', 'tcp (own framing, round acks) | wire (versioned stream); the receiver must match', parseTransport, DEFAULT_TRANSPORT)
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--no-auto-converge', 'never throttle the vCPUs (auto-converge is on by default)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)

@@ -14,6 +14,8 @@ export interface MigrationSlot {
   flags: number;
   guestPhysAddr: number;
   memorySize: number;
+  /** memorySize / 4096 (the stream format's layout check reads it). */
+  pages: number;
   internal: boolean;
   backing: Backing;
 }
@@ -43,6 +45,7 @@ export function describeVm(vm: Vm, workload: WorkloadSpec, backing: Backing): Mi
     flags: s.flags & ~KVM_MEM_LOG_DIRTY_PAGES,
     guestPhysAddr: s.guestPhysAddr,
     memorySize: s.memorySize,
+    pages: s.memorySize / PAGE_SIZE,
     internal: s.internal,
     backing: s.internal ? ('anonymous' as Backing) : backing,
   }));
@@ -71,7 +74,7 @@ export function checkConfig(cfg: MigrationConfig, engine: Engine, limits: HostLi
   if (cfg.ramBytes > limits.maxRamBytes) throw new IncompatibleConfigError(`${cfg.ramBytes} bytes of guest RAM, this receiver accepts at most ${limits.maxRamBytes}`);
   if (cfg.vmConfig.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new IncompatibleConfigError('the source uses manual dirty-log protect, this engine lacks it');
   for (const s of cfg.memslots) {
-    if (s.memorySize % PAGE_SIZE || s.guestPhysAddr % PAGE_SIZE || s.memorySize <= 0) throw new IncompatibleConfigError(`memslot ${s.slot} is not page aligned`);
+    if (s.memorySize % PAGE_SIZE || s.guestPhysAddr % PAGE_SIZE || s.memorySize <= 0 || s.pages !== s.memorySize / PAGE_SIZE) throw new IncompatibleConfigError(`memslot ${s.slot} is not page aligned`);
     if (!s.internal && !caps.backings.includes(s.backing)) throw new IncompatibleConfigError(`memslot ${s.slot} needs ${s.backing} backing, this host offers ${caps.backings.join(', ')}`);
   }
   const sum = cfg.memslots.reduce((a, s) => a + s.memorySize, 0);

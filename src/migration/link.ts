@@ -38,6 +38,8 @@ export type DestRecord =
 
 export interface SourceLink {
   readonly channels: number;
+  /** The destination answers every completed round with SYNCED. */
+  readonly acksRounds: boolean;
   /** Queue a record on `channel` (default 0). Resolves when the channel can take more. */
   send(record: SourceRecord, channel?: number): Promise<void>;
   /** The next record from the destination; rejects when the connection drops. */

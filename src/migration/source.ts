@@ -252,7 +252,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     await throttle.stop();
     // Pause only once the destination has applied what is in flight: otherwise the downtime
     // would include draining the socket buffers.
-    await caughtUp(round);
+    if (link.acksRounds) await caughtUp(round);
     const tPause = now();
     await vm.pause();
     paused = true;

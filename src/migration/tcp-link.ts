@@ -226,6 +226,7 @@ function connectOne(host: string, port: number): Promise<Socket> {
 }
 
 class TcpSourceLink implements SourceLink {
+  readonly acksRounds = true;
   private sent = 0;
   private replies: DestRecord[] = [];
   private waiters: { resolve: (r: DestRecord) => void; reject: (e: Error) => void }[] = [];

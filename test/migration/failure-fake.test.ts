@@ -6,7 +6,7 @@ import { FakeEngine, type FakeVm } from './fake-engine.ts';
 import { createSourceVm } from '../../src/migration/source-vm.ts';
 import { KVM_MEM_LOG_DIRTY_PAGES } from '../../src/vmm/engine.ts';
 import { MigrationLinkError } from '../../src/migration/link.ts';
-import { connectTcpLink, listenTcpLink } from '../../src/migration/tcp-link.ts';
+import { connectLink, listenLink } from '../../src/migration/transports.ts';
 import { migrateVm } from '../../src/migration/source.ts';
 import { receiveMigration } from '../../src/migration/destination.ts';
 import { checkSequentialMemory, migrateInProcess } from './helpers.ts';
@@ -29,12 +29,14 @@ async function expectSourceIntact(vm: FakeVm, spec: Parameters<typeof checkSeque
   await vm.destroy();
 }
 
-describe('pre-copy failures (fake engine)', () => {
+for (const transport of ['tcp', 'wire'] as const)
+describe(`pre-copy failures (fake engine, ${transport} transport)`, () => {
   for (const phase of ['setup', 'bulk', 'iterative', 'stop-and-copy'] as const) {
     it(`a connection dropped during ${phase} leaves the source running, intact, logging off`, async () => {
       const { vm, spec } = await dirtyingVm();
       const { stats, dest, destError } = await migrateInProcess(vm, engine, {
         workload: spec,
+        transport,
         downtimeLimitMs: 0,
         maxRounds: 3,
         onPhase: (p, link) => {
@@ -42,7 +44,7 @@ describe('pre-copy failures (fake engine)', () => {
         },
       });
       expect(stats.status).toBe('failed');
-      expect(stats.error).toMatch(/injected drop|closed|dropped/);
+      expect(stats.error).toMatch(/injected drop|closed|dropped|lost|reset/);
       expect(stats.sourceIntact).toBe(true);
       expect(stats.verified).toBe(false);
       expect(dest).toBeNull();
@@ -56,6 +58,7 @@ describe('pre-copy failures (fake engine)', () => {
     const ac = new AbortController();
     const { stats, destError } = await migrateInProcess(vm, engine, {
       workload: spec,
+      transport,
       downtimeLimitMs: 0,
       maxRounds: 50,
       signal: ac.signal,
@@ -73,7 +76,7 @@ describe('pre-copy failures (fake engine)', () => {
     const hashes: string[] = [];
     for (const channels of [1, 3]) {
       const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 2 << 20, backing: 'anonymous', workload: 'idle' });
-      const { stats, dest } = await migrateInProcess(vm, engine, { workload: spec, channels });
+      const { stats, dest } = await migrateInProcess(vm, engine, { workload: spec, channels, transport });
       expect(stats.status).toBe('completed');
       expect(stats.verified).toBe(true);
       expect(stats.params.channels).toBe(channels);
@@ -85,7 +88,7 @@ describe('pre-copy failures (fake engine)', () => {
 
   it('three channels with a dirtying guest verify', async () => {
     const { vm, spec } = await dirtyingVm();
-    const { stats, dest } = await migrateInProcess(vm, engine, { workload: spec, channels: 3, downtimeLimitMs: 0, maxRounds: 4 });
+    const { stats, dest } = await migrateInProcess(vm, engine, { workload: spec, channels: 3, transport, downtimeLimitMs: 0, maxRounds: 4 });
     expect(stats.status).toBe('completed');
     expect(stats.verified).toBe(true);
     expect(stats.rounds.length).toBeGreaterThanOrEqual(3);
@@ -94,10 +97,10 @@ describe('pre-copy failures (fake engine)', () => {
 
   it('the receiver rejects a config it cannot host, with a clear error; the source stays intact', async () => {
     const { vm, spec } = await dirtyingVm();
-    const listener = await listenTcpLink({ host: '127.0.0.1', port: 0 });
+    const listener = await listenLink(transport, { host: '127.0.0.1', port: 0 });
     const destP = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => engine, limits: { maxRamBytes: 1 << 20 } }));
     const destResult = destP.then(() => null, (e: Error) => e);
-    const link = await connectTcpLink({ host: '127.0.0.1', port: listener.port, channels: 1 });
+    const link = await connectLink(transport, { host: '127.0.0.1', port: listener.port, channels: 1 });
     const stats = await migrateVm(vm, link, { workload: spec, backing: 'anonymous' });
     listener.close();
     expect(stats.status).toBe('failed');

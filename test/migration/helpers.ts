@@ -2,7 +2,7 @@
 // loopback TCP, and check guest memory against the workload spec.
 import { PAGE_SIZE, type Engine, type Vm } from '../../src/vmm/engine.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../../src/guest/workload.ts';
-import { connectTcpLink, listenTcpLink } from '../../src/migration/tcp-link.ts';
+import { connectLink, listenLink, type TransportKind } from '../../src/migration/transports.ts';
 import { migrateVm, type PrecopyOptions } from '../../src/migration/source.ts';
 import { receiveMigration, type ReceiveResult } from '../../src/migration/destination.ts';
 import type { SourceLink } from '../../src/migration/link.ts';
@@ -18,16 +18,17 @@ export interface PairResult {
 export async function migrateInProcess(
   vm: Vm,
   destEngine: Engine,
-  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; wrapLink?: (l: SourceLink) => SourceLink },
+  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; transport?: TransportKind; wrapLink?: (l: SourceLink) => SourceLink },
 ): Promise<PairResult> {
-  const listener = await listenTcpLink({ host: '127.0.0.1', port: 0 });
+  const transport = opts.transport ?? 'tcp';
+  const listener = await listenLink(transport, { host: '127.0.0.1', port: 0 });
   try {
     const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true }));
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),
       (e: Error) => ({ dest: null, destError: e }),
     );
-    const raw = await connectTcpLink({ host: '127.0.0.1', port: listener.port, channels: opts.channels ?? 1 });
+    const raw = await connectLink(transport, { host: '127.0.0.1', port: listener.port, channels: opts.channels ?? 1 });
     const link = opts.wrapLink ? opts.wrapLink(raw) : raw;
     const stats = await migrateVm(vm, link, { ...opts, backing: 'anonymous' });
     const { dest, destError } = await destP;
