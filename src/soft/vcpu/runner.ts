@@ -22,6 +22,7 @@ import {
   G_ALLOWANCE,
   G_EXIT,
   G_FLUSH_GEN,
+  G_FLUSH_WAITERS,
   G_KICK,
   G_KICK_WAITERS,
   G_PAUSE,
@@ -37,6 +38,7 @@ import {
   V_EXIT_GPA_HI,
   V_EXIT_GPA_LO,
   V_EXIT_REASON,
+  V_FLUSH_ACK,
   V_HALTED,
   V_MODE,
   V_PASSES,
@@ -193,7 +195,13 @@ export class VcpuRunner implements GuestAccess {
 
   exitGuest(): void {
     this.mmu.exitGuest();
+    this.leaveGuestMode();
+  }
+
+  /** V_MODE = OUTSIDE_GUEST, waking a flusher that waits for this vCPU (it no longer needs to). */
+  private leaveGuestMode(): void {
     Atomics.store(this.ctl, this.base + V_MODE, GuestMode_OutsideGuest);
+    if (Atomics.load(this.ctl, G_FLUSH_WAITERS) !== 0) Atomics.notify(this.ctl, this.base + V_FLUSH_ACK);
   }
 
   /**
@@ -269,7 +277,7 @@ export class VcpuRunner implements GuestAccess {
         let p = this.mmu.tryFastWrite(gfn);
         if (p === -2) {
           // Lock busy: a short exit that keeps the RCU read section while we block on it.
-          Atomics.store(ctl, modeWord, GuestMode_OutsideGuest);
+          this.leaveGuestMode();
           p = this.mmu.fastWrite(gfn);
           Atomics.store(ctl, modeWord, GuestMode_InGuest);
           // Guest entry check (Dekker with the flusher, see tlb-flush.ts): if any request came
