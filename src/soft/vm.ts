@@ -407,9 +407,11 @@ export class SoftVm implements Vm, MemslotMmu {
           if (!pgt.destroyed) pgt.destroy();
         } finally {
           this.lock.exclusiveUnlock();
+          // Host memory goes even if the table could not be torn down (a crashed vCPU thread
+          // left its RCU read section open): nothing maps it once the VM is gone.
+          for (const m of this.mappings) mm.munmap(m.hva, m.bytes);
+          this.mappings.length = 0;
         }
-        for (const m of this.mappings) mm.munmap(m.hva, m.bytes);
-        this.mappings.length = 0;
       }
     }
   }
