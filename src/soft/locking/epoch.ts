@@ -16,8 +16,11 @@
 //              readUnlock(): slot = 0
 //   updater:   unlink the object (an Atomics store / compareExchange in the page table), THEN
 //              deferFree(id): epoch[id] = add(global, 1) (the value before); push id.
-//   reclaimer: add(global, 1); min = smallest non-zero slot; every retired id with epoch < min
-//              (or any id when no slot is active) is freed; the rest go back on the list.
+//   reclaimer: add(global, 1); every retired id older than the oldest active slot (or any id
+//              when no slot is active) is freed; the rest go back on the list.
+// Epochs are Int32 and wrap: "older" is decided by age relative to the current epoch
+// ((now - e) | 0), valid while no reader stays in a section across 2^31 epoch advances. 0 means
+// quiescent, so a reader that reads epoch 0 publishes -1 (one older: conservative, never unsafe).
 // Why it is safe: a reader whose slot a reclaimer saw as 0, or as an epoch greater than the
 // id's retire epoch, published its slot after the unlink in the total order of seq-cst atomics,
 // so it cannot reach the unlinked object. Readers read page-table words with plain loads after
@@ -81,11 +84,11 @@ export class EpochDomain {
   }
 
   /** A domain for up to maxSlots reader threads and retired ids in [0, capacity). */
-  static create(opts: { maxSlots: number; capacity: number }, freeRetired: FreeRetired): EpochDomain {
+  static create(opts: { maxSlots: number; capacity: number; initialEpoch?: number }, freeRetired: FreeRetired): EpochDomain {
     const words = HEADER_WORDS + opts.maxSlots * SLOT_STRIDE + opts.maxSlots + 3 * opts.capacity;
     const shared: EpochShared = { sab: new SharedArrayBuffer(words * 4), maxSlots: opts.maxSlots, capacity: opts.capacity };
     const d = new EpochDomain(shared, freeRetired);
-    Atomics.store(d.w, G_EPOCH, 1);
+    Atomics.store(d.w, G_EPOCH, opts.initialEpoch ?? 1);
     Atomics.store(d.w, G_HEAD, NIL);
     return d;
   }
@@ -111,7 +114,8 @@ export class EpochDomain {
   /** Enter a read section (nests). Pointers read after this stay valid until readUnlock. */
   readLock(slot: number): void {
     if (this.depth[slot]!++ === 0) {
-      Atomics.store(this.w, this.slotBase + slot * SLOT_STRIDE, Atomics.load(this.w, G_EPOCH));
+      const e = Atomics.load(this.w, G_EPOCH);
+      Atomics.store(this.w, this.slotBase + slot * SLOT_STRIDE, e === 0 ? -1 : e);
     }
   }
 
@@ -169,14 +173,14 @@ export class EpochDomain {
   reclaim(): number {
     const noWork = Atomics.load(this.w, G_HEAD) === NIL && this.localCallbacks.length === 0;
     if (noWork) return 0;
-    Atomics.add(this.w, G_EPOCH, 1);
-    const min = this.minActiveEpoch();
+    const now = (Atomics.add(this.w, G_EPOCH, 1) + 1) | 0;
+    const oldest = this.oldestActiveAge(now);
     let freed = 0;
     let failure: unknown;
     let id = Atomics.exchange(this.w, G_HEAD, NIL);
     while (id !== NIL) {
       const next = Atomics.load(this.w, this.nextBase + id);
-      if (Atomics.load(this.w, this.epochBase + id) < min) {
+      if (((now - Atomics.load(this.w, this.epochBase + id)) | 0) > oldest) {
         Atomics.sub(this.w, G_PENDING, 1);
         Atomics.add(this.w, G_FREED, 1);
         // One failing free (a bug the callback detected) must not lose the rest of the list.
@@ -195,7 +199,7 @@ export class EpochDomain {
       const keep: { epoch: number; fn: () => void }[] = [];
       const run: (() => void)[] = [];
       for (const cb of this.localCallbacks) {
-        if (cb.epoch < min) run.push(cb.fn);
+        if (((now - cb.epoch) | 0) > oldest) run.push(cb.fn);
         else keep.push(cb);
       }
       this.localCallbacks.length = 0;
@@ -218,7 +222,10 @@ export class EpochDomain {
     const target = Atomics.add(this.w, G_EPOCH, 1);
     const deadline = Date.now() + timeoutMs;
     let sleeper: Int32Array | undefined;
-    for (let spin = 0; this.minActiveEpoch() <= target; spin++) {
+    // Wait until every active reader entered after `target` (age younger than target's).
+    for (let spin = 0; ; spin++) {
+      const now = Atomics.load(this.w, G_EPOCH);
+      if (this.oldestActiveAge(now) < ((now - target) | 0)) break;
       if (Date.now() > deadline) throw new EpochError(`synchronize(): a reader stayed in its read section for ${timeoutMs} ms`);
       if (spin > 100) Atomics.wait((sleeper ??= new Int32Array(new SharedArrayBuffer(4))), 0, 0, 0.05);
     }
@@ -254,13 +261,16 @@ export class EpochDomain {
     return n;
   }
 
-  private minActiveEpoch(): number {
-    let min = Number.MAX_SAFE_INTEGER;
+  /** Largest (now - e) over active slots: the oldest reader's age; -1 when none is active. */
+  private oldestActiveAge(now: number): number {
+    let oldest = -1;
     for (let s = 0; s < this.maxSlots; s++) {
       const e = Atomics.load(this.w, this.slotBase + s * SLOT_STRIDE);
-      if (e !== 0 && e < min) min = e;
+      if (e === 0) continue;
+      const age = (now - e) | 0;
+      if (age > oldest) oldest = age;
     }
-    return min;
+    return oldest;
   }
 
   private push(id: number): void {

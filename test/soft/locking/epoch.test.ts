@@ -85,4 +85,30 @@ describe('EpochDomain', () => {
     d.releaseSlot(s[0]!);
     expect(d.claimSlot()).toBe(s[0]);
   });
+
+  it('keeps grace periods right across the Int32 wrap and epoch 0', () => {
+    for (const start of [2 ** 31 - 3, -3]) {
+      const freed: number[] = [];
+      const d = EpochDomain.create({ maxSlots: 4, capacity: 100, initialEpoch: start }, (id) => freed.push(id));
+      const a = d.claimSlot();
+      const b = d.claimSlot();
+      for (let i = 0; i < 6; i++) {
+        // a enters, an id is retired, b enters later; a holds the id, b does not.
+        d.readLock(a);
+        d.deferFree(i);
+        d.readLock(b);
+        d.reclaim();
+        expect(freed).not.toContain(i);
+        d.readUnlock(a);
+        d.reclaim();
+        expect(freed).toContain(i);
+        d.readUnlock(b);
+      }
+      d.readLock(a);
+      d.deferFree(50);
+      d.readUnlock(a);
+      d.synchronize();
+      expect(freed).toContain(50);
+    }
+  });
 });
