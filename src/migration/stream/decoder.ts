@@ -15,6 +15,7 @@
 
 import {
   MAX_CHANNELS,
+  MAX_DETAILS_BYTES,
   MAX_PAGES_PER_RECORD,
   MigrationStreamError,
   RAM_HEADER_BYTES,
@@ -299,13 +300,23 @@ export class StreamDecoder {
       }
       case RecordType.SYNC:
         return { kind: 'sync', round: dv.getUint32(0, true) };
+      case RecordType.SYNC_ACK:
+        return { kind: 'sync-ack', round: dv.getUint32(0, true) };
       case RecordType.END:
       case RecordType.COMPLETE: {
         const memoryHash = dv.getBigUint64(0, true);
         const pages = dv.getBigUint64(8, true);
         if (pages > BigInt(Number.MAX_SAFE_INTEGER)) this.fail('out-of-range', `${TYPE_NAMES[this.type]} pages ${pages} is not a safe integer`);
-        const kind = this.type === RecordType.END ? 'end' : 'complete';
-        return { kind, memoryHash, pages: Number(pages) };
+        if (this.type === RecordType.END) {
+          if (p.length !== 16) this.fail('bad-length', `END payloadLength ${p.length}, must be 16`);
+          return { kind: 'end', memoryHash, pages: Number(pages) };
+        }
+        if (p.length === 16) return { kind: 'complete', memoryHash, pages: Number(pages) };
+        const details = parseJsonPayload('COMPLETE details', p.subarray(16), MAX_DETAILS_BYTES);
+        if (details === null || typeof details !== 'object' || Array.isArray(details)) {
+          this.fail('bad-json', 'COMPLETE details is not a JSON object');
+        }
+        return { kind: 'complete', memoryHash, pages: Number(pages), details: details as Record<string, unknown> };
       }
       case RecordType.READY:
         return { kind: 'ready' };

@@ -7,6 +7,7 @@
 import {
   KIND_TO_TYPE,
   MAX_CONFIG_BYTES,
+  MAX_DETAILS_BYTES,
   MAX_ERROR_MESSAGE_BYTES,
   MAX_PAGES_PER_RECORD,
   MAX_PAYLOAD_BYTES,
@@ -140,8 +141,9 @@ export function encodeRecord(rec: MigrationRecord, dst: Uint8Array, off: number)
       dv.setUint32(p + 8, rec.count, true);
       return p + 12;
     }
-    case 'sync': {
-      checkU32('SYNC round', rec.round);
+    case 'sync':
+    case 'sync-ack': {
+      checkU32(`${rec.kind.toUpperCase()} round`, rec.round);
       if (room < RECORD_HEADER_BYTES + 4) return -1;
       writeHeader(dv, off, type, 4);
       dv.setUint32(off + RECORD_HEADER_BYTES, rec.round, true);
@@ -152,12 +154,17 @@ export function encodeRecord(rec: MigrationRecord, dst: Uint8Array, off: number)
       if (!Number.isSafeInteger(rec.pages) || rec.pages < 0) {
         throw new MigrationStreamError('out-of-range', `${rec.kind.toUpperCase()} pages = ${rec.pages}: not a count`);
       }
-      if (room < RECORD_HEADER_BYTES + 16) return -1;
-      writeHeader(dv, off, type, 16);
+      const details = rec.kind === 'complete' && rec.details !== undefined
+        ? jsonPayload('COMPLETE details', rec.details, MAX_DETAILS_BYTES)
+        : undefined;
+      const len = 16 + (details?.length ?? 0);
+      if (room < RECORD_HEADER_BYTES + len) return -1;
+      writeHeader(dv, off, type, len);
       const p = off + RECORD_HEADER_BYTES;
       dv.setBigUint64(p, u64(rec.memoryHash), true);
       dv.setBigUint64(p + 8, BigInt(rec.pages), true);
-      return p + 16;
+      if (details) dst.set(details, p + 16);
+      return p + len;
     }
     case 'ready': {
       if (room < RECORD_HEADER_BYTES) return -1;
@@ -216,6 +223,8 @@ export function encodedSize(rec: MigrationRecord): number {
     case 'config': return RECORD_HEADER_BYTES + jsonPayload('CONFIG', rec.config, MAX_CONFIG_BYTES).length;
     case 'vcpu-state': return RECORD_HEADER_BYTES + jsonPayload('VCPU_STATE', rec.state, MAX_PAYLOAD_BYTES).length;
     case 'error': return RECORD_HEADER_BYTES + 4 + errorText(rec.message).length;
+    case 'complete':
+      return RECORD_HEADER_BYTES + 16 + (rec.details === undefined ? 0 : jsonPayload('COMPLETE details', rec.details, MAX_DETAILS_BYTES).length);
     default: {
       const scratch = new Uint8Array(64);
       return encodeRecord(rec, scratch, 0);

@@ -31,9 +31,11 @@
 //  8    VCPU_STATE       S>D  UTF-8 JSON (engine-opaque vCPU state)                   1..MAX_PAYLOAD_BYTES
 //  9    END              S>D  0:8 memoryHash, 8:8 pages                               16
 //  16   READY            D>S  (empty): destination is set up and accepts pages        0
-//  17   COMPLETE         D>S  0:8 memoryHash, 8:8 pages (hash of what it wrote)       16
+//  17   COMPLETE         D>S  0:8 memoryHash, 8:8 pages (hash of what it wrote),      16..16+MAX_DETAILS_BYTES
+//                             16: optional UTF-8 JSON object with more details
 //  18   ERROR            both 0:2 code, 2:2 reserved, 4: UTF-8 message               4..4+MAX_ERROR_MESSAGE_BYTES
 //  19   POSTCOPY_REQUEST D>S  0:4 slot, 4:4 page, 8:4 count (reserved for post-copy)  12
+//  20   SYNC_ACK         D>S  0:4 round: every page of rounds <= round is applied     4
 //
 // RAM and ZERO carry 1..MAX_PAGES_PER_RECORD pages; [firstPage, firstPage+count) must lie inside
 // the memslot `slot` announced by CONFIG. Every length, slot, page and count is checked before a
@@ -60,6 +62,8 @@ export const MAX_PAYLOAD_BYTES = RAM_HEADER_BYTES + MAX_PAGES_PER_RECORD * STREA
 export const MAX_CONFIG_BYTES = 1 << 20;
 export const MAX_ERROR_MESSAGE_BYTES = 4096;
 export const MAX_CHANNELS = 64;
+/** Bound on COMPLETE's optional JSON details. */
+export const MAX_DETAILS_BYTES = 64 * 1024;
 
 /** Capability bits offered in HELLO and accepted in HELLO_ACK. */
 export const CAP_LZ4 = 1 << 0;
@@ -82,6 +86,7 @@ export const RecordType = {
   COMPLETE: 17,
   ERROR: 18,
   POSTCOPY_REQUEST: 19,
+  SYNC_ACK: 20,
 } as const;
 
 export const RamEncoding = { RAW: 0, LZ4: 1 } as const;
@@ -106,9 +111,11 @@ export interface SyncRecord { kind: 'sync'; round: number }
 export interface VcpuStateRecord { kind: 'vcpu-state'; state: unknown }
 export interface EndRecord { kind: 'end'; memoryHash: bigint; pages: number }
 export interface ReadyRecord { kind: 'ready' }
-export interface CompleteRecord { kind: 'complete'; memoryHash: bigint; pages: number }
+/** `details`: optional JSON object (the destination's report); absent when none was sent. */
+export interface CompleteRecord { kind: 'complete'; memoryHash: bigint; pages: number; details?: Record<string, unknown> }
 export interface ErrorRecord { kind: 'error'; code: number; message: string }
 export interface PostcopyRequestRecord { kind: 'postcopy-request'; slot: number; page: number; count: number }
+export interface SyncAckRecord { kind: 'sync-ack'; round: number }
 
 export type MigrationRecord =
   | HelloRecord
@@ -123,7 +130,8 @@ export type MigrationRecord =
   | ReadyRecord
   | CompleteRecord
   | ErrorRecord
-  | PostcopyRequestRecord;
+  | PostcopyRequestRecord
+  | SyncAckRecord;
 
 export type RecordKind = MigrationRecord['kind'];
 
@@ -147,6 +155,7 @@ export const KIND_TO_TYPE: Record<RecordKind, number> = {
   complete: RecordType.COMPLETE,
   error: RecordType.ERROR,
   'postcopy-request': RecordType.POSTCOPY_REQUEST,
+  'sync-ack': RecordType.SYNC_ACK,
 };
 
 export const TYPE_NAMES: Record<number, string> = Object.fromEntries(
@@ -159,6 +168,7 @@ const TO_DESTINATION = new Set<number>([
 ]);
 const TO_SOURCE = new Set<number>([
   RecordType.HELLO_ACK, RecordType.READY, RecordType.COMPLETE, RecordType.ERROR, RecordType.POSTCOPY_REQUEST,
+  RecordType.SYNC_ACK,
 ]);
 
 export function typeAllowed(type: number, direction: StreamDirection): boolean {
@@ -178,9 +188,10 @@ export function payloadBounds(type: number): readonly [number, number] | undefin
     case RecordType.VCPU_STATE: return [1, MAX_PAYLOAD_BYTES];
     case RecordType.END: return [16, 16];
     case RecordType.READY: return [0, 0];
-    case RecordType.COMPLETE: return [16, 16];
+    case RecordType.COMPLETE: return [16, 16 + MAX_DETAILS_BYTES];
     case RecordType.ERROR: return [4, 4 + MAX_ERROR_MESSAGE_BYTES];
     case RecordType.POSTCOPY_REQUEST: return [12, 12];
+    case RecordType.SYNC_ACK: return [4, 4];
     default: return undefined;
   }
 }

@@ -5,8 +5,8 @@
 // socket in one write when it is full or on flush(). At most maxBatchesInFlight batches are
 // handed to the socket and not yet written; further sends wait for a write callback, which is
 // the backpressure (node's own 'drain' high-water mark is far below one batch). A RateLimiter,
-// when given, is charged before each socket write. Send calls on one channel must not overlap
-// (await each one): a second concurrent call throws, since records would otherwise interleave.
+// when given, is charged before each socket write. Send calls on one channel that overlap (not
+// awaited) are queued in call order, so records never interleave.
 // Page data passed to sendRam is copied into the batch, so the caller may reuse it once the
 // call resolves; fillRam lets the caller read guest memory straight into the batch instead.
 //
@@ -91,6 +91,7 @@ export class Channel {
   private inFlight = 0;
   private writeWaiters: (() => void)[] = [];
   private busy = false;
+  private lockWaiters: (() => void)[] = [];
   private failure: Error | undefined;
   private endExpected = false;
   private closed = false;
@@ -213,12 +214,31 @@ export class Channel {
 
   // ---- writing ----
 
-  private enter(): void {
-    if (this.busy) {
-      throw new Error(`${this.describe()}: overlapping send calls; await each send before the next`);
-    }
+  /**
+   * Take the channel's send lock. Calls that overlap (a caller that did not await the previous
+   * send) queue here in call order, so records never interleave.
+   */
+  private enter(): Promise<void> | undefined {
     this.check();
-    this.busy = true;
+    if (!this.busy) {
+      this.busy = true;
+      return undefined;
+    }
+    return new Promise<void>((resolve) => this.lockWaiters.push(resolve)).then(() => {
+      try {
+        this.check();
+      } catch (e) {
+        this.leave();
+        throw e;
+      }
+    });
+  }
+
+  /** Hand the lock to the next queued call, if any (it stays taken), else free it. */
+  private leave(): void {
+    const next = this.lockWaiters.shift();
+    if (next) next();
+    else this.busy = false;
   }
 
   private wakeWriters(): void {
@@ -274,7 +294,7 @@ export class Channel {
 
   /** Queue one record (any kind; RAM data raw). Resolves once it is in a batch. */
   async send(rec: MigrationRecord): Promise<void> {
-    this.enter();
+    await this.enter();
     try {
       if (rec.kind === 'ram') {
         await this.ramLocked(rec.slot, rec.firstPage, rec.count, rec.data, false);
@@ -297,7 +317,7 @@ export class Channel {
       }
       this.batchLen = end;
     } finally {
-      this.busy = false;
+      this.leave();
     }
   }
 
@@ -307,11 +327,11 @@ export class Channel {
    * lz4-compressed when that saves at least 1/8 of its bytes.
    */
   async sendRam(slot: number, firstPage: number, count: number, data: Uint8Array, compress = false): Promise<void> {
-    this.enter();
+    await this.enter();
     try {
       await this.ramLocked(slot, firstPage, count, data, compress);
     } finally {
-      this.busy = false;
+      this.leave();
     }
   }
 
@@ -352,7 +372,7 @@ export class Channel {
    * sub-runs, in order.
    */
   async fillRam(slot: number, firstPage: number, count: number, fill: (dst: Uint8Array, firstPage: number, count: number) => void): Promise<void> {
-    this.enter();
+    await this.enter();
     try {
       let done = 0;
       while (done < count) {
@@ -364,7 +384,7 @@ export class Channel {
         done += n;
       }
     } finally {
-      this.busy = false;
+      this.leave();
     }
   }
 
@@ -399,7 +419,7 @@ export class Channel {
 
   /** Write out the current batch and wait until the socket has taken every queued byte. */
   async flush(): Promise<void> {
-    this.enter();
+    await this.enter();
     try {
       await this.submit();
       while (this.inFlight > 0) {
@@ -408,7 +428,7 @@ export class Channel {
       }
       this.check();
     } finally {
-      this.busy = false;
+      this.leave();
     }
   }
 

@@ -17,7 +17,7 @@
 //
 // Page records may go on any channel (`channel` option, default round-robin per call); within
 // a round the caller must not send one page twice, across rounds it may. Calls on one channel
-// must not overlap (await each); calls on different channels may run concurrently.
+// that overlap are queued in call order; calls on different channels run concurrently.
 // Failures (peer gone, ERROR from the destination) fail every channel and reject pending and
 // later calls with a MigrationTransportError; conn.failure holds the first one.
 

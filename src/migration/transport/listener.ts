@@ -206,6 +206,8 @@ export class IncomingMigration {
   layout: StreamLayout | undefined;
   /** The last round whose barrier was passed (-1 before the first SYNC). */
   round = -1;
+  /** Channel the record just yielded by records() came on (0 for the barrier's 'sync'). */
+  recordChannel = 0;
   private readonly activity = new Signal();
   private done = false;
 
@@ -253,12 +255,14 @@ export class IncomingMigration {
               case 'ram':
               case 'zero':
                 pagesSinceBarrier = true;
+                this.recordChannel = i;
                 yield rec;
                 break;
               case 'config':
                 if (i !== 0 || this.layout) throw new MigrationStreamError('unexpected-record', `CONFIG on channel ${i}${this.layout ? ' (a second one)' : ''}`);
                 this.layout = StreamLayout.fromConfig(rec.config);
                 for (const c of this.channels) c.decoder.setLayout(this.layout);
+                this.recordChannel = 0;
                 yield rec;
                 break;
               case 'vcpu-state':
@@ -271,6 +275,7 @@ export class IncomingMigration {
                   this.done = true;
                   for (const c of this.channels) c.expectEnd();
                 }
+                this.recordChannel = 0;
                 yield rec;
                 if (this.done) return;
                 break;
@@ -292,6 +297,7 @@ export class IncomingMigration {
           parkedCount = 0;
           pagesSinceBarrier = false;
           this.round = round;
+          this.recordChannel = 0;
           yield { kind: 'sync', round };
           continue;
         }

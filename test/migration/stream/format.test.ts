@@ -29,7 +29,9 @@ const toSource: MigrationRecord[] = [
   { kind: 'hello-ack', version: STREAM_VERSION, channels: 2, caps: 1 },
   { kind: 'ready' },
   { kind: 'complete', memoryHash: 2n ** 64n - 1n, pages: 2 ** 40 },
+  { kind: 'complete', memoryHash: 5n, pages: 1, details: { rescanHash: 'abc/1', downtimeMs: 12.5 } },
   { kind: 'postcopy-request', slot: 3, page: 17, count: 1 },
+  { kind: 'sync-ack', round: 4 },
   { kind: 'error', code: 8, message: 'hash mismatch' },
 ];
 

@@ -56,7 +56,8 @@ function validSourceStream(): Uint8Array {
     { kind: 'ready' },
     { kind: 'postcopy-request', slot: 0, page: 3, count: 1 },
     { kind: 'error', code: 2, message: 'bad' },
-    { kind: 'complete', memoryHash: 5n, pages: 264 },
+    { kind: 'sync-ack', round: 2 },
+    { kind: 'complete', memoryHash: 5n, pages: 264, details: { hash: '0123/264' } },
   ].map((r) => encodeToBytes(r as MigrationRecord)));
 }
 

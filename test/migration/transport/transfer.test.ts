@@ -210,6 +210,44 @@ describe('migration transport over TCP on 127.0.0.1', () => {
   });
 });
 
+describe('send ordering', () => {
+  it('keeps call order for overlapping (not awaited) sends on one channel', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, batchBytes: 64 * 1024 });
+    const incoming = await server.accept();
+    const order: number[] = [];
+    const received = (async () => {
+      for await (const rec of incoming.records()) {
+        if (rec.kind === 'ram') for (let i = 0; i < rec.count; i++) order.push(rec.data[i * PAGE]!);
+        if (rec.kind === 'zero') order.push(-rec.firstPage);
+      }
+    })();
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    const calls: Promise<unknown>[] = [];
+    for (let i = 1; i <= 60; i++) {
+      // Mixed sizes so some calls must wait for a batch write while later ones are already queued.
+      const pages = 1 + (i % 5) * 7;
+      const data = new Uint8Array(pages * PAGE);
+      for (let p = 0; p < pages; p++) data[p * PAGE] = i;
+      calls.push(conn.sendRam(0, (i * 8) % 480, pages, data, { channel: 0 }));
+      if (i % 10 === 0) calls.push(conn.sendZero(5, i, 1, { channel: 0 }));
+    }
+    await Promise.all(calls);
+    await conn.sync(1);
+    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0 });
+    await conn.flush();
+    await received;
+    const expected: number[] = [];
+    for (let i = 1; i <= 60; i++) {
+      for (let p = 0; p < 1 + (i % 5) * 7; p++) expected.push(i);
+      if (i % 10 === 0) expected.push(-i);
+    }
+    expect(order).toEqual(expected);
+    conn.destroy();
+    await server.close();
+  });
+});
+
 describe('migration transport failures', () => {
   it('says who refused the connection', async () => {
     const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
