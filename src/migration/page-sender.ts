@@ -118,11 +118,13 @@ export class PageSender {
   /**
    * Send and forget every page set in `pending` (a slot-sized bitmap), chunk by chunk; with
    * `clearLog` each chunk's bits are cleared in the engine's dirty log before its pages are read.
+   * Stops early (leaving the rest set) once `deadlineMs` (performance.now()) has passed.
    * Returns the number of pages sent.
    */
-  async sendPending(slot: MemslotInfo, pending: Uint32Array, round: number, clearLog: boolean): Promise<number> {
+  async sendPending(slot: MemslotInfo, pending: Uint32Array, round: number, clearLog: boolean, deadlineMs = Infinity): Promise<number> {
     let sent = 0;
     for (let first = 0; first < slot.pages; first += CLEAR_CHUNK_PAGES) {
+      if (performance.now() > deadlineMs) break;
       const n = Math.min(CLEAR_CHUNK_PAGES, slot.pages - first);
       const w0 = first >>> 5;
       const w1 = Math.min(pending.length, ((first + n + 63) >>> 6) * 2);
@@ -135,6 +137,9 @@ export class PageSender {
       for (let w = w0; w < w1; w++) {
         let word = pending[w]!;
         if (word === 0) continue;
+        // Out of time for this round: the rest stays pending (its log bits may already be
+        // cleared, which is fine: pending is what decides what gets sent).
+        if (deadlineMs !== Infinity && (w & 31) === 0 && performance.now() > deadlineMs) break;
         pending[w] = 0;
         while (word !== 0) {
           const page = w * 32 + (31 - Math.clz32(word & -word));

@@ -47,9 +47,17 @@ export interface PrecopyOptions {
 }
 
 export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
-export const DEFAULT_MAX_ROUNDS = 30;
+export const DEFAULT_MAX_ROUNDS = 60;
 /** QEMU's throttle-trigger-threshold: dirtying above 50% of what was sent counts as "high". */
 const THROTTLE_TRIGGER = 0.5;
+/** High periods in a row before the throttle steps up. */
+const THROTTLE_HIGH_ROUNDS = 1;
+/**
+ * An iterative round sends for at most this long, then harvests again (what is left stays
+ * pending). It bounds how stale the convergence estimate gets and how long auto-converge waits
+ * between steps, like QEMU's periodic bitmap sync.
+ */
+const ROUND_MAX_MS = 1000;
 
 const now = () => process.hrtime.bigint();
 const secs = (a: bigint, b: bigint = now()) => Number(b - a) / 1e9;
@@ -145,12 +153,15 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     return log;
   };
   const pending = new Map<number, Uint32Array>();
+  let newlyDirty = 0;
   /** OR every slot's dirty log into `pending`; returns the pending page count. */
   const harvest = (): number => {
     let n = 0;
+    newlyDirty = 0;
     for (const s of slots) {
       const shadow = shadows.get(s.slot);
       const log = shadow ? shadowDirtyLog(s, shadow.sent) : vm.getDirtyLog(s.slot);
+      newlyDirty += countBits(log);
       const p = pending.get(s.slot);
       if (!p) pending.set(s.slot, log);
       else for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
@@ -225,24 +236,25 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       const dirty = harvest();
       const sinceHarvest = secs(tHarvest);
       tHarvest = now();
-      if (sinceHarvest > 0) dirtyPagesRate = Math.round(dirty / sinceHarvest);
+      if (sinceHarvest > 0) dirtyPagesRate = Math.round(newlyDirty / sinceHarvest);
       remainingBytes = dirty * PAGE_SIZE;
       const bw = bandwidth > 0 ? bandwidth : maxBandwidth > 0 ? maxBandwidth : 1e9;
       expectedDowntimeSeconds = remainingBytes / bw;
       progress(round, true);
       if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
       round++;
-      const sent = await sendAllPending(round);
+      const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
       await sender.syncAll(round);
       const { bytes } = endRound('iterative', sent);
-      // Auto-converge (QEMU's migration_trigger_throttle): the guest dirtied more than half of
-      // what we managed to send, twice in a row -> throttle one step harder.
-      if (autoConverge && dirty * PAGE_SIZE > bytes * THROTTLE_TRIGGER) {
-        if (++highRounds >= 2) {
+      // Auto-converge (QEMU's migration_trigger_throttle): in the last period the guest dirtied
+      // more than half of what we managed to send -> throttle one step harder. QEMU waits for
+      // two such periods; with rounds capped at ROUND_MAX_MS one is enough to act on.
+      if (autoConverge && round > 2 && newlyDirty * PAGE_SIZE > bytes * THROTTLE_TRIGGER) {
+        if (++highRounds >= THROTTLE_HIGH_ROUNDS) {
           throttle.step();
           highRounds = 0;
         }
-      }
+      } else highRounds = 0;
     }
 
     // ---- device: stop-and-copy
@@ -300,10 +312,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   }
   return finish();
 
-  async function sendAllPending(round: number, clearLog = manual): Promise<number> {
+  async function sendAllPending(round: number, clearLog = manual, deadlineMs = Infinity): Promise<number> {
     let n = 0;
     for (const s of slots) {
-      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog && !shadows.has(s.slot));
+      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog && !shadows.has(s.slot), deadlineMs);
       progress(round);
     }
     return n;

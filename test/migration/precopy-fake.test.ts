@@ -42,3 +42,31 @@ describe('pre-copy (fake engine)', () => {
     await d.destroy();
   });
 });
+
+describe('auto-converge (fake engine)', () => {
+  it('a guest dirtying faster than --max-bandwidth converges only once the vCPUs are throttled', async () => {
+    const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 1 << 20, backing: 'anonymous', workload: 'sequential' });
+    (vm as FakeVm).pagesPerStep = 256;
+    const opts = { workload: spec, maxBandwidth: 4 << 20, downtimeLimitMs: 20, maxRounds: 40 };
+    const { stats, dest } = await migrateInProcess(vm, engine, opts);
+    expect(stats.status).toBe('completed');
+    expect(stats.verified).toBe(true);
+    expect(stats.throttlePercent).toBeGreaterThanOrEqual(20);
+    // Converged by the estimate, not cut off by the round limit.
+    expect(stats.rounds.length).toBeLessThan(opts.maxRounds + 2);
+    expect(stats.expectedDowntimeSeconds * 1000).toBeLessThanOrEqual(opts.downtimeLimitMs);
+    await dest!.vm.destroy();
+  });
+
+  it('without auto-converge the same guest never converges and stops at the round limit', async () => {
+    const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 1 << 20, backing: 'anonymous', workload: 'sequential' });
+    (vm as FakeVm).pagesPerStep = 256;
+    const { stats, dest } = await migrateInProcess(vm, engine, { workload: spec, maxBandwidth: 4 << 20, downtimeLimitMs: 20, maxRounds: 4, autoConverge: false });
+    expect(stats.status).toBe('completed');
+    expect(stats.verified).toBe(true);
+    expect(stats.throttlePercent).toBe(0);
+    expect(stats.rounds.filter((r) => r.kind === 'iterative')).toHaveLength(4);
+    expect(stats.expectedDowntimeSeconds * 1000).toBeGreaterThan(20);
+    await dest!.vm.destroy();
+  });
+});
