@@ -127,6 +127,9 @@ export class Channel {
       socket.resume(); // a server socket accepted with pauseOnConnect starts paused
     }
     socket.setNoDelay(true);
+    // A peer host that vanishes without FIN/RST is found by keepalive probes (and, on the
+    // destination, by records()' idleTimeoutMs much sooner).
+    socket.setKeepAlive(true, 5000);
     socket.on('error', (e) => {
       this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(e)} ${this.progress()}`));
     });

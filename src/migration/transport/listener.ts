@@ -228,9 +228,15 @@ export class IncomingMigration {
     return n;
   }
 
-  /** Records in barrier order (see the header). Ends after END; throws on any failure. */
-  async *records(): AsyncGenerator<MigrationRecord, void, undefined> {
+  /**
+   * Records in barrier order (see the header). Ends after END; throws on any failure. With
+   * idleTimeoutMs, a source that sends nothing on any channel for that long (a host that
+   * vanished without closing its sockets) fails the migration with 'connection-lost'.
+   */
+  async *records(opts: { idleTimeoutMs?: number } = {}): AsyncGenerator<MigrationRecord, void, undefined> {
     const n = this.channels.length;
+    const idleMs = opts.idleTimeoutMs ?? Infinity;
+    let lastProgress = Date.now();
     const parked: (number | undefined)[] = new Array<number | undefined>(n).fill(undefined);
     let parkedCount = 0;
     let pagesSinceBarrier = false;
@@ -301,7 +307,21 @@ export class IncomingMigration {
           yield { kind: 'sync', round };
           continue;
         }
-        if (!progressed) await this.activity.wait();
+        if (progressed) {
+          lastProgress = Date.now();
+          continue;
+        }
+        if (!Number.isFinite(idleMs)) {
+          await this.activity.wait();
+          continue;
+        }
+        const left = lastProgress + idleMs - Date.now();
+        if (left <= 0) {
+          throw new MigrationTransportError('connection-lost', `no data from the source on any of ${n} channels for ${idleMs} ms (after round ${this.round})`);
+        }
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([this.activity.wait(), new Promise<void>((r) => (timer = setTimeout(r, left)))]);
+        clearTimeout(timer);
       }
     } catch (e) {
       this.abort(e as Error);

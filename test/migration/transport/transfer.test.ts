@@ -291,6 +291,25 @@ describe('migration transport failures', () => {
     await server.close();
   });
 
+  it('a source that goes silent trips the destination idle timeout', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 2 });
+    const incoming = await server.accept();
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    await conn.sendRam(0, 0, 1, new Uint8Array(PAGE).fill(3), { channel: 1 });
+    await conn.flush();
+    const kinds: string[] = [];
+    const err = await (async () => {
+      for await (const rec of incoming.records({ idleTimeoutMs: 300 })) kinds.push(rec.kind);
+    })().catch((e) => e);
+    expect(kinds).toEqual(['config', 'ram']);
+    expect(err).toBeInstanceOf(MigrationTransportError);
+    expect(err.code).toBe('connection-lost');
+    expect(err.message).toBe('no data from the source on any of 2 channels for 300 ms (after round -1)');
+    conn.destroy();
+    await server.close();
+  });
+
   it('a destination that dies mid-stream fails the source with connection-lost', async () => {
     const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
     const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 2 });
