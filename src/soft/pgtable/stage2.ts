@@ -31,30 +31,18 @@
 
 import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_W, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkLeaf, pteIndex } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_PERM_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
+import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
 import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
 import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
-import { EAGAIN, ENOMEM, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
+import { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
 
+export { newLeafLookup, type LeafLookup } from './lookup.ts';
 export { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
 /** kvm_pgtable_walk(pgt, addr, size, walker) in this project's units (see Stage2PageTable.walk). */
 export function walk(pgt: Stage2PageTable, startGfn: number, npages: number, visitor: Visitor, flags: number): number {
   return pgt.walk(startGfn, npages, visitor, flags);
-}
-
-/** Out-parameter of getLeaf: where the lookup stopped. */
-export interface LeafLookup {
-  /** Level of the returned leaf, or of the entry where the walk stopped. */
-  level: number;
-  /** Word offset of that entry in the pool (for a direct cmpxchg by the caller). */
-  ptep: number;
-  /** The entry was LOCKED: a break-before-make is in progress; retry. */
-  locked: boolean;
-}
-
-export function newLeafLookup(): LeafLookup {
-  return { level: 0, ptep: 0, locked: false };
 }
 
 export interface Stage2Shared {
@@ -106,7 +94,6 @@ export class Stage2Error extends Error {
 }
 
 const CTL_ROOT = 0;
-const NOT_HANDLED = 1;
 /** Up to this many pages, writeProtect looks pages up one by one instead of walking. */
 const WRPROT_FAST_PAGES = 16;
 const CTL_DESTROYED = 1;
@@ -229,51 +216,7 @@ export class Stage2PageTable implements Stage2Env {
    * atomics. Caller: inside rcuReadLock(), or holding the MMU lock for write.
    */
   getLeaf(gfn: number, out: LeafLookup): number {
-    // gfns below 2^31 (8 TiB of guest memory) take integer shifts; larger ones divide.
-    if (gfn > 0x7fffffff) return this.getLeafWide(gfn, out);
-    const w = this.words;
-    let ptep = this.rootBase + (gfn >>> 27);
-    let pte = w[ptep]!;
-    let level = 0;
-    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-      ptep = ((pte >>> 5) << 9) + ((gfn >>> 18) & 511);
-      pte = w[ptep]!;
-      level = 1;
-      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-        ptep = ((pte >>> 5) << 9) + ((gfn >>> 9) & 511);
-        pte = w[ptep]!;
-        level = 2;
-        if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-          ptep = ((pte >>> 5) << 9) + (gfn & 511);
-          pte = w[ptep]!;
-          level = 3;
-        }
-      }
-    }
-    out.level = level;
-    out.ptep = ptep;
-    out.locked = pte === PTE_LOCKED;
-    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
-    if (pte === PTE_POISON && this.debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
-    return 0;
-  }
-
-  private getLeafWide(gfn: number, out: LeafLookup): number {
-    const w = this.words;
-    let ptep = this.rootBase + ((gfn / 134217728) & 511);
-    let pte = w[ptep]!;
-    let level = 0;
-    while ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE && level < LAST_LEVEL) {
-      level++;
-      ptep = ((pte >>> 5) << 9) + ((gfn / LEVEL_PAGES[level]!) & 511);
-      pte = w[ptep]!;
-    }
-    out.level = level;
-    out.ptep = ptep;
-    out.locked = pte === PTE_LOCKED;
-    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
-    if (pte === PTE_POISON && this.debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
-    return 0;
+    return lookupLeaf(this.words, this.rootBase, gfn, out, this.debug);
   }
 
   /** Host pfn backing gfn (the block's pfn plus gfn's offset in it), or -1 when unmapped. */
@@ -308,42 +251,22 @@ export class Stage2PageTable implements Stage2Env {
     return r;
   }
 
-  /**
-   * The common fault cases without the walker: every table down to `level` exists and the entry
-   * there is invalid, already the wanted leaf, or the same leaf with fewer permissions. Anything
-   * else (a missing table, a block to split, a table to collapse, LOCKED, another pfn) is
-   * NOT_HANDLED and goes to the map visitor.
-   */
+  /** map() without the walker when lookup.ts's mapInPlace can do it; NOT_HANDLED otherwise. */
   private mapFast(gfn: number, level: number, nu: number, shared: boolean): number {
     if (shared) this.epoch.readLock(this.rcuSlot);
+    let r: number;
     try {
-      const w = this.words;
-      let ptep = this.rootBase + pteIndex(gfn, 0);
-      for (let l = 1; l <= level; l++) {
-        const pte = w[ptep]!;
-        if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return NOT_HANDLED;
-        ptep = ((pte >>> 5) << 9) + pteIndex(gfn, l);
-      }
-      const old = Atomics.load(w, ptep);
-      if (old === nu) {
-        this.lastMapChanged = false;
-        return OK;
-      }
-      const addsOnly = old === 0 || ((old & PTE_TYPE_MASK) === PTE_TYPE_LEAF && ((old ^ nu) & ~PTE_PERM_MASK) === 0 && (old & ~nu & PTE_PERM_MASK) === 0);
-      if (!addsOnly) return NOT_HANDLED;
-      if (shared) {
-        if (Atomics.compareExchange(w, ptep, old, nu) !== old) {
-          this.countEvent(Stage2Event.MapEagain);
-          return EAGAIN;
-        }
-      } else {
-        Atomics.store(w, ptep, nu);
-      }
-      this.lastMapChanged = true;
-      return OK;
+      r = mapInPlace(this.words, this.rootBase, gfn, level, nu, shared);
     } finally {
       if (shared) this.epoch.readUnlock(this.rcuSlot);
     }
+    if (r === MAP_SAME) {
+      this.lastMapChanged = false;
+      return OK;
+    }
+    if (r === OK) this.lastMapChanged = true;
+    else if (r === EAGAIN) this.countEvent(Stage2Event.MapEagain);
+    return r;
   }
 
   /**
@@ -393,35 +316,12 @@ export class Stage2PageTable implements Stage2Env {
   /** writeProtect for a few pages (clear-dirty-log runs): a lookup per page, no walker. */
   private writeProtectFew(startGfn: number, npages: number, shared: boolean): number {
     if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
-    const out = this.relaxOut;
-    const w = this.words;
-    const end = startGfn + npages;
-    let changed = 0;
     if (shared) this.epoch.readLock(this.rcuSlot);
     try {
-      for (let g = startGfn; g < end; ) {
-        let old = this.getLeaf(g, out);
-        while ((old & PTE_W) !== 0) {
-          if (!shared) {
-            Atomics.store(w, out.ptep, old & ~PTE_W);
-            changed++;
-            break;
-          }
-          const seen = Atomics.compareExchange(w, out.ptep, old, old & ~PTE_W);
-          if (seen === old) {
-            changed++;
-            break;
-          }
-          old = (seen & PTE_TYPE_MASK) === PTE_TYPE_LEAF ? seen : 0;
-        }
-        // A block is done once: go to the entry after it.
-        const pages = LEVEL_PAGES[out.level]!;
-        g = Math.floor(g / pages) * pages + pages;
-      }
+      return writeProtectPages(this.words, this.rootBase, startGfn, npages, shared, this.relaxOut, this.debug);
     } finally {
       if (shared) this.epoch.readUnlock(this.rcuSlot);
     }
-    return changed;
   }
 
   /**

@@ -158,6 +158,8 @@ function runMutator(): void {
       // Exclusive: write-protect sweep or unmap of an own block.
       lock.exclusiveLock();
       try {
+        // Another mutator may have swept since this one last held the lock.
+        syncGeneration();
         if (rand() < 0.6) {
           pgt.writeProtect(0, AREA_PAGES);
           Atomics.add(ctl, 0, 1);
