@@ -140,6 +140,11 @@ export class SoftVm implements Vm, MemslotMmu {
     const kind = BACKING_VMA[backing];
     if (!kind) throw new SoftVmError(`unknown backing '${backing}'`);
     const rounded = backing === 'hugetlb' ? Math.ceil(bytes / 2 ** 21) * 2 ** 21 : bytes;
+    const mapped = this.mappings.reduce((a, m) => a + m.bytes, 0);
+    const ramBytes = this.h.mem.stats().ramFrames * 4096;
+    if (mapped + rounded > ramBytes) {
+      throw new SoftVmError(`mapHostMemory(${rounded}): the modelled host has ${ramBytes} bytes of RAM and ${mapped} are mapped; create the engine with a larger hostRamBytes`);
+    }
     const hva = mm.mmap(rounded, kind);
     const m: HostMapping = { hva, bytes: rounded, backing };
     this.mappings.push(m);
