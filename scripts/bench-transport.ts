@@ -3,7 +3,8 @@
 //   npx tsx scripts/bench-transport.ts [--bytes 1G] [--channels 1,2,4] [--batch 1M]
 //                                      [--record-pages 256] [--mode copy|fill] [--compress]
 //                                      [--apply copy|none] [--json]
-//   npx tsx scripts/bench-transport.ts --decoder [--bytes 256M]
+//   npx tsx scripts/bench-transport.ts --decoder [--bytes 256M] [--chunk 64K]
+//   npx tsx scripts/bench-transport.ts --hash [--bytes 1G]
 //
 // Transfer: the destination runs in a child process (its own core and event loop, as on a real
 // second host); the source sends `--bytes` of non-zero 4 KiB pages (a 64 MiB pattern window
@@ -13,8 +14,10 @@
 // Time runs from the first record sent (CONFIG) to COMPLETE received; the handshake is reported
 // separately. GB/s uses 1e9 bytes of guest pages.
 //
-// Decoder: encodes --bytes of RAM records (1 MiB each) into memory, cuts them into 64 KiB
-// chunks as a socket delivers them, decodes everything and reports ns per page.
+// Decoder: encodes --bytes of RAM records (1 MiB each) into memory, cuts them into --chunk
+// pieces as a socket delivers them, decodes everything and reports ns per page.
+// Hash: memoryHash of --bytes of non-zero pages by full scan (what the source does after
+// pausing) and by incremental PageHashTable updates (what the destination does per page).
 
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -154,11 +157,12 @@ function decoderBench(bytes: number) {
     const p = writeRamHeader(stream, r * recBytes, 0, r * recordPages, recordPages, RamEncoding.RAW, recordPages * PAGE);
     stream.set(src.subarray(0, recordPages * PAGE), p);
   }
-  const chunk = 64 * 1024;
+  const chunk = parseSize(arg('chunk', '64K'));
   const dec = new StreamDecoder({ direction: 'to-destination' });
   dec.setLayout(new StreamLayout([{ slot: 0, pages: windowRecords * recordPages }]));
   let pages = 0;
   let fragments = 0;
+  const cpu0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   for (let done = 0; done < records; done += windowRecords) {
     for (let off = 0; off < stream.length; off += chunk) {
@@ -172,14 +176,52 @@ function decoderBench(bytes: number) {
     }
   }
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { pages, fragments, seconds, nsPerPage: (seconds * 1e9) / pages, GBps: (pages * PAGE) / seconds / 1e9 };
+  const cpu = process.cpuUsage(cpu0);
+  const cpuSeconds = (cpu.user + cpu.system) / 1e6;
+  return { chunkBytes: chunk, pages, fragments, seconds, cpuSeconds, nsPerPage: (seconds * 1e9) / pages, cpuNsPerPage: (cpuSeconds * 1e9) / pages, GBps: (pages * PAGE) / seconds / 1e9 };
+}
+
+/** memoryHash over `bytes` of non-zero pages (the source's check after pause), and table updates. */
+async function hashBench(bytes: number) {
+  const { createMemoryHasher, PageHashTable } = await import('../src/migration/hash.ts');
+  const hasher = await createMemoryHasher();
+  const src = patternWindow();
+  const pages = Math.floor(bytes / PAGE);
+  const layout = [{ slot: 0, pages }];
+  const c0 = process.cpuUsage();
+  const t0 = process.hrtime.bigint();
+  const full = hasher.hashGuestMemory((_slot, first, dst) => {
+    const at = (first % WINDOW_PAGES) * PAGE;
+    dst.set(src.subarray(at, Math.min(at + dst.length, src.length)));
+    if (at + dst.length > src.length) dst.set(src.subarray(0, at + dst.length - src.length), src.length - at);
+  }, layout);
+  const scanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const c1 = process.cpuUsage(c0);
+  const table = new PageHashTable(layout);
+  const c2 = process.cpuUsage();
+  const t1 = process.hrtime.bigint();
+  for (let first = 0; first < pages; first += 256) {
+    const at = first % WINDOW_PAGES;
+    hasher.hashInto(table, 0, first, 256, src.subarray(at * PAGE, (at + 256) * PAGE));
+  }
+  const tableSeconds = Number(process.hrtime.bigint() - t1) / 1e9;
+  const c3 = process.cpuUsage(c2);
+  if (table.total() !== full.memoryHash) throw new Error('table total differs from the full scan');
+  const scanCpu = (c1.user + c1.system) / 1e6;
+  const tableCpu = (c3.user + c3.system) / 1e6;
+  return { pages, scanSeconds, scanCpuSeconds: scanCpu, scanNsPerPage: (scanSeconds * 1e9) / pages, scanCpuNsPerPage: (scanCpu * 1e9) / pages, tableSeconds, tableCpuSeconds: tableCpu, tableNsPerPage: (tableSeconds * 1e9) / pages, tableCpuNsPerPage: (tableCpu * 1e9) / pages };
 }
 
 async function main(): Promise<void> {
   if (flag('receiver')) return receiver();
+  if (flag('hash')) {
+    const r = await hashBench(parseSize(arg('bytes', '1G')));
+    console.log(flag('json') ? JSON.stringify(r) : `hash: ${r.pages} pages; full scan ${r.scanSeconds.toFixed(3)} s wall / ${r.scanCpuSeconds.toFixed(3)} s CPU (${r.scanCpuNsPerPage.toFixed(0)} ns/page CPU), incremental table ${r.tableSeconds.toFixed(3)} s wall / ${r.tableCpuSeconds.toFixed(3)} s CPU (${r.tableCpuNsPerPage.toFixed(0)} ns/page CPU)`);
+    return;
+  }
   if (flag('decoder')) {
     const r = decoderBench(parseSize(arg('bytes', '256M')));
-    console.log(flag('json') ? JSON.stringify(r) : `decoder: ${r.pages} pages in ${r.fragments} fragments, ${r.seconds.toFixed(3)} s, ${r.nsPerPage.toFixed(1)} ns/page (${r.GBps.toFixed(2)} GB/s)`);
+    console.log(flag('json') ? JSON.stringify(r) : `decoder (${r.chunkBytes}-byte chunks): ${r.pages} pages in ${r.fragments} fragments, ${r.seconds.toFixed(3)} s, ${r.nsPerPage.toFixed(1)} ns/page wall, ${r.cpuNsPerPage.toFixed(1)} ns/page CPU (${r.GBps.toFixed(2)} GB/s)`);
     return;
   }
   const bytes = parseSize(arg('bytes', '1G'));
