@@ -7,14 +7,21 @@
 //     // conn.caps holds the capabilities both sides agreed on (CAP_LZ4, CAP_MULTICHANNEL).
 //   await conn.send({ kind: 'config', config })          // control records go on channel 0
 //   await conn.sendPages(slot, firstPage, count, data, { channel })  // ZERO runs + RAM runs
-//   await conn.sendRam(...) / conn.fillRam(...) / conn.sendZero(...)  // explicit
+//   await conn.sendRam(...) / conn.sendZero(...)  // explicit; sendRam copies data into a batch
+//   await conn.fillRam(slot, firstPage, count, (dst, first, n) => vm.readGuest(gpa(first), dst))
+//     // reads guest memory straight into the batch: one copy fewer than read + sendRam
 //   await conn.sync(round)                // SYNC(round) on every channel: closes the round
 //   await conn.send({ kind: 'vcpu-state', state }); await conn.send({ kind: 'end', ... })
 //   await conn.flush()
 //   const done = await conn.nextBackRecord(['complete'], timeoutMs)   // or conn.onBackRecord(cb)
+//     // back records: READY, SYNC_ACK {round}, COMPLETE {memoryHash, pages, details?},
+//     // POSTCOPY_REQUEST; an ERROR from the destination is not queued: it fails the connection
+//     // (MigrationTransportError 'remote-error', remoteCode = its code) and rejects the wait.
 //   await conn.close()        // or conn.destroy(err)
 //   conn.bytesSent, conn.channels[i].bytesSent, .pagesSent, .compressedPages
 //
+// Batching: records sit in a per-channel batch (default 1 MiB) until it fills, sync() or
+// flush(); after a record the destination must answer (CONFIG, END) call flush().
 // Page records may go on any channel (`channel` option, default round-robin per call); within
 // a round the caller must not send one page twice, across rounds it may. Calls on one channel
 // that overlap are queued in call order; calls on different channels run concurrently.
