@@ -424,9 +424,9 @@ export class Stage2PageTable implements Stage2Env {
    * MMU lock held for WRITE; no thread may be in an RCU read section or use the table again.
    */
   destroy(): void {
-    if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
     const active = this.epoch.activeReaders();
     if (active !== 0) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
+    if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
     this.epoch.drainAll();
     freeRetiredSubtree(this.mm, this.root, 0, this.leafCb);
     this.epoch.drainAll();
