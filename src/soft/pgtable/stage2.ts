@@ -422,10 +422,12 @@ export class Stage2PageTable implements Stage2Env {
   /**
    * Free every table page (reporting every leaf), including ones waiting for a grace period.
    * MMU lock held for WRITE; no thread may be in an RCU read section or use the table again.
+   * `force` skips the reader check, for a caller that knows the threads still marked as readers
+   * are gone (workers terminated inside a read section).
    */
-  destroy(): void {
+  destroy(force = false): void {
     const active = this.epoch.activeReaders();
-    if (active !== 0) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
+    if (active !== 0 && !force) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
     if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
     this.epoch.drainAll();
     freeRetiredSubtree(this.mm, this.root, 0, this.leafCb);

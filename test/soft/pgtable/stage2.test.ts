@@ -282,6 +282,16 @@ describe('Stage2PageTable unmap / destroy', () => {
     expect(() => pgt.destroy()).toThrow(/already destroyed/);
   });
 
+  it('destroy(force) ignores a reader slot left behind by a vanished thread', () => {
+    const { pgt } = mk();
+    pgt.map(0, 3, 1, PROT_R, true);
+    const ghost = Stage2PageTable.attach(pgt.shared);
+    ghost.rcuReadLock();
+    expect(() => pgt.destroy()).toThrow(/read section/);
+    pgt.destroy(true);
+    expect(pgt.liveTablePages()).toBe(0);
+  });
+
   it('forEachLeaf visits leaves in gfn order with their level', () => {
     const { pgt } = mk();
     pgt.map(M2, 2, 0, PROT_R, false);
