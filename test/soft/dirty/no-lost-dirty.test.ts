@@ -49,7 +49,7 @@ describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect', ({ 
     t.vm.allowPasses(Infinity);
     let checkedChanges = 0;
     let afterPrev = snapshotWords(t);
-    for (let round = 0; round < 40; round++) {
+    for (let round = 0; round < 25; round++) {
       // Pages that changed between the previous harvest's return and this harvest's start were
       // written after the previous harvest returned: this harvest must report every one.
       const before = snapshotWords(t);
