@@ -43,6 +43,10 @@ export interface DecoderOptions {
 type State = 'header' | 'payload' | 'ram-header' | 'ram-data';
 
 const MAGIC = Buffer.from(STREAM_MAGIC, 'latin1');
+
+function u32(b: Uint8Array, o: number): number {
+  return (b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16)) + b[o + 3]! * 0x1000000;
+}
 const textDecoder = new TextDecoder('utf-8');
 
 export class StreamDecoder {
@@ -53,7 +57,7 @@ export class StreamDecoder {
   private headOff = 0;
   private buffered = 0;
   private readonly scratch = new Uint8Array(32);
-  private readonly scratchView = new DataView(this.scratch.buffer);
+  private smallOff = 0;
 
   private state: State = 'header';
   private type = 0;
@@ -121,18 +125,20 @@ export class StreamDecoder {
           if (this.buffered < RECORD_HEADER_BYTES) return null;
           this.recordOffset = this.bytesConsumed;
           const h = this.takeSmall(RECORD_HEADER_BYTES);
-          this.checkHeader(h.getUint8(0), h.getUint8(1), h.getUint16(2, true), h.getUint32(4, true));
+          const o = this.smallOff;
+          this.checkHeader(h[o]!, h[o + 1]!, h[o + 2]! | (h[o + 3]! << 8), u32(h, o + 4));
           this.state = this.type === RecordType.RAM ? 'ram-header' : 'payload';
           continue;
         }
         case 'ram-header': {
           if (this.buffered < RAM_HEADER_BYTES) return null;
           const h = this.takeSmall(RAM_HEADER_BYTES);
-          const slot = h.getUint32(0, true);
-          const firstPage = h.getUint32(4, true);
-          const count = h.getUint32(8, true);
-          const encoding = h.getUint8(12);
-          const reserved = h.getUint8(13) | h.getUint8(14) | h.getUint8(15);
+          const o = this.smallOff;
+          const slot = u32(h, o);
+          const firstPage = u32(h, o + 4);
+          const count = u32(h, o + 8);
+          const encoding = h[o + 12]!;
+          const reserved = h[o + 13]! | h[o + 14]! | h[o + 15]!;
           const dataBytes = this.payloadLength - RAM_HEADER_BYTES;
           if (reserved !== 0) this.fail('bad-reserved', `RAM reserved bytes are not zero`);
           if (encoding !== RamEncoding.RAW && encoding !== RamEncoding.LZ4) {
@@ -365,16 +371,20 @@ export class StreamDecoder {
     return this.copyOut(new Uint8Array(n));
   }
 
-  /** n <= 32 bytes through the scratch buffer; the view is valid until the next call. */
-  private takeSmall(n: number): DataView {
+  /**
+   * n <= 32 contiguous bytes, read in place when they sit in one chunk, else through the
+   * scratch buffer: returns the array, with the first byte at this.smallOff. Valid until the
+   * next call.
+   */
+  private takeSmall(n: number): Uint8Array {
     const chunk = this.chunks[this.head]!;
     if (chunk.length - this.headOff >= n) {
-      const dv = new DataView(chunk.buffer, chunk.byteOffset + this.headOff, n);
+      this.smallOff = this.headOff;
       this.consume(n);
-      return dv;
+      return chunk;
     }
-    this.copyOut(this.scratch.subarray(0, n));
-    return this.scratchView;
+    this.smallOff = 0;
+    return this.copyOut(this.scratch.subarray(0, n));
   }
 
   private copyOut(dst: Uint8Array): Uint8Array {

@@ -28,6 +28,13 @@ function views(dst: Uint8Array): DataView {
   return new DataView(dst.buffer, dst.byteOffset, dst.byteLength);
 }
 
+function putU32(dst: Uint8Array, off: number, v: number): void {
+  dst[off] = v & 0xff;
+  dst[off + 1] = (v >>> 8) & 0xff;
+  dst[off + 2] = (v >>> 16) & 0xff;
+  dst[off + 3] = (v >>> 24) & 0xff;
+}
+
 function writeHeader(dv: DataView, off: number, type: number, payloadLength: number): void {
   dv.setUint8(off, type);
   dv.setUint8(off + 1, 0);
@@ -206,13 +213,17 @@ export function writeRamHeader(
   if (payload > MAX_PAYLOAD_BYTES) {
     throw new MigrationStreamError('oversize', `RAM payload ${payload} bytes, at most ${MAX_PAYLOAD_BYTES}`);
   }
-  const dv = views(dst);
-  writeHeader(dv, off, RecordType.RAM, payload);
+  // Plain byte stores: this runs once per RAM record, a DataView per call would be garbage.
+  dst[off] = RecordType.RAM;
+  dst[off + 1] = 0;
+  dst[off + 2] = 0;
+  dst[off + 3] = 0;
+  putU32(dst, off + 4, payload);
   const p = off + RECORD_HEADER_BYTES;
-  dv.setUint32(p, slot, true);
-  dv.setUint32(p + 4, firstPage, true);
-  dv.setUint32(p + 8, count, true);
-  dv.setUint32(p + 12, encoding, true); // encoding u8 + 3 reserved zero bytes
+  putU32(dst, p, slot);
+  putU32(dst, p + 4, firstPage);
+  putU32(dst, p + 8, count);
+  putU32(dst, p + 12, encoding); // encoding u8 + 3 reserved zero bytes
   return p + RAM_HEADER_BYTES;
 }
 

@@ -297,7 +297,8 @@ export class Channel {
 
   /** Queue one record (any kind; RAM data raw). Resolves once it is in a batch. */
   async send(rec: MigrationRecord): Promise<void> {
-    await this.enter();
+    const queued = this.enter();
+    if (queued) await queued;
     try {
       if (rec.kind === 'ram') {
         await this.ramLocked(rec.slot, rec.firstPage, rec.count, rec.data, false);
@@ -330,7 +331,8 @@ export class Channel {
    * lz4-compressed when that saves at least 1/8 of its bytes.
    */
   async sendRam(slot: number, firstPage: number, count: number, data: Uint8Array, compress = false): Promise<void> {
-    await this.enter();
+    const queued = this.enter();
+    if (queued) await queued;
     try {
       await this.ramLocked(slot, firstPage, count, data, compress);
     } finally {
@@ -360,7 +362,8 @@ export class Channel {
           continue;
         }
       }
-      const n = await this.reservePages(count - done);
+      const fit = this.pagesFitting(count - done);
+      const n = fit > 0 ? fit : await this.reservePages(count - done);
       const p = writeRamHeader(this.batch!, this.batchLen, slot, firstPage + done, n, RamEncoding.RAW, n * STREAM_PAGE_SIZE);
       this.batch!.set(data.subarray(done * STREAM_PAGE_SIZE, (done + n) * STREAM_PAGE_SIZE), p);
       this.batchLen = p + n * STREAM_PAGE_SIZE;
@@ -375,7 +378,8 @@ export class Channel {
    * sub-runs, in order.
    */
   async fillRam(slot: number, firstPage: number, count: number, fill: (dst: Uint8Array, firstPage: number, count: number) => void): Promise<void> {
-    await this.enter();
+    const queued = this.enter();
+    if (queued) await queued;
     try {
       let done = 0;
       while (done < count) {
@@ -407,6 +411,13 @@ export class Channel {
     }
   }
 
+  /** Synchronous fast path: pages of `want` that fit the current batch without waiting, or 0. */
+  private pagesFitting(want: number): number {
+    if (!this.batch) return 0;
+    const room = Math.floor((this.batch.length - this.batchLen - RECORD_OVERHEAD) / STREAM_PAGE_SIZE);
+    return room >= Math.min(want, 16) ? Math.min(want, room, MAX_PAGES_PER_RECORD) : 0;
+  }
+
   /** Make room for a raw RAM record of up to `want` pages; returns how many fit (>= 1). */
   private async reservePages(want: number): Promise<number> {
     await this.acquireBatch();
@@ -422,7 +433,8 @@ export class Channel {
 
   /** Write out the current batch and wait until the socket has taken every queued byte. */
   async flush(): Promise<void> {
-    await this.enter();
+    const queued = this.enter();
+    if (queued) await queued;
     try {
       await this.submit();
       while (this.inFlight > 0) {
