@@ -134,3 +134,63 @@ describe('break-before-make', () => {
     expect(() => pgt.map(M2 + 9, 3, 1, PROT_R, false)).toThrow(/LOCKED/);
   });
 });
+
+describe('races, replayed deterministically from inside break-before-make', () => {
+  it('while an entry is LOCKED, other threads get EAGAIN from map/relax/collapse and see no leaf', () => {
+    const out = newLeafLookup();
+    let other: Stage2PageTable | undefined;
+    const results: number[] = [];
+    const pgt = Stage2PageTable.create({
+      maxTablePages: 256,
+      debug: true,
+      tlbFlush: (gfn) => {
+        // "Another vCPU" runs here, between break and make.
+        results.push(other!.map(gfn + 1, 3, 4 * M2 + 1, PROT_RW, true));
+        results.push(other!.relaxPerms(gfn + 1, PROT_RW, true));
+        results.push(other!.collapse(gfn, 2, 4 * M2, PROT_RW, true));
+        results.push(other!.getLeaf(gfn + 1, out));
+        results.push(out.locked ? 1 : 0);
+      },
+    });
+    other = Stage2PageTable.attach(pgt.shared);
+    pgt.map(M2, 2, 4 * M2, PROT_R, true);
+    const live = pgt.liveTablePages();
+    expect(pgt.map(M2 + 3, 3, 4 * M2 + 3, PROT_RW, true)).toBe(OK); // split: break, flush, make
+    expect(results).toEqual([EAGAIN, EAGAIN, EAGAIN, 0, 1]);
+    // The losers allocated nothing that stayed allocated; the winner added one table.
+    expect(pgt.liveTablePages()).toBe(live + 1);
+    other.detach();
+    pgt.destroy();
+  });
+
+  it('a lost table-allocation race frees the loser\'s page at once and returns EAGAIN', () => {
+    const base = Stage2PageTable.create({ maxTablePages: 256 });
+    const pool = base.pool;
+    let raceOnce = true;
+    // The allocator is the injection point: while map() holds a fresh page for the empty level-0
+    // entry, "another thread" installs its own table there first.
+    const racyMm = {
+      words: pool.words,
+      liveTablePages: () => pool.liveTablePages(),
+      freeTablePage: (i: number) => pool.freeTablePage(i),
+      zallocTablePage: (): number => {
+        const mine = pool.zallocTablePage();
+        if (raceOnce) {
+          raceOnce = false;
+          const theirs = pool.zallocTablePage();
+          Atomics.store(pool.words, base.root * 512, (theirs << 5) | 2);
+        }
+        return mine;
+      },
+    };
+    const pgt = Stage2PageTable.attach(base.shared, { mmOps: racyMm });
+    const live0 = pool.liveTablePages();
+    expect(pgt.map(0, 3, 7, PROT_RW, true)).toBe(EAGAIN);
+    expect(pool.liveTablePages()).toBe(live0 + 1); // theirs stays, mine was freed
+    expect(pgt.map(0, 3, 7, PROT_RW, true)).toBe(OK); // the retry goes through their table
+    expect(pgt.translate(0, newLeafLookup())).toBe(7);
+    pgt.detach();
+    base.destroy();
+    expect(pool.liveTablePages()).toBe(0);
+  });
+});
