@@ -1,7 +1,7 @@
 // Raw migration-transport throughput over loopback, and decoder cost per page.
 //
 //   npx tsx scripts/bench-transport.ts [--bytes 1G] [--channels 1,2,4] [--batch 1M]
-//                                      [--record-pages 256] [--mode copy|fill] [--compress]
+//                                      [--record-pages 256] [--mode copy|fill|borrow] [--compress]
 //                                      [--apply copy|none] [--json]
 //   npx tsx scripts/bench-transport.ts --decoder [--bytes 256M] [--chunk 64K]
 //   npx tsx scripts/bench-transport.ts --hash [--bytes 1G]
@@ -105,7 +105,10 @@ async function transfer(child: ChildProcess, port: number, bytes: number, channe
       const n = Math.min(recordPages, end - first);
       const at = first % WINDOW_PAGES;
       const k = Math.min(n, WINDOW_PAGES - at);
-      if (mode === 'fill') {
+      if (mode === 'borrow') {
+        // The pattern window is never modified, so nothing waits for `written`.
+        await conn.sendRamBorrowed(0, first, k, src.subarray(at * PAGE, (at + k) * PAGE), () => undefined, { channel: ch });
+      } else if (mode === 'fill') {
         await conn.fillRam(0, first, k, (dst, f) => dst.set(src.subarray(((f % WINDOW_PAGES) * PAGE), ((f % WINDOW_PAGES) * PAGE) + dst.length)), { channel: ch });
       } else {
         await conn.sendRam(0, first, k, src.subarray(at * PAGE, (at + k) * PAGE), { channel: ch });

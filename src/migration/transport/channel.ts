@@ -62,6 +62,8 @@ export interface ChannelOptions {
 }
 
 export const DEFAULT_BATCH_BYTES = 1 << 20;
+/** Smallest run sendRamBorrowed writes from the caller's memory instead of copying. */
+export const ZERO_COPY_MIN_PAGES = 32;
 const RECORD_OVERHEAD = RECORD_HEADER_BYTES + RAM_HEADER_BYTES;
 
 export class Channel {
@@ -273,10 +275,14 @@ export class Channel {
     if (!buf || len === 0) return;
     this.batch = undefined;
     this.batchLen = 0;
-    await this.writeBytes(buf, len, buf.length === this.batchBytes);
+    await this.writeBytes(buf, len, buf.length === this.batchBytes ? () => this.freeBatches.push(buf) : undefined);
   }
 
-  private async writeBytes(buf: Buffer, len: number, reusable: boolean): Promise<void> {
+  /**
+   * Hand buf[0..len) to the socket; `written` runs once the socket is done with the memory
+   * (written out, or dropped because the connection failed).
+   */
+  private async writeBytes(buf: Uint8Array, len: number, written?: () => void): Promise<void> {
     if (this.limiter) await this.limiter.take(len);
     this.check();
     while (this.inFlight >= this.maxBatchesInFlight) {
@@ -287,7 +293,7 @@ export class Channel {
     this.bytesSent += len;
     this.socket.write(len === buf.length ? buf : buf.subarray(0, len), (err) => {
       this.inFlight--;
-      if (reusable) this.freeBatches.push(buf);
+      written?.();
       if (err) {
         this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(err)} ${this.progress()}`));
       }
@@ -315,7 +321,7 @@ export class Channel {
           const big = Buffer.allocUnsafe(rec.kind === 'vcpu-state' || rec.kind === 'config' ? (8 << 20) : this.batchBytes * 2);
           const bigEnd = encodeRecord(rec, big, 0);
           if (bigEnd < 0) throw new Error(`${this.describe()}: ${rec.kind} record does not fit in 8 MiB`);
-          await this.writeBytes(big, bigEnd, false);
+          await this.writeBytes(big, bigEnd);
           return;
         }
       }
@@ -369,6 +375,53 @@ export class Channel {
       this.batchLen = p + n * STREAM_PAGE_SIZE;
       this.pagesSent += n;
       done += n;
+    }
+  }
+
+  /**
+   * Like sendRam, but without copying the page data: the socket writes `data` itself, and
+   * `written` is called once it no longer needs it (then the caller may reuse the buffer; also
+   * called if the connection fails first). Runs under ZERO_COPY_MIN_PAGES pages are copied as
+   * in sendRam (and `written` is called at once), since each borrowed run costs a socket write.
+   */
+  async sendRamBorrowed(slot: number, firstPage: number, count: number, data: Uint8Array, written: () => void): Promise<void> {
+    if (count < ZERO_COPY_MIN_PAGES) {
+      await this.sendRam(slot, firstPage, count, data);
+      written();
+      return;
+    }
+    if (data.length !== count * STREAM_PAGE_SIZE) {
+      throw new RangeError(`${this.describe()}: sendRamBorrowed data is ${data.length} bytes for ${count} pages`);
+    }
+    const queued = this.enter();
+    if (queued) await queued;
+    let pending = 0;
+    let allQueued = false;
+    const pieceWritten = () => {
+      if (--pending === 0 && allQueued) written();
+    };
+    try {
+      for (let done = 0; done < count; ) {
+        const n = Math.min(count - done, MAX_PAGES_PER_RECORD);
+        await this.reserve(RECORD_OVERHEAD);
+        // The header ends the current batch; the data follows it as its own socket write.
+        this.batchLen = writeRamHeader(this.batch!, this.batchLen, slot, firstPage + done, n, RamEncoding.RAW, n * STREAM_PAGE_SIZE);
+        await this.submit();
+        const piece = data.subarray(done * STREAM_PAGE_SIZE, (done + n) * STREAM_PAGE_SIZE);
+        pending++;
+        try {
+          await this.writeBytes(piece, piece.length, pieceWritten);
+        } catch (e) {
+          pending--; // never reached the socket: no callback will come
+          throw e;
+        }
+        this.pagesSent += n;
+        done += n;
+      }
+    } finally {
+      allQueued = true;
+      if (pending === 0) written(); // nothing reached the socket (failure before the first write)
+      this.leave();
     }
   }
 

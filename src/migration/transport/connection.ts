@@ -8,6 +8,8 @@
 //   await conn.send({ kind: 'config', config })          // control records go on channel 0
 //   await conn.sendPages(slot, firstPage, count, data, { channel })  // ZERO runs + RAM runs
 //   await conn.sendRam(...) / conn.sendZero(...)  // explicit; sendRam copies data into a batch
+//   await conn.sendRamBorrowed(slot, firstPage, count, data, written)   // no copy: the socket
+//     // writes `data` itself and calls written() when the caller may reuse it
 //   await conn.fillRam(slot, firstPage, count, (dst, first, n) => vm.readGuest(gpa(first), dst))
 //     // reads guest memory straight into the batch: one copy fewer than read + sendRam
 //   await conn.sync(round)                // SYNC(round) on every channel: closes the round
@@ -223,6 +225,11 @@ export class MigrationConnection {
 
   async sendRam(slot: number, firstPage: number, count: number, data: Uint8Array, opts?: PageSendOptions): Promise<void> {
     await this.pick(opts).sendRam(slot, firstPage, count, data, this.compress);
+  }
+
+  /** sendRam without the copy: `written` says when `data` may be reused (channel.ts). */
+  async sendRamBorrowed(slot: number, firstPage: number, count: number, data: Uint8Array, written: () => void, opts?: PageSendOptions): Promise<void> {
+    await this.pick(opts).sendRamBorrowed(slot, firstPage, count, data, written);
   }
 
   async fillRam(

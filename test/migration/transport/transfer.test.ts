@@ -248,6 +248,54 @@ describe('send ordering', () => {
   });
 });
 
+describe('zero-copy sends', () => {
+  it('sendRamBorrowed: buffers reused only after written() arrive intact', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 2, batchBytes: 64 * 1024 });
+    const incoming = await server.accept();
+    const got = new Map<number, number>();
+    const received = (async () => {
+      for await (const rec of incoming.records()) {
+        if (rec.kind !== 'ram') continue;
+        for (let i = 0; i < rec.count; i++) got.set(rec.firstPage + i, new DataView(rec.data.buffer, rec.data.byteOffset + i * PAGE, 4).getUint32(0, true));
+      }
+    })();
+    await conn.send({ kind: 'config', config: { memslots: [{ slot: 0, pages: 4096 }] } });
+    // Two 64-page buffers per channel, refilled as soon as the socket gives them back.
+    const pools = [0, 1].map(() => [0, 1].map(() => ({ buf: new Uint8Array(64 * PAGE), free: Promise.resolve() })));
+    let borrowedWrites = 0;
+    await Promise.all([0, 1].map(async (ch) => {
+      for (let run = 0; run < 32; run++) {
+        const slot = pools[ch]![run % 2]!;
+        await slot.free;
+        const first = (ch * 32 + run) * 64;
+        const dv = new DataView(slot.buf.buffer);
+        for (let i = 0; i < 64; i++) dv.setUint32(i * PAGE, first + i + 1, true);
+        let release!: () => void;
+        slot.free = new Promise<void>((r) => (release = r));
+        await conn.sendRamBorrowed(0, first, 64, slot.buf, () => {
+          borrowedWrites++;
+          release();
+        }, { channel: ch });
+      }
+    }));
+    let smallWritten = false;
+    await conn.sendRamBorrowed(0, 4095, 1, new Uint8Array(PAGE).fill(1), () => (smallWritten = true));
+    expect(smallWritten).toBe(true); // below ZERO_COPY_MIN_PAGES: copied, released at once
+    await conn.sync(1);
+    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0 });
+    await conn.flush();
+    await received;
+    expect(borrowedWrites).toBe(64);
+    for (let p = 0; p < 4096; p++) {
+      if (p === 4095) expect(got.get(p)).toBe(0x01010101);
+      else expect(got.get(p)).toBe(p + 1);
+    }
+    conn.destroy();
+    await server.close();
+  });
+});
+
 describe('migration transport failures', () => {
   it('says who refused the connection', async () => {
     const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
