@@ -1,8 +1,10 @@
 // Raw migration-transport throughput over loopback, and decoder cost per page.
 //
 //   npx tsx scripts/bench-transport.ts [--bytes 1G] [--channels 1,2,4] [--batch 1M]
-//                                      [--record-pages 256] [--mode copy|fill|borrow] [--compress]
-//                                      [--apply copy|none] [--json]
+//                                      [--record-pages 256] [--mode copy|fill|borrow|runs] [--compress]
+//                                      [--apply copy|none] [--receive run|iterator] [--json]
+//   (--record-pages 1 sends every page as its own sendRam call; --mode runs sends scattered
+//    single pages, 256 per sendRamRuns call)
 //   npx tsx scripts/bench-transport.ts --decoder [--bytes 256M] [--chunk 64K]
 //   npx tsx scripts/bench-transport.ts --hash [--bytes 1G]
 //
@@ -23,7 +25,7 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { StreamDecoder } from '../src/migration/stream/decoder.ts';
 import { writeRamHeader } from '../src/migration/stream/encoder.ts';
-import { CAP_LZ4, RamEncoding } from '../src/migration/stream/format.ts';
+import { CAP_LZ4, RamEncoding, type MigrationRecord } from '../src/migration/stream/format.ts';
 import { MigrationConnection } from '../src/migration/transport/connection.ts';
 import { MigrationListener } from '../src/migration/transport/listener.ts';
 import { StreamLayout } from '../src/migration/stream/layout.ts';
@@ -61,7 +63,7 @@ async function receiver(): Promise<void> {
     const cpu0 = process.cpuUsage();
     const faults0 = process.resourceUsage().minorPageFault;
     let pages = 0;
-    for await (const rec of incoming.records()) {
+    const onRecord = (rec: MigrationRecord): Promise<void> | undefined => {
       if (rec.kind === 'ram') {
         if (apply === 'copy') {
           // Pages land in the 64 MiB window at (page mod window); split at the wrap.
@@ -78,8 +80,14 @@ async function receiver(): Promise<void> {
         const cpu = process.cpuUsage(cpu0);
         const reads = incoming.channels.reduce((n, c) => n + c.chunksReceived, 0);
         process.send!({ cpuSeconds: (cpu.user + cpu.system) / 1e6, userSeconds: cpu.user / 1e6, meanReadBytes: Math.round(incoming.bytesReceived / reads), minorFaults: process.resourceUsage().minorPageFault - faults0 });
-        await incoming.reply({ kind: 'complete', memoryHash: 0n, pages });
+        return incoming.reply({ kind: 'complete', memoryHash: 0n, pages });
       }
+      return undefined;
+    };
+    if (arg('receive', 'run') === 'iterator') {
+      for await (const rec of incoming.records()) await onRecord(rec);
+    } else {
+      await incoming.run(onRecord);
     }
     await incoming.close();
   }
@@ -99,6 +107,22 @@ async function transfer(child: ChildProcess, port: number, bytes: number, channe
   const cpu0 = process.cpuUsage();
   await conn.send({ kind: 'config', config: { memslots: [{ slot: 0, pages: totalPages }] } });
   const per = Math.ceil(totalPages / channels);
+  if (mode === 'runs') {
+    // Scattered single pages (every other page, then the rest), 256 runs per sendRamRuns call.
+    await Promise.all(Array.from({ length: channels }, async (_, ch) => {
+      const end = Math.min(totalPages, (ch + 1) * per);
+      const firsts = new Uint32Array(256);
+      const counts = new Uint32Array(256).fill(1);
+      for (const parity of [0, 1]) {
+        for (let base = ch * per + parity; base < end; base += 512) {
+          let n = 0;
+          for (let p = base; p < end && n < 256; p += 2) firsts[n++] = p;
+          const at = ((base >> 1) % (WINDOW_PAGES - 256)) * PAGE;
+          await conn.sendRamRuns(0, firsts.subarray(0, n), counts.subarray(0, n), src.subarray(at, at + n * PAGE), { channel: ch });
+        }
+      }
+    }));
+  } else
   await Promise.all(Array.from({ length: channels }, async (_, ch) => {
     const end = Math.min(totalPages, (ch + 1) * per);
     for (let first = ch * per; first < end; first += recordPages) {

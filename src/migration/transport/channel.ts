@@ -379,6 +379,40 @@ export class Channel {
   }
 
   /**
+   * Many runs in one call, for scattered dirty pages: run i is counts[i] pages of `slot` from
+   * firstPages[i], and `data` holds all runs' pages back to back. Same records as one sendRam
+   * per run, without a call, a lock and an await per run (which dominate for 1-page runs).
+   */
+  async sendRamRuns(slot: number, firstPages: ArrayLike<number>, counts: ArrayLike<number>, data: Uint8Array): Promise<void> {
+    let total = 0;
+    for (let i = 0; i < counts.length; i++) total += counts[i]!;
+    if (firstPages.length !== counts.length || data.length !== total * STREAM_PAGE_SIZE) {
+      throw new RangeError(`${this.describe()}: sendRamRuns got ${firstPages.length} firsts, ${counts.length} counts, ${data.length} bytes for ${total} pages`);
+    }
+    const queued = this.enter();
+    if (queued) await queued;
+    try {
+      let off = 0;
+      for (let r = 0; r < counts.length; r++) {
+        const first = firstPages[r]!;
+        const count = counts[r]!;
+        for (let done = 0; done < count; ) {
+          const fit = this.pagesFitting(count - done);
+          const n = fit > 0 ? fit : await this.reservePages(count - done);
+          const p = writeRamHeader(this.batch!, this.batchLen, slot, first + done, n, RamEncoding.RAW, n * STREAM_PAGE_SIZE);
+          this.batch!.set(data.subarray(off, off + n * STREAM_PAGE_SIZE), p);
+          this.batchLen = p + n * STREAM_PAGE_SIZE;
+          this.pagesSent += n;
+          off += n * STREAM_PAGE_SIZE;
+          done += n;
+        }
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  /**
    * Like sendRam, but without copying the page data: the socket writes `data` itself, and
    * `written` is called once it no longer needs it (then the caller may reuse the buffer; also
    * called if the connection fails first). Runs under ZERO_COPY_MIN_PAGES pages are copied as
@@ -468,7 +502,7 @@ export class Channel {
   private pagesFitting(want: number): number {
     if (!this.batch) return 0;
     const room = Math.floor((this.batch.length - this.batchLen - RECORD_OVERHEAD) / STREAM_PAGE_SIZE);
-    return room >= Math.min(want, 16) ? Math.min(want, room, MAX_PAGES_PER_RECORD) : 0;
+    return room >= 1 && room >= Math.min(want, 16) ? Math.min(want, room, MAX_PAGES_PER_RECORD) : 0;
   }
 
   /** Make room for a raw RAM record of up to `want` pages; returns how many fit (>= 1). */

@@ -8,6 +8,7 @@
 //   await conn.send({ kind: 'config', config })          // control records go on channel 0
 //   await conn.sendPages(slot, firstPage, count, data, { channel })  // ZERO runs + RAM runs
 //   await conn.sendRam(...) / conn.sendZero(...)  // explicit; sendRam copies data into a batch
+//   await conn.sendRamRuns(slot, firstPages, counts, data)   // scattered pages, one call
 //   await conn.sendRamBorrowed(slot, firstPage, count, data, written)   // no copy: the socket
 //     // writes `data` itself and calls written() when the caller may reuse it
 //   await conn.fillRam(slot, firstPage, count, (dst, first, n) => vm.readGuest(gpa(first), dst))
@@ -225,6 +226,11 @@ export class MigrationConnection {
 
   async sendRam(slot: number, firstPage: number, count: number, data: Uint8Array, opts?: PageSendOptions): Promise<void> {
     await this.pick(opts).sendRam(slot, firstPage, count, data, this.compress);
+  }
+
+  /** Scattered runs in one call (channel.ts sendRamRuns): run i = counts[i] pages from firstPages[i]. */
+  async sendRamRuns(slot: number, firstPages: ArrayLike<number>, counts: ArrayLike<number>, data: Uint8Array, opts?: PageSendOptions): Promise<void> {
+    await this.pick(opts).sendRamRuns(slot, firstPages, counts, data);
   }
 
   /** sendRam without the copy: `written` says when `data` may be reused (channel.ts). */

@@ -2,7 +2,7 @@
 //
 //   const server = await MigrationListener.listen({ host, port });   // port 0: server.port
 //   const incoming = await server.accept();      // HELLO answered, every channel joined
-//   for await (const rec of incoming.records()) {
+//   for await (const rec of incoming.records()) {        // or: await incoming.run((rec) => ...)
 //     // 'config' first; then 'ram' / 'zero' (already range-checked against CONFIG's memslots),
 //     // 'sync' once per round after that round's pages from EVERY channel; then 'vcpu-state',
 //     // 'end' (last). RAM data is a view into a read buffer that is reused once the next record
@@ -228,100 +228,141 @@ export class IncomingMigration {
     return n;
   }
 
+  // Barrier state (see the header): parked[i] is the SYNC round channel i stopped at.
+  private parked: (number | undefined)[] = [];
+  private parkedCount = 0;
+  private pagesSinceBarrier = false;
+  private cursor = 0;
+  private lastProgressMs = Date.now();
+
+  /**
+   * The next record in barrier order, or null when no channel has one ready (wait for
+   * activity). Sets `done` when it returns END.
+   */
+  private pull(): MigrationRecord | null {
+    const n = this.channels.length;
+    if (this.parked.length !== n) this.parked = new Array<number | undefined>(n).fill(undefined);
+    for (const ch of this.channels) if (ch.error) throw ch.error;
+    for (let idle = 0; idle < n; ) {
+      const i = this.cursor;
+      // Data channels wait until CONFIG (on channel 0) gives us the memslots to check against.
+      const rec = this.parked[i] === undefined && (i === 0 || this.layout) ? this.channels[i]!.next() : null;
+      if (!rec) {
+        this.cursor = (i + 1) % n;
+        idle++;
+        continue;
+      }
+      idle = 0;
+      this.lastProgressMs = Date.now();
+      switch (rec.kind) {
+        case 'sync':
+          if (rec.round <= this.round) {
+            throw new MigrationStreamError('bad-round', `channel ${i}: SYNC round ${rec.round} after round ${this.round} was already closed`);
+          }
+          this.parked[i] = rec.round;
+          this.parkedCount++;
+          continue;
+        case 'ram':
+        case 'zero':
+          this.pagesSinceBarrier = true;
+          this.recordChannel = i;
+          return rec;
+        case 'config':
+          if (i !== 0 || this.layout) throw new MigrationStreamError('unexpected-record', `CONFIG on channel ${i}${this.layout ? ' (a second one)' : ''}`);
+          this.layout = StreamLayout.fromConfig(rec.config);
+          for (const c of this.channels) c.decoder.setLayout(this.layout);
+          this.recordChannel = 0;
+          return rec;
+        case 'vcpu-state':
+        case 'end':
+          if (i !== 0) throw new MigrationStreamError('unexpected-record', `${rec.kind.toUpperCase()} on data channel ${i}`);
+          if (rec.kind === 'end') {
+            if (this.pagesSinceBarrier || this.parkedCount > 0) {
+              throw new MigrationStreamError('unexpected-record', 'END inside an unfinished round: SYNC every channel before END');
+            }
+            this.done = true;
+            for (const c of this.channels) c.expectEnd();
+          }
+          this.recordChannel = 0;
+          return rec;
+        case 'error':
+          throw new MigrationTransportError('remote-error', `source on channel ${i} reported error ${rec.code}: ${rec.message}`, rec.code);
+        default:
+          throw new MigrationStreamError('unexpected-record', `${rec.kind} on channel ${i} after the handshake`);
+      }
+    }
+    if (this.parkedCount === n) {
+      const round = this.parked[0]!;
+      for (let i = 1; i < n; i++) {
+        if (this.parked[i] !== round) {
+          throw new MigrationStreamError('bad-round', `channels disagree on the round: channel 0 at SYNC ${round}, channel ${i} at SYNC ${this.parked[i]}`);
+        }
+      }
+      this.parked.fill(undefined);
+      this.parkedCount = 0;
+      this.pagesSinceBarrier = false;
+      this.round = round;
+      this.recordChannel = 0;
+      this.cursor = 0;
+      return { kind: 'sync', round };
+    }
+    return null;
+  }
+
+  /** Wait for data, a close or an error on any channel; throw once idleMs pass without progress. */
+  private async waitActivity(idleMs: number): Promise<void> {
+    if (!Number.isFinite(idleMs)) return this.activity.wait();
+    const left = this.lastProgressMs + idleMs - Date.now();
+    if (left <= 0) {
+      throw new MigrationTransportError('connection-lost', `no data from the source on any of ${this.channels.length} channels for ${idleMs} ms (after round ${this.round})`);
+    }
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.activity.wait(), new Promise<void>((r) => (timer = setTimeout(r, left)))]);
+    clearTimeout(timer);
+  }
+
   /**
    * Records in barrier order (see the header). Ends after END; throws on any failure. With
    * idleTimeoutMs, a source that sends nothing on any channel for that long (a host that
    * vanished without closing its sockets) fails the migration with 'connection-lost'.
    */
   async *records(opts: { idleTimeoutMs?: number } = {}): AsyncGenerator<MigrationRecord, void, undefined> {
-    const n = this.channels.length;
     const idleMs = opts.idleTimeoutMs ?? Infinity;
-    let lastProgress = Date.now();
-    const parked: (number | undefined)[] = new Array<number | undefined>(n).fill(undefined);
-    let parkedCount = 0;
-    let pagesSinceBarrier = false;
+    this.lastProgressMs = Date.now();
     try {
       for (;;) {
-        let progressed = false;
-        for (const ch of this.channels) if (ch.error) throw ch.error;
-        for (let i = 0; i < n; i++) {
-          // Data channels wait until CONFIG (on channel 0) gives us the memslots to check against.
-          if (parked[i] !== undefined || (i !== 0 && !this.layout)) continue;
-          const ch = this.channels[i]!;
-          for (let rec = ch.next(); rec; rec = parked[i] === undefined ? ch.next() : null) {
-            progressed = true;
-            switch (rec.kind) {
-              case 'sync':
-                if (rec.round <= this.round) {
-                  throw new MigrationStreamError('bad-round', `channel ${i}: SYNC round ${rec.round} after round ${this.round} was already closed`);
-                }
-                parked[i] = rec.round;
-                parkedCount++;
-                break;
-              case 'ram':
-              case 'zero':
-                pagesSinceBarrier = true;
-                this.recordChannel = i;
-                yield rec;
-                break;
-              case 'config':
-                if (i !== 0 || this.layout) throw new MigrationStreamError('unexpected-record', `CONFIG on channel ${i}${this.layout ? ' (a second one)' : ''}`);
-                this.layout = StreamLayout.fromConfig(rec.config);
-                for (const c of this.channels) c.decoder.setLayout(this.layout);
-                this.recordChannel = 0;
-                yield rec;
-                break;
-              case 'vcpu-state':
-              case 'end':
-                if (i !== 0) throw new MigrationStreamError('unexpected-record', `${rec.kind.toUpperCase()} on data channel ${i}`);
-                if (rec.kind === 'end') {
-                  if (pagesSinceBarrier || parkedCount > 0) {
-                    throw new MigrationStreamError('unexpected-record', 'END inside an unfinished round: SYNC every channel before END');
-                  }
-                  this.done = true;
-                  for (const c of this.channels) c.expectEnd();
-                }
-                this.recordChannel = 0;
-                yield rec;
-                if (this.done) return;
-                break;
-              case 'error':
-                throw new MigrationTransportError('remote-error', `source on channel ${i} reported error ${rec.code}: ${rec.message}`, rec.code);
-              default:
-                throw new MigrationStreamError('unexpected-record', `${rec.kind} on channel ${i} after the handshake`);
-            }
-          }
+        const rec = this.pull();
+        if (rec) {
+          yield rec;
+          if (this.done) return;
+        } else {
+          await this.waitActivity(idleMs);
         }
-        if (parkedCount === n) {
-          const round = parked[0]!;
-          for (let i = 1; i < n; i++) {
-            if (parked[i] !== round) {
-              throw new MigrationStreamError('bad-round', `channels disagree on the round: channel 0 at SYNC ${round}, channel ${i} at SYNC ${parked[i]}`);
-            }
-          }
-          parked.fill(undefined);
-          parkedCount = 0;
-          pagesSinceBarrier = false;
-          this.round = round;
-          this.recordChannel = 0;
-          yield { kind: 'sync', round };
-          continue;
+      }
+    } catch (e) {
+      this.abort(e as Error);
+      throw e;
+    }
+  }
+
+  /**
+   * The same records as records(), handed to onRecord; the next one comes once onRecord has
+   * returned (or its promise has resolved). Cheaper per record than the async iterator: records
+   * that are already buffered are delivered in a plain loop. Resolves after END.
+   */
+  async run(onRecord: (rec: MigrationRecord) => void | Promise<void>, opts: { idleTimeoutMs?: number } = {}): Promise<void> {
+    const idleMs = opts.idleTimeoutMs ?? Infinity;
+    this.lastProgressMs = Date.now();
+    try {
+      for (;;) {
+        const rec = this.pull();
+        if (rec) {
+          const p = onRecord(rec);
+          if (p) await p;
+          if (this.done) return;
+        } else {
+          await this.waitActivity(idleMs);
         }
-        if (progressed) {
-          lastProgress = Date.now();
-          continue;
-        }
-        if (!Number.isFinite(idleMs)) {
-          await this.activity.wait();
-          continue;
-        }
-        const left = lastProgress + idleMs - Date.now();
-        if (left <= 0) {
-          throw new MigrationTransportError('connection-lost', `no data from the source on any of ${n} channels for ${idleMs} ms (after round ${this.round})`);
-        }
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([this.activity.wait(), new Promise<void>((r) => (timer = setTimeout(r, left)))]);
-        clearTimeout(timer);
       }
     } catch (e) {
       this.abort(e as Error);
