@@ -5,8 +5,9 @@
 //   VM words (VM_*): written by the VMM thread only. After changing any of them the VMM adds 1
 //     to DOORBELL and notifies it; a worker that has nothing to do waits on DOORBELL (having
 //     read it BEFORE checking the words it waits for, so no change can be missed).
-//   vCPU words (VCPU_*, at vcpuBase(v)): written by that vCPU's worker only, except TID which
-//     the worker writes once before it first enters the guest. After changing any of them the
+//   vCPU words (VCPU_*, at vcpuBase(v)): written by that vCPU's worker only. Exceptions, both
+//     while the worker cannot be writing: the VMM sets PASSES/HALTED in loadVcpuState (worker not
+//     started or PAUSED) and FAILED when the worker thread died with an error. After changing any of them the
 //     worker adds 1 to EVENTS and notifies it; the VMM waits on EVENTS (Atomics.waitAsync) the
 //     same way.
 //   kvm_run.immediate_exit (in each vCPU's kvm_run mapping, not here) is written by the VMM

@@ -14,6 +14,7 @@ import { projectRoot } from '../util/worker.ts';
 import { isSysError, loadAddon, type KvmAddon } from './addon.ts';
 import { CAP, KVM_API_VERSION } from './abi.ts';
 import { KvmVm } from './vm.ts';
+import type { GuestCpl } from './guest-setup.ts';
 
 /** Capabilities without which the engine cannot run its guests at all. */
 const REQUIRED_CAPS: [keyof typeof CAP, string][] = [
@@ -41,17 +42,29 @@ function thpAvailable(): boolean {
   }
 }
 
+export interface KvmEngineOptions {
+  /**
+   * Privilege level the workload guests run at (see guest-setup.ts). Default 3, or 0 when the
+   * environment sets STAGE2_KVM_GUEST_CPL=0 (to run like the KVM selftests' guests do).
+   */
+  guestCpl?: GuestCpl;
+}
+
 export class KvmEngine implements Engine {
   readonly kind = 'kvm' as const;
+  readonly guestCpl: GuestCpl;
 
   private constructor(
     readonly addon: KvmAddon,
     readonly kvmFd: number,
     readonly root: string,
-  ) {}
+    options: KvmEngineOptions,
+  ) {
+    this.guestCpl = options.guestCpl ?? (process.env.STAGE2_KVM_GUEST_CPL === '0' ? 0 : 3);
+  }
 
   /** Open /dev/kvm, or throw EngineUnavailableError naming exactly what is missing. */
-  static async open(root: string = projectRoot): Promise<KvmEngine> {
+  static async open(root: string = projectRoot, options: KvmEngineOptions = {}): Promise<KvmEngine> {
     const addon = loadAddon(root);
     if (!addon) throw new EngineUnavailableError('kvm', 'addon not built (run npm run build:addon)');
     let fd: number;
@@ -72,7 +85,7 @@ export class KvmEngine implements Engine {
         throw new EngineUnavailableError('kvm', `${name} missing`);
       }
     }
-    return new KvmEngine(addon, fd, root);
+    return new KvmEngine(addon, fd, root, options);
   }
 
   checkExtension(cap: number): number {

@@ -1,12 +1,21 @@
 // Building the guest of a kvm VM: the internal memslot's contents (GDT, TSS, workload code,
 // stacks, identity page tables) and each vCPU's initial registers for 64-bit long mode entered
 // straight from KVM_SET_SREGS (as the selftests' vcpu_init_sregs does: no real-mode boot code).
+//
+// Privilege: the workload runs at CPL 3 by default. On this kind of host (nested KVM on the
+// kvm_pvm vendor module) CPL 0 guest code is emulated instruction by instruction (~4 us per
+// `dec; jnz` iteration measured) while CPL 3 code runs natively (~0.8 ns), so at CPL 0 every
+// timing would measure KVM's instruction emulator instead of its MMU. The workloads need no
+// privilege: memory is mapped user-accessible, the TSS I/O bitmap lets them `out` to our ports,
+// and the idle guest parks on HALT_PORT instead of `hlt` (which is privileged). CPL 0 stays
+// available (KvmEngineOptions.guestCpl) to run like the selftests' guests do.
 import type { GuestPageSize, MemoryRegion } from '../vmm/engine.ts';
 import { initialRngState, pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import type { KvmAddon } from './addon.ts';
 import { REGS_BYTES, SREGS_BYTES, X86, setDtable, setReg, setSegment, setSreg, type Segment } from './abi.ts';
-import { CODE_MAX_BYTES, GDT_OFFSET, INTERNAL_SLOT, TSS_OFFSET, planInternalMemory } from './guest/layout.ts';
-import { writeGdt } from './guest/layout.ts';
+import {
+  CODE_MAX_BYTES, GDT_LIMIT, GDT_OFFSET, INTERNAL_SLOT, SEL, TSS_LIMIT, TSS_OFFSET, planInternalMemory, writeGdt, writeTssIoBitmap,
+} from './guest/layout.ts';
 import { workloadCode } from './guest/workload-code.ts';
 
 export interface GuestSetup {
@@ -20,20 +29,24 @@ const flatSeg = (selector: number, type: number, long: boolean): Segment => ({
   base: 0, limit: 0xffffffff, selector, type, present: 1, dpl: 0, db: long ? 0 : 1, s: 1, l: long ? 1 : 0, g: 1, avl: 0, unusable: 0,
 });
 
+export type GuestCpl = 0 | 3;
+
 export function setUpGuest(
   vcpus: number,
   spec: WorkloadSpec,
   guestPageSize: GuestPageSize,
+  cpl: GuestCpl,
   map: (bytes: number) => { hva: number; buffer: SharedArrayBuffer },
 ): GuestSetup {
   const testBytes = vcpus * spec.bytesPerVcpu;
   const layout = planInternalMemory(vcpus, spec.gpaBase, testBytes, guestPageSize);
   const { hva, buffer } = map(layout.bytes);
   const mem = new DataView(buffer);
-  const code = workloadCode(spec.kind);
+  const code = workloadCode(spec.kind, cpl);
   if (code.length > CODE_MAX_BYTES) throw new Error('guest code too large');
   new Uint8Array(buffer, layout.codeGpa - layout.gpa, code.length).set(code);
   writeGdt(mem, GDT_OFFSET, layout.gpa + TSS_OFFSET);
+  writeTssIoBitmap(mem, TSS_OFFSET);
   for (const [gpa, table] of layout.tables.pages) new BigUint64Array(buffer, gpa - layout.gpa, 512).set(table);
 
   const region: MemoryRegion = { slot: INTERNAL_SLOT, flags: 0, guestPhysAddr: layout.gpa, memorySize: layout.bytes, userspaceAddr: hva };
@@ -41,10 +54,11 @@ export function setUpGuest(
   function initVcpu(addon: KvmAddon, fd: number, v: number): void {
     const sregs = new Uint8Array(SREGS_BYTES);
     addon.ioctl(fd, 'KVM_GET_SREGS', sregs);
-    setSegment(sregs, 'cs', flatSeg(0x08, 0xb, true));
-    for (const s of ['ds', 'es', 'fs', 'gs', 'ss'] as const) setSegment(sregs, s, flatSeg(0x10, 0x3, false));
-    setSegment(sregs, 'tr', { base: layout.gpa + TSS_OFFSET, limit: 0x67, selector: 0x18, type: 0xb, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 });
-    setDtable(sregs, 'gdt', layout.gpa + GDT_OFFSET, 0x27);
+    const user = cpl === 3;
+    setSegment(sregs, 'cs', { ...flatSeg(user ? SEL.userCode : SEL.kernelCode, 0xb, true), dpl: cpl });
+    for (const s of ['ds', 'es', 'fs', 'gs', 'ss'] as const) setSegment(sregs, s, { ...flatSeg(user ? SEL.userData : SEL.kernelData, 0x3, false), dpl: cpl });
+    setSegment(sregs, 'tr', { base: layout.gpa + TSS_OFFSET, limit: TSS_LIMIT, selector: SEL.tss, type: 0xb, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 });
+    setDtable(sregs, 'gdt', layout.gpa + GDT_OFFSET, GDT_LIMIT);
     setDtable(sregs, 'idt', 0, 0);
     setSreg(sregs, 'cr0', X86.CR0_PE | X86.CR0_MP | X86.CR0_ET | X86.CR0_NE | X86.CR0_WP | X86.CR0_PG);
     setSreg(sregs, 'cr4', X86.CR4_PAE | X86.CR4_OSFXSR | X86.CR4_OSXMMEXCPT);

@@ -13,6 +13,7 @@ import {
   VM_PAUSE, VM_STOP, vcpuBase,
 } from './control.ts';
 import { SYNC_PORT } from '../guest/workload.ts';
+import { HALT_PORT } from './guest/workload-code.ts';
 
 export interface VcpuWorkerData {
   vcpu: number;
@@ -57,11 +58,17 @@ function runOnce(): boolean {
         publish(VCPU_PASSES, pass);
         return true;
       }
+      if (port === HALT_PORT) {
+        parked = true;
+        publish(VCPU_HALTED, 1);
+        return true;
+      }
       fail(reason, `vcpu ${data.vcpu}: unexpected I/O to port 0x${port.toString(16)}`);
       return false;
     }
     case EXIT.HLT:
       // No in-kernel irqchip: hlt comes to us. The guest stays halted until stopped.
+      parked = true;
       publish(VCPU_HALTED, 1);
       return true;
     case EXIT.DIRTY_RING_FULL:
@@ -80,9 +87,11 @@ function runOnce(): boolean {
   }
 }
 
+/** The guest halted in a way that exits to us (hlt without irqchip, HALT_PORT): never re-enter. */
+let parked = false;
+
 function mayRun(): boolean {
-  const halted = Atomics.load(ctl, base + VCPU_HALTED) === 1 && !data.haltsAfterFirstPass;
-  if (halted) return false; // KVM_EXIT_HLT without irqchip: nothing to run
+  if (parked) return false;
   if (Atomics.load(ctl, base + VCPU_RING_FULL) === 1) return false;
   return Atomics.load(ctl, base + VCPU_PASSES) < Atomics.load(ctl, VM_ALLOWANCE);
 }

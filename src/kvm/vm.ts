@@ -21,11 +21,11 @@ import {
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import { startWorker } from '../util/worker.ts';
-import { EINTR, type AddonBacking, type KvmAddon } from './addon.ts';
+import type { AddonBacking, KvmAddon } from './addon.ts';
 import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, RUN, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
 import {
   UNLIMITED_PASSES, VCPU_EXITED, VCPU_EXITS, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED,
-  VCPU_RING_FULL, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE,
+  VCPU_RING_FULL, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE,
   VM_DOORBELL, VM_EVENTS, VM_PAUSE, VM_STOP, newControl, ring, vcpuBase,
 } from './control.ts';
 import { BinaryStats } from './binary-stats.ts';
@@ -165,7 +165,7 @@ export class KvmVm implements Vm {
     if (count < 1) throw new RangeError('createVcpus: count must be >= 1');
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
-    const guest = setUpGuest(count, spec, this.config.guestPageSize, (bytes) => this.map(bytes, 'anonymous_thp'));
+    const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
     this.applyRegion(guest.region, true);
     this.guest = guest;
     const runBytes = a.ioctl(this.kvm.kvmFd, 'KVM_GET_VCPU_MMAP_SIZE', 0);
@@ -381,6 +381,7 @@ export class KvmVm implements Vm {
       exits += this.word(v, VCPU_EXITS);
       passes += this.word(v, VCPU_PASSES);
     });
+    out.guestCpl = this.kvm.guestCpl;
     out.vcpuExits = exits;
     out.passesCompleted = passes;
     if (this.config.dirtyRingEntries > 0) {
@@ -416,5 +417,3 @@ function supportedCpuid(a: KvmAddon, kvmFd: number): Uint8Array {
     if (nent > 4096) throw new Error('KVM_GET_SUPPORTED_CPUID: too many entries');
   }
 }
-void EINTR;
-void VCPU_STARTED;

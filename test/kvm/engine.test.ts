@@ -78,6 +78,31 @@ describe(`kvm engine${engine ? '' : ` — skipped: ${reason}`}`, () => {
     addon.releaseGuest(hva, 2 << 20);
   });
 
+  it.skipIf(!engine)('guests at CPL 0 (hlt for idle) produce the same memory as the default CPL 3 guests', async () => {
+    const cpl0 = await KvmEngine.open(undefined, { guestCpl: 0 });
+    for (const kind of ['sequential', 'idle'] as const) {
+      const contents: string[] = [];
+      for (const e of [engine!, cpl0]) {
+        const vm = await e.createVm();
+        live.push(vm);
+        const spec = workload(kind, 256 << 10);
+        const host = vm.mapHostMemory(2 * spec.bytesPerVcpu, 'anonymous');
+        vm.setUserMemoryRegion({ slot: 0, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: 2 * spec.bytesPerVcpu, userspaceAddr: host.hva });
+        await vm.createVcpus(2, spec);
+        vm.allowPasses(3);
+        await vm.waitForPasses(3, 30_000);
+        expect(vm.stats().guestCpl).toBe(e.guestCpl);
+        expect(vm.progress().map((p) => [p.passesCompleted, p.halted])).toEqual(kind === 'idle' ? [[1, true], [1, true]] : [[3, false], [3, false]]);
+        await vm.pause(); // a halted vCPU pauses too
+        const mem = new Uint8Array(2 * spec.bytesPerVcpu);
+        vm.readGuest(spec.gpaBase, mem);
+        contents.push(Buffer.from(mem).toString('base64'));
+        vm.resume();
+      }
+      expect(contents[0] === contents[1]).toBe(true);
+    }
+  });
+
   it.skipIf(!engine)("exposes KVM's binary stats and its own counters", async () => {
     const vm = await engine!.createVm();
     live.push(vm);

@@ -3,7 +3,8 @@
 // with PS) or 4 KiB pages (PTEs); a 2 MiB region needed by both kinds is mapped with 4 KiB
 // pages throughout so neither range loses its translation.
 
-const PRESENT_RW = 0x3n;
+// Present, writable, user: the guest may run at CPL 3 (see guest-setup.ts).
+const PRESENT_RW = 0x7n;
 const PS = 0x80n;
 const HUGE = 2 * 1024 * 1024;
 

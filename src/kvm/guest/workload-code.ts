@@ -8,8 +8,13 @@
 //   r13 = xorshift64 state (random, rwmix), never zero
 //   r14 = write percentage (rwmix)
 // Scratch: rax, rcx, rdx, r8 (value of this pass), r9 (pages left), r10.
-// After each pass: `out SYNC_PORT, eax` with eax = pass number. The idle guest then halts.
+// After each pass: `out SYNC_PORT, eax` with eax = pass number. The idle guest then halts:
+// `hlt` at CPL 0; at CPL 3, where hlt is privileged, it writes HALT_PORT in a loop instead and
+// the vCPU thread parks it (a halt as far as the VMM can tell).
 import { SYNC_PORT, type WorkloadKind } from '../../guest/workload.ts';
+
+/** I/O port an idle guest running at CPL 3 writes once it has nothing left to do. */
+export const HALT_PORT = SYNC_PORT + 1;
 import { Assembler, R } from './asm.ts';
 
 function xorshift64(a: Assembler): void {
@@ -19,7 +24,7 @@ function xorshift64(a: Assembler): void {
   a.movRR(R.rax, R.r13).shlRI(R.rax, 17).xorRR(R.r13, R.rax);
 }
 
-export function workloadCode(kind: WorkloadKind): Uint8Array {
+export function workloadCode(kind: WorkloadKind, cpl: 0 | 3 = 3): Uint8Array {
   const a = new Assembler();
   a.label('pass');
   a.incR(R.r12);
@@ -59,8 +64,11 @@ export function workloadCode(kind: WorkloadKind): Uint8Array {
   a.movRR32(R.rax, R.r12);
   a.movRI32(R.rdx, SYNC_PORT);
   a.outDxEax();
-  if (kind === 'idle') {
+  if (kind === 'idle' && cpl === 0) {
     a.label('halt').hlt().jmp('halt');
+  } else if (kind === 'idle') {
+    a.movRI32(R.rdx, HALT_PORT);
+    a.label('halt').outDxEax().jmp('halt');
   } else {
     a.jmp('pass');
   }
