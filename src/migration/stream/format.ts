@@ -214,7 +214,8 @@ export type StreamErrorCode =
   | 'bad-config'
   | 'no-config'
   | 'unexpected-record'
-  | 'bad-round';
+  | 'bad-round'
+  | 'duplicate-page';
 
 /** The stream broke a rule of the format; `code` names the rule, the message the field and values. */
 export class MigrationStreamError extends Error {

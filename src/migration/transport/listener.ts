@@ -18,7 +18,8 @@
 // round r is yielded before any page of round r+1, whatever channel either came on, which is
 // what lets a later round's copy of a page overwrite an earlier one safely (QEMU's multifd does
 // the same with its per-round sync packets). Within a round the order among channels is
-// arbitrary; the source sends each page at most once per round.
+// arbitrary; the source sends each page at most once per round, and a page that comes on two
+// channels within one round is rejected ('duplicate-page'); on one channel order is kept.
 //
 // Errors: a malformed stream throws MigrationStreamError out of records(); a channel lost before
 // END, or an ERROR record from the source, throws MigrationTransportError. Either way all
@@ -228,6 +229,24 @@ export class IncomingMigration {
     return n;
   }
 
+  // Per page: the round (+1) it last came in and on which channel, to reject a page sent on
+  // two channels within one round (their order would be undefined). 5 bytes per 4 KiB page.
+  private pageRound = new Map<number, Uint32Array>();
+  private pageChannel = new Map<number, Uint8Array>();
+
+  private checkOncePerRound(channel: number, slot: number, firstPage: number, count: number): void {
+    const rounds = this.pageRound.get(slot)!;
+    const chans = this.pageChannel.get(slot)!;
+    const tag = this.round + 2; // round in progress, +1 so that 0 means never
+    for (let p = firstPage; p < firstPage + count; p++) {
+      if (rounds[p] === tag && chans[p] !== channel) {
+        throw new MigrationStreamError('duplicate-page', `slot ${slot} page ${p} came on channel ${chans[p]} and again on channel ${channel} in round ${this.round + 1}: a page may travel once per round`);
+      }
+      rounds[p] = tag;
+      chans[p] = channel;
+    }
+  }
+
   // Barrier state (see the header): parked[i] is the SYNC round channel i stopped at.
   private parked: (number | undefined)[] = [];
   private parkedCount = 0;
@@ -264,6 +283,7 @@ export class IncomingMigration {
           continue;
         case 'ram':
         case 'zero':
+          if (n > 1) this.checkOncePerRound(i, rec.slot, rec.firstPage, rec.count);
           this.pagesSinceBarrier = true;
           this.recordChannel = i;
           return rec;
@@ -271,6 +291,12 @@ export class IncomingMigration {
           if (i !== 0 || this.layout) throw new MigrationStreamError('unexpected-record', `CONFIG on channel ${i}${this.layout ? ' (a second one)' : ''}`);
           this.layout = StreamLayout.fromConfig(rec.config);
           for (const c of this.channels) c.decoder.setLayout(this.layout);
+          if (n > 1) {
+            for (const { slot, pages } of this.layout.slots) {
+              this.pageRound.set(slot, new Uint32Array(pages));
+              this.pageChannel.set(slot, new Uint8Array(pages));
+            }
+          }
           this.recordChannel = 0;
           return rec;
         case 'vcpu-state':

@@ -250,6 +250,38 @@ describe('send ordering', () => {
   });
 });
 
+describe('once per round', () => {
+  it('rejects a page sent on two channels in one round; allows it twice on one channel or across rounds', async () => {
+    const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels: 2 });
+    const incoming = await server.accept();
+    const pages: string[] = [];
+    const destErr = (async () => {
+      for await (const rec of incoming.records()) if (rec.kind === 'ram' || rec.kind === 'zero') pages.push(`${rec.kind}:${rec.firstPage}`);
+    })().catch((e) => e);
+    const page = new Uint8Array(PAGE).fill(5);
+    await conn.send({ kind: 'config', config: { memslots: LAYOUT } });
+    await conn.sendRam(0, 7, 1, page, { channel: 1 });
+    await conn.sendRam(0, 7, 1, page, { channel: 1 }); // same channel: ordered, allowed
+    await conn.sync(1);
+    await conn.sendZero(0, 7, 1, { channel: 0 }); // next round, other channel: allowed
+    await conn.sync(2);
+    await conn.sendRam(0, 7, 1, page, { channel: 0 });
+    await conn.flush();
+    await conn.sendZero(0, 7, 1, { channel: 1 }); // same round, other channel: rejected
+    await conn.flush();
+    const err = await destErr;
+    // Which of the two round-3 copies is read first is up to the sockets.
+    expect(pages.slice(0, 3)).toEqual(['ram:7', 'ram:7', 'zero:7']);
+    expect(pages).toHaveLength(4);
+    expect(err).toBeInstanceOf(MigrationStreamError);
+    expect(err.code).toBe('duplicate-page');
+    expect(err.message).toMatch(/^slot 0 page 7 came on channel ([01]) and again on channel (?!\1)[01] in round 3: a page may travel once per round$/);
+    conn.destroy();
+    await server.close();
+  });
+});
+
 describe('zero-copy sends', () => {
   it('sendRamBorrowed: buffers reused only after written() arrive intact', async () => {
     const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
