@@ -57,10 +57,16 @@ export async function createMemoryHasher(): Promise<MemoryHasher> {
       if (data.length !== count * HASH_PAGE_SIZE) {
         throw new RangeError(`hashInto: ${data.length} bytes for ${count} pages`);
       }
+      // One range check and one mod-2^64 fold per run instead of per page.
+      const entries = table.entriesFor(slot, firstPage, count);
+      let delta = 0n;
       for (let i = 0; i < count; i++) {
         const off = i * HASH_PAGE_SIZE;
-        table.set(slot, firstPage + i, hashPage(slot, firstPage + i, data.subarray(off, off + HASH_PAGE_SIZE)));
+        const h = hashPage(slot, firstPage + i, data.subarray(off, off + HASH_PAGE_SIZE));
+        delta += h - entries[firstPage + i]!;
+        entries[firstPage + i] = h;
       }
+      table.addToTotal(delta);
     },
     hashGuestMemory(readPages, layout, batchPages = 256) {
       const buf = new Uint8Array(batchPages * HASH_PAGE_SIZE);
@@ -101,6 +107,16 @@ export class PageHashTable {
       pages += n;
     }
     this.pages = pages;
+  }
+
+  /** The slot's entry array, after checking [page, page+count) is inside it (for hashInto). */
+  entriesFor(slot: number, page: number, count: number): BigUint64Array {
+    return this.entries(slot, page, count);
+  }
+
+  /** Fold a sum of entry changes made through entriesFor into the total. */
+  addToTotal(delta: bigint): void {
+    this.sum = BigInt.asUintN(64, this.sum + delta);
   }
 
   private entries(slot: number, page: number, count = 1): BigUint64Array {
