@@ -69,6 +69,14 @@ describe('handshake', () => {
     await single.close();
   });
 
+  it('says which address is taken when it cannot listen', async () => {
+    const first = await MigrationListener.listen({ host: '127.0.0.1', port: 0 });
+    const err = await MigrationListener.listen({ host: '127.0.0.1', port: first.port }).catch((e) => e);
+    expect(err).toBeInstanceOf(MigrationTransportError);
+    expect(err.message).toBe(`cannot listen on 127.0.0.1:${first.port}: EADDRINUSE`);
+    await first.close();
+  });
+
   it('times out a destination that never answers HELLO, naming it', async () => {
     const { createServer } = await import('node:net');
     const mute = createServer(() => undefined);
