@@ -1,4 +1,4 @@
-import type { Socket } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { PageHashTable, createMemoryHasher } from '../../../src/migration/hash.ts';
 import { MigrationTransportError } from '../../../src/migration/transport/errors.ts';
@@ -79,15 +79,74 @@ async function receive(incoming: IncomingMigration, hasherP: ReturnType<typeof c
   if (useRun) await incoming.run(apply);
   else for await (const rec of incoming.records()) apply(rec);
   await incoming.reply({ kind: 'complete', memoryHash: table!.total(), pages: table!.pages });
-  return { mem, table: table!, violations, syncs, end };
+  const meanReadBytes = incoming.bytesReceived / incoming.channels.reduce((n, c) => n + c.chunksReceived, 0);
+  return { mem, table: table!, violations, syncs, end, meanReadBytes };
 }
 
-async function transfer(channels: number, opts: { compress?: boolean; rounds?: number; slabReads?: boolean; useRun?: boolean } = {}) {
+/**
+ * A TCP relay that re-chunks the source->destination bytes into random small pieces (1..9000
+ * bytes, seeded) with an event-loop turn between pieces, so the destination's reads split
+ * records at arbitrary places. The back channel is passed through as is.
+ */
+async function chunkingProxy(targetPort: number, seed: number): Promise<{ port: number; close: () => void }> {
+  const rng = rngFrom(seed);
+  const sockets: Socket[] = [];
+  const server = createServer((src) => {
+    const dst = connect(targetPort, '127.0.0.1');
+    sockets.push(src, dst);
+    const queue: Buffer[] = [];
+    let pumping = false;
+    const pump = () => {
+      const chunk = queue[0];
+      if (!chunk) {
+        pumping = false;
+        src.resume();
+        return;
+      }
+      const n = Math.min(chunk.length, 1 + (rng() % (rng() % 4 === 0 ? 9000 : 300)));
+      dst.write(chunk.subarray(0, n));
+      if (n === chunk.length) queue.shift();
+      else queue[0] = chunk.subarray(n);
+      setImmediate(pump);
+    };
+    src.on('data', (c: Buffer) => {
+      queue.push(c);
+      if (queue.length > 64) src.pause();
+      if (!pumping) {
+        pumping = true;
+        setImmediate(pump);
+      }
+    });
+    dst.on('data', (c) => src.write(c));
+    const closeBoth = () => {
+      src.destroy();
+      dst.destroy();
+    };
+    src.on('end', () => {
+      const finish = () => (queue.length || pumping ? setImmediate(finish) : dst.end());
+      finish();
+    });
+    dst.on('end', () => src.end());
+    src.on('error', closeBoth);
+    dst.on('error', closeBoth);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as { port: number }).port,
+    close: () => {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
+async function transfer(channels: number, opts: { compress?: boolean; rounds?: number; slabReads?: boolean; useRun?: boolean; rechunk?: boolean } = {}) {
   const hasherP = createMemoryHasher();
   const hasher = await hasherP;
   const server = await MigrationListener.listen({ host: '127.0.0.1', port: 0, slabReads: opts.slabReads });
   const received = server.accept().then((inc) => receive(inc, hasherP, opts.useRun).finally(() => inc.close()));
-  const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: server.port, channels, caps: opts.compress ? CAP_LZ4 : 0, batchBytes: 128 * 1024 });
+  const proxy = opts.rechunk ? await chunkingProxy(server.port, 7) : undefined;
+  const conn = await MigrationConnection.connect({ host: '127.0.0.1', port: proxy?.port ?? server.port, channels, caps: opts.compress ? CAP_LZ4 : 0, batchBytes: 128 * 1024 });
   expect(conn.channelCount).toBe(channels);
   const src = freshMemory();
   const rng = rngFrom(42);
@@ -129,6 +188,7 @@ async function transfer(channels: number, opts: { compress?: boolean; rounds?: n
   const compressedPages = conn.channels.reduce((n, c) => n + c.compressedPages, 0);
   await conn.close();
   const result = await received;
+  proxy?.close();
   await server.close();
   return { src, srcHash, complete, bytesSent, compressedPages, ...result };
 }
@@ -153,6 +213,16 @@ describe('migration transport over TCP on 127.0.0.1', () => {
     // Same source sequence (seeded) gives the same memory whatever the channel count.
     expect(memEqual(results[0]!.mem, results[1]!.mem)).toBe(true);
     expect(memEqual(results[0]!.mem, results[2]!.mem)).toBe(true);
+  });
+
+  it('survives records split at arbitrary byte boundaries on the way (re-chunking relay, 3 channels)', async () => {
+    const r = await transfer(3, { rechunk: true, rounds: 3 });
+    // The relay did cut the stream: reads far below the 128 KiB batches it was written in.
+    expect(r.meanReadBytes).toBeLessThan(32 * 1024);
+    expect(r.violations).toEqual([]);
+    expect(r.syncs).toEqual([1, 2, 3]);
+    expect(memEqual(r.src, r.mem)).toBe(true);
+    expect(r.complete).toMatchObject({ kind: 'complete', memoryHash: r.srcHash.memoryHash });
   });
 
   it('gives the same result with node\'s plain 64 KiB reads instead of slab reads', async () => {
