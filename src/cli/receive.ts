@@ -17,6 +17,7 @@ export interface ReceiveReport {
   rescanHash?: string;
   pagesReceived: number;
   resumeSeconds: number;
+  switchoverSeconds: number;
   passesAtSwitchover: number[];
   passesAfter: number[];
   ranSeconds: number;
@@ -97,6 +98,7 @@ export function registerReceive(program: Command): void {
           ...(r.rescanHash ? { rescanHash: r.rescanHash } : {}),
           pagesReceived: r.pagesReceived,
           resumeSeconds: r.resumeSeconds,
+          switchoverSeconds: r.switchoverSeconds,
           passesAtSwitchover: r.passesAtSwitchover,
           passesAfter,
           ranSeconds,

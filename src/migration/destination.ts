@@ -39,6 +39,8 @@ export interface ReceiveResult {
   passesAtSwitchover: number[];
   /** END received -> guest started, seconds (the destination's share of downtime). */
   resumeSeconds: number;
+  /** First vCPU-state record received -> COMPLETE handed to the link, seconds. */
+  switchoverSeconds: number;
 }
 
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
@@ -59,6 +61,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let end: { finalRound: number; pagesSent: number } | null = null;
   let pagesReceived = 0;
   let ackedRound = 0;
+  let tFirstVcpu: bigint | null = null;
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
 
@@ -134,8 +137,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     phase = 'running';
     const resumeSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     const hash = table!.digest();
-    await link.send({ type: 'complete', hash, pagesReceived, ...(rescanHash ? { rescanHash } : {}) });
-    result = { vm: v, config: c, hash, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds };
+    const sent = link.send({ type: 'complete', hash, pagesReceived, ...(rescanHash ? { rescanHash } : {}) });
+    const switchoverSeconds = Number(process.hrtime.bigint() - (tFirstVcpu ?? t0)) / 1e9;
+    await sent;
+    result = { vm: v, config: c, hash, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };
     log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
     switched();
   };
@@ -163,6 +168,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         }
         return maybeSwitchover();
       case 'vcpu':
+        tFirstVcpu ??= process.hrtime.bigint();
         if (r.state.engine !== cfg!.engine || r.state.vcpu < 0 || r.state.vcpu >= cfg!.vcpus) throw protocol(`vCPU state for ${r.state.engine} vCPU ${r.state.vcpu}`);
         vcpuStates.push(r.state);
         return;

@@ -44,6 +44,9 @@ export interface SourceLink {
   send(record: SourceRecord, channel?: number): Promise<void>;
   /** The next record from the destination; rejects when the connection drops. */
   receive(): Promise<DestRecord>;
+  /** Hold small writes back until uncork(), so a burst of records leaves in one segment. */
+  cork?(): void;
+  uncork?(): void;
   /** Bytes handed to the sockets so far, all channels. */
   bytesSent(): number;
   close(): void;

@@ -125,7 +125,7 @@ export class PageDigestTable {
   digest(): string {
     let a = this.a;
     let b = this.b;
-    for (const r of this.regions) {
+    if (this.pages < this.seen.length) for (const r of this.regions) {
       for (let i = 0; i < r.pages; i++) {
         if (this.seen[r.base + i]) continue;
         const gfn = r.gpa / PAGE_SIZE + i;

@@ -22,7 +22,7 @@ import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
-import type { DestRecord, SourceLink } from './link.ts';
+import type { DestRecord, SourceLink, SourceRecord } from './link.ts';
 import { digestVmMemory, initDigest } from './page-digest.ts';
 import { PageSender } from './page-sender.ts';
 import { TokenBucket } from './rate-limit.ts';
@@ -275,11 +275,24 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const finalPages = await sendAllPending(round, false);
     const tVcpu = now();
     passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
-    for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
-    await sender.syncAll(round);
+    const states = Array.from({ length: vm.vcpuCount }, (_, v) => vm.saveVcpuState(v));
+    // vCPU state, SYNC and END leave together: one wake-up of the destination, not five.
     sender.check();
+    const last: { record: SourceRecord; channel: number }[] = [
+      ...states.map((state) => ({ record: { type: 'vcpu', state } as SourceRecord, channel: 0 })),
+      ...Array.from({ length: link.channels }, (_, ch) => ({ record: { type: 'sync', round } as SourceRecord, channel: ch })),
+      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages }, channel: 0 },
+    ];
     endSent = true;
-    await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages });
+    if (link.cork && link.uncork) {
+      // Nothing is awaited while corked (a send waiting for 'drain' would wait forever).
+      link.cork();
+      const burst = last.map(({ record, channel }) => link.send(record, channel));
+      link.uncork();
+      await Promise.all(burst);
+    } else {
+      for (const { record, channel } of last) await link.send(record, channel);
+    }
     const tEnd = now();
     const reply = await finalReply;
     downtimeSeconds = secs(tPause);

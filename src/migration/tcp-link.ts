@@ -282,6 +282,14 @@ class TcpSourceLink implements SourceLink {
     return this.sent;
   }
 
+  cork(): void {
+    for (const s of this.socks) s.cork();
+  }
+
+  uncork(): void {
+    for (const s of this.socks) s.uncork();
+  }
+
   close(): void {
     this.failure ??= new MigrationLinkError('link closed');
     for (const s of this.socks) s.end();
