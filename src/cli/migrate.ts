@@ -28,6 +28,7 @@ export interface MigrateOptions extends CommonOptions {
   warmupMs: number;
   destRunMs: number;
   transport: TransportKind;
+  destPrealloc: boolean;
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -68,7 +69,7 @@ interface LocalReceiver {
 }
 
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
-  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--transport', opts.transport, '--json', '--run-ms', String(opts.destRunMs)];
+  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--transport', opts.transport, '--json', '--run-ms', String(opts.destRunMs), ...(opts.destPrealloc ? ['--prealloc'] : [])];
   // Detached: a terminal ^C reaches the source only, which cancels; the receiver then sees the
   // connection drop and discards everything itself.
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -186,6 +187,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--no-auto-converge', 'never throttle the vCPUs (auto-converge is on by default)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)
+    .option('--dest-prealloc', '--local: the receiver preallocates guest RAM before accepting pages (receive --prealloc)', false)
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover', (t) => Number(t), 1000);
 }
 

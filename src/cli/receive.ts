@@ -44,6 +44,7 @@ interface ReceiveOptions {
   runMs: number;
   maxRam: number;
   verifyRescan: boolean;
+  prealloc: boolean;
   json: boolean;
 }
 
@@ -58,6 +59,7 @@ export function registerReceive(program: Command): void {
     .option('--transport <kind>', 'tcp (own framing, round acks) | wire (versioned stream); must match the source', parseTransport, DEFAULT_TRANSPORT)
     .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', (t) => Number(t), 0)
     .option('--max-ram <size>', 'refuse guests with more RAM than this', parseSize, DEFAULT_MAX_RAM_BYTES)
+    .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): faults move into setup', false)
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .action(async (opts: ReceiveOptions) => {
@@ -78,6 +80,7 @@ export function registerReceive(program: Command): void {
           openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine),
           limits: { maxRamBytes: opts.maxRam },
           verifyRescan: opts.verifyRescan,
+          preallocate: opts.prealloc,
           signal: ac.signal,
           log,
         });
