@@ -3,7 +3,6 @@
 // Threading: a KvmVm is used from the VMM thread that created it (engine.ts contract). vCPU
 // workers share with it only the control block (control.ts), their kvm_run mappings and the
 // guest memory that the guest itself writes; their rules are in control.ts and vcpu-worker.ts.
-import type { Worker } from 'node:worker_threads';
 import {
   MemslotError,
   PAGE_SIZE,
@@ -20,18 +19,14 @@ import {
 } from '../vmm/engine.ts';
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
-import { startWorker } from '../util/worker.ts';
 import type { AddonBacking, KvmAddon } from './addon.ts';
-import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, RUN, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
-import {
-  UNLIMITED_PASSES, VCPU_EXITED, VCPU_EXITS, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED,
-  VCPU_RING_FULL, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE,
-  VM_DOORBELL, VM_EVENTS, VM_PAUSE, VM_STOP, newControl, ring, vcpuBase,
-} from './control.ts';
+import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
+import { VCPU_EXITS, VCPU_PASSES } from './control.ts';
+import { VcpuRunner, type RunnerVcpu } from './vcpu-runner.ts';
 import { BinaryStats } from './binary-stats.ts';
 import { DirtyRing } from './dirty-ring.ts';
 import { INTERNAL_SLOT } from './guest/layout.ts';
-import { setUpGuest, type GuestSetup } from './guest-setup.ts';
+import { setUpGuest } from './guest-setup.ts';
 import { loadArchState, probeMsrs, saveArchState, type KvmArchState, type VcpuStateFeatures } from './vcpu-state.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
@@ -40,17 +35,9 @@ interface Mapping extends HostMapping {
   buffer: SharedArrayBuffer;
 }
 
-interface Vcpu {
-  fd: number;
-  run: SharedArrayBuffer;
-  runBytes: Uint8Array;
+interface Vcpu extends RunnerVcpu {
   ring: DirtyRing | null;
-  worker: Worker | null;
-  failure: string | null;
-  exited: Promise<void> | null;
 }
-
-type WaitAsync = (a: Int32Array, i: number, v: number, t?: number) => { async: boolean; value: Promise<string> | string };
 
 export class KvmVm implements Vm {
   readonly engine = 'kvm' as const;
@@ -58,11 +45,8 @@ export class KvmVm implements Vm {
   private readonly mappings: Mapping[] = [];
   private readonly slots: MemslotTable;
   private vcpus: Vcpu[] = [];
-  private control = newControl(0);
-  private guest: GuestSetup | null = null;
+  private runner_: VcpuRunner | null = null;
   private features: VcpuStateFeatures | null = null;
-  private workersStarted = false;
-  private paused = false;
   private destroyed = false;
   private readonly pendingRing: DirtyGfn[] = [];
   private ringMaxBatch = 0;
@@ -167,15 +151,13 @@ export class KvmVm implements Vm {
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
     this.applyRegion(guest.region, true);
-    this.guest = guest;
     const runBytes = a.ioctl(this.kvm.kvmFd, 'KVM_GET_VCPU_MMAP_SIZE', 0);
     const cpuid = supportedCpuid(a, this.kvm.kvmFd);
-    this.control = newControl(count);
     for (let v = 0; v < count; v++) {
       const fd = a.ioctl(this.vmFd, 'KVM_CREATE_VCPU', v);
       const run = a.mmapFd(fd, 0, runBytes);
       const ringMap = this.config.dirtyRingEntries > 0 ? a.mmapFd(fd, KVM_DIRTY_LOG_PAGE_OFFSET, this.config.dirtyRingEntries * DIRTY_GFN_BYTES) : null;
-      this.vcpus.push({ fd, run, runBytes: new Uint8Array(run), ring: ringMap ? new DirtyRing(ringMap) : null, worker: null, failure: null, exited: null });
+      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRing(ringMap) : null });
       a.ioctl(fd, 'KVM_SET_CPUID2', cpuid);
       guest.initVcpu(a, fd, v);
     }
@@ -187,108 +169,32 @@ export class KvmVm implements Vm {
       debugregs: this.kvm.checkExtension(CAP.DEBUGREGS) > 0,
       msrIndices: probeMsrs(a, this.vcpus[0]!.fd),
     };
+    this.runner_ = new VcpuRunner(a, this.vcpus, spec.kind === 'idle', () => this.drainRings());
   }
 
-  private startWorkers(): void {
-    if (this.workersStarted) return;
-    this.workersStarted = true;
-    this.vcpus.forEach((vc, v) => {
-      const w = startWorker(new URL('./vcpu-worker.ts', import.meta.url), {
-        vcpu: v,
-        vcpuFd: vc.fd,
-        run: vc.run,
-        control: this.control.buffer,
-        haltsAfterFirstPass: this.guest!.spec.kind === 'idle',
-      });
-      vc.worker = w;
-      w.on('message', (m: { type: string; message: string }) => {
-        if (m.type === 'failed') vc.failure = m.message;
-      });
-      w.on('error', (e) => {
-        vc.failure = `vcpu ${v} worker: ${e.message}`;
-        Atomics.store(this.control, vcpuBase(v) + VCPU_FAILED, -1);
-        ring(this.control, VM_EVENTS);
-      });
-      vc.exited = new Promise((resolve) => w.once('exit', () => resolve()));
-    });
+  private get runner(): VcpuRunner {
+    if (!this.runner_) throw new Error('no vCPUs (call createVcpus first)');
+    return this.runner_;
   }
 
   allowPasses(passes: number): void {
-    if (this.vcpus.length === 0) throw new Error('allowPasses: no vCPUs (call createVcpus first)');
-    this.startWorkers();
-    Atomics.store(this.control, VM_ALLOWANCE, Number.isFinite(passes) ? Math.min(passes, UNLIMITED_PASSES) : UNLIMITED_PASSES);
-    ring(this.control, VM_DOORBELL);
+    this.runner.allowPasses(passes);
   }
 
-  private word(v: number, w: number): number {
-    return Atomics.load(this.control, vcpuBase(v) + w);
-  }
-
-  private throwIfFailed(): void {
-    this.vcpus.forEach((vc, v) => {
-      if (this.word(v, VCPU_FAILED) !== 0) throw new Error(vc.failure ?? `vcpu ${v} failed`);
-    });
-  }
-
-  /** Await any change of a worker's words (or the timeout). */
-  private async nextEvent(seen: number, timeoutMs: number): Promise<void> {
-    const r = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync(this.control, VM_EVENTS, seen, timeoutMs);
-    if (r.async) await r.value;
-  }
-
-  async waitForPasses(passes: number, timeoutMs = Infinity): Promise<void> {
-    const allowance = Atomics.load(this.control, VM_ALLOWANCE);
-    if (passes > allowance && !this.vcpus.every((_, v) => this.word(v, VCPU_HALTED) === 1)) {
-      throw new Error(`waitForPasses(${passes}): only ${allowance} passes allowed (call allowPasses first)`);
-    }
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const seen = Atomics.load(this.control, VM_EVENTS);
-      this.throwIfFailed();
-      if (this.vcpus.some((_, v) => this.word(v, VCPU_RING_FULL) === 1)) this.drainRings();
-      if (this.vcpus.every((_, v) => this.word(v, VCPU_PASSES) >= passes || this.word(v, VCPU_HALTED) === 1)) return;
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`waitForPasses(${passes}): timed out after ${timeoutMs} ms at ${JSON.stringify(this.progress())}`);
-      await this.nextEvent(seen, Math.min(left, 1000));
-    }
+  waitForPasses(passes: number, timeoutMs?: number): Promise<void> {
+    return this.runner.waitForPasses(passes, timeoutMs);
   }
 
   progress(): VcpuProgress[] {
-    return this.vcpus.map((_, v) => ({ vcpu: v, passesCompleted: this.word(v, VCPU_PASSES), halted: this.word(v, VCPU_HALTED) === 1 }));
-  }
-
-  /** Kick every vCPU out of KVM_RUN: immediate_exit first (covers a kick that lands before entry), then the signal. */
-  private kickAll(): void {
-    this.vcpus.forEach((vc, v) => {
-      Atomics.store(vc.runBytes, RUN.immediateExit, 1);
-      if (this.word(v, VCPU_TID_VALID) === 1 && this.word(v, VCPU_EXITED) === 0) {
-        const tid = (BigInt(this.word(v, VCPU_TID_HI) >>> 0) << 32n) | BigInt(this.word(v, VCPU_TID_LO) >>> 0);
-        this.addon.kick(tid);
-      }
-    });
+    return this.runner_ ? this.runner_.progress() : [];
   }
 
   async pause(): Promise<void> {
-    this.paused = true;
-    if (!this.workersStarted) return;
-    this.vcpus.forEach((vc) => Atomics.store(vc.runBytes, RUN.immediateExit, 1));
-    Atomics.store(this.control, VM_PAUSE, 1);
-    ring(this.control, VM_DOORBELL);
-    this.kickAll();
-    for (;;) {
-      const seen = Atomics.load(this.control, VM_EVENTS);
-      this.throwIfFailed();
-      if (this.vcpus.every((_, v) => this.word(v, VCPU_PAUSED) === 1 || this.word(v, VCPU_EXITED) === 1)) return;
-      await this.nextEvent(seen, 1000);
-    }
+    await this.runner_?.pause();
   }
 
   resume(): void {
-    this.paused = false;
-    if (!this.workersStarted) return;
-    this.vcpus.forEach((vc) => Atomics.store(vc.runBytes, RUN.immediateExit, 0));
-    Atomics.store(this.control, VM_PAUSE, 0);
-    ring(this.control, VM_DOORBELL);
+    this.runner_?.resume();
   }
 
   private slotPages(slot: number): number {
@@ -317,7 +223,7 @@ export class KvmVm implements Vm {
     }
     this.addon.ioctl(this.vmFd, 'KVM_RESET_DIRTY_RINGS', 0);
     this.ringResets++;
-    ring(this.control, VM_DOORBELL);
+    this.runner_?.ringDoorbell();
   }
 
   harvestDirtyRings(): DirtyGfn[] {
@@ -350,7 +256,7 @@ export class KvmVm implements Vm {
   }
 
   private requireStopped(what: string): void {
-    if (this.workersStarted && !this.paused) throw new Error(`${what}: vCPUs are running (pause() first)`);
+    if (this.runner_?.running) throw new Error(`${what}: vCPUs are running (pause() first)`);
   }
 
   saveVcpuState(vcpu: number): VcpuState {
@@ -358,7 +264,7 @@ export class KvmVm implements Vm {
     const vc = this.vcpus[vcpu];
     if (!vc) throw new RangeError(`saveVcpuState: no vcpu ${vcpu}`);
     const arch = saveArchState(this.addon, vc.fd, this.features!);
-    return { engine: 'kvm', vcpu, progress: this.progress()[vcpu]!, arch };
+    return { engine: 'kvm', vcpu, progress: this.runner.progress()[vcpu]!, arch };
   }
 
   loadVcpuState(state: VcpuState): void {
@@ -367,10 +273,7 @@ export class KvmVm implements Vm {
     const vc = this.vcpus[state.vcpu];
     if (!vc) throw new RangeError(`loadVcpuState: no vcpu ${state.vcpu}`);
     loadArchState(this.addon, vc.fd, this.features!, state.arch as KvmArchState);
-    // The worker is stopped (not started or PAUSED), so the VMM may write its words.
-    const b = vcpuBase(state.vcpu);
-    Atomics.store(this.control, b + VCPU_PASSES, state.progress.passesCompleted);
-    Atomics.store(this.control, b + VCPU_HALTED, state.progress.halted ? 1 : 0);
+    this.runner.setProgress(state.vcpu, state.progress);
   }
 
   stats(): VmStats {
@@ -378,8 +281,8 @@ export class KvmVm implements Vm {
     let exits = 0;
     let passes = 0;
     this.vcpus.forEach((_, v) => {
-      exits += this.word(v, VCPU_EXITS);
-      passes += this.word(v, VCPU_PASSES);
+      exits += this.runner_?.word(v, VCPU_EXITS) ?? 0;
+      passes += this.runner_?.word(v, VCPU_PASSES) ?? 0;
     });
     out.guestCpl = this.kvm.guestCpl;
     out.vcpuExits = exits;
@@ -394,10 +297,7 @@ export class KvmVm implements Vm {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
-    Atomics.store(this.control, VM_STOP, 1);
-    ring(this.control, VM_DOORBELL);
-    this.kickAll();
-    await Promise.all(this.vcpus.map((vc) => vc.exited));
+    await this.runner_?.stop();
     for (const vc of this.vcpus) this.addon.close(vc.fd);
     this.stats_?.close();
     this.addon.close(this.vmFd);
