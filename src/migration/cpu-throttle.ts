@@ -38,24 +38,41 @@ export class CpuThrottle {
   }
 
   private async run(): Promise<void> {
-    while (!this.stopping) {
-      await sleep(TIMESLICE_MS);
-      if (this.stopping) break;
-      const sleepMs = (TIMESLICE_MS * this.pct) / (100 - this.pct);
-      const t0 = performance.now();
-      await this.vm.pause();
-      try {
+    let paused = false;
+    try {
+      while (!this.stopping) {
+        const tRun = performance.now();
+        await sleep(TIMESLICE_MS);
+        if (this.stopping) break;
+        // Timers run late on a busy event loop: size the sleep from the time the guest really
+        // ran, so the duty cycle holds.
+        const ranMs = performance.now() - tRun;
+        const sleepMs = (ranMs * this.pct) / (100 - this.pct);
+        const t0 = performance.now();
+        await this.vm.pause();
+        paused = true;
         // Sleep in slices so that stop() does not wait for a 990 ms throttle sleep.
         for (let left = sleepMs; left > 0 && !this.stopping; left -= TIMESLICE_MS) await sleep(Math.min(left, TIMESLICE_MS));
-      } finally {
-        this.vm.resume();
         this.pausedMs += performance.now() - t0;
+        if (this.stopping && this.leavePaused) return;
+        this.vm.resume();
+        paused = false;
       }
+      if (this.leavePaused && !paused) await this.vm.pause();
+    } catch (e) {
+      if (paused && !this.leavePaused) this.vm.resume();
+      throw e;
     }
   }
 
-  /** End throttling; resolves once the loop has exited with the VM running. */
-  async stop(): Promise<void> {
+  private leavePaused = false;
+
+  /**
+   * End throttling; resolves once the loop has exited, with the VM running, or with it paused
+   * when `leavePaused` (stop-and-copy: the guest goes straight from throttled to stopped).
+   */
+  async stop(leavePaused = false): Promise<void> {
+    this.leavePaused = leavePaused;
     this.stopping = true;
     const l = this.loop;
     this.loop = null;

@@ -261,13 +261,15 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     status = 'device';
     opts.onPhase?.('stop-and-copy', link);
     sender.check();
-    await throttle.stop();
     // Pause only once the destination has applied what is in flight: otherwise the downtime
-    // would include draining the socket buffers.
+    // would include draining the socket buffers. The throttle keeps holding the guest back
+    // meanwhile, and stops only right before the pause, so the guest gets no unthrottled
+    // window to dirty memory after the convergence decision.
     if (link.acksRounds) await caughtUp(round);
     const tPause = now();
+    paused = true; // from here a failure must resume the guest (resume of a running VM is a no-op)
+    await throttle.stop(true);
     await vm.pause();
-    paused = true;
     const tHarvestFinal = now();
     harvest();
     round++;
