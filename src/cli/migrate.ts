@@ -185,7 +185,8 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--channels <n>', 'TCP connections to spread pages over', parsePositiveInt, 1)
     .option('--transport <kind>', 'tcp (own framing, round acks) | wire (versioned stream); the receiver must match', parseTransport, DEFAULT_TRANSPORT)
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
-    .option('--no-auto-converge', 'never throttle the vCPUs (auto-converge is on by default)')
+    .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
+    .option('--no-auto-converge', 'never throttle the vCPUs')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM before accepting pages (receive --prealloc)', false)
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover', (t) => Number(t), 1000);

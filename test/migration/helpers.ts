@@ -18,12 +18,12 @@ export interface PairResult {
 export async function migrateInProcess(
   vm: Vm,
   destEngine: Engine,
-  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; transport?: TransportKind; wrapLink?: (l: SourceLink) => SourceLink },
+  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; transport?: TransportKind; preallocate?: boolean; wrapLink?: (l: SourceLink) => SourceLink },
 ): Promise<PairResult> {
   const transport = opts.transport ?? 'tcp';
   const listener = await listenLink(transport, { host: '127.0.0.1', port: 0 });
   try {
-    const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true }));
+    const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }));
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),
       (e: Error) => ({ dest: null, destError: e }),
