@@ -32,7 +32,8 @@ describe('pre-copy (fake engine)', () => {
     expect(stats.dirtySyncCount).toBeGreaterThanOrEqual(2);
     expect(stats.passesAtSwitchover.every((p) => p >= 3)).toBe(true);
     const d = dest!.vm;
-    expect(d.progress().map((p) => p.passesCompleted)).toEqual(stats.passesAtSwitchover);
+    expect(dest!.passesAtSwitchover).toEqual(stats.passesAtSwitchover);
+    d.progress().forEach((p, i) => expect(p.passesCompleted).toBeGreaterThanOrEqual(stats.passesAtSwitchover[i]!));
     const target = Math.max(...stats.passesAtSwitchover) + 2;
     await d.waitForPasses(target, 20_000);
     await d.pause();
