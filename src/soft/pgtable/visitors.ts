@@ -71,7 +71,16 @@ export class MapVisitor implements Visitor {
       return OK;
     }
 
-    // ctx.level === this.level
+    if (ctx.level > this.level) {
+      // Unreachable: the target entry below sets skipChildren. Kept as a guard because acting
+      // here would write the block's pte into every smaller entry of a table another thread
+      // installed meanwhile (the stress test found exactly that before skipChildren was set).
+      corrupt(ctx, 'map walked below its target level');
+    }
+    // ctx.level === this.level. Whatever happens here, never descend: if another thread turns
+    // this entry into a table after we looked (a split racing with us), the walker would go on
+    // into it and this visitor would treat 4K/2M entries as the target.
+    ctx.skipChildren = true;
     const nu = this.newPte;
     if (kind === WALK_TABLE_PRE) {
       // table -> block (collapse).

@@ -1,6 +1,8 @@
 import { describe, it, expect } from 'vitest';
 import { PROT_R, PROT_RW, PTE_LOCKED, PTE_POISON, mkLeaf } from '../../../src/soft/pgtable/pte.ts';
 import { Stage2PageTable, newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
+import { buildSplitTable } from '../../../src/soft/pgtable/bbm.ts';
+import { MapVisitor } from '../../../src/soft/pgtable/visitors.ts';
 import {
   EAGAIN, OK, PoisonedTableError, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker,
   type VisitCtx, type Visitor,
@@ -192,5 +194,38 @@ describe('races, replayed deterministically from inside break-before-make', () =
     pgt.detach();
     base.destroy();
     expect(pool.liveTablePages()).toBe(0);
+  });
+
+  it('map never descends below its target when another thread splits the target entry under it', () => {
+    // Found by the stress test: map(2M) saw its block already there (nothing to do), another
+    // thread split that block into a 4K table before the walker reloaded the entry, the walker
+    // descended, and the map visitor wrote the 2M pte into all 512 4K entries.
+    const pgt = Stage2PageTable.create({ maxTablePages: 256, debug: true });
+    const out = newLeafLookup();
+    pgt.map(M2, 2, 8 * M2, PROT_RW, true);
+    const block = pgt.getLeaf(M2, out);
+    const mv = new MapVisitor(pgt, () => {});
+    mv.level = 2;
+    mv.newPte = block;
+    const racer: Visitor = {
+      visit(ctx, kind) {
+        const r = mv.visit(ctx, kind);
+        if (ctx.level === 2) {
+          // "Another vCPU" splits the block right after the map visitor looked at it.
+          const t = buildSplitTable(pgt.mm, ctx.load(), 2, false);
+          Atomics.store(ctx.words, ctx.ptep, (t << 5) | 2);
+        }
+        return r;
+      },
+    };
+    const w = new Walker(pgt.pool.words, true);
+    expect(w.walk(pgt.root, 0, M2, M2, racer, WALK_LEAF | WALK_TABLE_PRE | WALK_SHARED | WALK_HANDLE_FAULT)).toBe(OK);
+    for (let i = 0; i < M2; i++) {
+      expect(pgt.translate(M2 + i, out)).toBe(8 * M2 + i);
+      expect(out.level).toBe(3);
+    }
+    // And a visitor asked to act below its level refuses loudly.
+    const deep: Visitor = { visit: (ctx, kind) => (ctx.level === 3 ? mv.visit(ctx, kind) : OK) };
+    expect(() => w.walk(pgt.root, 0, M2, 1, deep, WALK_LEAF)).toThrow(/below its target/);
   });
 });

@@ -34,6 +34,7 @@ interface Data {
   index: number;
   seed: number;
   durationMs: number;
+  focusShared?: boolean;
   pgt: Stage2Shared;
   lock: MmuLockShared;
   /** Int32: [0] write-protect generation, [1] stop flag. */
@@ -63,7 +64,9 @@ const bump = (k: string): void => {
 };
 let leavesRemoved = 0;
 
+const lock = MmuLock.attach(d.lock);
 const pgt = Stage2PageTable.attach(d.pgt, {
+  lock, // every operation asserts the lock discipline
   onLeafRemoved: (pfn, level) => {
     if (!(level >= 1 && level <= 3 && pfn >= PFN_VARIANT[0]! && pfn < PFN_VARIANT[1]! + AREA_PAGES)) {
       throw new Error(`onLeafRemoved: impossible leaf pfn ${pfn} level ${level}`);
@@ -71,7 +74,6 @@ const pgt = Stage2PageTable.attach(d.pgt, {
     leavesRemoved++;
   },
 });
-const lock = MmuLock.attach(d.lock);
 lock.onExclusiveUnlock = () => pgt.reclaim();
 const out = newLeafLookup();
 /** Fault-path ops run shared (cmpxchg) under the read lock in 'parallel' mode, exclusive in 'global'. */
@@ -84,12 +86,43 @@ function fail(msg: string): never {
   throw new CheckError(`[${d.role} ${d.index}] ${msg}`);
 }
 
+/** The current walk for gfn, level by level (for failure messages). */
+function describePath(gfn: number): string {
+  const w = pgt.pool.words;
+  let table = pgt.root;
+  const parts: string[] = [];
+  for (let level = 0; level < 4; level++) {
+    const idx = Math.floor(gfn / [2 ** 27, G1, M2, 1][level]!) & 511;
+    const pte = Atomics.load(w, table * 512 + idx);
+    parts.push(`L${level} page ${table}[${idx}]=0x${(pte >>> 0).toString(16)}`);
+    if ((pte & 3) !== 2) break;
+    table = pte >>> 5;
+  }
+  // The level-2 table of the shared region: every entry that is not what it should be.
+  const l1 = Atomics.load(w, pgt.root * 512);
+  const l2 = (l1 & 3) === 2 ? Atomics.load(w, (l1 >>> 5) * 512 + 1) : 0;
+  if ((l2 & 3) === 2) {
+    const t = l2 >>> 5;
+    const odd: string[] = [];
+    const kinds: Record<string, number> = {};
+    for (let i = 0; i < 512; i++) {
+      const e = Atomics.load(w, t * 512 + i);
+      const k = (e & 3) === 1 ? 'leaf' : (e & 3) === 2 ? 'table' : e === 0 ? 'zero' : 'special';
+      kinds[k] = (kinds[k] ?? 0) + 1;
+      if ((e & 3) === 1 && e >>> 5 !== SHARED_BASE + i * M2 + PFN_VARIANT[0]!) odd.push(`[${i}]=pfn ${e >>> 5} attrs ${e & 31}`);
+    }
+    parts.push(`shared L2 page ${t}: ${JSON.stringify(kinds)} odd: ${odd.slice(0, 8).join(', ')}`);
+  }
+  parts.push(`stats ${JSON.stringify(pgt.stats())}`);
+  return parts.join(' -> ');
+}
+
 /** Any leaf anywhere must decode to one of gfn's two legal pfns. */
 function checkLegal(gfn: number): void {
   const pte = pgt.getLeaf(gfn, out);
   if (pte === 0) return;
   const pfn = ptePfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
-  if (pfn !== gfn + PFN_VARIANT[0]! && pfn !== gfn + PFN_VARIANT[1]!) fail(`gfn ${gfn} translates to illegal pfn ${pfn} (level ${out.level})`);
+  if (pfn !== gfn + PFN_VARIANT[0]! && pfn !== gfn + PFN_VARIANT[1]!) fail(`gfn ${gfn} translates to illegal pfn ${pfn} (level ${out.level}, ptep ${out.ptep} = page ${Math.floor(out.ptep / 512)}[${out.ptep % 512}], pte 0x${(pte >>> 0).toString(16)}); now: ${describePath(gfn)}`);
   if (gfn >= SHARED_BASE && gfn < SHARED_BASE + G1 && pfn !== gfn + PFN_VARIANT[0]!) fail(`shared gfn ${gfn} has the wrong variant`);
 }
 
@@ -153,7 +186,9 @@ function runMutator(): void {
 
   const deadline = Date.now() + d.durationMs;
   while (Date.now() < deadline) {
-    const p = rand();
+    // focusShared (debugging aid): only exclusive sweeps and shared-region operations.
+    const p0 = rand();
+    const p = d.focusShared && p0 >= 0.02 ? 0.63 + ((p0 - 0.02) / 0.98) * 0.37 : p0;
     if (p < 0.02) {
       // Exclusive: write-protect sweep or unmap of an own block.
       lock.exclusiveLock();

@@ -33,7 +33,7 @@ async function runStress(seed: number, durationMs: number, mode: MmuLockMode): P
     { role: 'reader', index: 0 },
   ];
   const workers = roles.map((r, i) =>
-    startWorker(entry, { ...r, seed: (seed + i * 0x9e3779b9) >>> 0, durationMs, pgt: pgt.shared, lock: lock.shared, ctl }),
+    startWorker(entry, { ...r, seed: (seed + i * 0x9e3779b9) >>> 0, durationMs, focusShared: process.env.STAGE2_STRESS_FOCUS === 'shared', pgt: pgt.shared, lock: lock.shared, ctl }),
   );
   const stop = (): void => {
     Atomics.store(new Int32Array(ctl), 1, 1);
