@@ -6,7 +6,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 runs=${1:-3} bytes=${2:-512M} vcpus=${3:-1} iters=${4:-3} backing=${5:-anonymous}
-c="$root/.selftests/kvm/dirty_log_perf_test"
+# DIRTY_LOG_PERF_TEST=path runs another build of the C test (e.g. a locally modified guest).
+c="${DIRTY_LOG_PERF_TEST:-$root/.selftests/kvm/dirty_log_perf_test}"
 [[ -x "$c" ]] || { echo "run scripts/selftests/build.sh first" >&2; exit 1; }
 out=$(mktemp -d)
 for r in $(seq 1 "$runs"); do
