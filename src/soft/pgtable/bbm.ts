@@ -57,7 +57,17 @@ export function tryBreakPte(ctx: VisitCtx, env: Stage2Env): boolean {
   if (!ctx.tryPte(PTE_LOCKED)) return false;
   env.countEvent(Stage2Event.Break);
   // ctx.tryPte set ctx.old = LOCKED; the caller still needs the evicted value in `old`.
-  if (pteIsValid(old)) env.tlbFlush(ctx.gfn, ctx.pages);
+  if (pteIsValid(old)) {
+    try {
+      env.tlbFlush(ctx.gfn, ctx.pages);
+    } catch (e) {
+      // Never leave an entry LOCKED behind (every later fault on it would spin on EAGAIN): the
+      // old value is still correct, since nothing was made yet.
+      Atomics.store(ctx.words, ctx.ptep, old);
+      ctx.old = old;
+      throw e;
+    }
+  }
   return true;
 }
 

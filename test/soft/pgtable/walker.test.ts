@@ -131,6 +131,12 @@ describe('break-before-make', () => {
     expect(seen).toEqual([`${M2}+${M2}:locked`, `${M2}+${M2}:locked`, `${M2}+${M2}:locked`, `${M2}+${M2}:locked`]);
     expect(pgt.translate(M2 + 9, out)).toBe(8 * M2 + 9);
     expect(out.level).toBe(3);
+    // A TLB flush that throws leaves the old entry in place, not LOCKED.
+    pgt.setCallbacks({ tlbFlush: () => { throw new Error('flush failed'); } });
+    const before = pgt.getLeaf(M2 + 9, out);
+    expect(() => pgt.map(M2 + 9, 3, 77, PROT_RW, true)).toThrow(/flush failed/);
+    expect(pgt.getLeaf(M2 + 9, out)).toBe(before);
+    expect(out.locked).toBe(false);
     // A leftover LOCKED entry met by an exclusive walk is a bug, reported loudly.
     Atomics.store(pgt.pool.words, out.ptep, PTE_LOCKED);
     expect(() => pgt.map(M2 + 9, 3, 1, PROT_R, false)).toThrow(/LOCKED/);
