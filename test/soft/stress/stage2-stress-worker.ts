@@ -291,6 +291,9 @@ function runMutator(): void {
         if (r !== OK && r !== EAGAIN) fail(`shared relax returned ${r}`);
         bump('shared.relax');
       }
+      // Whatever the op, spot-check the shared region around it (a wrong write by a racing
+      // visitor lands on gfns other than the one operated on).
+      if (p >= 0.63) for (let k = 0; k < 4; k++) checkLegal(SHARED_BASE + randInt(G1));
     } finally {
       lock.faultUnlock();
     }
