@@ -14,7 +14,7 @@
 //   stricter translation just faults again and finds the entry already relaxed.
 
 import { Stage2Event, buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MIN_BLOCK_LEVEL, PROT_MASK, PTRS_PER_TABLE, PTE_LOCKED, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MIN_BLOCK_LEVEL, PROT_MASK, PTRS_PER_TABLE, PTE_LOCKED, pteIndex, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
 import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
 const SPLIT_RETRIES = 1000;
@@ -58,15 +58,26 @@ export class MapVisitor implements Visitor {
         return EAGAIN;
       }
       if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'map met a garbage entry');
-      // A block covers the smaller mapping wanted: split it one level; the walk then descends.
+      // A block covers the smaller mapping wanted: split it one level (same pfns, same prot);
+      // when the new table is the target level, put the new leaf in before publishing, so
+      // vCPUs go straight from the block to the final state. Otherwise the walk descends.
       const table = buildSplitTable(this.env.mm, old, ctx.level, false);
       if (table < 0) return ENOMEM;
+      let replaced = 0;
+      if (ctx.level + 1 === this.level) {
+        const slot = table * PTRS_PER_TABLE + pteIndex(ctx.start, this.level);
+        const copy = ctx.words[slot]!;
+        if (((copy ^ this.newPte) & ~PTE_PERM_MASK) !== 0) replaced = copy;
+        ctx.words[slot] = this.newPte;
+      }
       if (!tryBreakPte(ctx, this.env)) {
         freeUnpublished(this.env.mm, table, ctx.level + 1);
         return EAGAIN;
       }
       makePte(ctx, mkTable(table));
       this.env.countEvent(Stage2Event.BlockSplit);
+      // The block's page that the new leaf displaced (another pfn) leaves the table.
+      if (replaced !== 0) this.leafRemoved(replaced >>> 5, this.level, replaced);
       this.changed = true;
       return OK;
     }

@@ -385,3 +385,52 @@ describe('forEachCollapsible and the public walk', () => {
     expect(pgt.liveTablePages()).toBe(0);
   });
 });
+
+describe('lock assertions', () => {
+  it('with a bound MMU lock, each operation checks it is held as required', async () => {
+    const { MmuLock } = await import('../../../src/soft/locking/mmu-lock.ts');
+    for (const mode of ['global', 'parallel'] as const) {
+      const lock = MmuLock.create(mode);
+      const { pgt } = mk({ lock });
+      const sh = lock.faultShared;
+      expect(() => pgt.map(0, 3, 1, PROT_R, sh)).toThrow(/not held/);
+      lock.faultLock();
+      expect(pgt.map(0, 3, 1, PROT_R, sh)).toBe(OK);
+      expect(pgt.relaxPerms(0, PROT_W, sh)).toBe(OK);
+      if (mode === 'parallel') {
+        // Exclusive operations need the write lock, the read lock is not enough.
+        expect(() => pgt.unmap(0, 1)).toThrow(/write lock not held/);
+        expect(() => pgt.writeProtect(0, 1)).toThrow(/write lock not held/);
+        expect(pgt.writeProtect(0, 1, true)).toBe(1);
+      }
+      lock.faultUnlock();
+      expect(() => pgt.destroy()).toThrow(/not held/);
+      lock.exclusiveLock();
+      pgt.unmap(0, 1);
+      pgt.destroy();
+      lock.exclusiveUnlock();
+    }
+  });
+});
+
+describe('split with the new leaf applied before publishing', () => {
+  it('one break for block -> table + new leaf; a displaced page of the block is reported', () => {
+    const { pgt, flushes, removed } = mk();
+    const out = newLeafLookup();
+    pgt.map(M2, 2, 8 * M2, PROT_R, true);
+    // Same pfn, more permission: nothing displaced.
+    expect(pgt.map(M2 + 3, 3, 8 * M2 + 3, PROT_RW, true)).toBe(OK);
+    expect(pgt.stats().breaks).toBe(1);
+    expect(removed).toEqual([]);
+    expect(pteWritable(pgt.getLeaf(M2 + 3, out))).toBe(true);
+    // Another 2M block, remapping one page to another pfn while splitting.
+    pgt.map(2 * M2, 2, 16 * M2, PROT_RW, true);
+    expect(pgt.map(2 * M2 + 5, 3, 99, PROT_RW, true)).toBe(OK);
+    expect(pgt.stats().breaks).toBe(2);
+    expect(flushes).toEqual([[M2, M2], [2 * M2, M2]]);
+    expect(removed).toEqual([[16 * M2 + 5, 3]]);
+    expect(pgt.translate(2 * M2 + 5, out)).toBe(99);
+    expect(pgt.translate(2 * M2 + 6, out)).toBe(16 * M2 + 6);
+    pgt.destroy();
+  });
+});
