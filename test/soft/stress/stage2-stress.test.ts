@@ -92,7 +92,7 @@ describe('stage-2 parallel stress', () => {
       const total: Record<string, number> = {};
       for (const r of results) for (const [k, v] of Object.entries(r.counts)) total[k] = (total[k] ?? 0) + v;
       // The run really exercised the racy paths.
-      expect(total['own.map4k'] ?? 0, `seed ${seed}`).toBeGreaterThan(50);
+      if (process.env.STAGE2_STRESS_FOCUS !== 'shared') expect(total['own.map4k'] ?? 0, `seed ${seed}`).toBeGreaterThan(50);
       expect(total['shared.collapse2m'] ?? 0, `seed ${seed}`).toBeGreaterThan(5);
       expect(total['shared.split'] ?? 0, `seed ${seed}`).toBeGreaterThan(2);
       expect(total['wrprotSweep'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
