@@ -4,6 +4,8 @@ import { describe, it, expect } from 'vitest';
 import { availableEngines } from '../../src/vmm/factory.ts';
 import { createSourceVm } from '../../src/migration/source-vm.ts';
 import { checkSequentialMemory, migrateInProcess } from './helpers.ts';
+import { MigrationLinkError } from '../../src/migration/link.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES } from '../../src/vmm/engine.ts';
 
 const { engines, unavailable } = await availableEngines();
 for (const u of unavailable) console.warn(`precopy-engines: skipping ${u.engine}: ${u.missing}`);
@@ -42,6 +44,29 @@ for (const engine of engines) {
       expect(Math.min(...passes)).toBeGreaterThanOrEqual(target);
       expect(checkSequentialMemory(d, spec, 2, passes)).toBeNull();
       await d.destroy();
+    });
+
+    it('a connection dropped mid-iteration leaves the source running with intact memory and logging off', async () => {
+      const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 8 << 20, backing: 'anonymous', workload: 'sequential' });
+      const { stats, dest, destError } = await migrateInProcess(vm, engine, {
+        workload: spec,
+        downtimeLimitMs: 0,
+        maxRounds: 50,
+        onPhase: (p, link) => {
+          if (p === 'iterative') setTimeout(() => link.destroy(new MigrationLinkError('injected drop')), 20);
+        },
+      });
+      expect(stats.status).toBe('failed');
+      expect(stats.sourceIntact).toBe(true);
+      expect(dest).toBeNull();
+      expect(destError?.message).toMatch(/nothing was kept/);
+      expect(vm.memslots().every((s) => (s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0)).toBe(true);
+      const before = vm.progress().map((p) => p.passesCompleted);
+      await vm.waitForPasses(Math.max(...before) + 1, 30_000);
+      await vm.pause();
+      const passes = vm.progress().map((p) => p.passesCompleted);
+      expect(checkSequentialMemory(vm, spec, 2, passes)).toBeNull();
+      await vm.destroy();
     });
   });
 }
