@@ -195,11 +195,19 @@ function runMutator(): void {
       try {
         // Another mutator may have swept since this one last held the lock.
         syncGeneration();
-        if (rand() < 0.6) {
+        const q = rand();
+        if (q < 0.5) {
           pgt.writeProtect(0, AREA_PAGES);
           Atomics.add(ctl, 0, 1);
           syncGeneration();
           bump('wrprotSweep');
+        } else if (q < 0.7) {
+          // Tear down part of the shared region under lock-free readers (tables left empty are
+          // freed after a grace period).
+          const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
+          pgt.unmap(gfn, randInt(8) * M2 + 1);
+          for (let k = 0; k < 8; k++) checkLegal(gfn + randInt(8 * M2));
+          bump('shared.unmap');
         } else {
           const b = randInt(OWN_BLOCKS);
           pgt.unmap(ownBase + b * M2, M2);
