@@ -76,7 +76,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let internalPage = new Uint8Array(0);
   const syncs: number[] = new Array(link.channels).fill(0);
   const vcpuStates: VcpuState[] = [];
-  let end: { finalRound: number; pagesSent: number } | null = null;
+  let end: { finalRound: number; pagesSent: number; hash: string } | null = null;
   let pagesReceived = 0;
   let ackedRound = 0;
   let tFirstVcpu: bigint | null = null;
@@ -149,13 +149,15 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const c = cfg!;
     const v = vm!;
     if (vcpuStates.length !== c.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${c.vcpus}`);
+    const held = table!.digest();
+    if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
     const rescanHash = opts.verifyRescan ? digestVmMemory(v, c.memslots) : undefined;
     for (const s of vcpuStates) v.loadVcpuState(s);
     v.allowPasses(Infinity);
     v.resume();
     phase = 'running';
     const resumeSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    const hash = table!.digest();
+    const hash = held;
     const sent = link.send({ type: 'complete', hash, pagesReceived, ...(rescanHash ? { rescanHash } : {}) });
     const switchoverSeconds = Number(process.hrtime.bigint() - (tFirstVcpu ?? t0)) / 1e9;
     await sent;
@@ -193,7 +195,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         return;
       case 'end':
         if (channel !== 0) throw protocol('END on a data channel');
-        end = { finalRound: r.finalRound, pagesSent: r.pagesSent };
+        end = { finalRound: r.finalRound, pagesSent: r.pagesSent, hash: r.hash };
         return maybeSwitchover();
       case 'config':
         throw protocol('a second CONFIG');

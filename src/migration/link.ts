@@ -24,8 +24,12 @@ export type SourceRecord =
   /** End of a round on this channel. */
   | { type: 'sync'; round: number }
   | { type: 'vcpu'; state: VcpuState }
-  /** Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel. */
-  | { type: 'end'; finalRound: number; pagesSent: number };
+  /**
+   * Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel;
+   * `hash` is the digest of every page as sent (page-digest.ts), which the destination must
+   * hold before it may start the guest.
+   */
+  | { type: 'end'; finalRound: number; pagesSent: number; hash: string };
 
 export type DestRecord =
   /** The destination created the VM and is ready for pages (answers CONFIG). */

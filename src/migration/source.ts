@@ -23,7 +23,7 @@ import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
 import type { DestRecord, SourceLink, SourceRecord } from './link.ts';
-import { digestVmMemory, initDigest } from './page-digest.ts';
+import { digestVmMemory, initDigest, PageDigestTable } from './page-digest.ts';
 import { PageSender } from './page-sender.ts';
 import { TokenBucket } from './rate-limit.ts';
 import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
@@ -134,7 +134,14 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     }
     loggingOn = on;
   };
-  sender.onSent = (gpa, data) => {
+  // Digest of every page as sent: END carries it, and the destination refuses to start the
+  // guest unless its own table agrees (catches a lost or corrupted page before switchover).
+  const sentTable = PageDigestTable.forSlots(cfg.memslots);
+  sender.onSent = (gpa, data, pages) => {
+    for (let i = 0; i < pages; i++) {
+      const at = gpa + i * PAGE_SIZE;
+      sentTable.set(sentTable.indexOf(at), at, data ? data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE) : null);
+    }
     for (const { slot, sent } of shadows.values()) {
       if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
         if (data) sent.set(data, gpa - slot.guestPhysAddr);
@@ -283,7 +290,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const last: { record: SourceRecord; channel: number }[] = [
       ...states.map((state) => ({ record: { type: 'vcpu', state } as SourceRecord, channel: 0 })),
       ...Array.from({ length: link.channels }, (_, ch) => ({ record: { type: 'sync', round } as SourceRecord, channel: ch })),
-      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages }, channel: 0 },
+      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: sentTable.digest() }, channel: 0 },
     ];
     endSent = true;
     if (link.cork && link.uncork) {

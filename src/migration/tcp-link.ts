@@ -142,7 +142,7 @@ function encodeSource(r: SourceRecord): Buffer[] {
     case 'vcpu':
       return [jsonFrame(T.VCPU, r.state)];
     case 'end':
-      return [jsonFrame(T.END, { finalRound: r.finalRound, pagesSent: r.pagesSent })];
+      return [jsonFrame(T.END, { finalRound: r.finalRound, pagesSent: r.pagesSent, hash: r.hash })];
   }
 }
 
@@ -159,8 +159,9 @@ function decodeSource(f: Frame): SourceRecord {
     case T.VCPU:
       return { type: 'vcpu', state: parseJson(f) };
     case T.END: {
-      const e = parseJson<{ finalRound: number; pagesSent: number }>(f);
-      return { type: 'end', finalRound: e.finalRound, pagesSent: e.pagesSent };
+      const e = parseJson<{ finalRound: number; pagesSent: number; hash: string }>(f);
+      if (typeof e.hash !== 'string') throw new MigrationLinkError('protocol error: END without a memory hash');
+      return { type: 'end', finalRound: e.finalRound, pagesSent: e.pagesSent, hash: e.hash };
     }
     default:
       throw new MigrationLinkError(`protocol error: record type ${f.type} not expected from the source`);

@@ -10,9 +10,8 @@
 //     to round (last SYNC + 1).
 //   - SYNC: link.ts sends SYNC per channel; the stream's sync() covers every channel, so only the
 //     channel-0 SYNC is forwarded.
-//   - END carries memoryHash 0: the source hashes its real memory only after COMPLETE, off the
-//     downtime path (see source.ts); COMPLETE's 64-bit memoryHash carries page-digest.ts's
-//     digest (its /pages suffix travels in `pages`).
+//   - END and COMPLETE carry page-digest.ts's digest: its 64-bit value in memoryHash, its /pages
+//     suffix in `pages` (END's pages-sent count does not travel; the destination sees -1).
 //   - SYNCED (round acks) does not exist in stream v1: acksRounds is false, so the source
 //     pauses without waiting for the destination to drain (more downtime on a busy receiver).
 //
@@ -103,7 +102,7 @@ class WireSourceLink implements SourceLink {
       case 'vcpu':
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
-        await this.conn.send({ kind: 'end', memoryHash: 0n, pages: r.pagesSent });
+        await this.conn.send({ kind: 'end', ...digestToWire(r.hash) });
         return this.conn.flush();
     }
   }
@@ -173,7 +172,7 @@ class WireDestLink implements DestLink {
           r = { type: 'vcpu', state: rec.state as VcpuState };
           break;
         case 'end':
-          r = { type: 'end', finalRound: round, pagesSent: rec.pages };
+          r = { type: 'end', finalRound: round, pagesSent: -1, hash: digestFromWire(rec.memoryHash, rec.pages) };
           break;
         default:
           throw new MigrationLinkError(`protocol error: ${rec.kind} from the source`);

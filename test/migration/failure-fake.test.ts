@@ -110,3 +110,41 @@ describe(`pre-copy failures (fake engine, ${transport} transport)`, () => {
     await expectSourceIntact(vm as FakeVm, spec);
   });
 });
+
+describe('switchover guard (fake engine)', () => {
+  it('a page corrupted in flight makes the destination refuse to start the guest; the source resumes', async () => {
+    const { vm, spec } = await dirtyingVm();
+    let corrupted = false;
+    const { stats, dest, destError } = await migrateInProcess(vm, engine, {
+      workload: spec,
+      maxRounds: 2,
+      wrapLink: (link) => ({
+        get channels() {
+          return link.channels;
+        },
+        acksRounds: link.acksRounds,
+        send: (r, ch) => {
+          // A page of the fake's code slot: the guest never rewrites it, so no later round heals it.
+          if (r.type === 'ram' && !corrupted && r.gpa >= 0x100000 && r.gpa < 0x100000 + 64 * 4096) {
+            corrupted = true;
+            const bad = Buffer.from(r.data);
+            bad[100] ^= 0xff;
+            return link.send({ ...r, data: bad }, ch);
+          }
+          return link.send(r, ch);
+        },
+        receive: () => link.receive(),
+        bytesSent: () => link.bytesSent(),
+        close: () => link.close(),
+        destroy: (e) => link.destroy(e),
+      }),
+    });
+    expect(corrupted).toBe(true);
+    expect(stats.status).toBe('failed');
+    expect(stats.error).toMatch(/memory hash mismatch at END/);
+    expect(stats.sourceIntact).toBe(true);
+    expect(dest).toBeNull();
+    expect(destError?.message).toMatch(/the guest is not started/);
+    await expectSourceIntact(vm as FakeVm, spec);
+  });
+});
