@@ -13,6 +13,7 @@ import { connectLink, DEFAULT_TRANSPORT, type TransportKind } from '../migration
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
 import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
+import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { addCommonOptions, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
 import { parseHostPort, parseTransport, type ReceiveReport } from './receive.ts';
@@ -125,9 +126,10 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
       log(`destination: receiver process ${receiver.child.pid} on ${host}:${port}`);
     }
     const port = receiver ? receiver.port : opts.to!.port;
-    const linkP = connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
-    await Promise.all([linkP, sleep(opts.warmupMs)]);
-    const link = await linkP;
+    await sleep(opts.warmupMs);
+    // Connected on first use inside migrateVm: an unreachable receiver is a failed migration
+    // with stats, not a crash.
+    const link = lazyLink(opts.channels, () => connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child));
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
     const ac = new AbortController();
     const onSigint = () => {
