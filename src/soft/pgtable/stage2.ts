@@ -24,12 +24,15 @@
 // - TLB invalidation: the tlbFlush callback is called between break and make (and after a
 //   permission shrink in map); it must return only when no vCPU can use the old translation.
 //   writeProtect's caller flushes the range itself; relaxPerms needs no flush.
+// - Given the thread's MmuLock (option `lock` / bindLock), every operation asserts at its top
+//   that the lock is held as required (LockError otherwise).
 // - onLeafRemoved(pfn, level, pte) reports leaves that left the table (unmap, a remapped leaf,
 //   the leaves of a collapsed subtree, destroy) so the caller can put page references. Leaves of
 //   an RCU-freed subtree are reported by the thread that reclaims it: set the callback on every
 //   instance.
 
 import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
+import type { MmuLock } from '../locking/mmu-lock.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_PERM_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
 import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
@@ -60,6 +63,11 @@ export interface Stage2Callbacks {
   onLeafRemoved?: LeafRemoved;
   /** RCU reader slot for this thread; default: claim a free one. */
   rcuSlot?: number;
+  /**
+   * The MMU lock this thread uses: when given, every operation asserts at its top that this
+   * thread holds it as the operation requires (tdp_mmu.c's lockdep_assert_held style).
+   */
+  lock?: MmuLock;
   /** Substitute allocator (tests); must share the pool's words. */
   mmOps?: MmOps;
 }
@@ -112,6 +120,7 @@ export class Stage2PageTable implements Stage2Env {
   private readonly words: Int32Array;
   private readonly ctl: Int32Array;
   private readonly rootBase: number;
+  private lock: MmuLock | undefined;
   private flushCb: (gfn: number, npages: number) => void;
   private leafCb: LeafRemoved | undefined;
   private readonly walker: Walker;
@@ -138,6 +147,7 @@ export class Stage2PageTable implements Stage2Env {
     this.rootBase = this.root * PTRS_PER_TABLE;
     this.flushCb = cb.tlbFlush ?? (() => {});
     this.leafCb = cb.onLeafRemoved;
+    this.lock = cb.lock;
     this.walker = new Walker(this.words, this.debug);
     const removed: LeafRemoved = (pfn, level, pte) => this.leafCb?.(pfn, level, pte);
     this.mapVisitor = new MapVisitor(this, removed);
@@ -167,6 +177,19 @@ export class Stage2PageTable implements Stage2Env {
   }
 
   /** Replace the callbacks (e.g. once the engine's TLB machinery exists). */
+  /** Bind (or unbind) the MMU lock whose holding every operation asserts. */
+  bindLock(lock: MmuLock | undefined): void {
+    this.lock = lock;
+  }
+
+  /** shared: the fault lock (read in parallel mode, write in global); otherwise the write lock. */
+  private assertLocked(shared: boolean): void {
+    const lock = this.lock;
+    if (lock === undefined) return;
+    if (shared) lock.assertFaultHeld();
+    else lock.assertExclusiveHeld();
+  }
+
   setCallbacks(cb: Pick<Stage2Callbacks, 'tlbFlush' | 'onLeafRemoved'>): void {
     if (cb.tlbFlush) this.flushCb = cb.tlbFlush;
     if (cb.onLeafRemoved) this.leafCb = cb.onLeafRemoved;
@@ -235,6 +258,7 @@ export class Stage2PageTable implements Stage2Env {
    * locking; shared=true needs the MMU read lock, shared=false the write lock.
    */
   map(gfn: number, level: 1 | 2 | 3, pfn: number, prot: number, shared: boolean): number {
+    this.assertLocked(shared);
     this.checkRange(gfn, level);
     const pages = LEVEL_PAGES[level]!;
     if (pfn % pages !== 0) throw new Stage2Error(`map: pfn ${pfn} is not aligned to a level-${level} block`);
@@ -285,6 +309,7 @@ export class Stage2PageTable implements Stage2Env {
    * leaf, LOCKED, or lost a race). No TLB flush needed.
    */
   relaxPerms(gfn: number, prot: number, shared: boolean): number {
+    this.assertLocked(shared);
     if (shared) this.epoch.readLock(this.rcuSlot);
     try {
       const out = this.relaxOut;
@@ -306,6 +331,7 @@ export class Stage2PageTable implements Stage2Env {
    * caller flushes TLBs for the range when the count is non-zero. Locking: see file header.
    */
   writeProtect(startGfn: number, npages: number, shared = false): number {
+    this.assertLocked(shared);
     if (npages <= WRPROT_FAST_PAGES) return this.writeProtectFew(startGfn, npages, shared);
     const v = this.wrprotVisitor;
     v.changed = 0;
@@ -330,6 +356,7 @@ export class Stage2PageTable implements Stage2Env {
    * split). In a shared walk, a block another thread changed meanwhile is skipped.
    */
   splitHugePages(startGfn: number, npages: number, shared: boolean): number {
+    this.assertLocked(shared);
     const v = this.splitVisitor;
     v.split = 0;
     v.lostRaces = 0;
@@ -344,6 +371,7 @@ export class Stage2PageTable implements Stage2Env {
    * removed; then onLeafRemoved reports each removed leaf.
    */
   unmap(startGfn: number, npages: number): void {
+    this.assertLocked(false);
     const v = this.unmapVisitor;
     v.reset(this.root);
     this.runWalk(startGfn, npages, v, WALK_LEAF | WALK_TABLE_POST, false);
@@ -426,6 +454,7 @@ export class Stage2PageTable implements Stage2Env {
    * are gone (workers terminated inside a read section).
    */
   destroy(force = false): void {
+    this.assertLocked(false);
     const active = this.epoch.activeReaders();
     if (active !== 0 && !force) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
     if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
