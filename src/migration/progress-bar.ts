@@ -8,7 +8,7 @@ export function progressBar(stream: NodeJS.WriteStream = process.stderr): { upda
   return {
     update(p) {
       const width = 30;
-      const frac = p.round <= 1 ? Math.min(1, p.sentPages / Math.max(1, p.totalPages)) : 1 - Math.min(1, p.remainingBytes / Math.max(1, p.totalPages * 4096));
+      const frac = Math.min(1, p.roundSentPages / Math.max(1, p.roundTotalPages));
       const filled = Math.round(frac * width);
       const bar = '#'.repeat(filled) + '-'.repeat(width - filled);
       const mib = (p.remainingBytes / 2 ** 20).toFixed(1);

@@ -110,13 +110,15 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (destFailure) throw destFailure;
   };
   let lastProgress = 0;
+  let roundStartSent = 0;
+  let roundStartPending = cfg.ramBytes / PAGE_SIZE;
   const progress = (round: number, force = false) => {
     const t = performance.now();
     if (!opts.onProgress || (!force && t - lastProgress < 100)) return;
     lastProgress = t;
     const sent = sender.counters.zeroPages + sender.counters.normalPages;
     const el = secs(t0) - setupSeconds;
-    opts.onProgress({ status, round, sentPages: sent, totalPages, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
+    opts.onProgress({ status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
   // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
   // on its own internal slot): we keep a shadow of exactly what was sent and find their dirty
@@ -250,6 +252,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       progress(round, true);
       if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
       round++;
+      roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
+      roundStartPending = dirty;
       const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
       await sender.syncAll(round);
       const { bytes } = endRound('iterative', sent);

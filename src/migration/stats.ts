@@ -66,6 +66,9 @@ export interface MigrationProgress {
   round: number;
   sentPages: number;
   totalPages: number;
+  /** Pages sent in this round, and the pages the round set out to send. */
+  roundSentPages: number;
+  roundTotalPages: number;
   remainingBytes: number;
   throughputMBps: number;
   throttlePercent: number;
