@@ -126,10 +126,13 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
       log(`destination: receiver process ${receiver.child.pid} on ${host}:${port}`);
     }
     const port = receiver ? receiver.port : opts.to!.port;
-    await sleep(opts.warmupMs);
-    // Connected on first use inside migrateVm: an unreachable receiver is a failed migration
-    // with stats, not a crash.
-    const link = lazyLink(opts.channels, () => connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child));
+    // Connect while the guest warms up (a spawned receiver needs a second or two to start), but
+    // let a failure surface inside migrateVm: an unreachable receiver is a failed migration with
+    // stats, not a crash.
+    const linkP = connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
+    linkP.catch(() => undefined);
+    await Promise.all([linkP.catch(() => undefined), sleep(opts.warmupMs)]);
+    const link = lazyLink(opts.channels, () => linkP);
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
     const ac = new AbortController();
     const onSigint = () => {
