@@ -38,6 +38,9 @@ export const VCPU_EXITED = 7;
 export const VCPU_TID_LO = 8;
 export const VCPU_TID_HI = 9;
 export const VCPU_TID_VALID = 10;
+/** Microseconds this vCPU's thread has spent inside KVM_RUN (two words: lo, hi). */
+export const VCPU_RUN_US_LO = 11;
+export const VCPU_RUN_US_HI = 12;
 
 const HEADER_WORDS = 16;
 const VCPU_WORDS = 16; // 64 bytes: one cache line per vCPU

@@ -9,7 +9,7 @@ import { EAGAIN, EINTR, loadAddon } from './addon.ts';
 import { EXIT, KVM_EXIT_IO_OUT, RUN, exitName } from './abi.ts';
 import {
   VCPU_EXITED, VCPU_EXITS, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED, VCPU_RING_FULL,
-  VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS,
+  VCPU_RUN_US_HI, VCPU_RUN_US_LO, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS,
   VM_PAUSE, VM_STOP, vcpuBase,
 } from './control.ts';
 import { SYNC_PORT } from '../guest/workload.ts';
@@ -44,8 +44,16 @@ function fail(reason: number, message: string): void {
 }
 
 /** Enter the guest once. Returns false when the loop must stop. */
+let runNs = 0n;
+
 function runOnce(): boolean {
+  const t0 = process.hrtime.bigint();
   const r = addon!.ioctl(data.vcpuFd, 'KVM_RUN', 0, [EINTR, EAGAIN]);
+  // Time inside KVM_RUN, so the VMM can tell its own overhead from the guest's (stats()).
+  runNs += process.hrtime.bigint() - t0;
+  const us = Number(runNs / 1000n);
+  Atomics.store(ctl, base + VCPU_RUN_US_LO, us % 2 ** 32 | 0);
+  Atomics.store(ctl, base + VCPU_RUN_US_HI, Math.floor(us / 2 ** 32));
   Atomics.add(ctl, base + VCPU_EXITS, 1);
   if (r < 0) return true; // kicked (or immediate_exit): the loop re-reads the VM words
   const reason = runView.getUint32(RUN.exitReason, true);

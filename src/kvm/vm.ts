@@ -21,7 +21,7 @@ import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import type { AddonBacking, KvmAddon } from './addon.ts';
 import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
-import { VCPU_EXITS, VCPU_PASSES } from './control.ts';
+import { VCPU_EXITS, VCPU_PASSES, VCPU_RUN_US_HI, VCPU_RUN_US_LO } from './control.ts';
 import { VcpuRunner, type RunnerVcpu } from './vcpu-runner.ts';
 import { BinaryStats } from './binary-stats.ts';
 import { DirtyRing } from './dirty-ring.ts';
@@ -170,6 +170,7 @@ export class KvmVm implements Vm {
       msrIndices: probeMsrs(a, this.vcpus[0]!.fd),
     };
     this.runner_ = new VcpuRunner(a, this.vcpus, spec.kind === 'idle', () => this.drainRings());
+    await this.runner_.startThreads();
   }
 
   private get runner(): VcpuRunner {
@@ -280,10 +281,16 @@ export class KvmVm implements Vm {
     const out: VmStats = this.stats_ ? this.stats_.read() : {};
     let exits = 0;
     let passes = 0;
+    let runMicros = 0;
+    const r = this.runner_;
     this.vcpus.forEach((_, v) => {
-      exits += this.runner_?.word(v, VCPU_EXITS) ?? 0;
-      passes += this.runner_?.word(v, VCPU_PASSES) ?? 0;
+      if (!r) return;
+      exits += r.word(v, VCPU_EXITS);
+      passes += r.word(v, VCPU_PASSES);
+      runMicros += (r.word(v, VCPU_RUN_US_LO) >>> 0) + r.word(v, VCPU_RUN_US_HI) * 2 ** 32;
     });
+    // Summed over vCPU threads: time spent inside KVM_RUN (guest + KVM), not in the VMM.
+    out.kvmRunMicros = runMicros;
     out.guestCpl = this.kvm.guestCpl;
     out.vcpuExits = exits;
     out.passesCompleted = passes;
