@@ -12,8 +12,7 @@
 //     channel-0 SYNC is forwarded.
 //   - END and COMPLETE carry page-digest.ts's digest: its 64-bit value in memoryHash, its /pages
 //     suffix in `pages` (END's pages-sent count does not travel; the destination sees -1).
-//   - SYNCED (round acks) does not exist in stream v1: acksRounds is false, so the source
-//     pauses without waiting for the destination to drain (more downtime on a busy receiver).
+//   - SYNCED (round acks) travels as the stream's SYNC_ACK back-record.
 //
 // Concurrency: single-threaded, like the transport.
 import { PAGE_SIZE, type VcpuState } from '../vmm/engine.ts';
@@ -59,7 +58,7 @@ function digestFromWire(h: bigint, pages: number): string {
 const FOREVER_MS = 2 ** 31 - 1;
 
 class WireSourceLink implements SourceLink {
-  readonly acksRounds = false;
+  readonly acksRounds = true;
   private slots: SlotGeometry[] = [];
 
   constructor(private readonly conn: MigrationConnection) {}
@@ -109,12 +108,14 @@ class WireSourceLink implements SourceLink {
 
   async receive(): Promise<DestRecord> {
     if (this.destroyedWith) throw this.destroyedWith;
-    const rec = await this.conn.nextBackRecord(['ready', 'complete', 'error'], FOREVER_MS).catch((e: Error) => {
+    const rec = await this.conn.nextBackRecord(['ready', 'sync-ack', 'complete', 'error'], FOREVER_MS).catch((e: Error) => {
       throw this.destroyedWith ?? e;
     });
     switch (rec.kind) {
       case 'ready':
         return { type: 'ready' };
+      case 'sync-ack':
+        return { type: 'synced', round: rec.round };
       case 'complete':
         return { type: 'complete', hash: digestFromWire(rec.memoryHash, rec.pages), pagesReceived: rec.pages };
       case 'error':
@@ -192,7 +193,7 @@ class WireDestLink implements DestLink {
         this.incoming.abort(new Error(r.message));
         return;
       case 'synced':
-        return; // not in stream v1
+        return this.incoming.reply({ kind: 'sync-ack', round: r.round });
     }
   }
 
