@@ -19,7 +19,7 @@ import {
 } from '../vmm/engine.ts';
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
-import type { AddonBacking, KvmAddon } from './addon.ts';
+import { isSysError, type AddonBacking, type KvmAddon } from './addon.ts';
 import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
 import { VCPU_EXITS, VCPU_PASSES, VCPU_RUN_US_HI, VCPU_RUN_US_LO } from './control.ts';
 import { VcpuRunner, type RunnerVcpu } from './vcpu-runner.ts';
@@ -116,7 +116,16 @@ export class KvmVm implements Vm {
 
   private map(bytes: number, backing: AddonBacking): Mapping {
     if (bytes <= 0 || bytes % PAGE_SIZE !== 0) throw new RangeError(`mapHostMemory: ${bytes} bytes is not a positive multiple of ${PAGE_SIZE}`);
-    const { hva, buffer } = this.addon.mmapGuest(bytes, backing);
+    let mapped: { hva: number; buffer: SharedArrayBuffer };
+    try {
+      mapped = this.addon.mmapGuest(bytes, backing);
+    } catch (e) {
+      if (backing === 'hugetlb' && isSysError(e) && e.code === 'ENOMEM') {
+        throw new Error(`${e.message}: not enough free 2 MiB hugetlb pages for ${bytes} bytes (reserve them with /proc/sys/vm/nr_hugepages)`);
+      }
+      throw e;
+    }
+    const { hva, buffer } = mapped;
     const m: Mapping = { hva, bytes, backing: backing === 'memfd' ? 'anonymous' : backing, buffer };
     this.mappings.push(m);
     return m;

@@ -130,6 +130,7 @@ for (const engine of engines) {
       { kind: 'sequential', passes: 2, guestPageSize: 2097152 },
       { kind: 'sequential', passes: 2, guestPageSize: 4096 },
       { kind: 'random', passes: 3, guestPageSize: 2097152 },
+      { kind: 'random', passes: 3, guestPageSize: 4096 },
       { kind: 'rwmix', passes: 3, guestPageSize: 2097152 },
       { kind: 'idle', passes: 1, guestPageSize: 2097152 },
     ];
