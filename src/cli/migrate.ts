@@ -9,14 +9,14 @@ import type { Command } from 'commander';
 import { openEngine } from '../vmm/factory.ts';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
-import { connectLink, DEFAULT_TRANSPORT, type TransportKind } from '../migration/transports.ts';
+import { connectLink } from '../migration/wire-link.ts';
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
 import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { addCommonOptions, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
-import { parseHostPort, parseTransport, type ReceiveReport } from './receive.ts';
+import { parseHostPort, type ReceiveReport } from './receive.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -28,7 +28,6 @@ export interface MigrateOptions extends CommonOptions {
   autoConverge: boolean;
   warmupMs: number;
   destRunMs: number;
-  transport: TransportKind;
   destPrealloc: boolean;
 }
 
@@ -49,11 +48,11 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(transport: TransportKind, host: string, port: number, channels: number, timeoutMs: number, child?: ChildProcess): Promise<SourceLink> {
+async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, child?: ChildProcess): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
     try {
-      return await connectLink(transport, { host, port, channels });
+      return await connectLink({ host, port, channels });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
@@ -70,7 +69,7 @@ interface LocalReceiver {
 }
 
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
-  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--transport', opts.transport, '--json', '--run-ms', String(opts.destRunMs), ...(opts.destPrealloc ? ['--prealloc'] : [])];
+  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json', '--run-ms', String(opts.destRunMs), ...(opts.destPrealloc ? ['--prealloc'] : [])];
   // Detached: a terminal ^C reaches the source only, which cancels; the receiver then sees the
   // connection drop and discards everything itself.
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -129,7 +128,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     // Connect while the guest warms up (a spawned receiver needs a second or two to start), but
     // let a failure surface inside migrateVm: an unreachable receiver is a failed migration with
     // stats, not a crash.
-    const linkP = connectWithRetry(opts.transport, host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
+    const linkP = connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
     linkP.catch(() => undefined);
     await Promise.all([linkP.catch(() => undefined), sleep(opts.warmupMs)]);
     const link = lazyLink(opts.channels, () => linkP);
@@ -188,7 +187,6 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-bandwidth <size>', 'bytes per second on the link (accepts 64M); 0 = unlimited', parseSize, 0)
     .option('--downtime-limit <ms>', 'largest acceptable downtime, ms', (t) => Number(t), DEFAULT_DOWNTIME_LIMIT_MS)
     .option('--channels <n>', 'TCP connections to spread pages over', parsePositiveInt, 1)
-    .option('--transport <kind>', 'tcp (own framing, round acks) | wire (versioned stream); the receiver must match', parseTransport, DEFAULT_TRANSPORT)
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')

@@ -5,7 +5,7 @@
 // Any failure before switchover discards everything and exits 1 with the reason.
 import { InvalidArgumentError, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
-import { listenLink, DEFAULT_TRANSPORT, TRANSPORT_KINDS, type TransportKind } from '../migration/transports.ts';
+import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
 import { parseEngine, parseSize } from './options.ts';
@@ -32,14 +32,8 @@ export function parseHostPort(text: string): { host: string; port: number } {
   return { host: m[1].replace(/^\[(.*)\]$/, '$1'), port };
 }
 
-export function parseTransport(text: string): TransportKind {
-  if (!(TRANSPORT_KINDS as readonly string[]).includes(text)) throw new InvalidArgumentError(`--transport must be one of ${TRANSPORT_KINDS.join(', ')} (got "${text}")`);
-  return text as TransportKind;
-}
-
 interface ReceiveOptions {
   listen: { host: string; port: number };
-  transport: TransportKind;
   engine: EngineChoice;
   runMs: number;
   maxRam: number;
@@ -56,7 +50,6 @@ export function registerReceive(program: Command): void {
     .description('receive a live migration: listen, build the VM, take the pages, run the guest')
     .option('--listen <host:port>', 'address to listen on', parseHostPort, parseHostPort('127.0.0.1:4444'))
     .option('--engine <engine>', 'soft | kvm (default: the engine the source runs)', parseEngine, 'default')
-    .option('--transport <kind>', 'tcp (own framing, round acks) | wire (versioned stream); must match the source', parseTransport, DEFAULT_TRANSPORT)
     .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', (t) => Number(t), 0)
     .option('--max-ram <size>', 'refuse guests with more RAM than this', parseSize, DEFAULT_MAX_RAM_BYTES)
     .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): faults move into setup', false)
@@ -64,7 +57,7 @@ export function registerReceive(program: Command): void {
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .action(async (opts: ReceiveOptions) => {
       const log = (line: string) => process.stderr.write(`stage2 receive: ${line}\n`);
-      const listener = await listenLink(opts.transport, opts.listen);
+      const listener = await listenLink(opts.listen);
       log(`listening on ${listener.host}:${listener.port}`);
       const ac = new AbortController();
       const onSignal = () => ac.abort();

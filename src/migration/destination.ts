@@ -15,7 +15,8 @@ import { PAGE_SIZE, type Engine, type EngineKind, type VcpuState, type Vm } from
 import { buildDestinationVm, checkConfig, type HostLimits, type MigrationConfig } from './config.ts';
 import { MigrationCancelledError } from './errors.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
-import { digestVmMemory, initDigest, PageDigestTable } from './page-digest.ts';
+import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
+import { SlotMap } from './slot-map.ts';
 
 export interface ReceiveOptions {
   openEngine: (kind: EngineKind) => Promise<Engine>;
@@ -35,9 +36,9 @@ export interface ReceiveResult {
   /** The migrated VM, running. The caller owns it. */
   vm: Vm;
   config: MigrationConfig;
-  /** Digest of the memory held at switchover (from the per-page table). */
+  /** memoryHash (hash.ts) of the memory held at switchover, from the per-page table. */
   hash: string;
-  /** Digest of a full re-read before the guest started (verifyRescan only). */
+  /** memoryHash of a full re-read before the guest started (verifyRescan only). */
   rescanHash?: string;
   pagesReceived: number;
   /** Pass counters loaded from the source's vCPU state. */
@@ -66,12 +67,13 @@ function preallocate(vm: Vm, cfg: MigrationConfig): void {
 type Phase = 'setup' | 'receiving' | 'switchover' | 'running';
 
 export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Promise<ReceiveResult> {
-  await initDigest();
+  const hasher = await createMemoryHasher();
   const log = opts.log ?? (() => undefined);
   let phase: Phase = 'setup';
   let vm: Vm | null = null;
   let cfg: MigrationConfig | null = null;
-  let table: PageDigestTable | null = null;
+  let table: PageHashTable | null = null;
+  let slotMap: SlotMap | null = null;
   let lastRound = new Uint32Array(0);
   let internalPage = new Uint8Array(0);
   const syncs: number[] = new Array(link.channels).fill(0);
@@ -98,39 +100,45 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     // ms on kvm) is then spent in setup instead of in the downtime.
     vm.allowPasses(0);
     cfg = c;
-    table = PageDigestTable.forSlots(c.memslots);
-    lastRound = new Uint32Array(c.ramBytes / PAGE_SIZE);
-    internalPage = new Uint8Array(c.ramBytes / PAGE_SIZE);
-    for (const s of c.memslots) if (s.internal) internalPage.fill(1, table.indexOf(s.guestPhysAddr), table.indexOf(s.guestPhysAddr) + s.memorySize / PAGE_SIZE);
+    slotMap = new SlotMap(c.memslots);
+    table = new PageHashTable(slotMap.layout);
+    lastRound = new Uint32Array(slotMap.totalPages);
+    internalPage = new Uint8Array(slotMap.totalPages);
+    for (const s of c.memslots) if (s.internal) internalPage.fill(1, slotMap.locate(s.guestPhysAddr)!.index, slotMap.locate(s.guestPhysAddr)!.index + s.pages);
     phase = 'receiving';
     await link.send({ type: 'ready' });
   };
 
-  /** Table index of a run of `pages` pages at gpa; the run must lie inside one memslot. */
-  const runIndex = (gpa: number, pages: number): number => {
-    const idx = table!.indexOf(gpa);
-    if (idx < 0 || pages < 1 || table!.indexOf(gpa + (pages - 1) * PAGE_SIZE) !== idx + pages - 1) throw protocol(`pages [0x${gpa.toString(16)}, +${pages}) are not guest RAM of this VM`);
-    return idx;
+  /** Where a run of `pages` pages at gpa lies; it must lie inside one memslot. */
+  const locate = (gpa: number, pages: number) => {
+    const at = slotMap!.locate(gpa, pages);
+    if (!at) throw protocol(`pages [0x${gpa.toString(16)}, +${pages}) are not guest RAM of this VM`);
+    return at;
   };
 
   const onRam = (round: number, gpa: number, data: Uint8Array) => {
     const pages = data.length / PAGE_SIZE;
-    const idx = runIndex(gpa, pages);
+    const { slot, page: first, index: idx } = locate(gpa, pages);
     pagesReceived += pages;
     let all = true;
     for (let i = 0; i < pages; i++) if (lastRound[idx + i]! > round) all = false;
-    if (all) vm!.writeGuest(gpa, data);
+    if (all) {
+      vm!.writeGuest(gpa, data);
+      lastRound.fill(round, idx, idx + pages);
+      hasher.hashInto(table!, slot, first, pages, data);
+      return;
+    }
     for (let i = 0; i < pages; i++) {
       if (lastRound[idx + i]! > round) continue;
       lastRound[idx + i] = round;
       const page = data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
-      if (!all) vm!.writeGuest(gpa + i * PAGE_SIZE, page);
-      table!.set(idx + i, gpa + i * PAGE_SIZE, page);
+      vm!.writeGuest(gpa + i * PAGE_SIZE, page);
+      table!.set(slot, first + i, hasher.hashPage(slot, first + i, page));
     }
   };
 
   const onZero = (round: number, gpa: number, pages: number) => {
-    const idx = runIndex(gpa, pages);
+    const { slot, page: first, index: idx } = locate(gpa, pages);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
@@ -139,7 +147,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       // that createVcpus filled) needs clearing.
       if (prev > 0 || internalPage[idx + i]) vm!.writeGuest(gpa + i * PAGE_SIZE, zeroPage);
       lastRound[idx + i] = round;
-      table!.set(idx + i, gpa + i * PAGE_SIZE, null);
+      table!.setZero(slot, first + i, 1);
     }
   };
 
@@ -149,16 +157,16 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const c = cfg!;
     const v = vm!;
     if (vcpuStates.length !== c.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${c.vcpus}`);
-    const held = table!.digest();
+    const held = formatMemoryHash(table!.total());
     if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
-    const rescanHash = opts.verifyRescan ? digestVmMemory(v, c.memslots) : undefined;
+    const rescanHash = opts.verifyRescan ? hashVmMemory(hasher, v, slotMap!) : undefined;
     for (const s of vcpuStates) v.loadVcpuState(s);
     v.allowPasses(Infinity);
     v.resume();
     phase = 'running';
     const resumeSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     const hash = held;
-    const sent = link.send({ type: 'complete', hash, pagesReceived, ...(rescanHash ? { rescanHash } : {}) });
+    const sent = link.send({ type: 'complete', hash, pagesReceived });
     const switchoverSeconds = Number(process.hrtime.bigint() - (tFirstVcpu ?? t0)) / 1e9;
     await sent;
     result = { vm: v, config: c, hash, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };

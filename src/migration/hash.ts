@@ -14,7 +14,9 @@
 // xxhash-wasm initialises asynchronously (it compiles a wasm module), hence createMemoryHasher().
 
 import xxhash from 'xxhash-wasm';
+import type { Vm } from '../vmm/engine.ts';
 import type { SlotPages } from './stream/layout.ts';
+import type { SlotMap } from './slot-map.ts';
 
 export const HASH_PAGE_SIZE = 4096;
 const ZERO_PAGE = new Uint8Array(HASH_PAGE_SIZE);
@@ -153,4 +155,15 @@ export class PageHashTable {
   total(): bigint {
     return this.sum;
   }
+}
+
+/** A memoryHash as it appears in stats and logs: 16 hex digits. */
+export function formatMemoryHash(h: bigint): string {
+  return h.toString(16).padStart(16, '0');
+}
+
+/** memoryHash of a VM's memory over `slots`, read through readGuest: call only while it is paused. */
+export function hashVmMemory(hasher: MemoryHasher, vm: Vm, slots: SlotMap): string {
+  const read = (slot: number, firstPage: number, dst: Uint8Array) => vm.readGuest(slots.gpaOf(slot, firstPage)!, dst);
+  return formatMemoryHash(hasher.hashGuestMemory(read, slots.layout).memoryHash);
 }

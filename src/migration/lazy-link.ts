@@ -26,12 +26,6 @@ export function lazyLink(channels: number, connect: () => Promise<SourceLink>): 
     get acksRounds() {
       return inner?.acksRounds ?? false;
     },
-    get cork() {
-      return inner?.cork ? () => inner!.cork!() : undefined;
-    },
-    get uncork() {
-      return inner?.uncork ? () => inner!.uncork!() : undefined;
-    },
     send: (r: SourceRecord, channel?: number) => (inner ? inner.send(r, channel) : get().then((l) => l.send(r, channel))),
     receive: (): Promise<DestRecord> => (inner ? inner.receive() : get().then((l) => l.receive())),
     bytesSent: () => inner?.bytesSent() ?? 0,

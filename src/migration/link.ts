@@ -1,7 +1,6 @@
 // What the pre-copy state machines need from a migration connection, as records (QEMU's
-// migration stream sections, simplified). Two implementations can sit behind it: the wire
-// helper's versioned stream + TCP transport, or tcp-link.ts. The state machines in source.ts
-// and destination.ts see only this file.
+// migration stream sections, simplified). wire-link.ts implements it over the versioned stream
+// and its TCP transport; the state machines in source.ts and destination.ts see only this file.
 //
 // Ordering: records on one channel arrive in order. RAM and ZERO records may travel on any
 // channel, so a page sent in round 2 on channel 1 can overtake the same page sent in round 1 on
@@ -26,8 +25,8 @@ export type SourceRecord =
   | { type: 'vcpu'; state: VcpuState }
   /**
    * Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel;
-   * `hash` is the digest of every page as sent (page-digest.ts), which the destination must
-   * hold before it may start the guest.
+   * `hash` is the memoryHash (hash.ts, 16 hex digits) of every page as sent, which the
+   * destination must hold before it may start the guest.
    */
   | { type: 'end'; finalRound: number; pagesSent: number; hash: string };
 
@@ -37,7 +36,7 @@ export type DestRecord =
   /** Every page of rounds up to `round` is applied (lets the source pause only once caught up). */
   | { type: 'synced'; round: number }
   /** The guest runs on the destination; `hash` is the memory hash of what it held at switchover. */
-  | { type: 'complete'; hash: string; pagesReceived: number; rescanHash?: string }
+  | { type: 'complete'; hash: string; pagesReceived: number }
   | { type: 'error'; message: string };
 
 export interface SourceLink {
@@ -48,9 +47,6 @@ export interface SourceLink {
   send(record: SourceRecord, channel?: number): Promise<void>;
   /** The next record from the destination; rejects when the connection drops. */
   receive(): Promise<DestRecord>;
-  /** Hold small writes back until uncork(), so a burst of records leaves in one segment. */
-  cork?(): void;
-  uncork?(): void;
   /** Bytes handed to the sockets so far, all channels. */
   bytesSent(): number;
   close(): void;

@@ -23,7 +23,8 @@ import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
 import type { DestRecord, SourceLink, SourceRecord } from './link.ts';
-import { digestVmMemory, initDigest, PageDigestTable } from './page-digest.ts';
+import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
+import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
 import { TokenBucket } from './rate-limit.ts';
 import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
@@ -136,14 +137,16 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     }
     loggingOn = on;
   };
-  // Digest of every page as sent: END carries it, and the destination refuses to start the
-  // guest unless its own table agrees (catches a lost or corrupted page before switchover).
-  const sentTable = PageDigestTable.forSlots(cfg.memslots);
+  // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
+  // start the guest unless its own table agrees (catches a lost or corrupted page before
+  // switchover).
+  const slotMap = new SlotMap(cfg.memslots);
+  const sentTable = new PageHashTable(slotMap.layout);
+  const hasher = await createMemoryHasher();
   sender.onSent = (gpa, data, pages) => {
-    for (let i = 0; i < pages; i++) {
-      const at = gpa + i * PAGE_SIZE;
-      sentTable.set(sentTable.indexOf(at), at, data ? data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE) : null);
-    }
+    const at = slotMap.locate(gpa, pages)!;
+    if (data) hasher.hashInto(sentTable, at.slot, at.page, pages, data);
+    else sentTable.setZero(at.slot, at.page, pages);
     for (const { slot, sent } of shadows.values()) {
       if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
         if (data) sent.set(data, gpa - slot.guestPhysAddr);
@@ -184,7 +187,6 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   try {
     // ---- setup
     opts.onPhase?.('setup', link);
-    await initDigest();
     await link.send({ type: 'config', config: cfg });
     const ready = await link.receive();
     if (ready.type === 'error') throw new DestinationError(ready.message);
@@ -294,18 +296,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const last: { record: SourceRecord; channel: number }[] = [
       ...states.map((state) => ({ record: { type: 'vcpu', state } as SourceRecord, channel: 0 })),
       ...Array.from({ length: link.channels }, (_, ch) => ({ record: { type: 'sync', round } as SourceRecord, channel: ch })),
-      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: sentTable.digest() }, channel: 0 },
+      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) }, channel: 0 },
     ];
     endSent = true;
-    if (link.cork && link.uncork) {
-      // Nothing is awaited while corked (a send waiting for 'drain' would wait forever).
-      link.cork();
-      const burst = last.map(({ record, channel }) => link.send(record, channel));
-      link.uncork();
-      await Promise.all(burst);
-    } else {
-      for (const { record, channel } of last) await link.send(record, channel);
-    }
+    // The link batches these and flushes once after END: one wake-up of the destination.
+    for (const { record, channel } of last) await link.send(record, channel);
     const tEnd = now();
     const reply = await finalReply;
     downtimeSeconds = secs(tPause);
@@ -319,7 +314,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
 
     // ---- completed: verify off the downtime path; the source stays paused until destroyed.
     const tv = now();
-    sourceHash = digestVmMemory(vm, slots);
+    sourceHash = hashVmMemory(hasher, vm, slotMap);
     verifySeconds = secs(tv);
     link.close();
     if (opts.destroyOnComplete ?? true) await vm.destroy();

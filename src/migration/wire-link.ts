@@ -1,74 +1,49 @@
-// SourceLink / DestLink over the wire helper's versioned stream and TCP transport
-// (transport/connection.ts, transport/listener.ts, stream/format.ts): a thin adapter, so the
-// pre-copy state machines run unchanged on either transport.
+// The one implementation of link.ts: SourceLink / DestLink over the versioned migration stream
+// (stream/format.ts: typed, validated records, capability handshake) and its batched multi-
+// channel TCP transport (transport/connection.ts, transport/listener.ts).
 //
 // What the adapter translates:
-//   - pages: link.ts speaks guest-physical addresses; the stream speaks (slot, firstPage). The
-//     slot geometry comes from the CONFIG record passing through (both sides).
+//   - pages: link.ts speaks guest-physical addresses; the stream speaks (slot, firstPage). Both
+//     sides build the same SlotMap from the CONFIG record passing through.
+//   - RAM: a record with onWritten goes out through sendRamBorrowed (the socket writes the
+//     sender's buffer itself; onWritten fires once it is written), else through sendRam (copied
+//     into the channel's batch).
 //   - rounds: the stream's destination applies a round barrier (every page of round r before
-//     any of r+1), so the destination side is one logical channel and a RAM/ZERO record belongs
-//     to round (last SYNC + 1).
-//   - SYNC: link.ts sends SYNC per channel; the stream's sync() covers every channel, so only the
-//     channel-0 SYNC is forwarded.
-//   - END and COMPLETE carry page-digest.ts's digest: its 64-bit value in memoryHash, its /pages
-//     suffix in `pages` (END's pages-sent count does not travel; the destination sees -1).
+//     any of r+1, whatever channel it came on), so the destination side is one logical channel
+//     and a RAM/ZERO record belongs to round (last SYNC + 1).
+//   - SYNC: link.ts sends SYNC per channel; the stream's sync() covers every channel (and
+//     flushes them), so only the channel-0 SYNC is forwarded.
 //   - SYNCED (round acks) travels as the stream's SYNC_ACK back-record.
+//   - batching: control records (VCPU_STATE) sit in channel 0's batch until the next SYNC or
+//     END, which flush: the stop-and-copy burst leaves in as few writes as possible.
+//   - END and COMPLETE carry hash.ts's memoryHash (formatted as 16 hex digits in link.ts).
 //
 // Concurrency: single-threaded, like the transport.
-import { PAGE_SIZE, type VcpuState } from '../vmm/engine.ts';
+import type { VcpuState } from '../vmm/engine.ts';
 import { MigrationConnection } from './transport/connection.ts';
 import { MigrationListener, type IncomingMigration } from './transport/listener.ts';
-import type { StreamConfig } from './stream/format.ts';
+import type { MigrationRecord, StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
+import { formatMemoryHash } from './hash.ts';
+import { SlotMap } from './slot-map.ts';
 import { MigrationLinkError, type DestLink, type DestRecord, type SourceLink, type SourceRecord } from './link.ts';
 
-interface SlotGeometry {
-  slot: number;
-  gpa: number;
-  pages: number;
-}
-
-function geometry(cfg: MigrationConfig): SlotGeometry[] {
-  return cfg.memslots.map((s) => ({ slot: s.slot, gpa: s.guestPhysAddr, pages: s.memorySize / PAGE_SIZE }));
-}
-
-function toSlotPage(slots: readonly SlotGeometry[], gpa: number): { slot: number; firstPage: number } {
-  for (const s of slots) {
-    if (gpa >= s.gpa && gpa < s.gpa + s.pages * PAGE_SIZE) return { slot: s.slot, firstPage: (gpa - s.gpa) / PAGE_SIZE };
-  }
-  throw new MigrationLinkError(`gpa 0x${gpa.toString(16)} is in no memslot of the CONFIG sent`);
-}
-
-function toGpa(slots: readonly SlotGeometry[], slot: number, firstPage: number): number {
-  const s = slots.find((x) => x.slot === slot);
-  if (!s) throw new MigrationLinkError(`protocol error: pages for unknown memslot ${slot}`);
-  return s.gpa + firstPage * PAGE_SIZE;
-}
-
-/** "hhhhhhhhhhhhhhhh/pages" (page-digest.ts) <-> 64-bit hash + page count. */
-function digestToWire(d: string): { memoryHash: bigint; pages: number } {
-  const [hex, pages] = d.split('/');
-  return { memoryHash: BigInt(`0x${hex}`), pages: Number(pages) };
-}
-function digestFromWire(h: bigint, pages: number): string {
-  return `${h.toString(16).padStart(16, '0')}/${pages}`;
-}
+const parseHash = (h: string): bigint => BigInt(`0x${h}`);
 
 /** The longest wait the transport's timers accept (setTimeout caps at 2^31-1 ms). */
 const FOREVER_MS = 2 ** 31 - 1;
 
 class WireSourceLink implements SourceLink {
   readonly acksRounds = true;
-  private slots: SlotGeometry[] = [];
+  private slots = new SlotMap([]);
+  /** Why destroy() was called: later failures report it instead of a socket-level symptom. */
+  private destroyedWith: Error | null = null;
 
   constructor(private readonly conn: MigrationConnection) {}
 
   get channels(): number {
     return this.conn.channelCount;
   }
-
-  /** Why destroy() was called: later failures report it instead of a socket-level symptom. */
-  private destroyedWith: Error | null = null;
 
   async send(r: SourceRecord, channel = 0): Promise<void> {
     if (this.destroyedWith) throw this.destroyedWith;
@@ -79,21 +54,27 @@ class WireSourceLink implements SourceLink {
     }
   }
 
+  private at(gpa: number, pages: number): { slot: number; page: number } {
+    const at = this.slots.locate(gpa, pages);
+    if (!at) throw new MigrationLinkError(`pages [0x${gpa.toString(16)}, +${pages}) are in no memslot of the CONFIG sent`);
+    return at;
+  }
+
   private async sendRecord(r: SourceRecord, channel: number): Promise<void> {
     switch (r.type) {
       case 'config':
-        this.slots = geometry(r.config);
+        this.slots = new SlotMap(r.config.memslots);
         await this.conn.send({ kind: 'config', config: r.config as unknown as StreamConfig });
-        return this.conn.flush(); // batched otherwise, and READY waits for it
+        return this.conn.flush(); // READY waits for it
       case 'ram': {
-        const { slot, firstPage } = toSlotPage(this.slots, r.gpa);
-        await this.conn.sendRam(slot, firstPage, r.data.length / PAGE_SIZE, r.data, { channel });
-        r.onWritten?.(); // the transport copied the pages into its batch
-        return;
+        const pages = r.data.length / 4096;
+        const { slot, page } = this.at(r.gpa, pages);
+        if (r.onWritten) return this.conn.sendRamBorrowed(slot, page, pages, r.data, r.onWritten, { channel });
+        return this.conn.sendRam(slot, page, pages, r.data, { channel });
       }
       case 'zero': {
-        const { slot, firstPage } = toSlotPage(this.slots, r.gpa);
-        return this.conn.sendZero(slot, firstPage, r.pages, { channel });
+        const { slot, page } = this.at(r.gpa, r.pages);
+        return this.conn.sendZero(slot, page, r.pages, { channel });
       }
       case 'sync':
         if (channel === 0) await this.conn.sync(r.round);
@@ -101,7 +82,7 @@ class WireSourceLink implements SourceLink {
       case 'vcpu':
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
-        await this.conn.send({ kind: 'end', ...digestToWire(r.hash) });
+        await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent });
         return this.conn.flush();
     }
   }
@@ -117,7 +98,7 @@ class WireSourceLink implements SourceLink {
       case 'sync-ack':
         return { type: 'synced', round: rec.round };
       case 'complete':
-        return { type: 'complete', hash: digestFromWire(rec.memoryHash, rec.pages), pagesReceived: rec.pages };
+        return { type: 'complete', hash: formatMemoryHash(rec.memoryHash), pagesReceived: rec.pages };
       case 'error':
         return { type: 'error', message: rec.message };
       default:
@@ -141,13 +122,19 @@ class WireSourceLink implements SourceLink {
 
 class WireDestLink implements DestLink {
   readonly channels = 1;
-  private slots: SlotGeometry[] = [];
+  private slots = new SlotMap([]);
 
   constructor(private readonly incoming: IncomingMigration) {}
 
-  async run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void> {
+  private gpa(slot: number, page: number): number {
+    const gpa = this.slots.gpaOf(slot, page);
+    if (gpa === null) throw new MigrationLinkError(`protocol error: pages for unknown memslot ${slot}`);
+    return gpa;
+  }
+
+  run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void> {
     let round = 0;
-    for await (const rec of this.incoming.records()) {
+    return this.incoming.run((rec: MigrationRecord) => {
       let r: SourceRecord;
       switch (rec.kind) {
         case 'config': {
@@ -155,15 +142,15 @@ class WireDestLink implements DestLink {
           if (!Array.isArray(cfg.memslots) || cfg.memslots.some((s) => typeof s.guestPhysAddr !== 'number' || typeof s.memorySize !== 'number')) {
             throw new MigrationLinkError('protocol error: CONFIG memslots lack guestPhysAddr/memorySize');
           }
-          this.slots = geometry(cfg);
+          this.slots = new SlotMap(cfg.memslots);
           r = { type: 'config', config: cfg };
           break;
         }
         case 'ram':
-          r = { type: 'ram', round: round + 1, gpa: toGpa(this.slots, rec.slot, rec.firstPage), data: rec.data };
+          r = { type: 'ram', round: round + 1, gpa: this.gpa(rec.slot, rec.firstPage), data: rec.data };
           break;
         case 'zero':
-          r = { type: 'zero', round: round + 1, gpa: toGpa(this.slots, rec.slot, rec.firstPage), pages: rec.count };
+          r = { type: 'zero', round: round + 1, gpa: this.gpa(rec.slot, rec.firstPage), pages: rec.count };
           break;
         case 'sync':
           round = rec.round;
@@ -173,14 +160,13 @@ class WireDestLink implements DestLink {
           r = { type: 'vcpu', state: rec.state as VcpuState };
           break;
         case 'end':
-          r = { type: 'end', finalRound: round, pagesSent: -1, hash: digestFromWire(rec.memoryHash, rec.pages) };
+          r = { type: 'end', finalRound: round, pagesSent: rec.pages, hash: formatMemoryHash(rec.memoryHash) };
           break;
         default:
           throw new MigrationLinkError(`protocol error: ${rec.kind} from the source`);
       }
-      const p = onRecord(r, 0);
-      if (p) await p;
-    }
+      return onRecord(r, 0);
+    });
   }
 
   async send(r: DestRecord): Promise<void> {
@@ -188,7 +174,7 @@ class WireDestLink implements DestLink {
       case 'ready':
         return this.incoming.reply({ kind: 'ready' });
       case 'complete':
-        return this.incoming.reply({ kind: 'complete', ...digestToWire(r.hash) });
+        return this.incoming.reply({ kind: 'complete', memoryHash: parseHash(r.hash), pages: r.pagesReceived });
       case 'error':
         this.incoming.abort(new Error(r.message));
         return;
@@ -202,7 +188,8 @@ class WireDestLink implements DestLink {
   }
 }
 
-export async function connectWireLink(opts: { host: string; port: number; channels: number }): Promise<SourceLink> {
+/** Open `channels` TCP connections to a `receive` and do the stream handshake. */
+export async function connectLink(opts: { host: string; port: number; channels: number }): Promise<SourceLink> {
   try {
     return new WireSourceLink(await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false }));
   } catch (e) {
@@ -210,7 +197,15 @@ export async function connectWireLink(opts: { host: string; port: number; channe
   }
 }
 
-export async function listenWireLink(opts: { host: string; port: number }): Promise<{ host: string; port: number; accept(): Promise<DestLink>; close(): void }> {
+export interface LinkListener {
+  readonly host: string;
+  readonly port: number;
+  /** The next migration whose channels have all joined. */
+  accept(): Promise<DestLink>;
+  close(): void;
+}
+
+export async function listenLink(opts: { host: string; port: number }): Promise<LinkListener> {
   const server = await MigrationListener.listen({ host: opts.host, port: opts.port });
   return {
     host: server.host,

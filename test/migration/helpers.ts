@@ -2,7 +2,7 @@
 // loopback TCP, and check guest memory against the workload spec.
 import { PAGE_SIZE, type Engine, type Vm } from '../../src/vmm/engine.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../../src/guest/workload.ts';
-import { connectLink, listenLink, type TransportKind } from '../../src/migration/transports.ts';
+import { connectLink, listenLink } from '../../src/migration/wire-link.ts';
 import { migrateVm, type PrecopyOptions } from '../../src/migration/source.ts';
 import { receiveMigration, type ReceiveResult } from '../../src/migration/destination.ts';
 import type { SourceLink } from '../../src/migration/link.ts';
@@ -18,17 +18,16 @@ export interface PairResult {
 export async function migrateInProcess(
   vm: Vm,
   destEngine: Engine,
-  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; transport?: TransportKind; preallocate?: boolean; wrapLink?: (l: SourceLink) => SourceLink },
+  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; preallocate?: boolean; wrapLink?: (l: SourceLink) => SourceLink },
 ): Promise<PairResult> {
-  const transport = opts.transport ?? 'tcp';
-  const listener = await listenLink(transport, { host: '127.0.0.1', port: 0 });
+  const listener = await listenLink({ host: '127.0.0.1', port: 0 });
   try {
     const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }));
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),
       (e: Error) => ({ dest: null, destError: e }),
     );
-    const raw = await connectLink(transport, { host: '127.0.0.1', port: listener.port, channels: opts.channels ?? 1 });
+    const raw = await connectLink({ host: '127.0.0.1', port: listener.port, channels: opts.channels ?? 1 });
     const link = opts.wrapLink ? opts.wrapLink(raw) : raw;
     const stats = await migrateVm(vm, link, { ...opts, backing: 'anonymous' });
     const { dest, destError } = await destP;
@@ -62,4 +61,19 @@ export function checkSequentialMemory(vm: Vm, spec: WorkloadSpec, vcpus: number,
     }
   }
   return null;
+}
+
+/** A SourceLink that forwards to `link`, with `send` replaced (failure and corruption injection). */
+export function interceptSend(link: SourceLink, send: SourceLink['send']): SourceLink {
+  return {
+    get channels() {
+      return link.channels;
+    },
+    acksRounds: link.acksRounds,
+    send,
+    receive: () => link.receive(),
+    bytesSent: () => link.bytesSent(),
+    close: () => link.close(),
+    destroy: (e) => link.destroy(e),
+  };
 }

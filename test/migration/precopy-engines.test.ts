@@ -28,8 +28,7 @@ for (const engine of engines) {
     it('migrates a guest dirtying memory throughout; the workload continues where it stopped', async () => {
       const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 8 << 20, backing: 'anonymous', workload: 'sequential' });
       await vm.waitForPasses(2);
-      // The wire transport here, the tcp one in the idle test: both are exercised on each engine.
-      const { stats, dest, destError } = await migrateInProcess(vm, engine, { workload: spec, downtimeLimitMs: 1, maxRounds: 4, channels: 2, transport: 'wire' });
+      const { stats, dest, destError } = await migrateInProcess(vm, engine, { workload: spec, downtimeLimitMs: 1, maxRounds: 4, channels: 2 });
       expect(destError).toBeNull();
       expect(stats.status).toBe('completed');
       expect(stats.verified).toBe(true);
