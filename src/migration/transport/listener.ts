@@ -353,21 +353,24 @@ export class IncomingMigration {
    * vanished without closing its sockets) fails the migration with 'connection-lost'.
    */
   async *records(opts: { idleTimeoutMs?: number } = {}): AsyncGenerator<MigrationRecord, void, undefined> {
-    const idleMs = opts.idleTimeoutMs ?? Infinity;
-    this.lastProgressMs = Date.now();
-    try {
-      for (;;) {
-        const rec = this.pull();
-        if (rec) {
-          yield rec;
-          if (this.done) return;
-        } else {
-          await this.waitActivity(idleMs);
-        }
-      }
-    } catch (e) {
-      this.abort(e as Error);
-      throw e;
+    // One delivery loop (run): each record is handed to the consumer, and run goes on once the
+    // consumer asks for the next one.
+    type Next = { rec: MigrationRecord } | null;
+    let give!: (n: Next) => void;
+    let fail!: (e: Error) => void;
+    const expect = () => new Promise<Next>((res, rej) => ((give = res), (fail = rej)));
+    let next = expect();
+    let consumed: () => void = () => undefined;
+    this.run((rec) => new Promise<void>((res) => ((consumed = res), give({ rec }))), opts).then(
+      () => give(null),
+      (e: Error) => fail(e),
+    );
+    for (;;) {
+      const n = await next;
+      if (!n) return;
+      next = expect();
+      yield n.rec;
+      consumed();
     }
   }
 
