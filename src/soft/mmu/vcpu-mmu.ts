@@ -6,8 +6,9 @@
 // guest mode or acknowledges a flush, see runner.ts). A PTE read here may be stale by one
 // concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
 // LOCKED or absent entry, or one without the needed permission, makes the access fault.
-import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, LAST_LEVEL, PTRS_PER_TABLE } from '../pgtable/pte.ts';
+import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL, PTRS_PER_TABLE } from '../pgtable/pte.ts';
 import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
+import { lookupLeaf } from '../pgtable/lookup.ts';
 import type { SoftTlb } from '../vcpu/soft-tlb.ts';
 import type { VcpuMmu } from '../vcpu/runner.ts';
 import type { FaultHandler } from './fault.ts';
@@ -36,34 +37,9 @@ export class VcpuStage2 implements VcpuMmu {
   /** The leaf the last walk() found (0 if none). */
   private lastPte = 0;
 
-  /**
-   * Stage2PageTable.getLeaf specialised for gfn < 2^31 (guest memory below 8 TiB, checked by the
-   * interpreter): shifts instead of divisions. Same PTE format (pgtable/pte.ts), plain loads.
-   */
+  /** The leaf covering gfn (plain loads; the caller is in guest mode, inside the RCU section). */
   private getLeaf(gfn: number): number {
-    const w = this.words;
-    const out = this.leaf;
-    let ptep = this.rootBase + ((gfn >>> 27) & 511);
-    let pte = w[ptep]!;
-    let level = 0;
-    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-      ptep = ((pte >>> 5) << 9) + ((gfn >>> 18) & 511);
-      pte = w[ptep]!;
-      level = 1;
-      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-        ptep = ((pte >>> 5) << 9) + ((gfn >>> 9) & 511);
-        pte = w[ptep]!;
-        level = 2;
-        if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-          ptep = ((pte >>> 5) << 9) + (gfn & 511);
-          pte = w[ptep]!;
-          level = 3;
-        }
-      }
-    }
-    out.level = level;
-    out.ptep = ptep;
-    return (pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF ? pte : 0;
+    return lookupLeaf(this.words, this.rootBase, gfn, this.leaf, false);
   }
 
   walk(gfn: number, write: boolean, tlb: SoftTlb): number {
