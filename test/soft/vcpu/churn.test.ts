@@ -17,9 +17,11 @@ describe.each(['global', 'parallel'] as const)('churn while vCPUs run, lock %s',
     const passes = 150;
     const t = (current = await makeTestVm({ lock, vcpus, bytesPerVcpu: 96 * 4096, kind: 'random', seed: 77, backing: 'anonymous_thp' }));
     const other = t.vm.mapHostMemory(2 ** 21, 'anonymous');
-    t.vm.allowPasses(passes);
     let ops = 0;
     while (t.vm.progress().some((p) => p.passesCompleted < passes) && ops < 400) {
+      // The allowance grows one pass per operation, so the churn always overlaps running vCPUs
+      // however fast they are (a free-running guest could finish before the churn starts).
+      t.vm.allowPasses(Math.min(passes, ops + 1));
       switch (ops % 5) {
         case 0:
           t.setLogging(true);
@@ -40,6 +42,7 @@ describe.each(['global', 'parallel'] as const)('churn while vCPUs run, lock %s',
       ops++;
       if (ops % 10 === 0) await new Promise((r) => setTimeout(r, 1));
     }
+    t.vm.allowPasses(passes);
     await t.vm.waitForPasses(passes);
     expect(ops).toBeGreaterThan(20);
     const model = new WorkloadModel(t.spec, vcpus);
