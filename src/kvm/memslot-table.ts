@@ -3,8 +3,8 @@
 // engines reject the same requests with the same MemslotError; the kernel checks again and
 // whatever it still refuses surfaces as its own error (ioctl name and errno).
 // Used on the VMM thread only.
-import { PAGE_SIZE, type MemoryRegion, type MemslotInfo } from '../vmm/engine.ts';
-import { MemslotSet, type MemslotLimits } from '../vmm/memslots.ts';
+import type { MemoryRegion, MemslotInfo } from '../vmm/engine.ts';
+import { MemslotSet, memslotInfo, type MemslotLimits } from '../vmm/memslots.ts';
 
 export class MemslotTable {
   private set: MemslotSet;
@@ -15,11 +15,11 @@ export class MemslotTable {
 
   get(slot: number): MemslotInfo | undefined {
     const s = this.set.bySlot(slot);
-    return s && toInfo(s);
+    return s && memslotInfo(s);
   }
 
   list(): MemslotInfo[] {
-    return this.set.slots.map(toInfo);
+    return this.set.toInfo();
   }
 
   /** Check `r`; return the function that records it once the kernel has accepted it. */
@@ -29,16 +29,4 @@ export class MemslotTable {
       this.set = next;
     };
   }
-}
-
-function toInfo(s: MemslotSet['slots'][number]): MemslotInfo {
-  return {
-    slot: s.id,
-    flags: s.flags,
-    guestPhysAddr: s.baseGfn * PAGE_SIZE,
-    memorySize: s.npages * PAGE_SIZE,
-    userspaceAddr: s.userspaceAddr,
-    pages: s.npages,
-    internal: s.internal,
-  };
 }

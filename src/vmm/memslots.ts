@@ -191,14 +191,19 @@ export class MemslotSet {
 
   /** engine.ts shape, in guest-physical order. */
   toInfo(): MemslotInfo[] {
-    return this.slots.map((s) => ({
-      slot: s.id,
-      flags: s.flags,
-      guestPhysAddr: s.baseGfn * PAGE_SIZE,
-      memorySize: s.npages * PAGE_SIZE,
-      userspaceAddr: s.userspaceAddr,
-      pages: s.npages,
-      internal: s.internal,
-    }));
+    return this.slots.map(memslotInfo);
   }
+}
+
+/** One memslot in engine.ts's shape. */
+export function memslotInfo(s: Memslot): MemslotInfo {
+  return {
+    slot: s.id,
+    flags: s.flags,
+    guestPhysAddr: s.baseGfn * PAGE_SIZE,
+    memorySize: s.npages * PAGE_SIZE,
+    userspaceAddr: s.userspaceAddr,
+    pages: s.npages,
+    internal: s.internal,
+  };
 }
