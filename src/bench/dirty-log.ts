@@ -5,17 +5,10 @@
 // enable dirty logging, then for each iteration let every vCPU dirty its whole slice, get the
 // dirty log and (with manual protect) clear it, and finally disable logging.
 
-import {
-  KVM_MEM_LOG_DIRTY_PAGES,
-  PAGE_SIZE,
-  type Backing,
-  type Engine,
-  type GuestPageSize,
-  type MmuLockMode,
-  type Vm,
-} from '../vmm/engine.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type Backing, type Engine, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import { countBits } from '../vmm/dirty-bitmap.ts';
-import { workload, type WorkloadKind } from '../guest/workload.ts';
+import { createWorkloadVm } from '../vmm/workload-vm.ts';
+import type { WorkloadKind } from '../guest/workload.ts';
 import { formatSeconds, now, secondsSince } from './timing.ts';
 
 export interface DirtyLogParams {
@@ -46,35 +39,13 @@ export interface DirtyLogResult {
   stats: Record<string, number>;
 }
 
-export const TEST_SLOT = 0;
-
-/** Create the VM, its test memslot and vCPUs as dirty_log_perf_test does. */
-async function setUp(engine: Engine, p: DirtyLogParams): Promise<{ vm: Vm; gpa: number; bytes: number }> {
-  const caps = engine.capabilities();
-  const vm = await engine.createVm({
-    manualDirtyLogProtect: p.manualProtect && caps.manualDirtyLogProtect,
-    lock: p.lock,
-    guestPageSize: p.guestPageSize,
-  });
-  try {
-    const spec = workload(p.workload, p.bytesPerVcpu);
-    const bytes = p.vcpus * p.bytesPerVcpu;
-    const host = vm.mapHostMemory(bytes, p.backing);
-    vm.setUserMemoryRegion({ slot: TEST_SLOT, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: bytes, userspaceAddr: host.hva });
-    await vm.createVcpus(p.vcpus, spec);
-    return { vm, gpa: spec.gpaBase, bytes };
-  } catch (e) {
-    await vm.destroy();
-    throw e;
-  }
-}
-
 /** Run the benchmark; `log` gets the selftest's lines as they happen. */
 export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (line: string) => void): Promise<DirtyLogResult> {
   if (p.bytesPerVcpu % PAGE_SIZE !== 0) throw new Error(`--bytes-per-vcpu must be a multiple of ${PAGE_SIZE}`);
-  const { vm, gpa, bytes } = await setUp(engine, p);
+  const { vm, testRegion } = await createWorkloadVm(engine, p);
+  const { slot, guestPhysAddr: gpa, memorySize: bytes } = testRegion;
   const manual = vm.config.manualDirtyLogProtect;
-  const region = (flags: number) => ({ slot: TEST_SLOT, flags, guestPhysAddr: gpa, memorySize: bytes, userspaceAddr: vm.memslots().find((s) => s.slot === TEST_SLOT)!.userspaceAddr });
+  const region = (flags: number) => ({ ...testRegion, flags });
   try {
     log(`Testing guest mode: PA-bits:ANY, VA-bits:48, ${p.guestPageSize / 1024}K pages (engine ${engine.kind})`);
     log(`guest physical test memory: [0x${gpa.toString(16)}, 0x${(gpa + bytes).toString(16)})`);
@@ -101,14 +72,14 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
       log(`Iteration ${i} dirty memory time: ${formatSeconds(dirtyMemorySeconds)}`);
 
       t0 = now();
-      const bitmap = vm.getDirtyLog(TEST_SLOT);
+      const bitmap = vm.getDirtyLog(slot);
       const getDirtyLogSeconds = secondsSince(t0);
       log(`Iteration ${i} get dirty log time: ${formatSeconds(getDirtyLogSeconds)}`);
 
       let clearDirtyLogSeconds = 0;
       if (manual) {
         t0 = now();
-        vm.clearDirtyLog(TEST_SLOT, 0, pages, bitmap);
+        vm.clearDirtyLog(slot, 0, pages, bitmap);
         clearDirtyLogSeconds = secondsSince(t0);
         log(`Iteration ${i} clear dirty log time: ${formatSeconds(clearDirtyLogSeconds)}`);
       }
