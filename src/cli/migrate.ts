@@ -69,7 +69,7 @@ interface LocalReceiver {
 }
 
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
-  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json', '--run-ms', String(opts.destRunMs), ...(opts.destPrealloc ? ['--prealloc'] : [])];
+  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json', '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc'];
   // Detached: a terminal ^C reaches the source only, which cancels; the receiver then sees the
   // connection drop and discards everything itself.
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -191,7 +191,8 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)
-    .option('--dest-prealloc', '--local: the receiver preallocates guest RAM before accepting pages (receive --prealloc)', false)
+    .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
+    .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover', (t) => Number(t), 1000);
 }
 

@@ -52,7 +52,8 @@ export function registerReceive(program: Command): void {
     .option('--engine <engine>', 'soft | kvm (default: the engine the source runs)', parseEngine, 'default')
     .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', (t) => Number(t), 0)
     .option('--max-ram <size>', 'refuse guests with more RAM than this', parseSize, DEFAULT_MAX_RAM_BYTES)
-    .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): faults move into setup', false)
+    .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): first-touch faults happen in setup, not while pages stream in', true)
+    .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .action(async (opts: ReceiveOptions) => {

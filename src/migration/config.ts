@@ -84,15 +84,22 @@ export function checkConfig(cfg: MigrationConfig, engine: Engine, limits: HostLi
 /**
  * Build the destination VM: guest RAM memslots, then vCPUs (which create the engine-internal
  * slots), not running. The engine-internal slots must come out exactly as on the source.
+ * `whileVcpusStart` runs on this thread while the engine starts the vCPU threads (kvm: hundreds
+ * of ms mostly spent off this thread), with the guest RAM memslots in place.
  */
-export async function buildDestinationVm(cfg: MigrationConfig, engine: Engine): Promise<Vm> {
+export async function buildDestinationVm(cfg: MigrationConfig, engine: Engine, whileVcpusStart?: (vm: Vm) => void): Promise<Vm> {
   const vm = await engine.createVm(cfg.vmConfig);
   try {
     for (const s of cfg.memslots.filter((m) => !m.internal)) {
       const host = vm.mapHostMemory(s.memorySize, s.backing);
       vm.setUserMemoryRegion({ slot: s.slot, flags: s.flags, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: host.hva });
     }
-    await vm.createVcpus(cfg.vcpus, cfg.workload);
+    const vcpus = vm.createVcpus(cfg.vcpus, cfg.workload);
+    try {
+      whileVcpusStart?.(vm);
+    } finally {
+      await vcpus;
+    }
     const have = new Map<number, MemslotInfo>(vm.memslots().map((s) => [s.slot, s]));
     for (const s of cfg.memslots) {
       const h = have.get(s.slot);

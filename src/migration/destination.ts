@@ -91,11 +91,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const engine = await opts.openEngine(c.engine);
     checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
-    vm = await buildDestinationVm(c, engine);
+    // Preallocation overlaps the vCPU threads' start-up.
+    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c) : undefined);
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
-    if (opts.preallocate) preallocate(vm, c);
     // Start the vCPU threads now, paused with no passes allowed: thread start-up (hundreds of
     // ms on kvm) is then spent in setup instead of in the downtime.
     vm.allowPasses(0);

@@ -23,8 +23,8 @@ function zeroPageAt(words: Float64Array, page: number): boolean {
   return true;
 }
 
-/** Pages per RAM record at most (256 KiB). */
-export const RUN_PAGES = 64;
+/** Pages per RAM record at most (1 MiB). */
+export const RUN_PAGES = 256;
 /** KVM_CLEAR_DIRTY_LOG chunk, pages (a multiple of 64): no call covers a whole large slot. */
 export const CLEAR_CHUNK_PAGES = 262144;
 

@@ -124,7 +124,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
   // on its own internal slot): we keep a shadow of exactly what was sent and find their dirty
   // pages by comparing with it. Such slots are small (guest code, page tables, stacks).
-  const shadows = new Map<number, { slot: MemslotInfo; sent: Buffer }>();
+  const shadows = new Map<number, { slot: MemslotInfo; sent: Buffer; cur: Buffer }>();
   const setLogging = (on: boolean) => {
     for (const s of slots) {
       if (shadows.has(s.slot)) continue;
@@ -132,7 +132,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
         vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
       } catch (e) {
         if (!(on && s.internal && e instanceof MemslotError)) throw e;
-        shadows.set(s.slot, { slot: s, sent: Buffer.alloc(s.memorySize) });
+        // `cur` is kept: a fresh 2 MiB buffer per harvest costs its page faults again, and the
+        // last harvest is on the downtime path.
+        shadows.set(s.slot, { slot: s, sent: Buffer.alloc(s.memorySize), cur: Buffer.alloc(s.memorySize) });
       }
     }
     loggingOn = on;
@@ -154,8 +156,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       }
     }
   };
-  const shadowDirtyLog = (slot: MemslotInfo, sent: Buffer): Uint32Array => {
-    const cur = Buffer.allocUnsafe(slot.memorySize);
+  const shadowDirtyLog = (slot: MemslotInfo, sent: Buffer, cur: Buffer): Uint32Array => {
     vm.readGuest(slot.guestPhysAddr, cur);
     const log = newBitmap(slot.pages);
     for (let p = 0; p < slot.pages; p++) {
@@ -172,7 +173,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     newlyDirty = 0;
     for (const s of slots) {
       const shadow = shadows.get(s.slot);
-      const log = shadow ? shadowDirtyLog(s, shadow.sent) : vm.getDirtyLog(s.slot);
+      const log = shadow ? shadowDirtyLog(s, shadow.sent, shadow.cur) : vm.getDirtyLog(s.slot);
       newlyDirty += countBits(log);
       const p = pending.get(s.slot);
       if (!p) pending.set(s.slot, log);
