@@ -160,7 +160,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const held = formatMemoryHash(table!.total());
     if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
     const rescanHash = opts.verifyRescan ? hashVmMemory(hasher, v, slotMap!) : undefined;
-    for (const s of vcpuStates) v.loadVcpuState(s);
     v.allowPasses(Infinity);
     v.resume();
     phase = 'running';
@@ -199,6 +198,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       case 'vcpu':
         tFirstVcpu ??= process.hrtime.bigint();
         if (r.state.engine !== cfg!.engine || r.state.vcpu < 0 || r.state.vcpu >= cfg!.vcpus) throw protocol(`vCPU state for ${r.state.engine} vCPU ${r.state.vcpu}`);
+        if (vcpuStates.some((s) => s.vcpu === r.state.vcpu)) throw protocol(`a second state for vCPU ${r.state.vcpu}`);
+        // Loaded now, not at switchover: the VM is paused and stays so until END checks out
+        // (or is destroyed), and the load overlaps the source sending SYNC and END.
+        vm!.loadVcpuState(r.state);
         vcpuStates.push(r.state);
         return;
       case 'end':

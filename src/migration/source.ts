@@ -159,9 +159,12 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const shadowDirtyLog = (slot: MemslotInfo, sent: Buffer, cur: Buffer): Uint32Array => {
     vm.readGuest(slot.guestPhysAddr, cur);
     const log = newBitmap(slot.pages);
-    for (let p = 0; p < slot.pages; p++) {
-      const o = p * PAGE_SIZE;
-      if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, p);
+    // Most of the slot is unchanged: compare 16 pages at a time, pages only where a block differs.
+    const BLOCK = 16 * PAGE_SIZE;
+    for (let b = 0; b < slot.memorySize; b += BLOCK) {
+      const e = Math.min(b + BLOCK, slot.memorySize);
+      if (cur.compare(sent, b, e, b, e) === 0) continue;
+      for (let o = b; o < e; o += PAGE_SIZE) if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, o / PAGE_SIZE);
     }
     return log;
   };
