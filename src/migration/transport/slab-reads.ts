@@ -46,7 +46,9 @@ export class SlabReader {
       const reused = this.free.pop();
       if (!reused) this.slabsAllocated++;
       this.slab = reused ?? Buffer.allocUnsafe(SLAB_BYTES);
-      this.used = 0;
+      // Keep slab offset = stream offset (mod 8): a stream whose records keep page data 8-byte
+      // aligned then delivers it aligned (copies into guest memory are word-wise only then).
+      this.used = this.received & 7;
     }
     return this.slab.subarray(this.used);
   };
