@@ -207,7 +207,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         syncs[channel] = r.round;
         if (r.round > ackedRound && syncs.every((x) => x >= r.round)) {
           ackedRound = r.round;
-          link.send({ type: 'synced', round: r.round }).catch(() => undefined);
+          // After the records already read: the final round's SYNC is followed by END, whose
+          // COMPLETE should not queue behind an ack nobody waits for.
+          const round = r.round;
+          setImmediate(() => link.send({ type: 'synced', round }).catch(() => undefined));
         }
         return maybeSwitchover();
       case 'vcpu':

@@ -28,6 +28,7 @@ export function lazyLink(channels: number, connect: () => Promise<SourceLink>): 
     },
     send: (r: SourceRecord, channel?: number) => (inner ? inner.send(r, channel) : get().then((l) => l.send(r, channel))),
     receive: (): Promise<DestRecord> => (inner ? inner.receive() : get().then((l) => l.receive())),
+    flush: () => (inner ? inner.flush() : get().then((l) => l.flush())),
     bytesSent: () => inner?.bytesSent() ?? 0,
     close: () => inner?.close(),
     destroy: (e?: Error) => {

@@ -20,8 +20,8 @@ export type SourceRecord =
   | { type: 'ram'; round: number; gpa: number; data: Uint8Array; onWritten?: () => void }
   /** `pages` consecutive all-zero pages starting at `gpa`. */
   | { type: 'zero'; round: number; gpa: number; pages: number }
-  /** End of a round on this channel. */
-  | { type: 'sync'; round: number }
+  /** End of a round on this channel; `final`: stop-and-copy's, END follows at once (no flush needed). */
+  | { type: 'sync'; round: number; final?: boolean }
   | { type: 'vcpu'; state: VcpuState }
   /**
    * Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel;
@@ -47,6 +47,8 @@ export interface SourceLink {
   send(record: SourceRecord, channel?: number): Promise<void>;
   /** The next record from the destination; rejects when the connection drops. */
   receive(): Promise<DestRecord>;
+  /** Put every record queued so far on the wire now (the link may batch them otherwise). */
+  flush(): Promise<void>;
   /** Bytes handed to the sockets so far, all channels. */
   bytesSent(): number;
   close(): void;

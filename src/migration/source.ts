@@ -22,7 +22,7 @@ import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
-import type { DestRecord, SourceLink, SourceRecord } from './link.ts';
+import type { DestRecord, SourceLink } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
@@ -169,6 +169,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     return log;
   };
   const pending = new Map<number, Uint32Array>();
+  /** Pages set in `pending` per slot as of the last harvest (0: nothing to scan for). */
+  const pendingPages = new Map<number, number>();
   let newlyDirty = 0;
   /** OR every slot's dirty log into `pending`; returns the pending page count. */
   const harvest = (): number => {
@@ -181,7 +183,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       const p = pending.get(s.slot);
       if (!p) pending.set(s.slot, log);
       else for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
-      n += countBits(pending.get(s.slot)!);
+      const count = countBits(pending.get(s.slot)!);
+      pendingPages.set(s.slot, count);
+      n += count;
     }
     dirtySyncCount++;
     return n;
@@ -287,28 +291,25 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     paused = true; // from here a failure must resume the guest (resume of a running VM is a no-op)
     await throttle.stop(true);
     await vm.pause();
+    // vCPU state first, flushed at once: the destination loads it while we harvest and send
+    // the last pages, instead of after them.
+    const tVcpu = now();
+    passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
+    for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
+    await link.flush();
     const tHarvestFinal = now();
     harvest();
     round++;
     const tSend = now();
     const finalPages = await sendAllPending(round, false);
-    const tVcpu = now();
-    passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
-    const states = Array.from({ length: vm.vcpuCount }, (_, v) => vm.saveVcpuState(v));
-    // vCPU state, SYNC and END leave together: one wake-up of the destination, not five.
     sender.check();
-    const last: { record: SourceRecord; channel: number }[] = [
-      ...states.map((state) => ({ record: { type: 'vcpu', state } as SourceRecord, channel: 0 })),
-      ...Array.from({ length: link.channels }, (_, ch) => ({ record: { type: 'sync', round } as SourceRecord, channel: ch })),
-      { record: { type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) }, channel: 0 },
-    ];
+    for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
     endSent = true;
-    // The link batches these and flushes once after END: one wake-up of the destination.
-    for (const { record, channel } of last) await link.send(record, channel);
+    await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) });
     const tEnd = now();
     const reply = await finalReply;
     downtimeSeconds = secs(tPause);
-    stopAndCopy = { pauseSeconds: secs(tPause, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tVcpu), vcpuStateSeconds: secs(tVcpu, tEnd), waitCompleteSeconds: secs(tEnd) };
+    stopAndCopy = { pauseSeconds: secs(tPause, tVcpu), vcpuStateSeconds: secs(tVcpu, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tEnd), waitCompleteSeconds: secs(tEnd) };
     endRound('stop-and-copy', finalPages);
     if (reply.type === 'error') throw new DestinationError(reply.message);
     if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
@@ -340,6 +341,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   async function sendAllPending(round: number, clearLog = manual, deadlineMs = Infinity): Promise<number> {
     let n = 0;
     for (const s of slots) {
+      if (pendingPages.get(s.slot) === 0) continue;
       n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog && !shadows.has(s.slot), deadlineMs);
       progress(round);
     }

@@ -12,7 +12,8 @@
 //     any of r+1, whatever channel it came on), so the destination side is one logical channel
 //     and a RAM/ZERO record belongs to round (last SYNC + 1).
 //   - SYNC: link.ts sends SYNC per channel; the stream's sync() covers every channel (and
-//     flushes them), so only the channel-0 SYNC is forwarded.
+//     flushes them), so only the channel-0 SYNC is forwarded. The final SYNC stays batched:
+//     END follows at once and is pushed with it.
 //   - SYNCED (round acks) travels as the stream's SYNC_ACK back-record.
 //   - batching: control records (VCPU_STATE) sit in channel 0's batch until the next SYNC or
 //     END, which flush: the stop-and-copy burst leaves in as few writes as possible.
@@ -77,13 +78,13 @@ class WireSourceLink implements SourceLink {
         return this.conn.sendZero(slot, page, r.pages, { channel });
       }
       case 'sync':
-        if (channel === 0) await this.conn.sync(r.round);
+        if (channel === 0) await (r.final ? this.conn.syncBatched(r.round) : this.conn.sync(r.round));
         return;
       case 'vcpu':
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
         await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent });
-        return this.conn.flush();
+        return this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
     }
   }
 
@@ -104,6 +105,13 @@ class WireSourceLink implements SourceLink {
       default:
         throw new MigrationLinkError(`protocol error: ${rec.kind} from the destination`);
     }
+  }
+
+  async flush(): Promise<void> {
+    if (this.destroyedWith) throw this.destroyedWith;
+    await this.conn.push().catch((e: Error) => {
+      throw this.destroyedWith ?? e;
+    });
   }
 
   bytesSent(): number {

@@ -72,6 +72,7 @@ export function interceptSend(link: SourceLink, send: SourceLink['send']): Sourc
     acksRounds: link.acksRounds,
     send,
     receive: () => link.receive(),
+    flush: () => link.flush(),
     bytesSent: () => link.bytesSent(),
     close: () => link.close(),
     destroy: (e) => link.destroy(e),

@@ -294,6 +294,18 @@ export class MigrationConnection {
     await Promise.all(this.channels.map((ch) => ch.flush()));
   }
 
+  /** Like flush(), but resolves once every batch is handed to its socket, not once written. */
+  async push(): Promise<void> {
+    this.check();
+    await Promise.all(this.channels.map((ch) => ch.push()));
+  }
+
+  /** SYNC(round) on every channel, left in the batches (the caller flushes or pushes next). */
+  async syncBatched(round: number): Promise<void> {
+    this.check();
+    await Promise.all(this.channels.map((ch) => ch.send({ kind: 'sync', round })));
+  }
+
   onBackRecord(cb: (rec: MigrationRecord) => void): void {
     this.backListeners.push(cb);
   }
