@@ -3,12 +3,12 @@
 // Node 20's tsx loader does not reach worker_threads, and booting tsx inside each worker costs
 // ~130 ms per worker here. Instead each worker entry point is bundled once per process with
 // esbuild (~15 ms) into a plain .mjs under the OS temp dir, and workers start from that file
-// (~25 ms each). Bundles are keyed by the entry path and its source mtime set, so a changed
-// source is rebuilt. Native addons (*.node) stay external: worker code finds the project root in
+// (~25 ms each). Bundles are keyed by the entry path and the process id and removed when the
+// process exits. Native addons (*.node) stay external: worker code finds the project root in
 // workerData.__stage2Root (never from import.meta.url, which points into the temp dir).
 import { buildSync } from 'esbuild';
 import { createHash } from 'node:crypto';
-import { mkdirSync, existsSync } from 'node:fs';
+import { mkdirSync, existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -40,6 +40,8 @@ export function bundleWorkerEntry(entryPath: string): string {
   });
   if (!existsSync(outfile)) throw new Error(`worker bundle for ${entryPath} was not written`);
   bundles.set(entryPath, outfile);
+  // Workers have loaded the bundle by the time this process exits; leave no file behind.
+  process.once('exit', () => rmSync(outfile, { force: true }));
   return outfile;
 }
 
