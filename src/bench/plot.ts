@@ -13,10 +13,11 @@ export interface LinePlot {
 /** Render a line plot (one line per series; one column per panel when panels are given). */
 export async function renderLinePlotSvg(plot: LinePlot): Promise<string> {
   const hasPanels = plot.points.some((p) => p.panel !== undefined);
+  const xValues = [...new Set(plot.points.map((p) => p.x))].sort((a, b) => a - b);
   const layer = {
     mark: { type: 'line' as const, point: true },
     encoding: {
-      x: { field: 'x', type: 'quantitative' as const, title: plot.xTitle, scale: { type: 'log' as const, base: 2 } },
+      x: { field: 'x', type: 'quantitative' as const, title: plot.xTitle, scale: { type: 'log' as const, base: 2 }, axis: { values: xValues, format: 'd' } },
       y: { field: 'y', type: 'quantitative' as const, title: plot.yTitle },
       color: { field: 'series', type: 'nominal' as const, title: null },
     },
