@@ -12,16 +12,9 @@
 // is read, which is harmless because such a page is dirty again and will be re-sent.
 import { PAGE_SIZE, type MemslotInfo, type Vm } from '../vmm/engine.ts';
 
+import { isZeroPageAt } from './hash.ts';
 import type { SourceLink } from './link.ts';
-import type { TokenBucket } from './rate-limit.ts';
-
-/** Is page `page` of a run (as Float64 words) all zero? Stops at the first non-zero word. */
-function zeroPageAt(words: Float64Array, page: number): boolean {
-  const end = (page + 1) * (PAGE_SIZE / 8);
-  // Float64 compare: -0 === 0, so the sign is checked too; NaN !== 0 counts as non-zero.
-  for (let i = page * (PAGE_SIZE / 8); i < end; i++) if (words[i] !== 0 || 1 / words[i]! < 0) return false;
-  return true;
-}
+import type { RateLimiter } from './transport/rate-limiter.ts';
 
 /** Pages per RAM record at most (1 MiB). */
 export const RUN_PAGES = 256;
@@ -49,7 +42,8 @@ export class PageSender {
   constructor(
     private readonly vm: Vm,
     private readonly link: SourceLink,
-    private readonly limiter: TokenBucket,
+    /** --max-bandwidth (null: unlimited). */
+    private readonly limiter: RateLimiter | null,
   ) {}
 
   private nextChannel(): number {
@@ -71,7 +65,6 @@ export class PageSender {
     const whole = this.acquire();
     const buf = whole.subarray(0, pages * PAGE_SIZE);
     this.vm.readGuest(gpa, buf);
-    const words = new Float64Array(buf.buffer, buf.byteOffset, buf.length / 8);
     // Refcount of RAM records still queued on a socket that point into buf (+1 while we work).
     let users = 1;
     const release = () => {
@@ -79,9 +72,9 @@ export class PageSender {
     };
     let i = 0;
     while (i < pages) {
-      const zero = zeroPageAt(words, i);
+      const zero = isZeroPageAt(buf, i * PAGE_SIZE);
       let j = i + 1;
-      while (j < pages && zeroPageAt(words, j) === zero) j++;
+      while (j < pages && isZeroPageAt(buf, j * PAGE_SIZE) === zero) j++;
       const at = gpa + i * PAGE_SIZE;
       const ch = this.nextChannel();
       if (zero) {
@@ -90,8 +83,7 @@ export class PageSender {
         await this.link.send({ type: 'zero', round, gpa: at, pages: j - i }, ch);
       } else {
         this.counters.normalPages += j - i;
-        const wait = this.limiter.take((j - i) * PAGE_SIZE);
-        if (wait) await wait;
+        if (this.limiter) await this.limiter.take((j - i) * PAGE_SIZE);
         const data = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE);
         this.onSent?.(at, data, j - i);
         users++;

@@ -26,7 +26,7 @@ import type { DestRecord, SourceLink } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
-import { TokenBucket } from './rate-limit.ts';
+import { RateLimiter } from './transport/rate-limiter.ts';
 import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
 import { checkSourceIntact } from './source-intact.ts';
 
@@ -71,7 +71,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const cfg = describeVm(vm, opts.workload, opts.backing);
   const slots: MemslotInfo[] = [...vm.memslots()];
   const totalPages = cfg.ramBytes / PAGE_SIZE;
-  const limiter = new TokenBucket(maxBandwidth);
+  const limiter = maxBandwidth > 0 && Number.isFinite(maxBandwidth) ? new RateLimiter(maxBandwidth) : null;
   const sender = new PageSender(vm, link, limiter);
   const throttle = new CpuThrottle(vm);
   const rounds: RoundStats[] = [];
