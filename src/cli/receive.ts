@@ -3,7 +3,7 @@
 // switchover, then lets it run (--run-ms, or until SIGINT/SIGTERM), reports the vCPU pass
 // counters before and after and whether memory is what the workload implies, and exits.
 // Any failure before switchover discards everything and exits 1 with the reason.
-import { InvalidArgumentError, type Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
@@ -48,7 +48,7 @@ export function registerReceive(program: Command): void {
   program
     .command('receive')
     .description('receive a live migration: listen, build the VM, take the pages, run the guest')
-    .option('--listen <host:port>', 'address to listen on', parseHostPort, parseHostPort('127.0.0.1:4444'))
+    .addOption(new Option('--listen <host:port>', 'address to listen on').argParser(parseHostPort).default(parseHostPort('127.0.0.1:4444'), '127.0.0.1:4444'))
     .option('--engine <engine>', 'soft | kvm (default: the engine the source runs)', parseEngine, 'default')
     .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', (t) => Number(t), 0)
     .option('--max-ram <size>', 'refuse guests with more RAM than this', parseSize, DEFAULT_MAX_RAM_BYTES)
