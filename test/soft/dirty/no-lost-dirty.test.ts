@@ -16,6 +16,38 @@ const modes = [
   { lock: 'parallel', manualProtect: false },
 ] as const;
 
+/**
+ * Pre-copy against a running guest, as a migration does it: bulk-copy all memory (logging is
+ * already on), then `rounds` harvests, copying only the harvested pages to a stand-in
+ * destination, then pause, a final harvest, and compare. Pages that changed between one
+ * harvest's return and the next harvest's start were written after the previous harvest
+ * returned: the next harvest must report every one of them. Leaves the vCPUs paused.
+ */
+async function precopyRounds(t: TestVm, rounds: number): Promise<{ checkedChanges: number; final: Float64Array }> {
+  const dest = snapshotWords(t);
+  let checkedChanges = 0;
+  let afterPrev = snapshotWords(t);
+  for (let round = 0; round < rounds; round++) {
+    const before = snapshotWords(t);
+    const got = bitmapPages(harvest(t), t.pages);
+    for (let p = 0; p < t.pages; p++) {
+      if (before[p] !== afterPrev[p]) {
+        checkedChanges++;
+        if (!got.has(p)) expect.fail(`round ${round}: page ${p} changed after the previous harvest returned but is not in this one`);
+      }
+    }
+    const after = snapshotWords(t);
+    for (const p of got) dest[p] = after[p]!;
+    afterPrev = after;
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  await t.vm.pause();
+  const final = snapshotWords(t);
+  for (const p of bitmapPages(harvest(t), t.pages)) dest[p] = final[p]!;
+  for (let p = 0; p < t.pages; p++) if (dest[p] !== final[p]) expect.fail(`page ${p}: destination ${dest[p]} != source ${final[p]} (a lost dirty page)`);
+  return { checkedChanges, final };
+}
+
 describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect', ({ lock, manualProtect }) => {
   it('pass by pass: each harvest is exactly the pages the reference workload wrote, with its values', async () => {
     const vcpus = 3;
@@ -44,31 +76,8 @@ describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect', ({ 
     t.vm.allowPasses(1);
     await t.vm.waitForPasses(1);
     t.setLogging(true);
-    // The destination's copy, built only from harvested pages.
-    const dest = snapshotWords(t);
     t.vm.allowPasses(Infinity);
-    let checkedChanges = 0;
-    let afterPrev = snapshotWords(t);
-    for (let round = 0; round < 25; round++) {
-      // Pages that changed between the previous harvest's return and this harvest's start were
-      // written after the previous harvest returned: this harvest must report every one.
-      const before = snapshotWords(t);
-      const got = bitmapPages(harvest(t), t.pages);
-      for (let p = 0; p < t.pages; p++) {
-        if (before[p] !== afterPrev[p]) {
-          checkedChanges++;
-          if (!got.has(p)) expect.fail(`round ${round}: page ${p} changed after the previous harvest returned but is not in this one`);
-        }
-      }
-      const after = snapshotWords(t);
-      for (const p of got) dest[p] = after[p]!;
-      afterPrev = after;
-      await new Promise((r) => setTimeout(r, 1));
-    }
-    await t.vm.pause();
-    const final = snapshotWords(t);
-    for (const p of bitmapPages(harvest(t), t.pages)) dest[p] = final[p]!;
-    for (let p = 0; p < t.pages; p++) if (dest[p] !== final[p]) expect.fail(`page ${p}: destination ${dest[p]} != source ${final[p]} (a lost dirty page)`);
+    const { checkedChanges, final } = await precopyRounds(t, 25);
     expect(checkedChanges).toBeGreaterThan(0);
     // Every value is one the guest wrote: (vcpu + 1) << 32 | pass, in its own slice, pass >= 1.
     const per = t.pages / vcpus;
@@ -91,23 +100,7 @@ describe.each(['global', 'parallel'] as const)('dirty log over huge pages, lock 
     await t.vm.waitForPasses(1);
     expect(t.vm.stats().mapped2m).toBeGreaterThan(0);
     t.setLogging(true); // write-protect sweep while the guest runs
-    const dest = snapshotWords(t); // bulk copy after logging is on
-    let afterPrev = snapshotWords(t);
-    for (let round = 0; round < 25; round++) {
-      const before = snapshotWords(t);
-      const got = bitmapPages(harvest(t), t.pages);
-      for (let p = 0; p < t.pages; p++) {
-        if (before[p] !== afterPrev[p] && !got.has(p)) expect.fail(`round ${round}: page ${p} changed after the previous harvest but is not in this one`);
-      }
-      const after = snapshotWords(t);
-      for (const p of got) dest[p] = after[p]!;
-      afterPrev = after;
-      await new Promise((r) => setTimeout(r, 1));
-    }
-    await t.vm.pause();
-    const final = snapshotWords(t);
-    for (const p of bitmapPages(harvest(t), t.pages)) dest[p] = final[p]!;
-    for (let p = 0; p < t.pages; p++) if (dest[p] !== final[p]) expect.fail(`page ${p}: destination ${dest[p]} != source ${final[p]} (a lost dirty page)`);
+    await precopyRounds(t, 25);
     const st = t.vm.stats();
     expect(st.hugePageSplits).toBeGreaterThan(0);
     expect(st.pages_2m).toBe(0); // every block was written while logging, so every one was split
