@@ -31,74 +31,23 @@
 //   an RCU-freed subtree are reported by the thread that reclaims it: set the callback on every
 //   instance.
 
-import { EpochDomain, type EpochShared } from '../locking/epoch.ts';
+import { EpochDomain } from '../locking/epoch.ts';
+import { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_PERM_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
 import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
-import { TablePool, type MmOps, type TablePoolShared } from './table-pool.ts';
+import { TablePool, type MmOps } from './table-pool.ts';
 import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
 import { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
 
 export { newLeafLookup, type LeafLookup } from './lookup.ts';
+export { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
 export { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
 /** kvm_pgtable_walk(pgt, addr, size, walker) in this project's units (see Stage2PageTable.walk). */
 export function walk(pgt: Stage2PageTable, startGfn: number, npages: number, visitor: Visitor, flags: number): number {
   return pgt.walk(startGfn, npages, visitor, flags);
-}
-
-export interface Stage2Shared {
-  pool: TablePoolShared;
-  epoch: EpochShared;
-  /** Int32 words: [0] root table page, [1] destroyed flag. */
-  ctl: SharedArrayBuffer;
-  debug: boolean;
-}
-
-export interface Stage2Callbacks {
-  /** Invalidate TLBs for [gfn, gfn+npages) on every vCPU and wait for it. Default: nothing. */
-  tlbFlush?: (gfn: number, npages: number) => void;
-  /** A leaf left the table (see header). */
-  onLeafRemoved?: LeafRemoved;
-  /** RCU reader slot for this thread; default: claim a free one. */
-  rcuSlot?: number;
-  /**
-   * The MMU lock this thread uses: when given, every operation asserts at its top that this
-   * thread holds it as the operation requires (tdp_mmu.c's lockdep_assert_held style).
-   */
-  lock?: MmuLock;
-  /** Substitute allocator (tests); must share the pool's words. */
-  mmOps?: MmOps;
-}
-
-export interface Stage2CreateOptions extends Stage2Callbacks {
-  maxTablePages: number;
-  /** Threads that may attach (RCU reader slots). Default 64. */
-  maxThreads?: number;
-  /** Check every walk for freed (POISON) table pages and throw. */
-  debug?: boolean;
-  /** Never reuse freed table pages (they stay POISON), so late readers are always caught. */
-  quarantineFreedTables?: boolean;
-}
-
-export interface Stage2Stats {
-  /** Break-before-make sequences (entry swapped to LOCKED, TLBs flushed, new value stored). */
-  breaks: number;
-  /** Blocks replaced by a table (one level in map, down to 4K in splitHugePages). */
-  blockSplits: number;
-  /** Tables replaced by a block. */
-  collapses: number;
-  /** Table subtrees handed to RCU. */
-  tablesRetired: number;
-  /** map()/collapse() calls that returned EAGAIN. */
-  mapEagain: number;
-  liveTablePages: number;
-  retiredPending: number;
-}
-
-export class Stage2Error extends Error {
-  override name = 'Stage2Error';
 }
 
 const CTL_ROOT = 0;
