@@ -8,7 +8,7 @@ import { addCommonOptions } from './options.ts';
 import { addMigrationOptions, printStats, runMigrate, type MigrateOptions } from './migrate.ts';
 
 export function registerDemo(program: Command): void {
-  addMigrationOptions(addCommonOptions(program.command('demo').description('a verified live migration of a running 1 GiB guest to a receiver process on loopback'), { bytesPerVcpu: '512M', vcpus: 2, iterations: 1 })).action(
+  addMigrationOptions(addCommonOptions(program.command('demo').description('a verified live migration of a running 1 GiB guest to a receiver process on loopback'), { bytesPerVcpu: '512M', vcpus: 2 })).action(
     async (opts: MigrateOptions) => {
       const out = (line: string) => process.stderr.write(line + '\n');
       out('stage2 demo: live migration (pre-copy over TCP) of a running guest, verified by memory hash on both sides');

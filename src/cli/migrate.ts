@@ -198,7 +198,7 @@ export function addMigrationOptions(cmd: Command): Command {
 
 export function registerMigrate(program: Command): void {
   addMigrationOptions(
-    addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1, iterations: 1 })
+    addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parseHostPort)
       .option('--local', 'spawn the receiver on loopback', false),
   ).action(async (opts: MigrateOptions) => {

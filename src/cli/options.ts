@@ -57,14 +57,17 @@ export interface CommonOptions {
   json: boolean;
 }
 
-/** Add the options DESIGN.md lists as common to every command. */
-export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string; vcpus: number; iterations: number }): Command {
+/**
+ * Add the options DESIGN.md lists as common to every command. `-i/--iterations` only where the
+ * command has iterations (the benchmarks): give `defaults.iterations` there.
+ */
+export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string; vcpus: number; iterations?: number }): Command {
+  if (defaults.iterations !== undefined) cmd.option('-i, --iterations <n>', 'dirty-logging iterations', parsePositiveInt, defaults.iterations);
   return cmd
     .option('--engine <engine>', 'soft | kvm (default: kvm when /dev/kvm works, else soft)', parseEngine, 'default')
     .option('-v, --vcpus <n>', 'number of vCPUs', parsePositiveInt, defaults.vcpus)
     .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU (accepts 512M, 1G)', parseSize, parseSize(defaults.bytesPerVcpu))
     .option('-s, --backing <backing>', 'anonymous | anonymous_thp | hugetlb', parseBacking, 'anonymous')
-    .option('-i, --iterations <n>', 'dirty-logging iterations', parsePositiveInt, defaults.iterations)
     .option('--workload <kind>', 'sequential | random | idle | rwmix', parseWorkload, 'sequential')
     .option('--lock <mode>', 'soft engine MMU lock: global | parallel', parseLock, 'parallel')
     .option('--guest-page-size <size>', 'kvm guest page size: 4K | 2M', parseGuestPageSize, 2097152 as GuestPageSize)
