@@ -101,9 +101,6 @@ export const REG_NAMES = ['rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp'
 export type RegName = (typeof REG_NAMES)[number];
 export const REGS_BYTES = 144;
 
-export function getReg(regs: Uint8Array, name: RegName): bigint {
-  return new DataView(regs.buffer, regs.byteOffset).getBigUint64(REG_NAMES.indexOf(name) * 8, true);
-}
 export function setReg(regs: Uint8Array, name: RegName, value: bigint | number): void {
   new DataView(regs.buffer, regs.byteOffset).setBigUint64(REG_NAMES.indexOf(name) * 8, BigInt(value), true);
 }
@@ -145,10 +142,6 @@ export const SREG_OFFSET = { cr0: 224, cr2: 232, cr3: 240, cr4: 248, cr8: 256, e
 export function setSreg(sregs: Uint8Array, which: keyof typeof SREG_OFFSET, value: number | bigint): void {
   new DataView(sregs.buffer, sregs.byteOffset).setBigUint64(SREG_OFFSET[which], BigInt(value), true);
 }
-export function getSreg(sregs: Uint8Array, which: keyof typeof SREG_OFFSET): bigint {
-  return new DataView(sregs.buffer, sregs.byteOffset).getBigUint64(SREG_OFFSET[which], true);
-}
-
 export const X86 = {
   CR0_PE: 1n,
   CR0_MP: 2n,

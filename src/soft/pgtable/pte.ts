@@ -97,10 +97,6 @@ export function pteIsLocked(pte: number): boolean {
   return pte === PTE_LOCKED;
 }
 
-export function pteIsPoison(pte: number): boolean {
-  return pte === PTE_POISON;
-}
-
 export function pteReadable(pte: number): boolean {
   return (pte & (PTE_TYPE_MASK | PTE_R)) === (PTE_TYPE_LEAF | PTE_R);
 }
@@ -121,11 +117,6 @@ export function ptePfn(pte: number): number {
 /** Pool index of the next-level table of a table entry. */
 export function pteTableIndex(pte: number): number {
   return pte >>> PTE_ADDR_SHIFT;
-}
-
-/** The prot bits (R, W, DEVICE) of a leaf. */
-export function ptePerms(pte: number): number {
-  return pte & PROT_MASK;
 }
 
 export class PteFormatError extends Error {
@@ -161,10 +152,6 @@ export function pteChangeNeedsFlush(old: number, nu: number): boolean {
   if (!pteIsLeaf(nu)) return true;
   if (((old ^ nu) & ~PTE_PERM_MASK) !== 0) return true;
   return (old & ~nu & PTE_PERM_MASK) !== 0;
-}
-
-export function levelName(level: number): string {
-  return ['512G', '1G', '2M', '4K'][level] ?? `level${level}`;
 }
 
 /** Human-readable pte, for error messages and tests. */
