@@ -5,10 +5,18 @@ import { engines, stage2 } from './run-cli.ts';
 describe('stage2 migrate (CLI processes): failures', () => {
   it('a receiver that cannot host the guest refuses it with a clear error; both exit non-zero', async () => {
     const engine = engines[engines.length - 1]!.kind;
-    const port = 20000 + Math.floor(Math.random() * 20000);
-    const recv = stage2(['receive', '--listen', `127.0.0.1:${port}`, '--max-ram', '4M']);
-    await new Promise((r) => setTimeout(r, 1500));
-    const m = await stage2(['migrate', '--to', `127.0.0.1:${port}`, '--json', '--engine', engine, '-b', '8M', '--workload', 'idle']);
+    // Port 0: the kernel picks a free one; the receiver prints it once it listens, so the
+    // source connects only after that line (no sleep to guess how long a loaded CI box takes).
+    let listening!: (port: number) => void;
+    const port = new Promise<number>((r) => (listening = r));
+    const recv = stage2(['receive', '--listen', '127.0.0.1:0', '--max-ram', '4M'], {
+      onStderr: (text) => {
+        const m = /listening on [^\s]+:(\d+)/.exec(text);
+        if (m) listening(Number(m[1]));
+      },
+    });
+    const p = await Promise.race([port, recv.then((r) => Promise.reject(new Error(`receiver exited before listening: ${r.stderr}`)))]);
+    const m = await stage2(['migrate', '--to', `127.0.0.1:${p}`, '--json', '--engine', engine, '-b', '8M', '--workload', 'idle']);
     const rv = await recv;
     expect(m.code).toBe(1);
     const s = JSON.parse(m.stdout.trim());
