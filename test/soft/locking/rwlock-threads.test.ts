@@ -5,6 +5,7 @@ import { startWorker } from '../../../src/util/worker.ts';
 interface Res {
   violations: number;
   ops: number;
+  opsDuringWriters: number;
   maxWriteWaitMs: number;
   sleeps: number;
 }
@@ -12,7 +13,8 @@ interface Res {
 describe('RwLock across threads', () => {
   it('excludes writers from readers and each other, and writers are not starved by overlapping readers', async () => {
     const lock = RwLock.create();
-    const data = new SharedArrayBuffer(16);
+    const data = new SharedArrayBuffer(32);
+    Atomics.store(new Int32Array(data), 5, 2); // writers still running
     const entry = new URL('./rwlock-worker.ts', import.meta.url);
     const common = { lock: lock.shared, data, durationMs: 1000, writerIters: 2000 };
     const roles = ['reader', 'reader', 'reader', 'writer', 'writer'] as const;
@@ -37,7 +39,7 @@ describe('RwLock across threads', () => {
     expect(w[0]).toBe(4000);
     expect(w[1]).toBe(4000);
     // Readers ran concurrently with the writers (otherwise the test proves nothing).
-    expect(res.slice(0, 3).reduce((s, r) => s + r.ops, 0)).toBeGreaterThan(100);
+    expect(res.slice(0, 3).reduce((s, r) => s + r.opsDuringWriters, 0)).toBeGreaterThan(10);
     expect(lock.rawState()).toEqual({ readers: 0, pendingWriters: 0, writer: false, waiters: 0 });
   }, 30_000); // starved writers would never finish: fail in 30 s rather than hang
 });
