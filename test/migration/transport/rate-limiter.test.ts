@@ -8,8 +8,7 @@ describe('RateLimiter', () => {
     const limiter = new RateLimiter(10 << 20, 1 << 20); // 10 MiB/s, 1 MiB burst
     const t0 = process.hrtime.bigint();
     await limiter.take(1 << 20);
-    const burstSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    expect(burstSeconds).toBeLessThan(0.05);
+    expect(limiter.throttledSeconds).toBe(0); // the burst never waits (a wall-clock bound would flake on a loaded box)
     for (let i = 0; i < 4; i++) await limiter.take(1 << 20); // 4 MiB beyond the burst: >= ~0.4 s
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     expect(seconds).toBeGreaterThan(0.3);
