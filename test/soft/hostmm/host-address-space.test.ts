@@ -467,7 +467,7 @@ describe('HostAddressSpace: concurrent first touch from worker threads', () => {
     let notified = 0;
     as.addInvalidateNotifier(() => notified++);
     const res = await runWorkers(as, mem, hva, pages, 2, 'race-munmap', async (sync) => {
-      while (Atomics.load(sync, 2) === 0) await new Promise((r) => setTimeout(r, 1));
+      while (Atomics.load(sync, 2) < 2) await new Promise((r) => setTimeout(r, 1)); // both workers mid-stream
       as.munmap(hva, pages * 4096);
     });
     expect(notified).toBe(1);

@@ -117,3 +117,16 @@ export function harvest(t: TestVm): Uint32Array {
   if (t.vm.config.manualDirtyLogProtect) t.vm.clearDirtyLog(0, 0, t.pages, bm);
   return bm;
 }
+
+/**
+ * Wait until every vCPU has completed another pass (free-running guests), so a round of a
+ * concurrency test always has guest writes to check even when the box starves the vCPU threads.
+ */
+export async function nextPassEverywhere(t: TestVm, timeoutMs = 10_000): Promise<void> {
+  const start = t.vm.progress().map((p) => p.passesCompleted);
+  const t0 = Date.now();
+  while (t.vm.progress().some((p, i) => p.passesCompleted <= start[i]!)) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`vCPUs made no pass in ${timeoutMs} ms: ${JSON.stringify(t.vm.progress())}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
