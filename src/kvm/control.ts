@@ -41,6 +41,8 @@ export const VCPU_TID_VALID = 10;
 /** Microseconds this vCPU's thread has spent inside KVM_RUN (two words: lo, hi). */
 export const VCPU_RUN_US_LO = 11;
 export const VCPU_RUN_US_HI = 12;
+/** Linux thread id (gettid) of the worker, for its /proc schedstat; 0 until it starts. */
+export const VCPU_LINUX_TID = 13;
 
 const HEADER_WORDS = 16;
 const VCPU_WORDS = 16; // 64 bytes: one cache line per vCPU

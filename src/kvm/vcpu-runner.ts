@@ -12,7 +12,7 @@ import type { KvmAddon } from './addon.ts';
 import { RUN } from './abi.ts';
 import {
   UNLIMITED_PASSES, VCPU_EXITED, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED, VCPU_RING_FULL,
-  VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS, VM_PAUSE, VM_STOP,
+  VCPU_LINUX_TID, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS, VM_PAUSE, VM_STOP,
   newControl, ring, vcpuBase,
 } from './control.ts';
 import type { VcpuWorkerData } from './vcpu-worker.ts';
@@ -141,6 +141,10 @@ export class VcpuRunner {
   /** Let workers waiting on the doorbell re-read the control words (after a ring reset). */
   ringDoorbell(): void {
     ring(this.control, VM_DOORBELL);
+  }
+
+  vcpuThreadIds(): number[] {
+    return this.vcpus.map((_, v) => this.word(v, VCPU_LINUX_TID));
   }
 
   progress(): VcpuProgress[] {

@@ -9,11 +9,12 @@ import { EAGAIN, EINTR, loadAddon } from './addon.ts';
 import { EXIT, KVM_EXIT_IO_OUT, RUN, exitName } from './abi.ts';
 import {
   VCPU_EXITED, VCPU_EXITS, VCPU_FAILED, VCPU_HALTED, VCPU_PASSES, VCPU_PAUSED, VCPU_RING_FULL,
-  VCPU_RUN_US_HI, VCPU_RUN_US_LO, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS,
+  VCPU_LINUX_TID, VCPU_RUN_US_HI, VCPU_RUN_US_LO, VCPU_STARTED, VCPU_TID_HI, VCPU_TID_LO, VCPU_TID_VALID, VM_ALLOWANCE, VM_DOORBELL, VM_EVENTS,
   VM_PAUSE, VM_STOP, vcpuBase,
 } from './control.ts';
 import { SYNC_PORT } from '../guest/workload.ts';
 import { HALT_PORT } from './guest/workload-code.ts';
+import { linuxThreadId } from '../util/thread-sched.ts';
 
 export interface VcpuWorkerData {
   vcpu: number;
@@ -111,6 +112,7 @@ function loop(): void {
   Atomics.store(ctl, base + VCPU_TID_LO, Number(tid & 0xffffffffn) | 0);
   Atomics.store(ctl, base + VCPU_TID_HI, Number(tid >> 32n) | 0);
   Atomics.store(ctl, base + VCPU_TID_VALID, 1);
+  Atomics.store(ctl, base + VCPU_LINUX_TID, linuxThreadId());
   publish(VCPU_STARTED, 1);
   let needsCompletion = false; // an exit whose I/O KVM completes on the next KVM_RUN
   for (;;) {

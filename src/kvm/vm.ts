@@ -199,6 +199,10 @@ export class KvmVm implements Vm {
     return this.runner_ ? this.runner_.progress() : [];
   }
 
+  vcpuThreadIds(): number[] {
+    return this.runner_ ? this.runner_.vcpuThreadIds() : [];
+  }
+
   async pause(): Promise<void> {
     await this.runner_?.pause();
   }

@@ -296,6 +296,10 @@ export class SoftVm implements Vm, MemslotMmu {
     return this.threads ? this.threads.progress() : [];
   }
 
+  vcpuThreadIds(): number[] {
+    return this.threads ? this.threads.vcpuThreadIds() : [];
+  }
+
   async pause(): Promise<void> {
     if (this.threads) await this.threads.pause();
   }

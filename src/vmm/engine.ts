@@ -170,6 +170,12 @@ export interface Vm {
   progress(): VcpuProgress[];
 
   /**
+   * Linux thread id of each vCPU thread (0 until it has started), so a benchmark can read its
+   * scheduler accounting (/proc/self/task/TID/schedstat: time on a CPU, time waiting for one).
+   */
+  vcpuThreadIds(): number[];
+
+  /**
    * Kick every vCPU out of KVM_RUN (signal + immediate_exit) and resolve once all are stopped
    * outside guest mode. While paused, guest memory and vCPU state are stable.
    */

@@ -2,6 +2,7 @@
 // /dev/kvm and the addon work). Each check compares an engine with the reference model of
 // src/guest/workload.ts or with KVM's documented semantics, never with the other engine.
 import { describe, it, expect, afterEach } from 'vitest';
+import { readThreadSched } from '../../src/util/thread-sched.ts';
 import {
   KVM_MEM_LOG_DIRTY_PAGES,
   MemslotError,
@@ -146,6 +147,10 @@ for (const engine of engines) {
           expectMemory(vm, spec, model);
           expect(vm.progress().map((x) => x.passesCompleted)).toEqual([p, p]);
         }
+        // Two started vCPU threads: two distinct Linux tasks of this process (for schedstat).
+        const tids = vm.vcpuThreadIds();
+        expect(new Set(tids).size).toBe(2);
+        for (const tid of tids) expect(readThreadSched(tid)?.onCpuNs).toBeGreaterThan(0);
         if (c.kind === 'idle') {
           vm.allowPasses(5);
           await vm.waitForPasses(5, 30_000);

@@ -71,6 +71,7 @@ export const V_EXIT_REASON = 5;
 export const V_EXIT_GPA_HI = 6;
 export const V_EXIT_GPA_LO = 7;
 export const V_SLOTS_READER = 8; // memslot generation this vCPU is reading (0 = none): SRCU slot
+export const V_LINUX_TID = 9; // Linux thread id of the vCPU thread, stored once at start (0 before)
 // Registers (the interpreter's architectural state), valid whenever the vCPU is stopped.
 export const R_PASS = 16; // passes completed (mirror of V_PASSES at the time of saving)
 export const R_POS = 17; // position within the current pass

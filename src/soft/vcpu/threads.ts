@@ -33,6 +33,7 @@ import {
   V_EXIT_GPA_LO,
   V_EXIT_REASON,
   V_HALTED,
+  V_LINUX_TID,
   V_PASSES,
   V_STATE,
   VcpuExitReason_Crash,
@@ -170,6 +171,10 @@ export class VcpuThreads {
       `every vCPU to complete ${passes} passes`,
       true,
     );
+  }
+
+  vcpuThreadIds(): number[] {
+    return Array.from({ length: this.count }, (_, v) => Atomics.load(this.ctl, vcpuBase(v) + V_LINUX_TID));
   }
 
   progress(): VcpuProgress[] {

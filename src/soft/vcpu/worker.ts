@@ -17,9 +17,12 @@ import { VcpuRunner } from './runner.ts';
 import { VcpuStats, S_REMOTE_FLUSHES } from './stats.ts';
 import { flushRemoteTlbs } from './tlb-flush.ts';
 import type { VcpuWorkerData } from './threads.ts';
+import { V_LINUX_TID, vcpuBase } from './control.ts';
+import { linuxThreadId } from '../../util/thread-sched.ts';
 
 const d = workerData as VcpuWorkerData;
 const ctl = new Int32Array(d.ctl);
+Atomics.store(ctl, vcpuBase(d.vcpu) + V_LINUX_TID, linuxThreadId());
 const mem = HostMemory.attach(d.mem);
 const mm = HostAddressSpace.attach(d.mm, mem);
 const lock = MmuLock.attach(d.lock);
