@@ -10,6 +10,7 @@ import { countBits } from '../vmm/dirty-bitmap.ts';
 import { createWorkloadVm } from '../vmm/workload-vm.ts';
 import type { WorkloadKind } from '../guest/workload.ts';
 import { formatSeconds, now, secondsSince } from './timing.ts';
+import { readThreadSched, schedSince } from '../util/thread-sched.ts';
 
 export interface DirtyLogParams {
   vcpus: number;
@@ -27,6 +28,10 @@ export interface DirtyLogRound {
   getDirtyLogSeconds: number;
   clearDirtyLogSeconds: number;
   dirtyPages: number;
+  /** Summed over the vCPU threads during the dirty phase (Linux schedstat): time on a CPU... */
+  vcpuOnCpuSeconds: number;
+  /** ...and time runnable but waiting for one. Wall time beyond on-CPU time is this, or blocking. */
+  vcpuRunQueueSeconds: number;
 }
 
 export interface DirtyLogResult {
@@ -65,10 +70,13 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
     const rounds: DirtyLogRound[] = [];
     const pages = bytes / PAGE_SIZE;
     for (let i = 1; i <= p.iterations; i++) {
+      const tids = vm.vcpuThreadIds();
+      const sched0 = tids.map(readThreadSched);
       t0 = now();
       vm.allowPasses(1 + i);
       await vm.waitForPasses(1 + i);
       const dirtyMemorySeconds = secondsSince(t0);
+      const sched = schedSince(tids, sched0);
       log(`Iteration ${i} dirty memory time: ${formatSeconds(dirtyMemorySeconds)}`);
 
       t0 = now();
@@ -83,7 +91,14 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
         clearDirtyLogSeconds = secondsSince(t0);
         log(`Iteration ${i} clear dirty log time: ${formatSeconds(clearDirtyLogSeconds)}`);
       }
-      rounds.push({ dirtyMemorySeconds, getDirtyLogSeconds, clearDirtyLogSeconds, dirtyPages: countBits(bitmap) });
+      rounds.push({
+        dirtyMemorySeconds,
+        getDirtyLogSeconds,
+        clearDirtyLogSeconds,
+        dirtyPages: countBits(bitmap),
+        vcpuOnCpuSeconds: sched.onCpuNs / 1e9,
+        vcpuRunQueueSeconds: sched.runQueueNs / 1e9,
+      });
     }
 
     t0 = now();
@@ -95,6 +110,8 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
     const n = rounds.length;
     log(`Get dirty log over ${n} iterations took ${formatSeconds(sum('getDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('getDirtyLogSeconds') / n)}/iteration)`);
     if (manual) log(`Clear dirty log over ${n} iterations took ${formatSeconds(sum('clearDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('clearDirtyLogSeconds') / n)}/iteration)`);
+    // Not a selftest line: where the vCPU threads' dirty-phase time went (all vCPUs summed).
+    log(`vCPU threads while dirtying: on a CPU ${formatSeconds(sum('vcpuOnCpuSeconds'))}, waiting for a CPU ${formatSeconds(sum('vcpuRunQueueSeconds'))}`);
 
     return {
       params: { engine: engine.kind, ...p, manualProtect: manual },

@@ -18,6 +18,10 @@ export interface ScalingRow {
   populateSeconds: number;
   /** Mean over rounds after the first (the first round also pays for splitting / first WP). */
   dirtyMemorySeconds: number;
+  /** Per vCPU thread, mean over the same rounds: time on a CPU while dirtying... */
+  vcpuOnCpuSeconds: number;
+  /** ...and time runnable but waiting for a CPU (more vCPU threads than free cores shows here). */
+  vcpuRunQueueSeconds: number;
 }
 
 export interface ScalingResult {
@@ -36,9 +40,14 @@ export async function runScalingBench(engine: Engine, p: ScalingParams, log: (li
         lock,
         populateSeconds: r.populateSeconds,
         dirtyMemorySeconds: mean(r.rounds.slice(1).map((x) => x.dirtyMemorySeconds)),
+        vcpuOnCpuSeconds: mean(r.rounds.slice(1).map((x) => x.vcpuOnCpuSeconds)) / vcpus,
+        vcpuRunQueueSeconds: mean(r.rounds.slice(1).map((x) => x.vcpuRunQueueSeconds)) / vcpus,
       };
       rows.push(row);
-      log(`vcpus=${vcpus} lock=${lock}: populate ${row.populateSeconds.toFixed(3)}s, dirty ${row.dirtyMemorySeconds.toFixed(3)}s`);
+      log(
+        `vcpus=${vcpus} lock=${lock}: populate ${row.populateSeconds.toFixed(3)}s, dirty ${row.dirtyMemorySeconds.toFixed(3)}s` +
+          ` (per vCPU thread: ${row.vcpuOnCpuSeconds.toFixed(3)}s on a CPU, ${row.vcpuRunQueueSeconds.toFixed(3)}s waiting for one)`,
+      );
     }
   }
   return { params: { engine: engine.kind, ...p }, rows };
@@ -48,7 +57,8 @@ export async function runScalingBench(engine: Engine, p: ScalingParams, log: (li
 export function scalingTables(result: ScalingResult): string {
   const locks = result.params.locks;
   const fmt = (s: number | undefined) => (s === undefined ? '-' : `${s.toFixed(3)}s`).padStart(10);
-  const table = (title: string, key: 'populateSeconds' | 'dirtyMemorySeconds') => {
+  type Key = 'populateSeconds' | 'dirtyMemorySeconds' | 'vcpuOnCpuSeconds' | 'vcpuRunQueueSeconds';
+  const table = (title: string, key: Key) => {
     const head = `| vCPUs |${locks.map((l) => ` ${l.padStart(8)} |`).join('')}`;
     const rule = `+-------+${locks.map(() => '----------+').join('')}`;
     const lines = [title, rule, head, rule];
@@ -59,7 +69,12 @@ export function scalingTables(result: ScalingResult): string {
     lines.push(rule);
     return lines.join('\n');
   };
-  return `${table('Time to dirty memory:', 'dirtyMemorySeconds')}\n\n${table('Time to populate memory:', 'populateSeconds')}`;
+  return [
+    table('Time to dirty memory:', 'dirtyMemorySeconds'),
+    table('Time to populate memory:', 'populateSeconds'),
+    table('While dirtying, per vCPU thread: time on a CPU:', 'vcpuOnCpuSeconds'),
+    table('While dirtying, per vCPU thread: time waiting for a CPU:', 'vcpuRunQueueSeconds'),
+  ].join('\n\n');
 }
 
 export function scalingSvg(result: ScalingResult): Promise<string> {

@@ -20,6 +20,9 @@ describe('bench dirty-log (soft engine)', () => {
     }
     // Every page of every round took one write-protect fault (logging is by write protection).
     expect(r.stats.writeProtectFaults).toBe(3 * 2048);
+    // The vCPU threads' scheduler accounting covers the dirty phase: they ran (2048 faults each round).
+    for (const round of r.rounds) expect(round.vcpuOnCpuSeconds).toBeGreaterThan(0);
+    expect(lines.at(-1)).toMatch(/^vCPU threads while dirtying: on a CPU \d+\.\d{9}s, waiting for a CPU \d+\.\d{9}s$/);
   });
 
   it('without manual protect, get dirty log alone re-arms logging', async () => {
@@ -35,9 +38,11 @@ describe('bench scaling (soft engine)', () => {
     const r = await runScalingBench(new SoftEngine(), { ...base, vcpuCounts: [1, 2], locks: ['global', 'parallel'], bytesPerVcpu: 2 * MiB, iterations: 2 }, () => {});
     expect(r.rows.map((x) => `${x.vcpus}/${x.lock}`)).toEqual(['1/global', '1/parallel', '2/global', '2/parallel']);
     for (const row of r.rows) expect(row.dirtyMemorySeconds).toBeGreaterThan(0);
+    for (const row of r.rows) expect(row.vcpuOnCpuSeconds).toBeGreaterThan(0);
     const tables = scalingTables(r);
     expect(tables).toMatch(/Time to dirty memory:/);
     expect(tables).toMatch(/\|\s+2 \|/);
+    expect(tables).toMatch(/per vCPU thread: time waiting for a CPU:/);
     expect(await scalingSvg(r)).toMatch(/^<svg/);
   });
 });
@@ -51,6 +56,6 @@ describe('stage2 bench dirty-log --json', () => {
     expect(r.params).toMatchObject({ engine: 'soft', vcpus: 1, bytesPerVcpu: 2 * MiB, backing: 'anonymous', iterations: 2, lock: 'parallel', manualProtect: true, guestPageSize: 2097152 });
     expect(r.pagesPerVcpu).toBe(512);
     for (const k of ['populateSeconds', 'enableDirtyLoggingSeconds', 'disableDirtyLoggingSeconds']) expect(typeof r[k]).toBe('number');
-    expect(Object.keys(r.rounds[0]).sort()).toEqual(['clearDirtyLogSeconds', 'dirtyMemorySeconds', 'dirtyPages', 'getDirtyLogSeconds']);
+    expect(Object.keys(r.rounds[0]).sort()).toEqual(['clearDirtyLogSeconds', 'dirtyMemorySeconds', 'dirtyPages', 'getDirtyLogSeconds', 'vcpuOnCpuSeconds', 'vcpuRunQueueSeconds']);
   });
 });
