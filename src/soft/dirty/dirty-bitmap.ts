@@ -8,6 +8,8 @@
 //   to make the page writable in stage 2: the bit is set BEFORE the writable PTE is stored, so a
 //   harvester that clears the bit and then write-protects either sees the bit or removes the
 //   writable PTE the guest would use (and the write after that faults and sets it again).
+//   The lockless write-protect fast path ('parallel' mode) sets the bit just AFTER its cmpxchg
+//   makes the PTE writable and before the guest's write; mmu/fault.ts says why that is enough.
 // - Bits are cleared only by the VMM thread holding the MMU lock exclusively, by Atomics.exchange
 //   (get without manual protect) or Atomics.and (clear-dirty-log), each followed by
 //   write-protecting exactly the cleared pages and a remote TLB flush before the call returns.

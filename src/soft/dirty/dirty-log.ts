@@ -2,11 +2,14 @@
 // (kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect, kvm_mmu_slot_apply_flags).
 //
 // Runs on the VMM thread. Concurrency rules:
-// - Every bit cleared here is cleared with the MMU lock held exclusively (no fault can be
+// - Every bit cleared here is cleared with the MMU lock held exclusively (no locked fault can be
 //   between marking a page dirty and installing its writable PTE, see dirty-bitmap.ts), and the
 //   cleared pages are write-protected under the same lock hold. The remote TLB flush follows,
 //   before the call returns: afterwards the next guest write to any of those pages faults and
 //   sets its bit again. Nothing else needs ordering: vCPUs mark bits with Atomics.or at any time.
+// - The lockless write-protect fast path ('parallel' mode, mmu/fault.ts) runs during all of
+//   this: it sets W by cmpxchg and marks the bit after, and everything here only removes W, so
+//   a write it lets through is in the pages this harvest reports or sets a bit for the next.
 // - The bitmap handed back is a private copy (KVM copies to the user buffer).
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import type { SlotDesc } from '../mmu/slot-table.ts';

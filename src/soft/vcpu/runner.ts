@@ -77,10 +77,11 @@ export interface VcpuMmu {
   canFastWrite(): boolean;
   /**
    * Fast path for that leaf, called outside guest mode but still inside the RCU read section:
-   * mark dirty and set W by cmpxchg under the fault lock. Host pfn, or -1 (take fault()).
+   * set W by cmpxchg and mark dirty (under the write lock in 'global' mode, lockless in
+   * 'parallel' mode, see mmu/fault.ts). Host pfn, or -1 (take fault()).
    */
   fastWrite(gfn: number): number;
-  /** fastWrite if the fault lock is free right now, from guest mode; -2 when it is not. */
+  /** fastWrite from guest mode; -2 when it would have to wait for the MMU lock ('global' mode). */
   tryFastWrite(gfn: number): number;
 }
 

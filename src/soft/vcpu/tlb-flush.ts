@@ -15,8 +15,9 @@
 //   between a PTE update and the TLBI completing, and callers order their work accordingly
 //   (dirty bits are harvested before write-protecting, see dirty/dirty-log.ts).
 // A flusher never holds anything a vCPU in guest mode waits for: a vCPU leaves guest mode before
-// it blocks on the MMU lock (in guest mode it only try-locks, for the write-protect fast path,
-// and never waits), so a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
+// it blocks on the MMU lock (in guest mode it only try-locks, for the write-protect fast path in
+// 'global' mode, or takes no MMU lock at all, 'parallel' mode; it never waits on one there), so
+// a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
 
 import {
   G_FLUSH_GEN,

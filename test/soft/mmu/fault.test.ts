@@ -1,12 +1,15 @@
 // The stage-2 fault handler: mapping sizes (huge pages vs dirty logging), reserved/MMIO frames,
-// and faults racing memslot changes and mmu-notifier invalidations.
+// faults racing memslot changes and mmu-notifier invalidations, and the lockless fast path
+// racing a harvest.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVM_MEM_LOG_DIRTY_PAGES } from '../../../src/vmm/engine.ts';
 import { FAULT_EFAULT, FAULT_MMIO, FAULT_OK } from '../../../src/soft/mmu/fault.ts';
 import { newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
 import { PTE_DEVICE, PTE_W } from '../../../src/soft/pgtable/pte.ts';
 import { DEFAULT_MMIO_START_PFN, DEFAULT_RESERVED_START_PFN } from '../../../src/soft/hostmem/layout.ts';
-import { makeTestVm, snapshotWords, type TestVm } from '../vcpu/harness.ts';
+import { bitmapPages, harvest, makeTestVm, snapshotWords, type TestVm } from '../vcpu/harness.ts';
+import { markPageDirty } from '../../../src/soft/dirty/dirty-bitmap.ts';
+import type { SlotDesc } from '../../../src/soft/mmu/slot-table.ts';
 
 let current: TestVm | null = null;
 afterEach(async () => {
@@ -167,5 +170,65 @@ describe.each(['global', 'parallel'] as const)('faults racing invalidations (loc
     expect(after.faultRetries - before.faultRetries).toBe(1);
     expect(after.notifierInvalidations - before.notifierInvalidations).toBe(1);
     expect(after.pages_4k).toBe(0); // the neighbour was unmapped by the notifier, the racer never mapped
+  });
+});
+
+// The 'parallel' mode write-protect fast path takes no MMU lock (x86 fast_page_fault): a
+// harvest can run between its cmpxchg (W set) and its mark. These two tests put one exactly
+// there (the fault runs on this thread, the hook harvests) and check nothing can be lost.
+describe('lockless write-protect fast path (lock parallel): a harvest between cmpxchg and mark', () => {
+  function wpLeaf(t: TestVm, gfn: number): { pte: number; ptep: number } {
+    const out = newLeafLookup();
+    const pgt = t.vm.stage2;
+    pgt.rcuReadLock();
+    const pte = pgt.getLeaf(gfn, out);
+    pgt.rcuReadUnlock();
+    expect(pte & PTE_W).toBe(0);
+    return { pte, ptep: out.ptep };
+  }
+
+  async function loggingVmWithWpPage(): Promise<{ t: TestVm; gfn: number; page: number }> {
+    const t = (current = await makeTestVm({ lock: 'parallel', vcpusNow: false }));
+    t.setLogging(true);
+    const page = 5;
+    const gfn = t.spec.gpaBase / 4096 + page;
+    expect(t.vm.mainThreadFaultHandler().handle(gfn, true)).toBe(FAULT_OK);
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // clears and write-protects it
+    return { t, gfn, page };
+  }
+
+  it('bit clear when the harvest runs: it reports nothing, the mark after it lands in the next harvest', async () => {
+    const { t, gfn, page } = await loggingVmWithWpPage();
+    const fh = t.vm.mainThreadFaultHandler();
+    const { pte, ptep } = wpLeaf(t, gfn);
+    let during: Set<number> | null = null;
+    fh.hooks.betweenRelaxAndMark = () => (during = bitmapPages(harvest(t), t.pages));
+    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(pte >>> 5);
+    expect(during).toEqual(new Set());
+    expect(leafAt(t, gfn).pte & PTE_W).toBe(PTE_W); // nothing to protect: the page stays writable...
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // ...and is in the next harvest
+  });
+
+  it('bit already set: the harvest reports the page and removes the new W; the mark sets the bit again', async () => {
+    const { t, gfn, page } = await loggingVmWithWpPage();
+    const fh = t.vm.mainThreadFaultHandler();
+    // Dirty but write-protected (e.g. marked by a fault whose cmpxchg a harvest then undid).
+    const slot = (t.vm as unknown as { slots: { desc(id: number): SlotDesc } }).slots.desc(0)!;
+    markPageDirty(slot.dirtyBitmap!, page);
+    const { pte, ptep } = wpLeaf(t, gfn);
+    let during: Set<number> | null = null;
+    fh.hooks.betweenRelaxAndMark = () => (during = bitmapPages(harvest(t), t.pages));
+    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(pte >>> 5);
+    expect(during).toEqual(new Set([page]));
+    expect(leafAt(t, gfn).pte & PTE_W).toBe(0); // the harvest write-protected it after the cmpxchg
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // the late mark is not lost
+  });
+
+  it('a stale walk (the leaf changed since) fails the cmpxchg and marks nothing', async () => {
+    const { t, gfn } = await loggingVmWithWpPage();
+    const fh = t.vm.mainThreadFaultHandler();
+    const { pte, ptep } = wpLeaf(t, gfn);
+    expect(fh.tryFastWrite(gfn, pte ^ (1 << 5), ptep)).toBe(-1); // another pfn than the table holds
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set());
   });
 });
