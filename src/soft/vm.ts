@@ -386,6 +386,8 @@ export class SoftVm implements Vm, MemslotMmu {
         return lookup;
       },
       readUnlock: () => {},
+      // The VMM thread publishes generations itself, never while it uses one of them.
+      stale: () => false,
       peek: () => {
         lookup.set(pub.current.slots);
         return lookup;

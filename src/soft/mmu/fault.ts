@@ -25,8 +25,9 @@
 //   before the harvest's TLB flush returns and is in the page the caller then reads), or clears
 //   the bitmap word before the mark (the bit is set again for the next harvest). Either way a
 //   write through the new W is in this harvest's page contents or the next harvest's bitmap.
-//   The memslot comes from the SRCU reader around it, so logging enable/disable (publish,
-//   synchronize, then sweep or drop the bitmap) never overlaps a fast path using the old set.
+//   The memslot comes from an SRCU reader held around it (the vCPU's guest-mode section, or its
+//   own), so logging enable/disable (publish, synchronize, then sweep or drop the bitmap) never
+//   overlaps a fast path using the old set.
 // - The page reference getUserPage takes (ram only, seed 001) is dropped once the mapping is in
 //   or abandoned (kvm_release_faultin_page): stage 2 holds no references; munmap reaches it
 //   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
@@ -65,7 +66,12 @@ export interface SlotSource {
   readUnlock(): void;
   /** Current generation, no reader registration: only under the MMU fault lock (slot-table.ts). */
   peek(): SlotLookup;
+  /** A generation newer than the reader's has been published (it should retake its reader). */
+  stale(): boolean;
 }
+
+/** The memslots of a reader the caller already holds (a vCPU's guest-mode section). */
+export type HeldSlots = SlotLookup;
 
 /** Test hooks to construct races deterministically. Never set in production. */
 export interface FaultHooks {
@@ -96,7 +102,7 @@ export class FaultHandler {
     private readonly mm: HostAddressSpace,
     private readonly pgt: Stage2PageTable,
     private readonly lock: MmuLock,
-    private readonly slots: SlotSource,
+    readonly slots: SlotSource,
     private readonly inval: MemslotInvalidation,
     private readonly stats: VcpuStats,
   ) {
@@ -186,9 +192,9 @@ export class FaultHandler {
    * write-protect sweep. 'parallel' mode: fastWriteLockless.
    * Returns the host pfn now mapped writable, or -1 to take the full fault path.
    */
-  fastWrite(gfn: number, pte: number, ptep: number): number {
+  fastWrite(gfn: number, pte: number, ptep: number, held?: HeldSlots): number {
     const lock = this.lock;
-    if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep);
+    if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep, held);
     lock.faultLock();
     let pfn: number;
     try {
@@ -206,9 +212,9 @@ export class FaultHandler {
    * waits only for a generation already posted to its port), so a flusher waiting for this
    * vCPU's acknowledgement is delayed by one access at most, like any access in flight.
    */
-  tryFastWrite(gfn: number, pte: number, ptep: number): number {
+  tryFastWrite(gfn: number, pte: number, ptep: number, held?: HeldSlots): number {
     const lock = this.lock;
-    if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep);
+    if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep, held);
     if (!lock.rw.tryWriteLock()) return -2;
     let pfn: number;
     try {
@@ -222,13 +228,15 @@ export class FaultHandler {
   /**
    * The write-protect fast path with no MMU lock ('parallel' mode; x86 fast_page_fault): the
    * reader-counter cache line an rwlock read-lock bounces between vCPUs cost ~100 ns per fault
-   * with 2 vCPUs (bench dirty-log, per-vCPU on-CPU time). Order and proof: file header.
+   * with 2 vCPUs (bench dirty-log, per-vCPU on-CPU time). Memslots: the caller's reader
+   * (`held`, a vCPU in guest mode: taking one per fault cost another ~100 ns), else its own.
+   * Order and proof: file header.
    */
-  private fastWriteLockless(gfn: number, pte: number, ptep: number): number {
+  private fastWriteLockless(gfn: number, pte: number, ptep: number, held: HeldSlots | undefined): number {
     const st = this.stats;
     st.add(S_FAULTS, 1);
     st.add(S_WP_FAULTS, 1);
-    const slot = this.slots.readLock().find(gfn);
+    const slot = (held ?? this.slots.readLock()).find(gfn);
     try {
       if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
       if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
@@ -240,7 +248,7 @@ export class FaultHandler {
         st.add(S_DIRTY_MARKS, 1);
       }
     } finally {
-      this.slots.readUnlock();
+      if (held === undefined) this.slots.readUnlock();
     }
     st.add(S_FAST_RELAX, 1);
     return pte >>> 5;

@@ -8,13 +8,19 @@
 //   (V_SLOTS_READER) names an older generation: afterwards no fault can still be using the old
 //   set (synchronize_srcu), so the caller may zap mappings of a deleted slot, write-protect a
 //   slot that just started logging, or drop an old bitmap.
-// - Reader (a vCPU, around one fault): store the generation it is about to use in its reader
-//   word, re-read G_SLOTS_GEN and retry on a change (so a publisher that saw the word as 0 or
-//   new cannot miss a reader that then uses an old set), and drain its port up to that
-//   generation with receiveMessageOnPort. readUnlock stores 0.
+// - Reader (a vCPU, around one fault, or for its whole guest-mode section, see below): store the
+//   generation it is about to use in its reader word, re-read G_SLOTS_GEN and retry on a change
+//   (so a publisher that saw the word as 0 or new cannot miss a reader that then uses an old
+//   set), and drain its port up to that generation with receiveMessageOnPort. readUnlock
+//   stores 0.
+// - A vCPU holds a reader for its whole guest-mode section (mmu/vcpu-mmu.ts), as KVM's vCPU
+//   holds kvm->srcu outside the guest, so the lockless fast path needs no reader of its own.
+//   publish() therefore bumps G_REQ after G_SLOTS_GEN: a vCPU in guest mode checks G_REQ before
+//   every few accesses and, seeing a newer generation (stale()), drops and retakes its reader,
+//   which is what synchronize() waits for. Nothing a vCPU does in guest mode waits on the VMM.
 // - A reader sees one whole generation: its slots array is never mutated after publication.
 import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
-import { G_SLOTS_GEN, G_SLOTS_WAITERS, V_SLOTS_READER, vcpuBase } from '../vcpu/control.ts';
+import { G_REQ, G_SLOTS_GEN, G_SLOTS_WAITERS, V_SLOTS_READER, vcpuBase } from '../vcpu/control.ts';
 
 /** One memslot as the fault handler sees it (kvm_memory_slot). */
 export interface SlotDesc {
@@ -86,6 +92,7 @@ export class SlotPublisher {
     for (const p of this.ports) p.postMessage(next);
     this.current = next;
     Atomics.store(this.ctl, G_SLOTS_GEN, this.gen);
+    Atomics.add(this.ctl, G_REQ, 1); // vCPUs in guest mode: refresh your reader (see header)
     return next;
   }
 
@@ -135,6 +142,9 @@ export class SlotReader {
     this.lookup.set(initial.slots);
   }
 
+  /** The generation this thread's reader word names (0: not reading). Only this thread writes it. */
+  private registered = 0;
+
   readLock(): SlotLookup {
     const ctl = this.ctl;
     let g = Atomics.load(ctl, G_SLOTS_GEN);
@@ -144,6 +154,7 @@ export class SlotReader {
       if (again === g) break;
       g = again;
     }
+    this.registered = g;
     if (g !== this.gen) this.catchUp(g);
     return this.lookup;
   }
@@ -162,7 +173,16 @@ export class SlotReader {
     return this.lookup;
   }
 
+  /**
+   * A generation newer than the one this reader is registered for has been published (what
+   * synchronize() waits on is the registration, so peek() catching up does not count).
+   */
+  stale(): boolean {
+    return this.registered !== 0 && Atomics.load(this.ctl, G_SLOTS_GEN) !== this.registered;
+  }
+
   readUnlock(): void {
+    this.registered = 0;
     Atomics.store(this.ctl, this.readerWord, 0);
     if (Atomics.load(this.ctl, G_SLOTS_WAITERS) !== 0) Atomics.notify(this.ctl, this.readerWord);
   }

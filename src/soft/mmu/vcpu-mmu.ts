@@ -6,32 +6,50 @@
 // guest mode or acknowledges a flush, see runner.ts). A PTE read here may be stale by one
 // concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
 // LOCKED or absent entry, or one without the needed permission, makes the access fault.
+// enterGuest() also takes the memslot SRCU reader for the section (mmu/slot-table.ts), which the
+// write-protect fast path reads its slot from in 'parallel' mode ('global' mode reads by peek()
+// under the lock, which may advance the same lookup; that mode never uses `held`); the runner
+// retakes both when a request shows a newer memslot generation (slotsStale), and the slow path
+// runs outside the section.
 import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL, PTRS_PER_TABLE } from '../pgtable/pte.ts';
 import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { lookupLeaf } from '../pgtable/lookup.ts';
 import type { SoftTlb } from '../vcpu/soft-tlb.ts';
 import type { VcpuMmu } from '../vcpu/runner.ts';
-import type { FaultHandler } from './fault.ts';
+import type { FaultHandler, HeldSlots, SlotSource } from './fault.ts';
 
 export class VcpuStage2 implements VcpuMmu {
   private readonly leaf = newLeafLookup();
   private readonly words: Int32Array;
   private readonly rootBase: number;
 
+  /** The memslots of this guest-mode section's SRCU reader (null outside guest mode). */
+  private held: HeldSlots | null = null;
+
+  private readonly slots: SlotSource;
+
   constructor(
     private readonly pgt: Stage2PageTable,
     readonly faults: FaultHandler,
   ) {
+    this.slots = faults.slots;
     this.words = pgt.pool.words;
     this.rootBase = pgt.root * PTRS_PER_TABLE;
   }
 
   enterGuest(): void {
     this.pgt.rcuReadLock();
+    this.held = this.slots.readLock();
   }
 
   exitGuest(): void {
+    this.held = null;
+    this.slots.readUnlock();
     this.pgt.rcuReadUnlock();
+  }
+
+  slotsStale(): boolean {
+    return this.slots.stale();
   }
 
   /** The leaf the last walk() found (0 if none). */
@@ -64,11 +82,11 @@ export class VcpuStage2 implements VcpuMmu {
   }
 
   fastWrite(gfn: number): number {
-    return this.faults.fastWrite(gfn, this.lastPte, this.leaf.ptep);
+    return this.faults.fastWrite(gfn, this.lastPte, this.leaf.ptep, this.held!);
   }
 
   tryFastWrite(gfn: number): number {
-    return this.faults.tryFastWrite(gfn, this.lastPte, this.leaf.ptep);
+    return this.faults.tryFastWrite(gfn, this.lastPte, this.leaf.ptep, this.held!);
   }
 
   fault(gfn: number, write: boolean): number {

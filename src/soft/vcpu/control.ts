@@ -7,7 +7,7 @@
 //   when it completes a pass or changes run state) and G_FLUSH_GEN/G_REQ (bumped by whichever
 //   thread flushes remote TLBs: the VMM or a vCPU in its fault handler).
 // - G_REQ is the one word a vCPU reads before every guest access: any request (flush, pause,
-//   exit) bumps it after publishing its own word, so a vCPU that sees G_REQ unchanged may keep
+//   exit, a new memslot generation) bumps it after publishing its own word, so a vCPU that sees G_REQ unchanged may keep
 //   using its TLB and keep running.
 // - Per-vCPU lines (V_* offsets, 32 words = 128 bytes apart so vCPUs do not share cache lines)
 //   are written by their own vCPU only, except the register words R_*, which the VMM writes

@@ -73,6 +73,8 @@ export interface VcpuMmu {
    * access); a negative value is a VcpuExitReason (negated) the vCPU cannot get past.
    */
   fault(gfn: number, write: boolean): number;
+  /** A memslot generation newer than this guest-mode section's has been published. */
+  slotsStale(): boolean;
   /** The last walk found a present, write-protected 4 KiB RAM leaf (a fast-path candidate). */
   canFastWrite(): boolean;
   /**
@@ -213,15 +215,19 @@ export class VcpuRunner implements GuestAccess {
     const ctl = this.ctl;
     const req = Atomics.load(ctl, G_REQ);
     const gen = Atomics.load(ctl, G_FLUSH_GEN);
-    if (gen !== this.flushSeen) {
+    const flush = gen !== this.flushSeen;
+    if (flush) {
       this.tlb.invalidateAll();
       this.stats.add(S_TLB_FLUSHES, 1);
       this.flushSeen = gen;
-      // Quiesce the RCU read section too: table pages unlinked before this flush may now go.
+    }
+    if (flush || this.mmu.slotsStale()) {
+      // Quiesce the read sections: table pages unlinked before this flush may now go (RCU), and
+      // a memslot publisher waiting in synchronize() sees this vCPU on the new generation (SRCU).
       this.mmu.exitGuest();
       this.mmu.enterGuest();
-      acknowledgeFlush(ctl, this.base, gen);
     }
+    if (flush) acknowledgeFlush(ctl, this.base, gen);
     if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) {
       // Keep reqSeen stale so the next access check comes back here until we stop.
       this.reqSeen = (req + 0x40000000) | 0;

@@ -3,7 +3,7 @@
 import { describe, expect, it } from 'vitest';
 import { MessageChannel } from 'node:worker_threads';
 import { SlotPublisher, SlotReader, type SlotDesc } from '../../../src/soft/mmu/slot-table.ts';
-import { newControlBlock } from '../../../src/soft/vcpu/control.ts';
+import { G_REQ, newControlBlock } from '../../../src/soft/vcpu/control.ts';
 
 function slot(id: number, baseGfn: number, npages: number): SlotDesc {
   return { slot: id, flags: 0, baseGfn, npages, hva: 0x7f00_0000_0000 + baseGfn * 4096, hostWritable: true, dirtyBitmap: null };
@@ -19,9 +19,14 @@ describe('memslot generations', () => {
     const reader = new SlotReader(ctl, 1, port2, { gen: 1, slots: [] });
     const old = reader.readLock();
     expect(old.find(1005)?.slot).toBe(0);
+    expect(reader.stale()).toBe(false);
     const held = old.slots;
-    // A new generation: slot 0 moved, slot 1 added.
+    // A new generation: slot 0 moved, slot 1 added. It bumps G_REQ, so a vCPU holding its
+    // reader across guest mode looks at stale() at its next request check.
+    const req = Atomics.load(ctl, G_REQ);
     pub.publish([slot(1, 50, 5), slot(0, 2000, 10)]);
+    expect(Atomics.load(ctl, G_REQ)).not.toBe(req);
+    expect(reader.stale()).toBe(true);
     expect(() => pub.synchronize(30)).toThrow(/still reads memslot generation 2/);
     // The reader's generation never changed under it.
     expect(old.slots).toBe(held);
@@ -29,9 +34,31 @@ describe('memslot generations', () => {
     reader.readUnlock();
     pub.synchronize(1000);
     const now = reader.readLock();
+    expect(reader.stale()).toBe(false);
     expect(now.find(1005)).toBeNull();
     expect(now.find(2003)?.slot).toBe(0);
     expect(now.find(52)?.slot).toBe(1);
+    reader.readUnlock();
+    pub.close();
+    port2.close();
+  });
+
+  it("peek() (under the MMU lock, 'global' mode) catches up but leaves the registration stale", () => {
+    const ctl = newControlBlock(1);
+    const pub = new SlotPublisher(ctl, () => 1);
+    const { port1, port2 } = new MessageChannel();
+    pub.addPort(port1);
+    const reader = new SlotReader(ctl, 0, port2, pub.current);
+    reader.readLock();
+    pub.publish([slot(7, 700, 1)]);
+    expect(reader.peek().slots.map((s) => s.slot)).toEqual([7]);
+    expect(reader.stale()).toBe(true); // synchronize still waits for this reader to retake
+    expect(() => pub.synchronize(30)).toThrow(/still reads memslot generation/);
+    reader.readUnlock();
+    expect(reader.stale()).toBe(false);
+    reader.readLock();
+    expect(reader.stale()).toBe(false);
+    pub.synchronize(1000);
     reader.readUnlock();
     pub.close();
     port2.close();
