@@ -17,13 +17,13 @@ afterEach(async () => {
   current = null;
 });
 
-function leafAt(t: TestVm, gfn: number): { pte: number; level: number } {
+function leafAt(t: TestVm, gfn: number): { pte: number; level: number; ptep: number } {
   const out = newLeafLookup();
   const pgt = t.vm.stage2;
   pgt.rcuReadLock();
   const pte = pgt.getLeaf(gfn, out);
   pgt.rcuReadUnlock();
-  return { pte, level: out.level };
+  return { pte, level: out.level, ptep: out.ptep };
 }
 
 describe.each(['global', 'parallel'] as const)('huge mappings and dirty logging (lock %s)', (lock) => {
@@ -178,13 +178,9 @@ describe.each(['global', 'parallel'] as const)('faults racing invalidations (loc
 // there (the fault runs on this thread, the hook harvests) and check nothing can be lost.
 describe('lockless write-protect fast path (lock parallel): a harvest between cmpxchg and mark', () => {
   function wpLeaf(t: TestVm, gfn: number): { pte: number; ptep: number } {
-    const out = newLeafLookup();
-    const pgt = t.vm.stage2;
-    pgt.rcuReadLock();
-    const pte = pgt.getLeaf(gfn, out);
-    pgt.rcuReadUnlock();
-    expect(pte & PTE_W).toBe(0);
-    return { pte, ptep: out.ptep };
+    const leaf = leafAt(t, gfn);
+    expect(leaf.pte & PTE_W).toBe(0);
+    return leaf;
   }
 
   async function loggingVmWithWpPage(): Promise<{ t: TestVm; gfn: number; page: number }> {
