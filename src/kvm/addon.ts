@@ -52,7 +52,38 @@ export function loadAddon(root: string): KvmAddon | null {
   const hit = loaded.get(path);
   if (hit) return hit;
   if (!existsSync(path)) return null;
-  const addon = createRequire(join(root, 'package.json'))(path) as KvmAddon;
+  const addon = restartOnEintr(createRequire(join(root, 'package.json'))(path) as KvmAddon);
   loaded.set(path, addon);
   return addon;
+}
+
+const TOLERATE_EINTR = [EINTR];
+
+/**
+ * Restart system calls a signal interrupted, unless the caller asked to see EINTR (KVM_RUN,
+ * which a kick interrupts on purpose). KVM_CREATE_VM, for one, returns EINTR when any signal is
+ * pending while it registers its mmu notifier (mm_take_all_locks); QEMU loops on it too. The
+ * profiler's SIGPROF made `node --cpu-prof` runs fail there.
+ */
+function restartOnEintr(raw: KvmAddon): KvmAddon {
+  const { ioctl, dirtyLog } = raw;
+  return {
+    ...raw,
+    ioctl(fd, name, arg, tolerate) {
+      if (tolerate?.includes(EINTR)) return ioctl(fd, name, arg, tolerate);
+      for (;;) {
+        const r = ioctl(fd, name, arg, tolerate ? [...tolerate, EINTR] : TOLERATE_EINTR);
+        if (r !== -EINTR) return r;
+      }
+    },
+    dirtyLog(...args) {
+      for (;;) {
+        try {
+          return dirtyLog(...args);
+        } catch (e) {
+          if (!isSysError(e) || e.errno !== EINTR) throw e;
+        }
+      }
+    },
+  };
 }
