@@ -158,7 +158,8 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     }
     const result: MigrateResult = stats;
     if (stats.status !== 'completed') {
-      log(`migration ${stats.status}: ${stats.error}; source ${stats.sourceIntact ? 'intact and running' : 'NOT intact'}`);
+      const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
+      log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
     if (receiver) result.destination = await receiver.report;
     return result;
@@ -179,7 +180,7 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   out(`transferred: ${(s.transferredBytes / 2 ** 20).toFixed(1)} MiB of ${(s.ramBytes / 2 ** 20).toFixed(0)} MiB RAM; ${s.throughputMBps.toFixed(0)} MB/s, ${s.pagesPerSecond} pages/s`);
   out(`pages: ${s.normalPages} normal, ${s.zeroPages} zero; dirty syncs ${s.dirtySyncCount}, dirty rate ${s.dirtyPagesRate} pages/s, throttle ${s.throttlePercent}%`);
   for (const r of s.rounds) out(`  round ${r.round} ${r.kind.padEnd(13)} ${String(r.normalPages + r.zeroPages).padStart(8)} pages ${(r.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB ${(r.seconds * 1000).toFixed(1).padStart(8)} ms  throttle ${r.throttlePercent}%`);
-  if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}`);
+  if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
 export function addMigrationOptions(cmd: Command): Command {

@@ -1,13 +1,15 @@
 // The destination side of pre-copy (QEMU's process_incoming_migration / ram_load): build the VM
 // from CONFIG, apply RAM and ZERO records as they stream in, and at END (once every channel has
-// delivered its final SYNC) load the vCPU state, start the guest and answer COMPLETE with the
-// digest of the memory it held at switchover.
+// delivered its final SYNC) check the digest of the memory it holds against END's and answer
+// COMPLETE; the guest starts only when the source answers GO (it has then committed never to run
+// the guest again), and STARTED tells the source it runs here (stream/format.ts: the commit).
 //
 // Pages may arrive out of round order across channels (link.ts): `lastRound[page]` keeps the
 // newest round applied, and an older copy that arrives late is dropped.
 //
 // Any failure before the guest starts destroys the VM (nothing of the source's guest is kept),
-// tells the source with an ERROR record when the link still works, and rejects.
+// tells the source with an ERROR record when the link still works, and rejects. That includes a
+// connection lost after COMPLETE but before GO: the source may still resume the guest there.
 //
 // Concurrency: the VMM's main thread owns the Vm and the tables; records are delivered one at a
 // time by the link.
@@ -43,9 +45,9 @@ export interface ReceiveResult {
   pagesReceived: number;
   /** Pass counters loaded from the source's vCPU state. */
   passesAtSwitchover: number[];
-  /** END received -> guest started, seconds (the destination's share of downtime). */
+  /** END received -> guest started (after GO), seconds (the destination's share of downtime). */
   resumeSeconds: number;
-  /** First vCPU-state record received -> COMPLETE handed to the link, seconds. */
+  /** First vCPU-state record received -> guest started, seconds. */
   switchoverSeconds: number;
 }
 
@@ -64,7 +66,7 @@ function preallocate(vm: Vm, cfg: MigrationConfig): void {
   }
 }
 
-type Phase = 'setup' | 'receiving' | 'switchover' | 'running';
+type Phase = 'setup' | 'receiving' | 'switchover' | 'committing' | 'running';
 
 export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Promise<ReceiveResult> {
   const hasher = await createMemoryHasher();
@@ -166,25 +168,36 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
+  let tEnd = 0n;
+  let held = '';
+  let rescanHash: string | undefined;
+
+  // END checked out on every channel: answer COMPLETE and wait for GO, the guest still paused.
   const switchover = async () => {
     phase = 'switchover';
-    const t0 = process.hrtime.bigint();
-    const c = cfg!;
-    const v = vm!;
-    if (vcpuStates.length !== c.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${c.vcpus}`);
-    const held = formatMemoryHash(table!.total());
+    tEnd = process.hrtime.bigint();
+    if (vcpuStates.length !== cfg!.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${cfg!.vcpus}`);
+    held = formatMemoryHash(table!.total());
     if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
-    const rescanHash = opts.verifyRescan ? hashVmMemory(hasher, v, slotMap!) : undefined;
+    rescanHash = opts.verifyRescan ? hashVmMemory(hasher, vm!, slotMap!) : undefined;
+    phase = 'committing';
+    await link.send({ type: 'complete', hash: held, pagesReceived });
+  };
+
+  // GO: the source will never run the guest again; run it here.
+  const start = async () => {
+    const v = vm!;
     v.allowPasses(Infinity);
     v.resume();
     phase = 'running';
-    const resumeSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    const hash = held;
-    const sent = link.send({ type: 'complete', hash, pagesReceived });
-    const switchoverSeconds = Number(process.hrtime.bigint() - (tFirstVcpu ?? t0)) / 1e9;
-    await sent;
-    result = { vm: v, config: c, hash, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };
+    const t = process.hrtime.bigint();
+    const resumeSeconds = Number(t - tEnd) / 1e9;
+    const switchoverSeconds = Number(t - (tFirstVcpu ?? tEnd)) / 1e9;
+    result = { vm: v, config: cfg!, hash: held, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };
     log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
+    // The guest runs whether or not STARTED reaches the source: a source that loses the link
+    // after GO stays paused, so the guest never runs twice.
+    await link.send({ type: 'started' }).catch(() => undefined);
     switched();
   };
 
@@ -196,6 +209,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     if (phase === 'setup') {
       if (r.type !== 'config') throw protocol(`expected CONFIG, got ${r.type.toUpperCase()}`);
       return onConfig(r.config);
+    }
+    if (phase === 'committing') {
+      if (r.type !== 'go') throw protocol(`expected GO after COMPLETE, got ${r.type.toUpperCase()}`);
+      return start();
     }
     if (phase !== 'receiving') throw protocol(`${r.type.toUpperCase()} after END`);
     switch (r.type) {
@@ -228,6 +245,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         return maybeSwitchover();
       case 'config':
         throw protocol('a second CONFIG');
+      case 'go':
+        throw protocol('GO before END');
     }
   };
 
@@ -238,7 +257,13 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   try {
     const running = link.run(onRecord).then(() => {
       if (opts.signal?.aborted) throw new MigrationCancelledError('receive cancelled');
-      if (!result) throw new MigrationLinkError(`the source closed the stream during ${phase}, before END`);
+      if (!result) {
+        throw new MigrationLinkError(
+          phase === 'committing'
+            ? 'the source closed the stream after COMPLETE without GO: the guest was not started here'
+            : `the source closed the stream during ${phase}, before END`,
+        );
+      }
     });
     running.catch(() => undefined);
     await Promise.race([running, whenSwitched]);

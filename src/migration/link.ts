@@ -7,7 +7,8 @@
 // channel 0; every RAM/ZERO record carries its round and the destination keeps, per page, the
 // newest round applied (see destination.ts). Control records (CONFIG, VCPU_STATE, END) travel on
 // channel 0. Before END the source sends SYNC(final round) on every channel, so END's receiver
-// knows all page data has arrived once it has seen that SYNC on each channel.
+// knows all page data has arrived once it has seen that SYNC on each channel. Switchover then
+// commits in two steps: END -> COMPLETE (ready, not running), GO -> STARTED (running).
 import type { VcpuState } from '../vmm/engine.ts';
 import type { MigrationConfig } from './config.ts';
 
@@ -28,15 +29,22 @@ export type SourceRecord =
    * `hash` is the memoryHash (hash.ts, 16 hex digits) of every page as sent, which the
    * destination must hold before it may start the guest.
    */
-  | { type: 'end'; finalRound: number; pagesSent: number; hash: string };
+  | { type: 'end'; finalRound: number; pagesSent: number; hash: string }
+  /** The source has committed to the switchover and will not run the guest again: start it. */
+  | { type: 'go' };
 
 export type DestRecord =
   /** The destination created the VM and is ready for pages (answers CONFIG). */
   | { type: 'ready' }
   /** Every page of rounds up to `round` is applied (lets the source pause only once caught up). */
   | { type: 'synced'; round: number }
-  /** The guest runs on the destination; `hash` is the memory hash of what it held at switchover. */
+  /**
+   * Answers END: every page is applied and `hash` (the memory hash of what it holds) matched
+   * END's; the guest is ready but NOT started, and starts only on GO (see stream/format.ts).
+   */
   | { type: 'complete'; hash: string; pagesReceived: number }
+  /** Answers GO: the guest runs on the destination. */
+  | { type: 'started' }
   | { type: 'error'; message: string };
 
 export interface SourceLink {

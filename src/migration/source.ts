@@ -7,12 +7,16 @@
 //            bandwidth, or the round limit; auto-converge throttles the vCPUs while rounds
 //            don't shrink
 //   device   pause the VM, last harvest, last pages, every vCPU's state, SYNC, END; wait for
-//            COMPLETE (the guest runs on the destination): that wait is the downtime
+//            COMPLETE (all applied and checked, guest not started), commit and send GO, wait
+//            for STARTED (the guest runs on the destination): pause to STARTED is the downtime
 //   completed  hash the paused source memory (off the downtime path), compare with the
 //            destination's, destroy the source VM
 //
-// Any failure or cancel before COMPLETE: the link is dropped, the throttle stopped, the VM
-// resumed with dirty logging off, and the result says failed/cancelled with sourceIntact.
+// Any failure or cancel before the commit (GO): the link is dropped, the throttle stopped, the
+// VM resumed with dirty logging off, and the result says failed/cancelled with sourceIntact; the
+// destination, which starts the guest only on GO, discards everything. After the commit nothing
+// resumes the guest here: if STARTED does not come back, the destination may or may not run it,
+// so the source stays paused (failed, sourceRunning false) rather than risk running it twice.
 //
 // Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
 // own threads until the pause.
@@ -86,7 +90,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let expectedDowntimeSeconds = 0;
   let bandwidth = 0; // bytes/s measured on the link
   let paused = false;
-  let endSent = false;
+  /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
+  let committed = false;
   let loggingOn = false;
   let destFailure: Error | null = null;
   let sourceHash: string | null = null;
@@ -103,11 +108,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let stopAndCopy: MigrationStats['stopAndCopy'] = null;
 
   const onAbort = () => {
-    if (!endSent) link.destroy(new MigrationCancelledError());
+    if (!committed) link.destroy(new MigrationCancelledError());
   };
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   sender.check = () => {
-    if (opts.signal?.aborted && !endSent) throw new MigrationCancelledError();
+    if (opts.signal?.aborted && !committed) throw new MigrationCancelledError();
     if (destFailure) throw destFailure;
   };
   let lastProgress = 0;
@@ -210,7 +215,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (ready.type === 'error') throw new DestinationError(ready.message);
     if (ready.type !== 'ready') throw new DestinationError(`expected READY, got ${ready.type}`);
     // From here on the destination speaks to acknowledge rounds, to fail, or to confirm.
-    const finalReply: Promise<DestRecord> = (async () => {
+    const nextReply = async (): Promise<DestRecord> => {
       for (;;) {
         const r = await link.receive();
         if (r.type === 'synced') {
@@ -221,7 +226,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
         if (r.type === 'error') destFailure = new DestinationError(r.message);
         return r;
       }
-    })();
+    };
+    const finalReply = nextReply();
     finalReply.catch((e: Error) => {
       destFailure ??= e;
       for (const w of ackWaiters.splice(0)) w();
@@ -314,15 +320,26 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const finalPages = await sendAllPending(round, false);
     sender.check();
     for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
-    endSent = true;
     await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) });
     const tEnd = now();
     const reply = await finalReply;
+    if (reply.type === 'error') throw new DestinationError(reply.message);
+    if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
+    sender.check(); // a cancel that came in while we waited still wins: nothing is committed yet
+    committed = true;
+    try {
+      await link.send({ type: 'go' });
+      const r = await nextReply();
+      if (r.type !== 'started') throw new DestinationError(r.type === 'error' ? r.message : `expected STARTED, got ${r.type}`);
+    } catch (e) {
+      throw new DestinationError(
+        `switchover outcome unknown: ${(e as Error).message} after GO was sent; the destination may be running the guest, ` +
+          'so this side stays paused (resume it only if the destination is known not to run it)',
+      );
+    }
     downtimeSeconds = secs(tPause);
     stopAndCopy = { pauseSeconds: secs(tPause, tVcpu), vcpuStateSeconds: secs(tVcpu, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tEnd), waitCompleteSeconds: secs(tEnd) };
     endRound('stop-and-copy', finalPages);
-    if (reply.type === 'error') throw new DestinationError(reply.message);
-    if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
     activeSeconds = secs(t0);
     destinationHash = reply.hash;
     status = 'completed';
@@ -335,12 +352,13 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (opts.destroyOnComplete ?? true) await vm.destroy();
   } catch (e) {
     const err = e as Error;
-    const cancelled = err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false);
+    const cancelled = !committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
     status = cancelled ? 'cancelled' : 'failed';
     link.destroy(err);
     await throttle.stop();
-    if (paused) vm.resume();
     if (loggingOn) setLogging(false);
+    if (committed) return finish(err.message, true, false); // paused for good: see the header
+    if (paused) vm.resume();
     const intact = await checkSourceIntact(vm, opts.workload);
     return finish(cancelled ? 'migration cancelled' : err.message, intact);
   } finally {
@@ -358,7 +376,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     return n;
   }
 
-  function finish(error?: string, sourceIntact?: boolean): MigrationStats {
+  function finish(error?: string, sourceIntact?: boolean, sourceRunning = true): MigrationStats {
     const totalSeconds = activeSeconds || secs(t0);
     const transferredBytes = link.bytesSent();
     const { zeroPages, normalPages } = sender.counters;
@@ -393,6 +411,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (error !== undefined) {
       stats.error = error;
       stats.sourceIntact = sourceIntact ?? false;
+      stats.sourceRunning = sourceRunning;
     } else if (!stats.verified) {
       stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
     }

@@ -45,7 +45,7 @@ export interface MigrationStats {
   destinationHash: string | null;
   /** vCPU pass counters when the source paused (what the destination continues from). */
   passesAtSwitchover: number[];
-  /** Where the downtime went: pause, final harvest, last pages, vCPU state + END, wait for COMPLETE. */
+  /** Where the downtime went: pause, final harvest, last pages, vCPU state + END, wait for COMPLETE and STARTED. */
   stopAndCopy: { pauseSeconds: number; harvestSeconds: number; sendSeconds: number; vcpuStateSeconds: number; waitCompleteSeconds: number } | null;
   params: {
     vcpus: number;
@@ -58,7 +58,13 @@ export interface MigrationStats {
     workload: string;
   };
   error?: string;
+  /** On failure: the source VM and its memory are as before the migration (logging off). */
   sourceIntact?: boolean;
+  /**
+   * On failure: the source guest runs again. False only when the link broke after the source
+   * committed (sent GO): the destination may run the guest, so the source stays paused.
+   */
+  sourceRunning?: boolean;
 }
 
 export interface MigrationProgress {

@@ -85,12 +85,15 @@ class WireSourceLink implements SourceLink {
       case 'end':
         await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent });
         return this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
+      case 'go':
+        await this.conn.send({ kind: 'go' });
+        return this.conn.push();
     }
   }
 
   async receive(): Promise<DestRecord> {
     if (this.destroyedWith) throw this.destroyedWith;
-    const rec = await this.conn.nextBackRecord(['ready', 'sync-ack', 'complete', 'error'], FOREVER_MS).catch((e: Error) => {
+    const rec = await this.conn.nextBackRecord(['ready', 'sync-ack', 'complete', 'started', 'error'], FOREVER_MS).catch((e: Error) => {
       throw this.destroyedWith ?? e;
     });
     switch (rec.kind) {
@@ -100,6 +103,8 @@ class WireSourceLink implements SourceLink {
         return { type: 'synced', round: rec.round };
       case 'complete':
         return { type: 'complete', hash: formatMemoryHash(rec.memoryHash), pagesReceived: rec.pages };
+      case 'started':
+        return { type: 'started' };
       case 'error':
         return { type: 'error', message: rec.message };
       default:
@@ -174,6 +179,10 @@ class WireDestLink implements DestLink {
           throw new MigrationLinkError(`protocol error: ${rec.kind} from the source`);
       }
       return onRecord(r, 0);
+    }).then(async () => {
+      // The stream proper ends at END (answered with COMPLETE); GO, the commit, follows alone.
+      await this.incoming.awaitGo();
+      await onRecord({ type: 'go' }, 0);
     });
   }
 
@@ -183,6 +192,8 @@ class WireDestLink implements DestLink {
         return this.incoming.reply({ kind: 'ready' });
       case 'complete':
         return this.incoming.reply({ kind: 'complete', memoryHash: parseHash(r.hash), pages: r.pagesReceived });
+      case 'started':
+        return this.incoming.reply({ kind: 'started' });
       case 'error':
         this.incoming.abort(new Error(r.message));
         return;

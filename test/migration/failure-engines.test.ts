@@ -88,6 +88,89 @@ for (const engine of engines) {
       await expectSourceIntact(vm, spec);
     });
 
+    // The switchover commit (stream/format.ts): END -> COMPLETE (ready, not running), GO ->
+    // STARTED. Whatever breaks, the guest never runs on both sides.
+    it('COMPLETE lost on the way (before the commit): the source resumes, the destination starts nothing', async () => {
+      const { vm, spec } = await dirtyingVm(engine);
+      const { stats, dest, destError } = await migrateInProcess(vm, engine, {
+        workload: spec,
+        downtimeLimitMs: 0,
+        maxRounds: 2,
+        wrapDestLink: (link) => ({
+          channels: link.channels,
+          run: (onRecord) => link.run(onRecord),
+          close: () => link.close(),
+          send: async (r) => {
+            if (r.type === 'complete') return link.close(); // the answer never reaches the source
+            return link.send(r);
+          },
+        }),
+      });
+      expect(stats.status).toBe('failed');
+      expect(stats.sourceIntact).toBe(true);
+      expect(stats.sourceRunning).toBe(true);
+      expect(dest).toBeNull();
+      expect(destError?.message).toMatch(/incoming migration failed during committing: .*nothing was kept/);
+      await expectSourceIntact(vm, spec);
+    });
+
+    it('GO lost on the way: the source, committed, stays paused; the destination starts nothing', async () => {
+      const { vm, spec } = await dirtyingVm(engine);
+      const { stats, dest, destError } = await migrateInProcess(vm, engine, {
+        workload: spec,
+        downtimeLimitMs: 0,
+        maxRounds: 2,
+        wrapLink: (link) =>
+          interceptSend(link, (r, ch) => {
+            if (r.type !== 'go') return link.send(r, ch);
+            link.destroy(new MigrationLinkError('injected drop instead of GO'));
+            return Promise.reject(new MigrationLinkError('injected drop instead of GO'));
+          }),
+      });
+      expect(stats.status).toBe('failed');
+      expect(stats.error).toMatch(/switchover outcome unknown: .*injected drop instead of GO/);
+      expect(stats.sourceIntact).toBe(true);
+      expect(stats.sourceRunning).toBe(false);
+      expect(dest).toBeNull();
+      expect(destError?.message).toMatch(/incoming migration failed during committing: .*injected drop instead of GO; nothing was kept/);
+      // Paused for good: no pass completes, logging is off, memory is the switchover state.
+      const at = vm.progress().map((p) => p.passesCompleted);
+      await new Promise((r) => setTimeout(r, 200));
+      expect(vm.progress().map((p) => p.passesCompleted)).toEqual(at);
+      expect(vm.memslots().every((s) => (s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0)).toBe(true);
+      expect(checkSequentialMemory(vm, spec, VCPUS, at)).toBeNull();
+      await vm.destroy();
+    });
+
+    it('STARTED lost on the way back: the guest runs on the destination only; the source stays paused', async () => {
+      const { vm, spec } = await dirtyingVm(engine);
+      const { stats, dest, destError } = await migrateInProcess(vm, engine, {
+        workload: spec,
+        downtimeLimitMs: 0,
+        maxRounds: 2,
+        wrapDestLink: (link) => ({
+          channels: link.channels,
+          run: (onRecord) => link.run(onRecord),
+          close: () => link.close(),
+          send: async (r) => {
+            if (r.type === 'started') return link.close(); // the answer never reaches the source
+            return link.send(r);
+          },
+        }),
+      });
+      expect(destError).toBeNull();
+      expect(stats.status).toBe('failed');
+      expect(stats.error).toMatch(/switchover outcome unknown/);
+      expect(stats.sourceRunning).toBe(false);
+      const at = vm.progress().map((p) => p.passesCompleted);
+      // The destination runs the guest on from where the source stopped...
+      await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 2, 10_000);
+      // ...while the source has not moved.
+      expect(vm.progress().map((p) => p.passesCompleted)).toEqual(at);
+      await dest!.vm.destroy();
+      await vm.destroy();
+    });
+
     it('an AbortSignal cancels mid-migration; the source keeps running', async () => {
       const { vm, spec } = await dirtyingVm(engine);
       const ac = new AbortController();

@@ -5,7 +5,7 @@ import { pagesPerVcpu, type WorkloadSpec } from '../../src/guest/workload.ts';
 import { connectLink, listenLink } from '../../src/migration/wire-link.ts';
 import { migrateVm, type PrecopyOptions } from '../../src/migration/source.ts';
 import { receiveMigration, type ReceiveResult } from '../../src/migration/destination.ts';
-import type { SourceLink } from '../../src/migration/link.ts';
+import type { DestLink, SourceLink } from '../../src/migration/link.ts';
 import type { MigrationStats } from '../../src/migration/stats.ts';
 
 export interface PairResult {
@@ -18,11 +18,18 @@ export interface PairResult {
 export async function migrateInProcess(
   vm: Vm,
   destEngine: Engine,
-  opts: Omit<PrecopyOptions, 'backing'> & { channels?: number; preallocate?: boolean; wrapLink?: (l: SourceLink) => SourceLink },
+  opts: Omit<PrecopyOptions, 'backing'> & {
+    channels?: number;
+    preallocate?: boolean;
+    wrapLink?: (l: SourceLink) => SourceLink;
+    wrapDestLink?: (l: DestLink) => DestLink;
+  },
 ): Promise<PairResult> {
   const listener = await listenLink({ host: '127.0.0.1', port: 0 });
   try {
-    const accepted = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }));
+    const accepted = listener.accept().then((link) =>
+      receiveMigration(opts.wrapDestLink ? opts.wrapDestLink(link) : link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }),
+    );
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),
       (e: Error) => ({ dest: null, destError: e }),

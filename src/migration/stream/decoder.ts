@@ -326,6 +326,10 @@ export class StreamDecoder {
       }
       case RecordType.READY:
         return { kind: 'ready' };
+      case RecordType.GO:
+        return { kind: 'go' };
+      case RecordType.STARTED:
+        return { kind: 'started' };
       case RecordType.ERROR: {
         if (dv.getUint16(2, true) !== 0) this.fail('bad-reserved', 'ERROR reserved field is not zero');
         return { kind: 'error', code: dv.getUint16(0, true), message: textDecoder.decode(p.subarray(4)) };

@@ -173,7 +173,9 @@ export function encodeRecord(rec: MigrationRecord, dst: Uint8Array, off: number)
       if (details) dst.set(details, p + 16);
       return p + len;
     }
-    case 'ready': {
+    case 'ready':
+    case 'go':
+    case 'started': {
       if (room < RECORD_HEADER_BYTES) return -1;
       writeHeader(dv, off, type, 0);
       return off + RECORD_HEADER_BYTES;

@@ -1,10 +1,11 @@
-// The stage2 migration stream, version 1: what travels over every TCP connection of a migration.
+// The stage2 migration stream, version 2: what travels over every TCP connection of a migration.
+// (Version 2 added GO and STARTED, the switchover commit; COMPLETE no longer means "running".)
 //
 // Every record is a fixed 8-byte header and a payload, all integers little-endian:
 //
 //   offset size field
 //   0      1    type           record type (table below); unknown types are rejected
-//   1      1    flags          must be 0 in version 1 (reserved for later versions)
+//   1      1    flags          must be 0 (no flags are defined yet; reserved)
 //   2      2    reserved       must be 0
 //   4      4    payloadLength  bytes that follow; bounded per type (never above MAX_PAYLOAD_BYTES)
 //   8      ...  payload
@@ -30,12 +31,15 @@
 //  7    SYNC             S>D  0:4 round: end of `round` on this channel (barrier)     4
 //  8    VCPU_STATE       S>D  UTF-8 JSON (engine-opaque vCPU state)                   1..MAX_PAYLOAD_BYTES
 //  9    END              S>D  0:8 memoryHash, 8:8 pages                               16
+//  10   GO               S>D  (empty): the source has committed to the switchover     0
 //  16   READY            D>S  (empty): destination is set up and accepts pages        0
 //  17   COMPLETE         D>S  0:8 memoryHash, 8:8 pages (hash of what it wrote),      16..16+MAX_DETAILS_BYTES
-//                             16: optional UTF-8 JSON object with more details
+//                             16: optional UTF-8 JSON object with more details;
+//                             everything is applied and checked, the guest NOT started
 //  18   ERROR            both 0:2 code, 2:2 reserved, 4: UTF-8 message               4..4+MAX_ERROR_MESSAGE_BYTES
 //  19   POSTCOPY_REQUEST D>S  0:4 slot, 4:4 page, 8:4 count (reserved for post-copy)  12
 //  20   SYNC_ACK         D>S  0:4 round: every page of rounds <= round is applied     4
+//  21   STARTED          D>S  (empty): the guest runs on the destination (answers GO) 0
 //
 // RAM and ZERO carry 1..MAX_PAGES_PER_RECORD pages; [firstPage, firstPage+count) must lie inside
 // the memslot `slot` announced by CONFIG. Every length, slot, page and count is checked before a
@@ -45,13 +49,22 @@
 // it accepts, a subset of those offered) or ERROR and closes. The source then opens channels
 // 1..channels-1, each sending CHANNEL_HELLO with the session id and its index; each is answered
 // with HELLO_ACK or ERROR. Then channel 0 carries CONFIG first, and any channel carries RAM,
-// ZERO and SYNC; after the last SYNC, channel 0 carries VCPU_STATE and END. Within a round a page
+// ZERO and SYNC; after the last SYNC, channel 0 carries VCPU_STATE and END.
+//
+// Switchover is a commit in two steps, so that no failure can leave the guest running on both
+// sides: the destination answers END with COMPLETE (or ERROR) and does not start the guest; the
+// source, once it sends GO, never runs the guest again; the destination starts it only on GO and
+// answers STARTED. A connection lost before GO: the source resumes and the destination discards.
+// Lost after GO: the source stays paused (it cannot know whether GO arrived) and the destination
+// runs the guest if GO arrived; at worst the guest runs nowhere until an operator resumes one side.
+//
+// Within a round a page
 // appears at most once over all channels; round r is closed by SYNC(r) on every channel (like
 // QEMU multifd's per-round sync packet), and the destination applies all of round r before any
 // of round r+1.
 
 export const STREAM_MAGIC = 'STAGE2MG';
-export const STREAM_VERSION = 1;
+export const STREAM_VERSION = 2;
 
 export const RECORD_HEADER_BYTES = 8;
 export const RAM_HEADER_BYTES = 16;
@@ -82,11 +95,13 @@ export const RecordType = {
   SYNC: 7,
   VCPU_STATE: 8,
   END: 9,
+  GO: 10,
   READY: 16,
   COMPLETE: 17,
   ERROR: 18,
   POSTCOPY_REQUEST: 19,
   SYNC_ACK: 20,
+  STARTED: 21,
 } as const;
 
 export const RamEncoding = { RAW: 0, LZ4: 1 } as const;
@@ -110,7 +125,9 @@ export interface ZeroRecord { kind: 'zero'; slot: number; firstPage: number; cou
 export interface SyncRecord { kind: 'sync'; round: number }
 export interface VcpuStateRecord { kind: 'vcpu-state'; state: unknown }
 export interface EndRecord { kind: 'end'; memoryHash: bigint; pages: number }
+export interface GoRecord { kind: 'go' }
 export interface ReadyRecord { kind: 'ready' }
+export interface StartedRecord { kind: 'started' }
 /** `details`: optional JSON object (the destination's report); absent when none was sent. */
 export interface CompleteRecord { kind: 'complete'; memoryHash: bigint; pages: number; details?: Record<string, unknown> }
 export interface ErrorRecord { kind: 'error'; code: number; message: string }
@@ -127,7 +144,9 @@ export type MigrationRecord =
   | SyncRecord
   | VcpuStateRecord
   | EndRecord
+  | GoRecord
   | ReadyRecord
+  | StartedRecord
   | CompleteRecord
   | ErrorRecord
   | PostcopyRequestRecord
@@ -151,7 +170,9 @@ export const KIND_TO_TYPE: Record<RecordKind, number> = {
   sync: RecordType.SYNC,
   'vcpu-state': RecordType.VCPU_STATE,
   end: RecordType.END,
+  go: RecordType.GO,
   ready: RecordType.READY,
+  started: RecordType.STARTED,
   complete: RecordType.COMPLETE,
   error: RecordType.ERROR,
   'postcopy-request': RecordType.POSTCOPY_REQUEST,
@@ -164,11 +185,11 @@ export const TYPE_NAMES: Record<number, string> = Object.fromEntries(
 
 const TO_DESTINATION = new Set<number>([
   RecordType.HELLO, RecordType.CHANNEL_HELLO, RecordType.CONFIG, RecordType.RAM, RecordType.ZERO,
-  RecordType.SYNC, RecordType.VCPU_STATE, RecordType.END, RecordType.ERROR,
+  RecordType.SYNC, RecordType.VCPU_STATE, RecordType.END, RecordType.GO, RecordType.ERROR,
 ]);
 const TO_SOURCE = new Set<number>([
   RecordType.HELLO_ACK, RecordType.READY, RecordType.COMPLETE, RecordType.ERROR, RecordType.POSTCOPY_REQUEST,
-  RecordType.SYNC_ACK,
+  RecordType.SYNC_ACK, RecordType.STARTED,
 ]);
 
 export function typeAllowed(type: number, direction: StreamDirection): boolean {
@@ -187,7 +208,9 @@ export function payloadBounds(type: number): readonly [number, number] | undefin
     case RecordType.SYNC: return [4, 4];
     case RecordType.VCPU_STATE: return [1, MAX_PAYLOAD_BYTES];
     case RecordType.END: return [16, 16];
+    case RecordType.GO: return [0, 0];
     case RecordType.READY: return [0, 0];
+    case RecordType.STARTED: return [0, 0];
     case RecordType.COMPLETE: return [16, 16 + MAX_DETAILS_BYTES];
     case RecordType.ERROR: return [4, 4 + MAX_ERROR_MESSAGE_BYTES];
     case RecordType.POSTCOPY_REQUEST: return [12, 12];

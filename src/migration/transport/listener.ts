@@ -10,6 +10,8 @@
 //     // recycleReadBuffers: false.
 //   }
 //   await incoming.reply({ kind: 'complete', memoryHash, pages })    // back channel (channel 0)
+//   await incoming.awaitGo()   // the source's commit (stream/format.ts); then start the guest
+//   await incoming.reply({ kind: 'started' })
 //   await incoming.close(); await server.close();
 //
 // The round barrier: each channel is read until it reaches SYNC(r); it is then parked (not read,
@@ -399,7 +401,25 @@ export class IncomingMigration {
     }
   }
 
-  /** A back-channel record on channel 0 (READY, COMPLETE, ERROR, POSTCOPY_REQUEST), written now. */
+  /**
+   * After END (run() or records() has finished): wait for the source's GO on channel 0. Rejects
+   * when the source reports an error, sends anything else, or closes the connection first.
+   */
+  async awaitGo(): Promise<void> {
+    const ch = this.control;
+    for (;;) {
+      const rec = ch.next(); // throws the channel's failure, if any
+      if (rec) {
+        if (rec.kind === 'go') return;
+        if (rec.kind === 'error') throw new MigrationTransportError('remote-error', `source reported error ${rec.code}: ${rec.message}`, rec.code);
+        throw new MigrationStreamError('unexpected-record', `${rec.kind} after END: expected GO`);
+      }
+      if (ch.isClosed) throw new MigrationTransportError('connection-lost', 'the source closed the connection after END without GO');
+      await this.activity.wait();
+    }
+  }
+
+  /** A back-channel record on channel 0 (READY, COMPLETE, STARTED, ERROR, ...), written now. */
   async reply(rec: MigrationRecord): Promise<void> {
     await this.control.send(rec);
     await this.control.flush();

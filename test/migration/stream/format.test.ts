@@ -23,6 +23,7 @@ const toDestination: MigrationRecord[] = [
   { kind: 'sync', round: 7 },
   { kind: 'vcpu-state', state: [{ vcpu: 0, regs: { rip: 4096 } }] },
   { kind: 'end', memoryHash: 0xdead_beef_0123_4567n, pages: 264 },
+  { kind: 'go' },
   { kind: 'error', code: 7, message: 'cancelled by the user: ünïcødé' },
 ];
 const toSource: MigrationRecord[] = [
@@ -32,6 +33,7 @@ const toSource: MigrationRecord[] = [
   { kind: 'complete', memoryHash: 5n, pages: 1, details: { rescanHash: 'abc/1', downtimeMs: 12.5 } },
   { kind: 'postcopy-request', slot: 3, page: 17, count: 1 },
   { kind: 'sync-ack', round: 4 },
+  { kind: 'started' },
   { kind: 'error', code: 8, message: 'hash mismatch' },
 ];
 
@@ -144,7 +146,7 @@ describe('stream validation', () => {
     const v = Buffer.from(encodeToBytes(hello()));
     v.writeUInt16LE(99, 16);
     expectStreamError(() => decodeChunked(v, [100]), 'bad-version', /HELLO version 99/);
-    const a = Buffer.from(encodeToBytes({ kind: 'hello-ack', version: 2, channels: 1, caps: 0 }));
+    const a = Buffer.from(encodeToBytes({ kind: 'hello-ack', version: STREAM_VERSION + 1, channels: 1, caps: 0 }));
     expectStreamError(() => decodeChunked(a, [100], 'to-source'), 'bad-version');
   });
 

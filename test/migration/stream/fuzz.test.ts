@@ -44,6 +44,7 @@ function validDestinationStream(): Uint8Array {
     { kind: 'sync', round: 2 },
     { kind: 'vcpu-state', state: { regs: [1, 2, 3] } },
     { kind: 'end', memoryHash: 123456789n, pages: 264 },
+    { kind: 'go' },
   ];
   const parts = records.map(encodeToBytes);
   parts.splice(4, 0, lz4Ram(3, 50, 3));
@@ -58,6 +59,7 @@ function validSourceStream(): Uint8Array {
     { kind: 'error', code: 2, message: 'bad' },
     { kind: 'sync-ack', round: 2 },
     { kind: 'complete', memoryHash: 5n, pages: 264, details: { hash: '0123/264' } },
+    { kind: 'started' },
   ].map((r) => encodeToBytes(r as MigrationRecord)));
 }
 
