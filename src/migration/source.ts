@@ -312,9 +312,13 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const tVcpu = now();
     passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
     for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
-    await link.flush();
+    // flush() writes to the socket before it first yields; what it then awaits (the promise
+    // chain, ~0.3 ms) overlaps the final harvest instead of preceding it.
+    const vcpuStatesFlushed = link.flush();
+    vcpuStatesFlushed.catch(() => undefined);
     const tHarvestFinal = now();
     harvest();
+    await vcpuStatesFlushed;
     round++;
     const tSend = now();
     const finalPages = await sendAllPending(round, false);
