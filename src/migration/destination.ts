@@ -180,6 +180,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     held = formatMemoryHash(table!.total());
     if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
     rescanHash = opts.verifyRescan ? hashVmMemory(hasher, vm!, slotMap!) : undefined;
+    // The allowance now, while the VM stays paused: GO then only has to lift the pause.
+    vm!.allowPasses(Infinity);
     phase = 'committing';
     await link.send({ type: 'complete', hash: held, pagesReceived });
   };
@@ -187,17 +189,16 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   // GO: the source will never run the guest again; run it here.
   const start = async () => {
     const v = vm!;
-    v.allowPasses(Infinity);
     v.resume();
     phase = 'running';
     const t = process.hrtime.bigint();
     const resumeSeconds = Number(t - tEnd) / 1e9;
     const switchoverSeconds = Number(t - (tFirstVcpu ?? tEnd)) / 1e9;
     result = { vm: v, config: cfg!, hash: held, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };
-    log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
     // The guest runs whether or not STARTED reaches the source: a source that loses the link
     // after GO stays paused, so the guest never runs twice.
     await link.send({ type: 'started' }).catch(() => undefined);
+    log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
     switched();
   };
 
