@@ -12,7 +12,7 @@ import type { Engine, Vm } from '../../src/vmm/engine.ts';
 import type { WorkloadSpec } from '../../src/guest/workload.ts';
 import { createSourceVm } from '../../src/migration/source-vm.ts';
 import { KVM_MEM_LOG_DIRTY_PAGES } from '../../src/vmm/engine.ts';
-import { MigrationLinkError } from '../../src/migration/link.ts';
+import { MigrationLinkError, type DestLink, type DestRecord } from '../../src/migration/link.ts';
 import { connectLink, listenLink } from '../../src/migration/wire-link.ts';
 import { migrateVm } from '../../src/migration/source.ts';
 import { receiveMigration } from '../../src/migration/destination.ts';
@@ -26,6 +26,16 @@ const BYTES_PER_VCPU = 2 << 20;
 
 function dirtyingVm(engine: Engine) {
   return createSourceVm(engine, { vcpus: VCPUS, bytesPerVcpu: BYTES_PER_VCPU, backing: 'anonymous', workload: 'sequential' });
+}
+
+/** A destination link that closes instead of sending `type`: that answer never reaches the source. */
+function swallowReply(type: DestRecord['type']) {
+  return (link: DestLink): DestLink => ({
+    channels: link.channels,
+    run: (onRecord) => link.run(onRecord),
+    close: () => link.close(),
+    send: async (r) => (r.type === type ? link.close() : link.send(r)),
+  });
 }
 
 /** Logging off, the guest still making progress, memory what the workload implies. */
@@ -96,15 +106,7 @@ for (const engine of engines) {
         workload: spec,
         downtimeLimitMs: 0,
         maxRounds: 2,
-        wrapDestLink: (link) => ({
-          channels: link.channels,
-          run: (onRecord) => link.run(onRecord),
-          close: () => link.close(),
-          send: async (r) => {
-            if (r.type === 'complete') return link.close(); // the answer never reaches the source
-            return link.send(r);
-          },
-        }),
+        wrapDestLink: swallowReply('complete'),
       });
       expect(stats.status).toBe('failed');
       expect(stats.sourceIntact).toBe(true);
@@ -148,15 +150,7 @@ for (const engine of engines) {
         workload: spec,
         downtimeLimitMs: 0,
         maxRounds: 2,
-        wrapDestLink: (link) => ({
-          channels: link.channels,
-          run: (onRecord) => link.run(onRecord),
-          close: () => link.close(),
-          send: async (r) => {
-            if (r.type === 'started') return link.close(); // the answer never reaches the source
-            return link.send(r);
-          },
-        }),
+        wrapDestLink: swallowReply('started'),
       });
       expect(destError).toBeNull();
       expect(stats.status).toBe('failed');
