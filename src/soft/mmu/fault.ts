@@ -193,16 +193,7 @@ export class FaultHandler {
    * Returns the host pfn now mapped writable, or -1 to take the full fault path.
    */
   fastWrite(gfn: number, pte: number, ptep: number, held?: HeldSlots): number {
-    const lock = this.lock;
-    if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep, held);
-    lock.faultLock();
-    let pfn: number;
-    try {
-      pfn = this.fastWriteLocked(gfn, pte, ptep);
-    } finally {
-      lock.faultUnlock();
-    }
-    return pfn;
+    return this.fastWriteIn(gfn, pte, ptep, held, true);
   }
 
   /**
@@ -213,16 +204,20 @@ export class FaultHandler {
    * vCPU's acknowledgement is delayed by one access at most, like any access in flight.
    */
   tryFastWrite(gfn: number, pte: number, ptep: number, held?: HeldSlots): number {
+    return this.fastWriteIn(gfn, pte, ptep, held, false);
+  }
+
+  /** fastWrite (wait for the write lock) and tryFastWrite (-2 rather than wait) in one. */
+  private fastWriteIn(gfn: number, pte: number, ptep: number, held: HeldSlots | undefined, wait: boolean): number {
     const lock = this.lock;
     if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep, held);
-    if (!lock.rw.tryWriteLock()) return -2;
-    let pfn: number;
+    if (wait) lock.faultLock();
+    else if (!lock.rw.tryWriteLock()) return -2;
     try {
-      pfn = this.fastWriteLocked(gfn, pte, ptep);
+      return this.fastWriteLocked(gfn, pte, ptep);
     } finally {
       lock.faultUnlock();
     }
-    return pfn;
   }
 
   /**

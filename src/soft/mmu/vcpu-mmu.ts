@@ -16,7 +16,7 @@ import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { lookupLeaf } from '../pgtable/lookup.ts';
 import type { SoftTlb } from '../vcpu/soft-tlb.ts';
 import type { VcpuMmu } from '../vcpu/runner.ts';
-import type { FaultHandler, HeldSlots, SlotSource } from './fault.ts';
+import type { FaultHandler, HeldSlots } from './fault.ts';
 
 export class VcpuStage2 implements VcpuMmu {
   private readonly leaf = newLeafLookup();
@@ -26,30 +26,27 @@ export class VcpuStage2 implements VcpuMmu {
   /** The memslots of this guest-mode section's SRCU reader (null outside guest mode). */
   private held: HeldSlots | null = null;
 
-  private readonly slots: SlotSource;
-
   constructor(
     private readonly pgt: Stage2PageTable,
     readonly faults: FaultHandler,
   ) {
-    this.slots = faults.slots;
     this.words = pgt.pool.words;
     this.rootBase = pgt.root * PTRS_PER_TABLE;
   }
 
   enterGuest(): void {
     this.pgt.rcuReadLock();
-    this.held = this.slots.readLock();
+    this.held = this.faults.slots.readLock();
   }
 
   exitGuest(): void {
     this.held = null;
-    this.slots.readUnlock();
+    this.faults.slots.readUnlock();
     this.pgt.rcuReadUnlock();
   }
 
   slotsStale(): boolean {
-    return this.slots.stale();
+    return this.faults.slots.stale();
   }
 
   /** The leaf the last walk() found (0 if none). */
