@@ -9,6 +9,16 @@ function slot(id: number, baseGfn: number, npages: number): SlotDesc {
   return { slot: id, flags: 0, baseGfn, npages, hva: 0x7f00_0000_0000 + baseGfn * 4096, hostWritable: true, dirtyBitmap: null };
 }
 
+/** One vCPU's reader on a fresh publisher (vCPU 0 of 1). */
+function oneReader() {
+  const ctl = newControlBlock(1);
+  const pub = new SlotPublisher(ctl, () => 1);
+  const { port1, port2 } = new MessageChannel();
+  pub.addPort(port1);
+  const reader = new SlotReader(ctl, 0, port2, pub.current);
+  return { pub, reader, close: () => (pub.close(), port2.close()) };
+}
+
 describe('memslot generations', () => {
   it('synchronize waits for a reader of the old generation; the reader then sees the new one whole', () => {
     const ctl = newControlBlock(2);
@@ -44,11 +54,7 @@ describe('memslot generations', () => {
   });
 
   it("peek() (under the MMU lock, 'global' mode) catches up but leaves the registration stale", () => {
-    const ctl = newControlBlock(1);
-    const pub = new SlotPublisher(ctl, () => 1);
-    const { port1, port2 } = new MessageChannel();
-    pub.addPort(port1);
-    const reader = new SlotReader(ctl, 0, port2, pub.current);
+    const { pub, reader, close } = oneReader();
     reader.readLock();
     pub.publish([slot(7, 700, 1)]);
     expect(reader.peek().slots.map((s) => s.slot)).toEqual([7]);
@@ -60,16 +66,11 @@ describe('memslot generations', () => {
     expect(reader.stale()).toBe(false);
     pub.synchronize(1000);
     reader.readUnlock();
-    pub.close();
-    port2.close();
+    close();
   });
 
   it('a reader idle across several publications catches up to the latest', () => {
-    const ctl = newControlBlock(1);
-    const pub = new SlotPublisher(ctl, () => 1);
-    const { port1, port2 } = new MessageChannel();
-    pub.addPort(port1);
-    const reader = new SlotReader(ctl, 0, port2, pub.current);
+    const { pub, reader, close } = oneReader();
     for (let i = 1; i <= 5; i++) {
       pub.publish([slot(i, i * 100, 1)]);
       pub.synchronize(1000);
@@ -77,7 +78,6 @@ describe('memslot generations', () => {
     const l = reader.readLock();
     expect(l.slots.map((s) => s.slot)).toEqual([5]);
     reader.readUnlock();
-    pub.close();
-    port2.close();
+    close();
   });
 });
