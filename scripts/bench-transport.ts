@@ -141,7 +141,7 @@ async function transfer(child: ChildProcess, port: number, bytes: number, channe
     }
   }));
   await conn.sync(1);
-  await conn.send({ kind: 'end', memoryHash: 0n, pages: totalPages });
+  await conn.send({ kind: 'end', memoryHash: 0n, pages: totalPages, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
   await conn.flush();
   const done = await conn.nextBackRecord(['complete'], 600_000);
   const t2 = process.hrtime.bigint();

@@ -6,6 +6,8 @@
 // Only the VMM thread calls these, and only while the vCPU's worker is outside KVM_RUN (not
 // started yet, or PAUSED; see control.ts).
 import type { KvmAddon } from './addon.ts';
+import type { VcpuState } from '../vmm/engine.ts';
+import { VcpuStateError, stateInt, stateObject, stateOnlyKeys } from '../vmm/vcpu-state.ts';
 import { REGS_BYTES, SAVED_MSRS, SREGS_BYTES, STATE_BYTES, decodeMsrs, encodeMsrs } from './abi.ts';
 
 export interface KvmArchState {
@@ -86,4 +88,42 @@ export function loadArchState(addon: KvmAddon, fd: number, f: VcpuStateFeatures,
   addon.ioctl(fd, 'KVM_SET_MP_STATE', unb64(s.mpState, STATE_BYTES.mpState));
   if (s.lapic && f.lapic) addon.ioctl(fd, 'KVM_SET_LAPIC', unb64(s.lapic, STATE_BYTES.lapic));
   if (s.debugregs && f.debugregs) addon.ioctl(fd, 'KVM_SET_DEBUGREGS', unb64(s.debugregs, STATE_BYTES.debugregs));
+}
+
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
+
+function blob(a: Record<string, unknown>, key: string, bytes: number, required: boolean): void {
+  const v = a[key];
+  if (v === undefined && !required) return;
+  if (typeof v !== 'string' || !BASE64.test(v) || v.length % 4 !== 0) throw new VcpuStateError(`arch.${key}`, 'must be a base64 string');
+  const n = Buffer.byteLength(v, 'base64');
+  if (n > bytes) throw new VcpuStateError(`arch.${key}`, `${n} bytes, KVM's struct has ${bytes}`);
+}
+
+/**
+ * `state.arch` as KvmArchState for this host's features, or VcpuStateError: every blob base64
+ * and no longer than its KVM struct, every MSR one this host saves with a 64-bit value. Checked
+ * before the first KVM_SET_* so a bad state changes no register.
+ */
+export function checkKvmArchState(state: VcpuState, f: VcpuStateFeatures): KvmArchState {
+  const a = stateObject(state.arch, 'arch');
+  stateOnlyKeys(a, 'arch', ['regs', 'sregs', 'fpu', 'msrs', 'vcpuEvents', 'mpState'], ['xsave', 'xcrs', 'lapic', 'debugregs']);
+  blob(a, 'regs', REGS_BYTES, true);
+  blob(a, 'sregs', SREGS_BYTES, true);
+  blob(a, 'fpu', STATE_BYTES.fpu, true);
+  blob(a, 'vcpuEvents', STATE_BYTES.vcpuEvents, true);
+  blob(a, 'mpState', STATE_BYTES.mpState, true);
+  blob(a, 'xsave', Math.max(f.xsaveBytes, 0), false);
+  blob(a, 'xcrs', STATE_BYTES.xcrs, false);
+  blob(a, 'lapic', STATE_BYTES.lapic, false);
+  blob(a, 'debugregs', STATE_BYTES.debugregs, false);
+  if (!Array.isArray(a.msrs)) throw new VcpuStateError('arch.msrs', 'must be an array');
+  a.msrs.forEach((m: unknown, i: number) => {
+    const o = stateObject(m, `arch.msrs[${i}]`);
+    stateOnlyKeys(o, `arch.msrs[${i}]`, ['index', 'data']);
+    const index = stateInt(o.index, `arch.msrs[${i}].index`, 0, 0xffff_ffff);
+    if (!f.msrIndices.includes(index)) throw new VcpuStateError(`arch.msrs[${i}].index`, `MSR 0x${index.toString(16)} is not one this host saves`);
+    if (typeof o.data !== 'string' || !/^\d{1,20}$/.test(o.data) || BigInt(o.data) >= 2n ** 64n) throw new VcpuStateError(`arch.msrs[${i}].data`, 'must be a decimal 64-bit value');
+  });
+  return a as unknown as KvmArchState;
 }

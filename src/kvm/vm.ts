@@ -27,7 +27,8 @@ import { BinaryStats } from './binary-stats.ts';
 import { DirtyRing } from './dirty-ring.ts';
 import { INTERNAL_SLOT } from './guest/layout.ts';
 import { setUpGuest } from './guest-setup.ts';
-import { loadArchState, probeMsrs, saveArchState, type KvmArchState, type VcpuStateFeatures } from './vcpu-state.ts';
+import { checkKvmArchState, loadArchState, probeMsrs, saveArchState, type VcpuStateFeatures } from './vcpu-state.ts';
+import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
 
@@ -286,10 +287,10 @@ export class KvmVm implements Vm {
 
   loadVcpuState(state: VcpuState): void {
     this.requireStopped('loadVcpuState');
-    if (state.engine !== 'kvm') throw new Error(`loadVcpuState: state from the ${state.engine} engine`);
-    const vc = this.vcpus[state.vcpu];
-    if (!vc) throw new RangeError(`loadVcpuState: no vcpu ${state.vcpu}`);
-    loadArchState(this.addon, vc.fd, this.features!, state.arch as KvmArchState);
+    // Every field is checked before the first KVM_SET_* (VcpuStateError names the field).
+    checkVcpuStateEnvelope(state, 'kvm', this.vcpus.length);
+    const arch = checkKvmArchState(state, this.features!);
+    loadArchState(this.addon, this.vcpus[state.vcpu]!.fd, this.features!, arch);
     this.runner.setProgress(state.vcpu, state.progress);
   }
 

@@ -13,9 +13,12 @@
 //
 // Concurrency: the VMM's main thread owns the Vm and the tables; records are delivered one at a
 // time by the link.
-import { PAGE_SIZE, type Engine, type EngineKind, type VcpuState, type Vm } from '../vmm/engine.ts';
+import { MMU_LOCK_MODES, PAGE_SIZE, type Engine, type EngineKind, type VcpuState, type Vm } from '../vmm/engine.ts';
+import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
 import { buildDestinationVm, checkConfig, type HostLimits, type MigrationConfig } from './config.ts';
-import { MigrationCancelledError } from './errors.ts';
+import { validateConfig } from './config-validate.ts';
+import { MigrationCancelledError, VerificationError } from './errors.ts';
+import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
@@ -45,6 +48,8 @@ export interface ReceiveResult {
   pagesReceived: number;
   /** Pass counters loaded from the source's vCPU state. */
   passesAtSwitchover: number[];
+  /** The vCPU states loaded, as received (END's digest vouched for them), in arrival order. */
+  vcpuStates: VcpuState[];
   /** END received -> guest started (after GO), seconds (the destination's share of downtime). */
   resumeSeconds: number;
   /** First vCPU-state record received -> guest started, seconds. */
@@ -70,6 +75,8 @@ type Phase = 'setup' | 'receiving' | 'switchover' | 'committing' | 'running';
 
 export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Promise<ReceiveResult> {
   const hasher = await createMemoryHasher();
+  const digester = await createStateDigester();
+  let configDigest = 0n;
   const log = opts.log ?? (() => undefined);
   let phase: Phase = 'setup';
   let vm: Vm | null = null;
@@ -80,7 +87,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let internalPage = new Uint8Array(0);
   const syncs: number[] = new Array(link.channels).fill(0);
   const vcpuStates: VcpuState[] = [];
-  let end: { finalRound: number; pagesSent: number; hash: string } | null = null;
+  let end: Extract<SourceRecord, { type: 'end' }> | null = null;
   let pagesReceived = 0;
   let ackedRound = 0;
   let tFirstVcpu: bigint | null = null;
@@ -89,7 +96,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
 
   const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`);
 
-  const onConfig = async (c: MigrationConfig) => {
+  // CONFIG arrives as parsed JSON: every field is checked (config-validate.ts) before anything
+  // is built, and its digest is kept for END's check.
+  const onConfig = async (raw: unknown) => {
+    const c = validateConfig(raw, MMU_LOCK_MODES);
+    configDigest = digester.config(raw);
     const engine = await opts.openEngine(c.engine);
     checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
@@ -168,6 +179,21 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
+  // A vCPU state is checked whole (envelope here, registers by the engine) before it is loaded.
+  // Loaded now, not at switchover: the VM is paused and stays so until END checks out (or is
+  // destroyed), and the load overlaps the source sending SYNC and END.
+  const onVcpuState = (raw: unknown) => {
+    let state: VcpuState;
+    try {
+      state = checkVcpuStateEnvelope(raw, cfg!.engine, cfg!.vcpus);
+      if (vcpuStates.some((s) => s.vcpu === state.vcpu)) throw new Error(`a second state for vCPU ${state.vcpu}`);
+      vm!.loadVcpuState(state);
+    } catch (e) {
+      throw protocol(`VCPU_STATE record ${vcpuStates.length + 1}: ${(e as Error).message}`);
+    }
+    vcpuStates.push(state);
+  };
+
   let tEnd = 0n;
   let held = '';
   let rescanHash: string | undefined;
@@ -176,9 +202,14 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   const switchover = async () => {
     phase = 'switchover';
     tEnd = process.hrtime.bigint();
-    if (vcpuStates.length !== cfg!.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, expected ${cfg!.vcpus}`);
+    // END binds everything the guest will run on here: CONFIG, every vCPU state, memory.
+    const e = end!;
+    if (vcpuStates.length !== cfg!.vcpus || e.vcpuStates !== cfg!.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, the source sent ${e.vcpuStates}, CONFIG has ${cfg!.vcpus} vCPUs`);
+    if (e.configDigest !== configDigest) throw new VerificationError(`CONFIG differs from what the source sent (digest ${formatDigest(configDigest)} here, ${formatDigest(e.configDigest)} in END); the guest is not started`);
+    const vcpuDigest = digester.vcpuStates(vcpuStates);
+    if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in END); the guest is not started`);
     held = formatMemoryHash(table!.total());
-    if (held !== end!.hash) throw new MigrationLinkError(`memory hash mismatch at END: the source sent ${end!.hash}, this side holds ${held}; the guest is not started`);
+    if (held !== e.hash) throw new VerificationError(`memory hash mismatch at END: the source sent ${e.hash}, this side holds ${held}; the guest is not started`);
     rescanHash = opts.verifyRescan ? hashVmMemory(hasher, vm!, slotMap!) : undefined;
     // The allowance now, while the VM stays paused: GO then only has to lift the pause.
     vm!.allowPasses(Infinity);
@@ -194,7 +225,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const t = process.hrtime.bigint();
     const resumeSeconds = Number(t - tEnd) / 1e9;
     const switchoverSeconds = Number(t - (tFirstVcpu ?? tEnd)) / 1e9;
-    result = { vm: v, config: cfg!, hash: held, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), resumeSeconds, switchoverSeconds };
+    result = { vm: v, config: cfg!, hash: held, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), vcpuStates, resumeSeconds, switchoverSeconds };
     // The guest runs whether or not STARTED reaches the source: a source that loses the link
     // after GO stays paused, so the guest never runs twice.
     await link.send({ type: 'started' }).catch(() => undefined);
@@ -233,16 +264,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         return maybeSwitchover();
       case 'vcpu':
         tFirstVcpu ??= process.hrtime.bigint();
-        if (r.state.engine !== cfg!.engine || r.state.vcpu < 0 || r.state.vcpu >= cfg!.vcpus) throw protocol(`vCPU state for ${r.state.engine} vCPU ${r.state.vcpu}`);
-        if (vcpuStates.some((s) => s.vcpu === r.state.vcpu)) throw protocol(`a second state for vCPU ${r.state.vcpu}`);
-        // Loaded now, not at switchover: the VM is paused and stays so until END checks out
-        // (or is destroyed), and the load overlaps the source sending SYNC and END.
-        vm!.loadVcpuState(r.state);
-        vcpuStates.push(r.state);
-        return;
+        return onVcpuState(r.state);
       case 'end':
         if (channel !== 0) throw protocol('END on a data channel');
-        end = { finalRound: r.finalRound, pagesSent: r.pagesSent, hash: r.hash };
+        end = r;
         return maybeSwitchover();
       case 'config':
         throw protocol('a second CONFIG');

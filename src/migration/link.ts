@@ -26,10 +26,11 @@ export type SourceRecord =
   | { type: 'vcpu'; state: VcpuState }
   /**
    * Stop-and-copy is over: `finalRound` is the round number of the last SYNC on every channel;
-   * `hash` is the memoryHash (hash.ts, 16 hex digits) of every page as sent, which the
-   * destination must hold before it may start the guest.
+   * `hash` is the memoryHash (hash.ts, 16 hex digits) of every page as sent, `configDigest` and
+   * `vcpuStateDigest` (state-digest.ts) those of the CONFIG and the `vcpuStates` vCPU states sent.
+   * The destination must hold exactly that state before it may start the guest.
    */
-  | { type: 'end'; finalRound: number; pagesSent: number; hash: string }
+  | { type: 'end'; finalRound: number; pagesSent: number; hash: string; configDigest: bigint; vcpuStateDigest: bigint; vcpuStates: number }
   /** The source has committed to the switchover and will not run the guest again: start it. */
   | { type: 'go' };
 

@@ -25,7 +25,7 @@ import type { WorkloadSpec } from '../guest/workload.ts';
 import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
-import { DestinationError, MigrationCancelledError } from './errors.ts';
+import { DestinationError, MigrationCancelledError, VerificationError } from './errors.ts';
 import type { DestRecord, SourceLink } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
@@ -33,6 +33,7 @@ import { PageSender } from './page-sender.ts';
 import { RateLimiter } from './transport/rate-limiter.ts';
 import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
 import { checkSourceIntact } from './source-intact.ts';
+import { createStateDigester } from './state-digest.ts';
 
 export interface PrecopyOptions {
   workload: WorkloadSpec;
@@ -92,6 +93,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let paused = false;
   /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
   let committed = false;
+  let endSent = false;
   let loggingOn = false;
   let destFailure: Error | null = null;
   let sourceHash: string | null = null;
@@ -150,6 +152,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const slotMap = new SlotMap(cfg.memslots);
   const sentTable = new PageHashTable(slotMap.layout);
   const hasher = await createMemoryHasher();
+  // END binds the CONFIG and vCPU states sent, beside the memory hash (state-digest.ts).
+  const digester = await createStateDigester();
+  const configDigest = digester.config(cfg);
   sender.onSent = (gpa, data, pages) => {
     const at = slotMap.locate(gpa, pages)!;
     if (data) hasher.hashInto(sentTable, at.slot, at.page, pages, data);
@@ -224,6 +229,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
           continue;
         }
         if (r.type === 'error') destFailure = new DestinationError(r.message);
+        // COMPLETE answers END: one that comes earlier vouches for pages not yet sent.
+        else if (r.type === 'complete' && !endSent) destFailure = new DestinationError('protocol error: COMPLETE before END');
         return r;
       }
     };
@@ -311,7 +318,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     // the last pages, instead of after them.
     const tVcpu = now();
     passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
-    for (let v = 0; v < vm.vcpuCount; v++) await link.send({ type: 'vcpu', state: vm.saveVcpuState(v) });
+    const vcpuStates = Array.from({ length: vm.vcpuCount }, (_, v) => vm.saveVcpuState(v));
+    for (const state of vcpuStates) await link.send({ type: 'vcpu', state });
     // flush() writes to the socket before it first yields; what it then awaits (the promise
     // chain, ~0.3 ms) overlaps the final harvest instead of preceding it.
     const vcpuStatesFlushed = link.flush();
@@ -324,11 +332,24 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const finalPages = await sendAllPending(round, false);
     sender.check();
     for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
-    await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) });
+    const sentHash = formatMemoryHash(sentTable.total());
+    endSent = true;
+    await link.send({
+      type: 'end',
+      finalRound: round,
+      pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
+      hash: sentHash,
+      configDigest,
+      vcpuStateDigest: digester.vcpuStates(vcpuStates),
+      vcpuStates: vcpuStates.length,
+    });
     const tEnd = now();
     const reply = await finalReply;
+    if (destFailure) throw destFailure;
     if (reply.type === 'error') throw new DestinationError(reply.message);
     if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
+    // COMPLETE says what the destination holds; commit only to exactly what was sent.
+    if (reply.hash !== sentHash) throw new VerificationError(`the destination's COMPLETE reports memory hash ${reply.hash}, the source sent ${sentHash}; not committing`);
     sender.check(); // a cancel that came in while we waited still wins: nothing is committed yet
     committed = true;
     try {

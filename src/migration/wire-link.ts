@@ -83,7 +83,7 @@ class WireSourceLink implements SourceLink {
       case 'vcpu':
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
-        await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent });
+        await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent, configDigest: r.configDigest, vcpuStateDigest: r.vcpuStateDigest, vcpuStates: r.vcpuStates });
         return this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
       case 'go':
         await this.conn.send({ kind: 'go' });
@@ -173,7 +173,7 @@ class WireDestLink implements DestLink {
           r = { type: 'vcpu', state: rec.state as VcpuState };
           break;
         case 'end':
-          r = { type: 'end', finalRound: round, pagesSent: rec.pages, hash: formatMemoryHash(rec.memoryHash) };
+          r = { type: 'end', finalRound: round, pagesSent: rec.pages, hash: formatMemoryHash(rec.memoryHash), configDigest: rec.configDigest, vcpuStateDigest: rec.vcpuStateDigest, vcpuStates: rec.vcpuStates };
           break;
         default:
           throw new MigrationLinkError(`protocol error: ${rec.kind} from the source`);
@@ -224,8 +224,8 @@ export interface LinkListener {
   close(): void;
 }
 
-export async function listenLink(opts: { host: string; port: number }): Promise<LinkListener> {
-  const server = await MigrationListener.listen({ host: opts.host, port: opts.port });
+export async function listenLink(opts: { host: string; port: number; handshakeTimeoutMs?: number }): Promise<LinkListener> {
+  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.handshakeTimeoutMs });
   return {
     host: server.host,
     port: server.port,

@@ -31,7 +31,9 @@ import { FaultHandler, type SlotSource } from './mmu/fault.ts';
 import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
 import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
 import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
-import { VcpuThreads, VcpuError, type SoftVcpuArch } from './vcpu/threads.ts';
+import { VcpuThreads, VcpuError } from './vcpu/threads.ts';
+import { checkSoftVcpuArch } from './vcpu/arch-check.ts';
+import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
 
 export interface SoftVmOptions {
@@ -322,11 +324,9 @@ export class SoftVm implements Vm, MemslotMmu {
     // Before the first allowance a vCPU sits in WaitingForAllowance and reloads its registers
     // when it wakes; otherwise it must be paused.
     if (!t.isStopped(state.vcpu) && !this.neverRan()) throw new SoftVmError(`loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
-    const a = state.arch as SoftVcpuArch;
-    for (const k of ['passes', 'pos', 'rngHi', 'rngLo'] as const) {
-      if (!Number.isInteger(a?.[k])) throw new SoftVmError(`loadVcpuState: arch.${k} missing or not an integer`);
-    }
-    t.writeArch(state.vcpu, { passes: a.passes, pos: a.pos, rngHi: a.rngHi, rngLo: a.rngLo, halted: a.halted === true });
+    // Every field is checked before any register is written (VcpuStateError names the field).
+    checkVcpuStateEnvelope(state, 'soft', this.vcpuCount);
+    t.writeArch(state.vcpu, checkSoftVcpuArch(state, t.spec));
   }
 
   private neverRan(): boolean {

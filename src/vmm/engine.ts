@@ -48,6 +48,8 @@ export interface EngineCapabilities {
 
 /** How the soft engine serialises stage-2 faults; the kvm engine reports 'host'. */
 export type MmuLockMode = 'global' | 'parallel';
+/** Every MmuLockMode, for validating what arrives from outside (command lines, CONFIG). */
+export const MMU_LOCK_MODES: readonly MmuLockMode[] = ['global', 'parallel'];
 
 /** KVM_CREATE_VM arguments plus VM-wide capabilities enabled at creation (KVM_ENABLE_CAP). */
 export interface VmConfig {

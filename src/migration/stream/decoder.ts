@@ -314,8 +314,8 @@ export class StreamDecoder {
         const pages = dv.getBigUint64(8, true);
         if (pages > BigInt(Number.MAX_SAFE_INTEGER)) this.fail('out-of-range', `${TYPE_NAMES[this.type]} pages ${pages} is not a safe integer`);
         if (this.type === RecordType.END) {
-          if (p.length !== 16) this.fail('bad-length', `END payloadLength ${p.length}, must be 16`);
-          return { kind: 'end', memoryHash, pages: Number(pages) };
+          if (p.length !== 36) this.fail('bad-length', `END payloadLength ${p.length}, must be 36`);
+          return { kind: 'end', memoryHash, pages: Number(pages), configDigest: dv.getBigUint64(16, true), vcpuStateDigest: dv.getBigUint64(24, true), vcpuStates: dv.getUint32(32, true) };
         }
         if (p.length === 16) return { kind: 'complete', memoryHash, pages: Number(pages) };
         const details = parseJsonPayload('COMPLETE details', p.subarray(16), MAX_DETAILS_BYTES);

@@ -164,12 +164,18 @@ export function encodeRecord(rec: MigrationRecord, dst: Uint8Array, off: number)
       const details = rec.kind === 'complete' && rec.details !== undefined
         ? jsonPayload('COMPLETE details', rec.details, MAX_DETAILS_BYTES)
         : undefined;
-      const len = 16 + (details?.length ?? 0);
+      const len = rec.kind === 'end' ? 36 : 16 + (details?.length ?? 0);
+      if (rec.kind === 'end') checkU32('END vcpuStates', rec.vcpuStates);
       if (room < RECORD_HEADER_BYTES + len) return -1;
       writeHeader(dv, off, type, len);
       const p = off + RECORD_HEADER_BYTES;
       dv.setBigUint64(p, u64(rec.memoryHash), true);
       dv.setBigUint64(p + 8, BigInt(rec.pages), true);
+      if (rec.kind === 'end') {
+        dv.setBigUint64(p + 16, u64(rec.configDigest), true);
+        dv.setBigUint64(p + 24, u64(rec.vcpuStateDigest), true);
+        dv.setUint32(p + 32, rec.vcpuStates, true);
+      }
       if (details) dst.set(details, p + 16);
       return p + len;
     }

@@ -1,5 +1,6 @@
-// The stage2 migration stream, version 2: what travels over every TCP connection of a migration.
-// (Version 2 added GO and STARTED, the switchover commit; COMPLETE no longer means "running".)
+// The stage2 migration stream, version 3: what travels over every TCP connection of a migration.
+// (Version 2 added GO and STARTED, the switchover commit; COMPLETE no longer means "running".
+// Version 3 made END bind the whole migrated state: CONFIG and the vCPU states beside memory.)
 //
 // Every record is a fixed 8-byte header and a payload, all integers little-endian:
 //
@@ -30,7 +31,9 @@
 //  6    ZERO             S>D  0:4 slot, 4:4 firstPage, 8:4 count                      12
 //  7    SYNC             S>D  0:4 round: end of `round` on this channel (barrier)     4
 //  8    VCPU_STATE       S>D  UTF-8 JSON (engine-opaque vCPU state)                   1..MAX_PAYLOAD_BYTES
-//  9    END              S>D  0:8 memoryHash, 8:8 pages                               16
+//  9    END              S>D  0:8 memoryHash, 8:8 pages, 16:8 configDigest,           36
+//                             24:8 vcpuStateDigest, 32:4 vcpuStates (the count sent)
+//                             (digests: migration/state-digest.ts)
 //  10   GO               S>D  (empty): the source has committed to the switchover     0
 //  16   READY            D>S  (empty): destination is set up and accepts pages        0
 //  17   COMPLETE         D>S  0:8 memoryHash, 8:8 pages (hash of what it wrote),      16..16+MAX_DETAILS_BYTES
@@ -64,7 +67,7 @@
 // of round r+1.
 
 export const STREAM_MAGIC = 'STAGE2MG';
-export const STREAM_VERSION = 2;
+export const STREAM_VERSION = 3;
 
 export const RECORD_HEADER_BYTES = 8;
 export const RAM_HEADER_BYTES = 16;
@@ -124,7 +127,11 @@ export interface RamRecord { kind: 'ram'; slot: number; firstPage: number; count
 export interface ZeroRecord { kind: 'zero'; slot: number; firstPage: number; count: number }
 export interface SyncRecord { kind: 'sync'; round: number }
 export interface VcpuStateRecord { kind: 'vcpu-state'; state: unknown }
-export interface EndRecord { kind: 'end'; memoryHash: bigint; pages: number }
+/**
+ * The source's summary of everything the destination will run on: the memory hash, a digest of
+ * the CONFIG it sent and one of the vCPU states it sent (and how many).
+ */
+export interface EndRecord { kind: 'end'; memoryHash: bigint; pages: number; configDigest: bigint; vcpuStateDigest: bigint; vcpuStates: number }
 export interface GoRecord { kind: 'go' }
 export interface ReadyRecord { kind: 'ready' }
 export interface StartedRecord { kind: 'started' }
@@ -207,7 +214,7 @@ export function payloadBounds(type: number): readonly [number, number] | undefin
     case RecordType.ZERO: return [12, 12];
     case RecordType.SYNC: return [4, 4];
     case RecordType.VCPU_STATE: return [1, MAX_PAYLOAD_BYTES];
-    case RecordType.END: return [16, 16];
+    case RecordType.END: return [36, 36];
     case RecordType.GO: return [0, 0];
     case RecordType.READY: return [0, 0];
     case RecordType.STARTED: return [0, 0];

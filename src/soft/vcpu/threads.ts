@@ -92,6 +92,9 @@ export class VcpuThreads {
   private readonly crashes: (Error | null)[] = [];
   private started = false;
 
+  /** The workload every vCPU runs (set by start()). */
+  spec!: WorkloadSpec;
+
   constructor(
     private readonly ctl: Int32Array,
     readonly count: number,
@@ -100,6 +103,7 @@ export class VcpuThreads {
   /** Start one worker per vCPU; resolves once every one has left the Created state. */
   async start(spec: WorkloadSpec, parts: SharedVmParts, publisher: SlotPublisher): Promise<void> {
     const ctl = this.ctl;
+    this.spec = spec;
     for (let v = 0; v < this.count; v++) {
       // Initial registers: pass 0, position 0, the spec's generator state.
       const rng = initialRngState(spec, v);

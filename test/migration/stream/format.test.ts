@@ -22,7 +22,7 @@ const toDestination: MigrationRecord[] = [
   { kind: 'zero', slot: 3, firstPage: 0, count: 200 },
   { kind: 'sync', round: 7 },
   { kind: 'vcpu-state', state: [{ vcpu: 0, regs: { rip: 4096 } }] },
-  { kind: 'end', memoryHash: 0xdead_beef_0123_4567n, pages: 264 },
+  { kind: 'end', memoryHash: 0xdead_beef_0123_4567n, pages: 264, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 },
   { kind: 'go' },
   { kind: 'error', code: 7, message: 'cancelled by the user: ünïcødé' },
 ];
@@ -113,7 +113,7 @@ describe('stream format round trip', () => {
 
   it('encodeRecord reports no room instead of writing past the end', () => {
     const dst = new Uint8Array(20);
-    expect(encodeRecord({ kind: 'end', memoryHash: 1n, pages: 1 }, dst, 0)).toBe(-1);
+    expect(encodeRecord({ kind: 'end', memoryHash: 1n, pages: 1, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 }, dst, 0)).toBe(-1);
     expect(dst.every((b) => b === 0)).toBe(true);
     expect(encodeRecord({ kind: 'sync', round: 1 }, dst, 8)).toBe(20);
   });

@@ -43,7 +43,7 @@ function validDestinationStream(): Uint8Array {
     { kind: 'ram', slot: 0, firstPage: 63, count: 1, data: pageData(0, 63, 1, 5) },
     { kind: 'sync', round: 2 },
     { kind: 'vcpu-state', state: { regs: [1, 2, 3] } },
-    { kind: 'end', memoryHash: 123456789n, pages: 264 },
+    { kind: 'end', memoryHash: 123456789n, pages: 264, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 },
     { kind: 'go' },
   ];
   const parts = records.map(encodeToBytes);

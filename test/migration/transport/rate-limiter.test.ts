@@ -35,7 +35,7 @@ describe('RateLimiter', () => {
     const data = new Uint8Array(512 * 4096).fill(7); // 2 MiB per channel, 4 MiB in all
     await Promise.all([conn.sendRam(0, 0, 512, data, { channel: 0 }), conn.sendRam(0, 512, 512, data, { channel: 1 })]);
     await conn.sync(1);
-    await conn.send({ kind: 'end', memoryHash: 0n, pages: 1024 });
+    await conn.send({ kind: 'end', memoryHash: 0n, pages: 1024, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
     await conn.flush();
     await received;
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;

@@ -181,7 +181,7 @@ async function transfer(channels: number, opts: { compress?: boolean; rounds?: n
   }
   const srcHash = hasher.hashGuestMemory((slot, first, dst) => dst.set(src.get(slot)!.subarray(first * PAGE, first * PAGE + dst.length)), LAYOUT);
   await conn.send({ kind: 'vcpu-state', state: { vcpus: [] } });
-  await conn.send({ kind: 'end', memoryHash: srcHash.memoryHash, pages: srcHash.pages });
+  await conn.send({ kind: 'end', memoryHash: srcHash.memoryHash, pages: srcHash.pages, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
   await conn.flush();
   const complete = await conn.nextBackRecord(['complete'], 20_000);
   const bytesSent = conn.bytesSent;
@@ -205,7 +205,7 @@ describe('migration transport over TCP on 127.0.0.1', () => {
       expect(r.violations).toEqual([]);
       expect(r.syncs).toEqual([1, 2, 3, 4]);
       expect(memEqual(r.src, r.mem)).toBe(true);
-      expect(r.end).toMatchObject({ kind: 'end', memoryHash: r.srcHash.memoryHash, pages: 768 });
+      expect(r.end).toMatchObject({ kind: 'end', memoryHash: r.srcHash.memoryHash, pages: 768, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
       expect(r.complete).toMatchObject({ kind: 'complete', memoryHash: r.srcHash.memoryHash });
       expect(r.table.total()).toBe(r.srcHash.memoryHash);
       results.push(r);
@@ -261,7 +261,7 @@ describe('migration transport over TCP on 127.0.0.1', () => {
       await conn.sendRam(0, first, 256, batch);
     }
     await conn.sync(1);
-    await conn.send({ kind: 'end', memoryHash: 0n, pages });
+    await conn.send({ kind: 'end', memoryHash: 0n, pages, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
     await conn.flush();
     await received;
     expect(seen).toBe(pages);
@@ -306,7 +306,7 @@ describe('send ordering', () => {
     }
     await Promise.all(calls);
     await conn.sync(1);
-    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0 });
+    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
     await conn.flush();
     await received;
     const expected: number[] = [];
@@ -387,7 +387,7 @@ describe('zero-copy sends', () => {
     await conn.sendRamBorrowed(0, 4096, 1, new Uint8Array(PAGE).fill(1), () => (smallWritten = true));
     expect(smallWritten).toBe(true); // below ZERO_COPY_MIN_PAGES: copied, released at once
     await conn.sync(1);
-    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0 });
+    await conn.send({ kind: 'end', memoryHash: 0n, pages: 0, configDigest: 0n, vcpuStateDigest: 0n, vcpuStates: 0 });
     await conn.flush();
     await received;
     expect(borrowedWrites).toBe(64);
