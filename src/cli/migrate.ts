@@ -87,13 +87,13 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
     }
   });
   const report = new Promise<ReceiveReport | { error: string }>((resolve) => {
-    child.on('exit', (code) => {
+    child.on('exit', (code, signal) => {
       try {
         if (code === 0) return resolve(JSON.parse(out.trim().split('\n').pop()!) as ReceiveReport);
       } catch {
         /* fall through */
       }
-      resolve({ error: `receiver exited with status ${code}${errTail ? `: ${errTail.trim()}` : ''}` });
+      resolve({ error: `receiver exited with ${code !== null ? `status ${code}` : `signal ${signal}`}${errTail ? `: ${errTail.trim()}` : ''}` });
     });
   });
   const kill = () => {
@@ -116,6 +116,13 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
   const t0 = performance.now();
   const { vm, spec } = await createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, lock: opts.lock, guestPageSize: opts.guestPageSize });
   let receiver: LocalReceiver | null = null;
+  // A spawned receiver that the source never connected to (the connection failed, or the
+  // migration ended before it was made) would wait for a source forever, and this command for its
+  // report: the `--channels 1000` hang. SIGTERM makes it give up and exit 1 at once.
+  let linkUp = false;
+  const stopUnconnectedReceiver = () => {
+    if (receiver && !linkUp && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
+  };
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
@@ -129,7 +136,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     // let a failure surface inside migrateVm: an unreachable receiver is a failed migration with
     // stats, not a crash.
     const linkP = connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
-    linkP.catch(() => undefined);
+    linkP.then(() => (linkUp = true), () => undefined);
     await Promise.all([linkP.catch(() => undefined), sleep(opts.warmupMs)]);
     const link = lazyLink(opts.channels, () => linkP);
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
@@ -161,10 +168,12 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
+    stopUnconnectedReceiver();
     if (receiver) result.destination = await receiver.report;
     return result;
   } finally {
     await vm.destroy();
+    stopUnconnectedReceiver();
     if (receiver && receiver.child.exitCode === null) {
       await Promise.race([receiver.report, sleep(30_000)]);
       if (receiver.child.exitCode === null) receiver.child.kill('SIGKILL');
