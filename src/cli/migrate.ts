@@ -15,8 +15,9 @@ import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
-import { addCommonOptions, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
-import { parseHostPort, type ReceiveReport } from './receive.ts';
+import { MAX_CHANNELS } from '../migration/stream/format.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
+import type { ReceiveReport } from './receive.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -192,24 +193,28 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
+// The spawned receiver runs the guest --dest-run-ms, then reports and exits; `receive --run-ms 0`
+// would run it until a SIGINT that a detached child never gets, and the source would wait forever.
+const parseDestRunMs = parseIntInRange(1, Number.MAX_SAFE_INTEGER, 'must be a whole number of ms, at least 1: the --local receiver runs the guest this long, then exits');
+
 export function addMigrationOptions(cmd: Command): Command {
   return cmd
     .option('--max-bandwidth <size>', 'bytes per second on the link (accepts 64M); 0 = unlimited', parseSize, 0)
-    .option('--downtime-limit <ms>', 'largest acceptable downtime, ms', (t) => Number(t), DEFAULT_DOWNTIME_LIMIT_MS)
-    .option('--channels <n>', 'TCP connections to spread pages over', parsePositiveInt, 1)
+    .option('--downtime-limit <ms>', 'largest acceptable downtime, ms (0: switch over only when nothing is left to copy, or at --max-rounds)', parseNonNegativeNumber, DEFAULT_DOWNTIME_LIMIT_MS)
+    .option('--channels <n>', `TCP connections to spread pages over (1..${MAX_CHANNELS})`, parseIntInRange(1, MAX_CHANNELS), 1)
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
-    .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)
+    .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
-    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover', (t) => Number(t), 1000);
+    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000);
 }
 
 export function registerMigrate(program: Command): void {
   addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
-      .option('--to <host:port>', 'a `stage2 receive` listening there', parseHostPort)
+      .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false),
   ).action(async (opts: MigrateOptions) => {
     const log = (line: string) => process.stderr.write(line + '\n');
