@@ -6,7 +6,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { openEngine } from '../vmm/factory.ts';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { connectLink } from '../migration/wire-link.ts';
@@ -18,6 +17,7 @@ import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
+import { checkMigrateOptions, openCheckedEngine } from './validate.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -111,7 +111,8 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
  */
 export async function runMigrate(opts: MigrateOptions, log: (line: string) => void): Promise<MigrateResult> {
   if (!opts.local && !opts.to) throw new Error('migrate needs --to HOST:PORT or --local');
-  const engine = await openEngine(opts.engine, (why) => log(`engine: ${why}; using soft`));
+  const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
+  const engine = await openCheckedEngine(opts.engine, demand, (why) => log(`engine: ${why}; using soft`));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
@@ -216,7 +217,8 @@ export function registerMigrate(program: Command): void {
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false),
-  ).action(async (opts: MigrateOptions) => {
+  ).action(async (opts: MigrateOptions, cmd: Command) => {
+    checkMigrateOptions(opts, cmd);
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
