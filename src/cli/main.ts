@@ -18,29 +18,40 @@ export function commanderErrorLine(message: string): string {
   return `${flags} ${invalid[2]}: ${invalid[3]}`;
 }
 
-export async function main(argv: string[]): Promise<void> {
+/** The whole command line, ready to parse; it throws instead of exiting (see `main`). */
+export function buildProgram(): Command {
   const program = new Command('stage2')
     .description('a virtual-machine memory system with live migration (soft second-stage MMU and real /dev/kvm)')
-    // Errors are printed by the catch below, as one line; help (asked for, or for a command
-    // given without its subcommand) is still printed by commander.
+    // Errors are printed by `main`, as one line; help (asked for, or for a command given
+    // without its subcommand) is still printed by commander.
     .configureOutput({ outputError: () => undefined })
     .exitOverride();
   registerDemo(program);
   registerBench(program);
   registerMigrate(program);
   registerReceive(program);
+  return program;
+}
+
+/**
+ * What `main` prints for an error that ended a command, and the exit status: one line, or none
+ * for help that commander has already printed.
+ */
+export function errorExit(e: unknown): { line: string | null; exitCode: number } {
+  if (e instanceof CommanderError) {
+    const printed = e.exitCode === 0 || e.code === 'commander.help' || e.code === 'commander.helpDisplayed' || e.code === 'commander.version';
+    return { line: printed ? null : `stage2: ${commanderErrorLine(e.message)}`, exitCode: e.exitCode };
+  }
+  return { line: `stage2: ${(e as Error).message}`, exitCode: 1 };
+}
+
+export async function main(argv: string[]): Promise<void> {
   try {
-    await program.parseAsync(argv);
+    await buildProgram().parseAsync(argv);
   } catch (e) {
-    if (e instanceof CommanderError) {
-      if (e.exitCode !== 0 && e.code !== 'commander.help' && e.code !== 'commander.helpDisplayed') {
-        process.stderr.write(`stage2: ${commanderErrorLine(e.message)}\n`);
-      }
-      process.exit(e.exitCode);
-    }
-    const err = e as Error;
-    process.stderr.write(`stage2: ${err.message}\n`);
-    if (process.env.STAGE2_DEBUG) process.stderr.write(`${err.stack}\n`);
-    process.exit(1);
+    const { line, exitCode } = errorExit(e);
+    if (line !== null) process.stderr.write(`${line}\n`);
+    if (process.env.STAGE2_DEBUG && !(e instanceof CommanderError)) process.stderr.write(`${(e as Error).stack}\n`);
+    process.exit(exitCode);
   }
 }
