@@ -1,9 +1,9 @@
 // `stage2 bench ...`: benchmarks that print the same figures as KVM's selftests, and --json.
 import type { Command } from 'commander';
-import { openEngine } from '../vmm/factory.ts';
 import { runDirtyLogBench } from '../bench/dirty-log.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
 import { addCommonOptions, humanOut, parseIntList, parseLock, type CommonOptions } from './options.ts';
+import { openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
 import type { MmuLockMode } from '../vmm/engine.ts';
 
@@ -17,7 +17,8 @@ export function registerBench(program: Command): void {
     .option('--no-manual-protect', 'get dirty log clears and re-protects (no KVM_CLEAR_DIRTY_LOG)')
     .action(async (opts: CommonOptions & { manualProtect: boolean }) => {
       const out = humanOut(opts.json);
-      const engine = await openEngine(opts.engine, (why) => out(`engine: ${why}; using soft`));
+      const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
+      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runDirtyLogBench(
         engine,
         {
@@ -39,16 +40,18 @@ export function registerBench(program: Command): void {
     bench.command('scaling').description('dirty-log over a list of vCPU counts, both lock modes; tables like seed 003, SVG plot'),
     { bytesPerVcpu: '256M', vcpus: 1, iterations: 3 },
   )
-    .option('--vcpu-counts <list>', 'vCPU counts to run (overrides -v), e.g. 1,2,4,8', parseIntList)
+    .option('--vcpu-counts <list>', 'vCPU counts to run, e.g. 1,2,4,8 (default 1,2,4,8; -v N alone runs N only)', parseIntList)
     .option('--locks <list>', 'lock modes to compare', (t: string) => t.split(',').map((x) => parseLock(x.trim())), ['global', 'parallel'] as MmuLockMode[])
     .option('--svg <file>', 'write the plot here', 'scaling.svg')
-    .action(async (opts: CommonOptions & { vcpuCounts?: number[]; locks: MmuLockMode[]; svg: string }) => {
+    .action(async (opts: CommonOptions & { vcpuCounts?: number[]; locks: MmuLockMode[]; svg: string }, cmd: Command) => {
       const out = humanOut(opts.json);
-      const engine = await openEngine(opts.engine, (why) => out(`engine: ${why}; using soft`));
+      const vcpuCounts = scalingVcpuCounts(opts, cmd);
+      const demand = { vcpuCounts, vcpusFlag: opts.vcpuCounts ? '--vcpu-counts' : '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
+      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runScalingBench(
         engine,
         {
-          vcpuCounts: opts.vcpuCounts ?? [1, 2, 4, 8],
+          vcpuCounts,
           locks: opts.locks,
           bytesPerVcpu: opts.bytesPerVcpu,
           backing: opts.backing,

@@ -11,8 +11,15 @@ export function registerDemo(program: Command): void {
   addMigrationOptions(addCommonOptions(program.command('demo').description('a verified live migration of a running 1 GiB guest to a receiver process on loopback'), { bytesPerVcpu: '512M', vcpus: 2 })).action(
     async (opts: MigrateOptions) => {
       const out = (line: string) => process.stderr.write(line + '\n');
-      out('stage2 demo: live migration (pre-copy over TCP) of a running guest, verified by memory hash on both sides');
-      const result = await runMigrate({ ...opts, local: true }, out);
+      // The banner goes out with runMigrate's first line, i.e. once the command line and the
+      // machine's memory have been checked: a refused command prints its one error line only.
+      let banner = 'stage2 demo: live migration (pre-copy over TCP) of a running guest, verified by memory hash on both sides';
+      const log = (line: string) => {
+        if (banner) out(banner);
+        banner = '';
+        out(line);
+      };
+      const result = await runMigrate({ ...opts, local: true }, log);
       const dest = result.destination;
       out('');
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

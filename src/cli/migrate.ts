@@ -6,7 +6,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { openEngine } from '../vmm/factory.ts';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { connectLink } from '../migration/wire-link.ts';
@@ -15,8 +14,10 @@ import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
-import { addCommonOptions, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
-import { parseHostPort, type ReceiveReport } from './receive.ts';
+import { MAX_CHANNELS } from '../migration/stream/format.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
+import type { ReceiveReport } from './receive.ts';
+import { checkMigrateOptions, openCheckedEngine } from './validate.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -87,13 +88,13 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
     }
   });
   const report = new Promise<ReceiveReport | { error: string }>((resolve) => {
-    child.on('exit', (code) => {
+    child.on('exit', (code, signal) => {
       try {
         if (code === 0) return resolve(JSON.parse(out.trim().split('\n').pop()!) as ReceiveReport);
       } catch {
         /* fall through */
       }
-      resolve({ error: `receiver exited with status ${code}${errTail ? `: ${errTail.trim()}` : ''}` });
+      resolve({ error: `receiver exited with ${code !== null ? `status ${code}` : `signal ${signal}`}${errTail ? `: ${errTail.trim()}` : ''}` });
     });
   });
   const kill = () => {
@@ -110,12 +111,20 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
  */
 export async function runMigrate(opts: MigrateOptions, log: (line: string) => void): Promise<MigrateResult> {
   if (!opts.local && !opts.to) throw new Error('migrate needs --to HOST:PORT or --local');
-  const engine = await openEngine(opts.engine, (why) => log(`engine: ${why}; using soft`));
+  const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
+  const engine = await openCheckedEngine(opts.engine, demand, (why) => log(`engine: ${why}; using soft`));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
   const { vm, spec } = await createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, lock: opts.lock, guestPageSize: opts.guestPageSize });
   let receiver: LocalReceiver | null = null;
+  // A spawned receiver that the source never connected to (the connection failed, or the
+  // migration ended before it was made) would wait for a source forever, and this command for its
+  // report: the `--channels 1000` hang. SIGTERM makes it give up and exit 1 at once.
+  let linkUp = false;
+  const stopUnconnectedReceiver = () => {
+    if (receiver && !linkUp && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
+  };
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
@@ -129,7 +138,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     // let a failure surface inside migrateVm: an unreachable receiver is a failed migration with
     // stats, not a crash.
     const linkP = connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
-    linkP.catch(() => undefined);
+    linkP.then(() => (linkUp = true), () => undefined);
     await Promise.all([linkP.catch(() => undefined), sleep(opts.warmupMs)]);
     const link = lazyLink(opts.channels, () => linkP);
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
@@ -161,10 +170,12 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
+    stopUnconnectedReceiver();
     if (receiver) result.destination = await receiver.report;
     return result;
   } finally {
     await vm.destroy();
+    stopUnconnectedReceiver();
     if (receiver && receiver.child.exitCode === null) {
       await Promise.race([receiver.report, sleep(30_000)]);
       if (receiver.child.exitCode === null) receiver.child.kill('SIGKILL');
@@ -183,26 +194,31 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
+// The spawned receiver runs the guest --dest-run-ms, then reports and exits; `receive --run-ms 0`
+// would run it until a SIGINT that a detached child never gets, and the source would wait forever.
+const parseDestRunMs = parseIntInRange(1, Number.MAX_SAFE_INTEGER, 'must be a whole number of ms, at least 1: the --local receiver runs the guest this long, then exits');
+
 export function addMigrationOptions(cmd: Command): Command {
   return cmd
     .option('--max-bandwidth <size>', 'bytes per second on the link (accepts 64M); 0 = unlimited', parseSize, 0)
-    .option('--downtime-limit <ms>', 'largest acceptable downtime, ms', (t) => Number(t), DEFAULT_DOWNTIME_LIMIT_MS)
-    .option('--channels <n>', 'TCP connections to spread pages over', parsePositiveInt, 1)
+    .option('--downtime-limit <ms>', 'largest acceptable downtime, ms (0: switch over only when nothing is left to copy, or at --max-rounds)', parseNonNegativeNumber, DEFAULT_DOWNTIME_LIMIT_MS)
+    .option('--channels <n>', `TCP connections to spread pages over (1..${MAX_CHANNELS})`, parseIntInRange(1, MAX_CHANNELS), 1)
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
-    .option('--warmup-ms <ms>', 'let the guest run this long before migrating', (t) => Number(t), 200)
+    .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
-    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover', (t) => Number(t), 1000);
+    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000);
 }
 
 export function registerMigrate(program: Command): void {
   addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
-      .option('--to <host:port>', 'a `stage2 receive` listening there', parseHostPort)
+      .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false),
-  ).action(async (opts: MigrateOptions) => {
+  ).action(async (opts: MigrateOptions, cmd: Command) => {
+    checkMigrateOptions(opts, cmd);
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

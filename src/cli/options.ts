@@ -6,42 +6,134 @@ import { WORKLOAD_KINDS, type WorkloadKind } from '../guest/workload.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
-/** "512M", "1G", "64k", "4096" -> bytes. */
+/** The page size every size that backs guest memory must be a multiple of. */
+export const PAGE_BYTES = 4096;
+
+// Every parser below checks one option's value on its own: its syntax and its range. Commander
+// calls it while parsing, so a bad value is refused before anything starts, and main.ts prints
+// the message after the option's name: each message says what the value must be. Rules that span
+// options, or depend on the engine or the machine, are in validate.ts.
+
+/** "512M", "1G", "64k", "4096" -> bytes (any whole number of bytes, 0 included). */
 export function parseSize(text: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?$/.exec(text.trim());
-  if (!m) throw new InvalidArgumentError(`not a size: "${text}" (use e.g. 4096, 64K, 512M, 1G)`);
+  if (!m) throw new InvalidArgumentError(`not a size: use bytes or a number with K, M, G or T, e.g. 4096, 64K, 512M, 1G`);
   const bytes = Number(m[1]) * UNITS[m[2]!.toUpperCase()]!;
-  if (!Number.isSafeInteger(bytes)) throw new InvalidArgumentError(`size out of range: "${text}"`);
+  if (!Number.isSafeInteger(bytes)) {
+    throw new InvalidArgumentError(Number.isInteger(bytes) ? `too large: at most ${formatBytes(Number.MAX_SAFE_INTEGER)}` : `not a whole number of bytes`);
+  }
   return bytes;
 }
 
-export function parsePositiveInt(text: string): number {
-  const n = Number(text);
-  if (!Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(`not a positive integer: "${text}"`);
+/** A size that backs guest memory: positive and a multiple of 4 KiB (-b, --max-ram). */
+export function parseMemorySize(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes <= 0) throw new InvalidArgumentError(`must be a positive multiple of 4 KiB, e.g. 4K, 512M, 1G`);
+  if (bytes % PAGE_BYTES !== 0) {
+    const down = Math.floor(bytes / PAGE_BYTES) * PAGE_BYTES;
+    const up = down + PAGE_BYTES;
+    throw new InvalidArgumentError(`must be a multiple of 4 KiB (4096 bytes): use ${down > 0 ? `${formatBytes(down)} or ` : ''}${formatBytes(up)}`);
+  }
+  return bytes;
+}
+
+/** 1536 -> "1536", 65536 -> "64K", 3 * 2 ** 30 -> "3G": the largest unit that divides it. */
+export function formatBytes(bytes: number): string {
+  for (const u of ['T', 'G', 'M', 'K'] as const) {
+    if (bytes >= UNITS[u]! && bytes % UNITS[u]! === 0) return `${bytes / UNITS[u]!}${u}`;
+  }
+  return String(bytes);
+}
+
+/** 25165824 -> "24.0 MiB": an amount for a person to read (not to type back). */
+export function formatAmount(bytes: number): string {
+  if (bytes < 2 ** 10) return `${bytes} bytes`;
+  const [unit, div] = bytes >= 2 ** 40 ? ['TiB', 2 ** 40] : bytes >= 2 ** 30 ? ['GiB', 2 ** 30] : bytes >= 2 ** 20 ? ['MiB', 2 ** 20] : ['KiB', 2 ** 10];
+  return `${(bytes / div).toFixed(1)} ${unit}`;
+}
+
+/** A whole number in decimal digits, nothing else ("1e3", "0x10", "" and "-1" are not). */
+function wholeNumber(text: string, rule: string): number {
+  const t = text.trim();
+  const n = /^\d+$/.test(t) ? Number(t) : NaN;
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError(rule);
   return n;
 }
 
-export function parseIntList(text: string): number[] {
-  return text.split(',').map((t) => parsePositiveInt(t.trim()));
+/** A parser for a whole number in [min, max]; `rule` overrides the message ("must be ..."). */
+export function parseIntInRange(min: number, max: number = Number.MAX_SAFE_INTEGER, rule?: string): (text: string) => number {
+  const why = rule ?? (max === Number.MAX_SAFE_INTEGER ? `must be a whole number, at least ${min}` : `must be a whole number from ${min} to ${max}`);
+  return (text) => {
+    const n = wholeNumber(text, why);
+    if (n < min || n > max) throw new InvalidArgumentError(why);
+    return n;
+  };
 }
 
-function oneOf<T extends string>(allowed: readonly T[], what: string) {
+export const parsePositiveInt = parseIntInRange(1);
+
+/** Milliseconds and other counts where 0 means something (0, 1, 2, ...). */
+export const parseNonNegativeInt = parseIntInRange(0);
+
+/** A non-negative finite decimal number ("0", "2.5"; not "abc", "-1", "1e3", "Infinity"). */
+export function parseNonNegativeNumber(text: string): number {
+  const t = text.trim();
+  const n = /^\d+(?:\.\d+)?$/.test(t) ? Number(t) : NaN;
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`must be a number, 0 or more (e.g. 300 or 2.5)`);
+  return n;
+}
+
+/** "1,2,4" -> [1, 2, 4]: a non-empty list of positive whole numbers. */
+export function parseIntList(text: string): number[] {
+  const items = text.split(',').map((t) => t.trim());
+  if (items.some((t) => !/^\d+$/.test(t) || Number(t) < 1 || !Number.isSafeInteger(Number(t)))) {
+    throw new InvalidArgumentError(`must be a comma-separated list of positive whole numbers, e.g. 1,2,4,8`);
+  }
+  return items.map(Number);
+}
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+function hostPort(text: string, minPort: number): HostPort {
+  const m = /^(.*):(\d+)$/.exec(text.trim());
+  const port = m ? Number(m[2]) : NaN;
+  const host = m ? m[1]!.replace(/^\[(.*)\]$/, '$1') : '';
+  if (!m || !host || !(port >= minPort && port <= 65535)) {
+    throw new InvalidArgumentError(`must be HOST:PORT with a port from ${minPort} to 65535, e.g. 127.0.0.1:4444${minPort === 0 ? ' (port 0: the kernel picks one)' : ''}`);
+  }
+  return { host, port };
+}
+
+/** Where to listen (`receive --listen`): port 0 lets the kernel pick a free port. */
+export function parseListenAddress(text: string): HostPort {
+  return hostPort(text, 0);
+}
+
+/** A peer to connect to (`migrate --to`): a real port, 1..65535. */
+export function parsePeerAddress(text: string): HostPort {
+  return hostPort(text, 1);
+}
+
+function oneOf<T extends string>(allowed: readonly T[]) {
   return (text: string): T => {
     if (!(allowed as readonly string[]).includes(text)) {
-      throw new InvalidArgumentError(`${what} must be one of ${allowed.join(', ')} (got "${text}")`);
+      throw new InvalidArgumentError(`must be one of ${allowed.join(', ')}`);
     }
     return text as T;
   };
 }
 
-export const parseEngine = oneOf<EngineChoice>(['soft', 'kvm', 'default'], '--engine');
-export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'hugetlb'], '--backing');
-export const parseLock = oneOf<MmuLockMode>(['global', 'parallel'], '--lock');
-export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS, '--workload');
+export const parseEngine = oneOf<EngineChoice>(['soft', 'kvm', 'default']);
+export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'hugetlb']);
+export const parseLock = oneOf<MmuLockMode>(['global', 'parallel']);
+export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS);
 
 export function parseGuestPageSize(text: string): GuestPageSize {
   const bytes = parseSize(text);
-  if (bytes !== 4096 && bytes !== 2097152) throw new InvalidArgumentError(`--guest-page-size must be 4K or 2M (got "${text}")`);
+  if (bytes !== 4096 && bytes !== 2097152) throw new InvalidArgumentError(`must be 4K or 2M`);
   return bytes;
 }
 
@@ -66,7 +158,7 @@ export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string;
   return cmd
     .option('--engine <engine>', 'soft | kvm (default: kvm when /dev/kvm works, else soft)', parseEngine, 'default')
     .option('-v, --vcpus <n>', 'number of vCPUs', parsePositiveInt, defaults.vcpus)
-    .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU (accepts 512M, 1G)', parseSize, parseSize(defaults.bytesPerVcpu))
+    .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU, a multiple of 4 KiB (accepts 512M, 1G)', parseMemorySize, parseMemorySize(defaults.bytesPerVcpu))
     .option('-s, --backing <backing>', 'anonymous | anonymous_thp | hugetlb', parseBacking, 'anonymous')
     .option('--workload <kind>', 'sequential | random | idle | rwmix', parseWorkload, 'sequential')
     .option('--lock <mode>', 'soft engine MMU lock: global | parallel', parseLock, 'parallel')

@@ -3,12 +3,12 @@
 // switchover, then lets it run (--run-ms, or until SIGINT/SIGTERM), reports the vCPU pass
 // counters before and after and whether memory is what the workload implies, and exits.
 // Any failure before switchover discards everything and exits 1 with the reason.
-import { InvalidArgumentError, Option, type Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
-import { parseEngine, parseSize } from './options.ts';
+import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt } from './options.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -23,13 +23,6 @@ export interface ReceiveReport {
   ranSeconds: number;
   /** Null when guest memory matched the workload after running; else the first mismatch. */
   memoryCheck: string | null;
-}
-
-export function parseHostPort(text: string): { host: string; port: number } {
-  const m = /^(.*):(\d+)$/.exec(text.trim());
-  const port = m ? Number(m[2]) : NaN;
-  if (!m || !m[1] || !(port >= 0 && port < 65536)) throw new InvalidArgumentError(`expected HOST:PORT (e.g. 127.0.0.1:4444), got "${text}"`);
-  return { host: m[1].replace(/^\[(.*)\]$/, '$1'), port };
 }
 
 interface ReceiveOptions {
@@ -48,10 +41,10 @@ export function registerReceive(program: Command): void {
   program
     .command('receive')
     .description('receive a live migration: listen, build the VM, take the pages, run the guest')
-    .addOption(new Option('--listen <host:port>', 'address to listen on').argParser(parseHostPort).default(parseHostPort('127.0.0.1:4444'), '127.0.0.1:4444'))
+    .addOption(new Option('--listen <host:port>', 'address to listen on').argParser(parseListenAddress).default(parseListenAddress('127.0.0.1:4444'), '127.0.0.1:4444'))
     .option('--engine <engine>', 'soft | kvm (default: the engine the source runs)', parseEngine, 'default')
-    .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', (t) => Number(t), 0)
-    .option('--max-ram <size>', 'refuse guests with more RAM than this', parseSize, DEFAULT_MAX_RAM_BYTES)
+    .option('--run-ms <ms>', 'after switchover run the guest this long, then report and exit (0: until SIGINT)', parseNonNegativeInt, 0)
+    .option('--max-ram <size>', 'refuse guests with more RAM than this (a multiple of 4 KiB)', parseMemorySize, DEFAULT_MAX_RAM_BYTES)
     .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): first-touch faults happen in setup, not while pages stream in', true)
     .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)

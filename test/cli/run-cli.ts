@@ -13,9 +13,14 @@ export interface Run {
   stderr: string;
 }
 
-export function stage2(args: string[], opts: { onStderr?: (text: string, child: ReturnType<typeof spawn>) => void } = {}): Promise<Run> {
+/**
+ * Run `stage2 ...args`. `timeoutMs` is a hang guard: past it the child is killed (SIGKILL) and
+ * the run resolves with `code: null`.
+ */
+export function stage2(args: string[], opts: { onStderr?: (text: string, child: ReturnType<typeof spawn>) => void; timeoutMs?: number } = {}): Promise<Run> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const guard = opts.timeoutMs === undefined ? null : setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs);
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
@@ -23,7 +28,10 @@ export function stage2(args: string[], opts: { onStderr?: (text: string, child: 
       stderr += c.toString();
       opts.onStderr?.(stderr, child);
     });
-    child.on('exit', (code) => resolve({ code, stdout, stderr }));
+    child.on('close', (code) => {
+      if (guard) clearTimeout(guard);
+      resolve({ code, stdout, stderr });
+    });
   });
 }
 
