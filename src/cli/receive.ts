@@ -9,6 +9,7 @@ import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
 import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt } from './options.ts';
+import { machineRamAvailable, readMachineMemory } from './validate.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -65,7 +66,7 @@ export function registerReceive(program: Command): void {
         listener.close();
         const r = await receiveMigration(link, {
           openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine),
-          limits: { maxRamBytes: opts.maxRam },
+          limits: { maxRamBytes: opts.maxRam, availableRamBytes: () => machineRamAvailable(readMachineMemory()) },
           verifyRescan: opts.verifyRescan,
           preallocate: opts.prealloc,
           signal: ac.signal,

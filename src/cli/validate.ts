@@ -63,6 +63,11 @@ export function parseMeminfo(text: string): MachineMemory {
   };
 }
 
+/** Ordinary memory a new guest can have: MemAvailable plus free swap (every page gets touched). */
+export function machineRamAvailable(m: MachineMemory): number {
+  return m.memAvailableBytes + m.swapFreeBytes;
+}
+
 export function readMachineMemory(): MachineMemory {
   const mem = parseMeminfo(readFileSync('/proc/meminfo', 'utf8'));
   try {
@@ -115,7 +120,7 @@ export function checkGuestFits(caps: EngineCapabilities, d: GuestDemand, machine
     }
     return;
   }
-  const available = machine.memAvailableBytes + machine.swapFreeBytes;
+  const available = machineRamAvailable(machine);
   if (guestBytes * d.copies > available) {
     const swap = machine.swapFreeBytes > 0 ? ` (MemAvailable ${formatAmount(machine.memAvailableBytes)} + free swap ${formatAmount(machine.swapFreeBytes)})` : ' (MemAvailable; no free swap)';
     throw new UsageError(`guest RAM ${asked} is more than this machine can provide: ${formatAmount(available)} available${swap}; lower -v or -b`);

@@ -63,22 +63,26 @@ export function describeVm(vm: Vm, workload: WorkloadSpec, backing: Backing): Mi
 export interface HostLimits {
   /** Largest guest RAM this receiver accepts, bytes. */
   maxRamBytes: number;
+  /** Memory this host can give a new guest right now (read when CONFIG arrives), bytes. */
+  availableRamBytes?: () => number;
 }
 
-/** Throw IncompatibleConfigError naming the first thing this engine/host cannot provide. */
+/**
+ * Throw IncompatibleConfigError naming the first thing this engine/host cannot provide. `cfg`
+ * has passed validateConfig (config-validate.ts): its shape and consistency are not rechecked.
+ */
 export function checkConfig(cfg: MigrationConfig, engine: Engine, limits: HostLimits): void {
-  if (cfg.version !== CONFIG_VERSION) throw new IncompatibleConfigError(`config version ${cfg.version}, this receiver understands ${CONFIG_VERSION}`);
   if (cfg.engine !== engine.kind) throw new IncompatibleConfigError(`the source runs the ${cfg.engine} engine, this receiver the ${engine.kind} engine (vCPU state is engine-specific)`);
   const caps = engine.capabilities();
   if (!Number.isSafeInteger(cfg.vcpus) || cfg.vcpus < 1 || cfg.vcpus > caps.maxVcpus) throw new IncompatibleConfigError(`${cfg.vcpus} vCPUs, this engine supports 1..${caps.maxVcpus}`);
-  if (cfg.ramBytes > limits.maxRamBytes) throw new IncompatibleConfigError(`${cfg.ramBytes} bytes of guest RAM, this receiver accepts at most ${limits.maxRamBytes}`);
+  if (cfg.ramBytes > limits.maxRamBytes) throw new IncompatibleConfigError(`${cfg.ramBytes} bytes of guest RAM, this receiver accepts at most ${limits.maxRamBytes} (--max-ram)`);
+  const available = limits.availableRamBytes?.();
+  if (available !== undefined && cfg.ramBytes > available) throw new IncompatibleConfigError(`${cfg.ramBytes} bytes of guest RAM, this host has ${available} available (MemAvailable + free swap)`);
   if (cfg.vmConfig.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new IncompatibleConfigError('the source uses manual dirty-log protect, this engine lacks it');
+  if (cfg.vmConfig.dirtyRingEntries > caps.dirtyRingMaxEntries) throw new IncompatibleConfigError(`the source uses a dirty ring of ${cfg.vmConfig.dirtyRingEntries} entries, this engine offers at most ${caps.dirtyRingMaxEntries}`);
   for (const s of cfg.memslots) {
-    if (s.memorySize % PAGE_SIZE || s.guestPhysAddr % PAGE_SIZE || s.memorySize <= 0 || s.pages !== s.memorySize / PAGE_SIZE) throw new IncompatibleConfigError(`memslot ${s.slot} is not page aligned`);
     if (!s.internal && !caps.backings.includes(s.backing)) throw new IncompatibleConfigError(`memslot ${s.slot} needs ${s.backing} backing, this host offers ${caps.backings.join(', ')}`);
   }
-  const sum = cfg.memslots.reduce((a, s) => a + s.memorySize, 0);
-  if (sum !== cfg.ramBytes) throw new IncompatibleConfigError(`ramBytes ${cfg.ramBytes} disagrees with the memslots (${sum})`);
 }
 
 /**

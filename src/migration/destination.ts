@@ -14,7 +14,8 @@
 // Concurrency: the VMM's main thread owns the Vm and the tables; records are delivered one at a
 // time by the link.
 import { MMU_LOCK_MODES, PAGE_SIZE, type Engine, type EngineKind, type VcpuState, type Vm } from '../vmm/engine.ts';
-import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
+import { checkVcpuStateEnvelope, VcpuStateError } from '../vmm/vcpu-state.ts';
+import { ErrorCode, errorCodeFor } from './stream/format.ts';
 import { buildDestinationVm, checkConfig, type HostLimits, type MigrationConfig } from './config.ts';
 import { validateConfig } from './config-validate.ts';
 import { MigrationCancelledError, VerificationError } from './errors.ts';
@@ -94,15 +95,21 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
 
-  const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`);
+  const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`, ErrorCode.BAD_STREAM);
 
   // CONFIG arrives as parsed JSON: every field is checked (config-validate.ts) before anything
   // is built, and its digest is kept for END's check.
   const onConfig = async (raw: unknown) => {
-    const c = validateConfig(raw, MMU_LOCK_MODES);
+    let c: MigrationConfig;
+    let engine: Engine;
+    try {
+      c = validateConfig(raw, MMU_LOCK_MODES);
+      engine = await opts.openEngine(c.engine);
+      checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
+    } catch (e) {
+      throw new MigrationLinkError((e as Error).message, ErrorCode.BAD_CONFIG);
+    }
     configDigest = digester.config(raw);
-    const engine = await opts.openEngine(c.engine);
-    checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
     // Preallocation overlaps the vCPU threads' start-up.
     vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c) : undefined);
@@ -189,7 +196,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       if (vcpuStates.some((s) => s.vcpu === state.vcpu)) throw new Error(`a second state for vCPU ${state.vcpu}`);
       vm!.loadVcpuState(state);
     } catch (e) {
-      throw protocol(`VCPU_STATE record ${vcpuStates.length + 1}: ${(e as Error).message}`);
+      throw new MigrationLinkError(`VCPU_STATE record ${vcpuStates.length + 1}: ${(e as Error).message}`, e instanceof VcpuStateError ? ErrorCode.BAD_VCPU_STATE : ErrorCode.BAD_STREAM);
     }
     vcpuStates.push(state);
   };
@@ -299,7 +306,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     // The run may reject after a successful switchover only if the source drops while closing.
     if (result) return result;
     const err = opts.signal?.aborted ? new MigrationCancelledError('receive cancelled') : (e as Error);
-    await link.send({ type: 'error', message: err.message }).catch(() => undefined);
+    await link.send({ type: 'error', message: err.message, code: rejectionCode(err) }).catch(() => undefined);
     link.close();
     const v = vm as Vm | null;
     if (v) await v.destroy();
@@ -307,4 +314,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
   }
+}
+
+/** The ERROR code that tells the source what kind of failure ended the migration here. */
+function rejectionCode(err: Error): number {
+  if (err instanceof MigrationCancelledError) return ErrorCode.CANCELLED;
+  return errorCodeFor(err);
 }

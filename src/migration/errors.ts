@@ -1,5 +1,6 @@
 // Typed failures of a migration, so the CLI can tell a cancel from a broken link from a
 // destination that refused the VM.
+import { ErrorCode } from './stream/format.ts';
 
 /** SIGINT or an AbortSignal ended the migration before switchover. */
 export class MigrationCancelledError extends Error {
@@ -17,8 +18,12 @@ export class DestinationError extends Error {
   }
 }
 
-/** The source and destination disagree about the memory they hold at switchover. */
+/**
+ * The source and destination disagree about the state they hold at switchover (memory, CONFIG
+ * or vCPU state); the ERROR record that reports it says VERIFY_FAILED.
+ */
 export class VerificationError extends Error {
+  readonly errorCode = ErrorCode.VERIFY_FAILED;
   constructor(message: string) {
     super(message);
     this.name = 'VerificationError';

@@ -46,7 +46,8 @@ export type DestRecord =
   | { type: 'complete'; hash: string; pagesReceived: number }
   /** Answers GO: the guest runs on the destination. */
   | { type: 'started' }
-  | { type: 'error'; message: string };
+  /** `code`: what kind of failure (stream/format.ts ErrorCode), for the source to report. */
+  | { type: 'error'; message: string; code?: number };
 
 export interface SourceLink {
   readonly channels: number;
@@ -79,9 +80,15 @@ export interface DestLink {
   close(): void;
 }
 
-/** The connection broke or the peer broke the protocol. */
+/**
+ * The connection broke or the peer broke the protocol; `errorCode` (stream/format.ts ErrorCode)
+ * says how, if known: the ERROR record sent to the peer carries it.
+ */
 export class MigrationLinkError extends Error {
-  constructor(message: string) {
+  constructor(
+    message: string,
+    readonly errorCode?: number,
+  ) {
     super(message);
     this.name = 'MigrationLinkError';
   }

@@ -195,7 +195,7 @@ class WireDestLink implements DestLink {
       case 'started':
         return this.incoming.reply({ kind: 'started' });
       case 'error':
-        this.incoming.abort(new Error(r.message));
+        this.incoming.abort(new Error(r.message), r.code);
         return;
       case 'synced':
         return this.incoming.reply({ kind: 'sync-ack', round: r.round });

@@ -268,9 +268,20 @@ export const ErrorCode = {
   BAD_CONFIG: 6,
   CANCELLED: 7,
   VERIFY_FAILED: 8,
+  BAD_VCPU_STATE: 9,
 } as const;
 
+const ERROR_CODE_NAMES: Record<number, string> = Object.fromEntries(Object.entries(ErrorCode).map(([name, code]) => [code, name]));
+
+/** "BAD_CONFIG (6)"; an unknown code as its number. */
+export function describeErrorCode(code: number): string {
+  return ERROR_CODE_NAMES[code] ? `${ERROR_CODE_NAMES[code]} (${code})` : `error ${code}`;
+}
+
 export function errorCodeFor(e: unknown): number {
+  // A layer above may say what kind of failure it is (migration/link.ts MigrationLinkError).
+  const carried = (e as { errorCode?: unknown } | null)?.errorCode;
+  if (typeof carried === 'number') return carried;
   if (e instanceof MigrationStreamError) {
     if (e.code === 'bad-version') return ErrorCode.BAD_VERSION;
     if (e.code === 'bad-magic') return ErrorCode.BAD_MAGIC;

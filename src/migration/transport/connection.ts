@@ -36,6 +36,7 @@ import { encodeRecord } from '../stream/encoder.ts';
 import {
   CAP_LZ4,
   CAP_MULTICHANNEL,
+  describeErrorCode,
   MAX_CHANNELS,
   MAX_PAGES_PER_RECORD,
   STREAM_PAGE_SIZE,
@@ -166,7 +167,7 @@ export class MigrationConnection {
       try {
         for (let rec = ch.next(); rec; rec = ch.next()) {
           if (rec.kind === 'error') {
-            this.fail(new MigrationTransportError('remote-error', `destination ${this.peer} reported error ${rec.code}: ${rec.message}`, rec.code));
+            this.fail(new MigrationTransportError('remote-error', `destination ${this.peer} reported ${describeErrorCode(rec.code)}: ${rec.message}`, rec.code));
             continue;
           }
           if (ch.index !== 0 || rec.kind === 'hello-ack') {

@@ -35,6 +35,7 @@ import {
   MigrationStreamError,
   STREAM_VERSION,
   errorCodeFor,
+  describeErrorCode,
   ErrorCode,
   type MigrationRecord,
 } from '../stream/format.ts';
@@ -314,7 +315,7 @@ export class IncomingMigration {
           this.recordChannel = 0;
           return rec;
         case 'error':
-          throw new MigrationTransportError('remote-error', `source on channel ${i} reported error ${rec.code}: ${rec.message}`, rec.code);
+          throw new MigrationTransportError('remote-error', `source on channel ${i} reported ${describeErrorCode(rec.code)}: ${rec.message}`, rec.code);
         default:
           throw new MigrationStreamError('unexpected-record', `${rec.kind} on channel ${i} after the handshake`);
       }
@@ -411,7 +412,7 @@ export class IncomingMigration {
       const rec = ch.next(); // throws the channel's failure, if any
       if (rec) {
         if (rec.kind === 'go') return;
-        if (rec.kind === 'error') throw new MigrationTransportError('remote-error', `source reported error ${rec.code}: ${rec.message}`, rec.code);
+        if (rec.kind === 'error') throw new MigrationTransportError('remote-error', `source reported ${describeErrorCode(rec.code)}: ${rec.message}`, rec.code);
         throw new MigrationStreamError('unexpected-record', `${rec.kind} after END: expected GO`);
       }
       if (ch.isClosed) throw new MigrationTransportError('connection-lost', 'the source closed the connection after END without GO');
@@ -426,9 +427,9 @@ export class IncomingMigration {
   }
 
   /** Tell the source why we give up (best effort) and drop every channel. */
-  abort(err: Error): void {
+  abort(err: Error, errorCode?: number): void {
     this.done = true;
-    const code = err instanceof MigrationTransportError && err.remoteCode ? ErrorCode.INTERNAL : errorCodeFor(err);
+    const code = errorCode ?? (err instanceof MigrationTransportError && err.remoteCode ? ErrorCode.INTERNAL : errorCodeFor(err));
     const buf = Buffer.alloc(8 + 4 + 4096);
     this.control.abortWith(buf.subarray(0, encodeRecord({ kind: 'error', code, message: err.message }, buf, 0)));
     for (const ch of this.channels.slice(1)) ch.destroy();
