@@ -50,7 +50,7 @@ export function jsonOf(s: Uint8Array, r: RecordSpan): unknown {
 
 /** Record `r` re-encoded with a new JSON payload (the length follows the text). */
 export function withJson(s: Uint8Array, r: RecordSpan, value: unknown): Uint8Array {
-  return replaceRecord(s, r, recordBytes(r.type, new Uint8Array(Buffer.from(JSON.stringify(value), 'utf8'))));
+  return replaceRecord(s, r, recordBytes(r.type, new Uint8Array(Buffer.from(JSON.stringify(value) ?? 'null', 'utf8'))));
 }
 
 type Path = (string | number)[];
