@@ -6,21 +6,10 @@
 // Concurrency: pure functions.
 import { RECORD_HEADER_BYTES, RecordType } from '../../../src/migration/stream/format.ts';
 import type { RecordSpan } from './capture.ts';
+export { rng } from '../stream/helpers.ts';
 
 export type Rng = (n: number) => number;
 
-/** xorshift64: the same seed, the same mutations. */
-export function rng(seed: number): Rng {
-  let s = BigInt(seed) * 0x9e3779b97f4a7c15n + 1n;
-  return (n: number) => {
-    s ^= s << 13n;
-    s &= 0xffff_ffff_ffff_ffffn;
-    s ^= s >> 7n;
-    s ^= s << 17n;
-    s &= 0xffff_ffff_ffff_ffffn;
-    return n <= 1 ? 0 : Number(s % BigInt(n));
-  };
-}
 
 export interface Mutation {
   bytes: Uint8Array;

@@ -8,19 +8,8 @@ import { StreamDecoder } from '../../../src/migration/stream/decoder.ts';
 import { encodeToBytes, writeRamHeader } from '../../../src/migration/stream/encoder.ts';
 import { MigrationStreamError, RamEncoding, STREAM_VERSION, type MigrationRecord } from '../../../src/migration/stream/format.ts';
 import { compressPages } from '../../../src/migration/stream/lz4.ts';
-import { LAYOUT, concat, hello, pageData } from './helpers.ts';
+import { LAYOUT, concat, hello, pageData, rng } from './helpers.ts';
 
-function rng(seed: number): (n: number) => number {
-  let s = BigInt(seed) | 1n;
-  return (n: number) => {
-    s ^= s << 13n;
-    s &= 0xffff_ffff_ffff_ffffn;
-    s ^= s >> 7n;
-    s ^= s << 17n;
-    s &= 0xffff_ffff_ffff_ffffn;
-    return n <= 1 ? 0 : Number(s % BigInt(n));
-  };
-}
 
 function lz4Ram(slot: number, firstPage: number, count: number): Uint8Array {
   const data = new Uint8Array(count * 4096).fill(slot + 1);

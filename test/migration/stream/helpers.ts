@@ -74,3 +74,16 @@ export function norm(records: MigrationRecord[]): unknown[] {
     r.kind === 'ram' ? { ...r, data: Buffer.from(r.data.buffer, r.data.byteOffset, r.data.byteLength).toString('base64') } : r,
   );
 }
+
+/** xorshift64 from a seed: r(n) is the next draw in [0, n). The same seed, the same draws. */
+export function rng(seed: number): (n: number) => number {
+  let s = BigInt(seed) | 1n;
+  return (n: number) => {
+    s ^= s << 13n;
+    s &= 0xffff_ffff_ffff_ffffn;
+    s ^= s >> 7n;
+    s ^= s << 17n;
+    s &= 0xffff_ffff_ffff_ffffn;
+    return n <= 1 ? 0 : Number(s % BigInt(n));
+  };
+}
