@@ -2,8 +2,8 @@
 // camelCase). Seconds are floats, counts integers. throughputMBps is decimal megabytes (10^6
 // bytes) per second of the migration after setup.
 
-/** QEMU's MigrationStatus, the subset pre-copy uses. */
-export type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled';
+/** QEMU's MigrationStatus (postcopy-active is reserved for post-copy). */
+export type MigrationStatus = 'setup' | 'active' | 'postcopy-active' | 'device' | 'completed' | 'failed' | 'cancelled';
 
 export interface RoundStats {
   round: number;
