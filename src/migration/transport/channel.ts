@@ -74,8 +74,8 @@ export class Channel extends ChannelWriter {
       socket.resume(); // a server socket accepted with pauseOnConnect starts paused
     }
     socket.setNoDelay(true);
-    // A peer host that vanishes without FIN/RST is found by keepalive probes (and, on the
-    // destination, by records()' idleTimeoutMs much sooner).
+    // Every migration socket, both sides: a peer host that vanishes without FIN/RST is found by
+    // keepalive probes (and, while this side waits on it, by liveness.ts's idle timeout sooner).
     socket.setKeepAlive(true, 5000);
     socket.on('error', (e) => {
       this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(e)} ${this.progress()}`));
@@ -175,7 +175,7 @@ export class Channel extends ChannelWriter {
     this.endExpected = true;
     this.batch = undefined;
     this.batchLen = 0;
-    if (this.closed || this.socket.destroyed) return;
+    if (this.closed || this.socket.destroyed || this.socket.writableEnded) return;
     this.socket.end(bytes);
     setTimeout(() => this.socket.destroy(), 2000).unref();
   }

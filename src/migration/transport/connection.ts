@@ -20,6 +20,8 @@
 //     // back records: READY, SYNC_ACK {round}, COMPLETE {memoryHash, pages, details?},
 //     // POSTCOPY_REQUEST; an ERROR from the destination is not queued: it fails the connection
 //     // (MigrationTransportError 'remote-error', remoteCode = its code) and rejects the wait.
+//   conn.setPhase({ label: 'waiting for COMPLETE', awaiting: true })   // liveness.ts: names the
+//     // phase in the idle-timeout error, and says whether the destination's silence counts
 //   await conn.close()        // or conn.destroy(err)
 //   conn.bytesSent, conn.channels[i].bytesSent, .pagesSent, .compressedPages
 //
@@ -28,7 +30,10 @@
 // Page records may go on any channel (`channel` option, default round-robin per call); within
 // a round the caller must not send one page twice, across rounds it may. Calls on one channel
 // that overlap are queued in call order; calls on different channels run concurrently.
-// Failures (peer gone, ERROR from the destination) fail every channel and reject pending and
+// Liveness (liveness.ts): from the handshake on, a socket write that does not drain for
+// idleTimeoutMs, or silence from the destination while setPhase says we await an answer, fails
+// the connection with MigrationTransportError('idle-timeout') naming the phase.
+// Failures (peer gone, ERROR from the destination, idle timeout) fail every channel and reject pending and
 // later calls with a MigrationTransportError; conn.failure holds the first one.
 
 import { randomBytes } from 'node:crypto';
@@ -48,6 +53,7 @@ import { Channel } from './channel.ts';
 import { Signal, connectSocket } from './connect.ts';
 import { MigrationTransportError } from './errors.ts';
 import { RateLimiter } from './rate-limiter.ts';
+import { IdleWatch, type LinkPhase } from './liveness.ts';
 
 export interface ConnectOptions {
   host: string;
@@ -58,6 +64,8 @@ export interface ConnectOptions {
   caps?: number;
   /** For each connect and each handshake answer. Default 10 s. */
   timeoutMs?: number;
+  /** Idle timeout once connected (liveness.ts); default DEFAULT_IDLE_TIMEOUT_MS. */
+  idleTimeoutMs?: number;
   /** --max-bandwidth: total bytes/s over all channels. */
   maxBandwidthBytesPerSec?: number;
   batchBytes?: number;
@@ -82,6 +90,7 @@ export class MigrationConnection {
   private readonly activity = new Signal();
   private rr = 0;
   private closing = false;
+  private watch: IdleWatch | undefined;
   failure: Error | undefined;
 
   private constructor(peer: string, sessionId: bigint, limiter: RateLimiter | undefined) {
@@ -130,6 +139,7 @@ export class MigrationConnection {
       conn.channels.length = 1;
       conn.channels.push(...extra);
       for (const ch of conn.channels) ch.setOnActivity(() => conn.pump());
+      conn.watch = new IdleWatch(() => conn.channels, 'destination', (e) => conn.fail(e), opts.idleTimeoutMs, 'after the handshake');
       conn.pump();
       return conn;
     } catch (e) {
@@ -183,7 +193,13 @@ export class MigrationConnection {
     this.activity.notify();
   }
 
+  /** Liveness (liveness.ts): what the source does now, and whether it awaits an answer. */
+  setPhase(phase: LinkPhase): void {
+    this.watch?.setPhase(phase);
+  }
+
   private fail(err: Error): void {
+    this.watch?.stop();
     if (!this.failure && !this.closing) this.failure = err;
     for (const ch of this.channels) ch.fail(err);
   }
@@ -333,6 +349,7 @@ export class MigrationConnection {
   /** Flush and close every channel; the destination may close first. */
   async close(): Promise<void> {
     this.closing = true;
+    this.watch?.stop();
     for (const ch of this.channels) ch.expectEnd();
     await Promise.all(this.channels.map((ch) => ch.close().catch(() => undefined)));
   }
@@ -350,6 +367,7 @@ export class MigrationConnection {
       }
     }
     this.closing = true;
+    this.watch?.stop();
     for (const ch of this.channels) if (ch !== this.control || !err) ch.destroy();
   }
 }
