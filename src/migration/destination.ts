@@ -10,6 +10,9 @@
 // Any failure before the guest starts destroys the VM (nothing of the source's guest is kept),
 // tells the source with an ERROR record when the link still works, and rejects. That includes a
 // connection lost after COMPLETE but before GO: the source may still resume the guest there.
+// Every wait on the source (the next record, GO) is bounded by the link's idle timeout
+// (opts.timeoutMs, transport/liveness.ts), and a cancel (opts.signal: SIGINT) ends any wait at
+// once; both count as such failures.
 //
 // Concurrency: the VMM's main thread owns the Vm and the tables; records are delivered one at a
 // time by the link.
@@ -32,6 +35,8 @@ export interface ReceiveOptions {
   preallocate?: boolean;
   signal?: AbortSignal;
   log?: (line: string) => void;
+  /** Idle timeout of every wait on the source, ms (default: the link's, DEFAULT_IDLE_TIMEOUT_MS). */
+  timeoutMs?: number;
 }
 
 export interface ReceiveResult {
@@ -253,8 +258,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
 
   let switched: () => void = () => undefined;
   const whenSwitched = new Promise<void>((r) => (switched = r));
-  const onAbort = () => link.close();
+  // A cancel fails the link at once (an ERROR to the source, every wait in run() ends); close()
+  // would wait for the source to close its side first.
+  const onAbort = () => void link.send({ type: 'error', message: 'receive cancelled' }).catch(() => undefined);
   opts.signal?.addEventListener('abort', onAbort, { once: true });
+  if (opts.timeoutMs !== undefined) link.setIdleTimeout?.(opts.timeoutMs);
+  if (opts.signal?.aborted) onAbort();
   try {
     const running = link.run(onRecord).then(() => {
       if (opts.signal?.aborted) throw new MigrationCancelledError('receive cancelled');

@@ -27,11 +27,15 @@ import type { MigrationRecord, StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
 import { formatMemoryHash } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
-import { MigrationLinkError, type DestLink, type DestRecord, type SourceLink, type SourceRecord } from './link.ts';
+import { MigrationLinkError, type DestLink, type DestRecord, type LinkPhase, type SourceLink, type SourceRecord } from './link.ts';
 
 const parseHash = (h: string): bigint => BigInt(`0x${h}`);
 
-/** The longest wait the transport's timers accept (setTimeout caps at 2^31-1 ms). */
+/**
+ * The longest wait the transport's timers accept (setTimeout caps at 2^31-1 ms). receive() needs
+ * no deadline of its own: the connection's idle watch (liveness.ts) fails it when the
+ * destination goes silent while setPhase says we await an answer.
+ */
 const FOREVER_MS = 2 ** 31 - 1;
 
 class WireSourceLink implements SourceLink {
@@ -123,6 +127,10 @@ class WireSourceLink implements SourceLink {
     return this.conn.bytesSent;
   }
 
+  setPhase(phase: LinkPhase): void {
+    this.conn.setPhase(phase);
+  }
+
   close(): void {
     this.conn.close().catch(() => undefined);
   }
@@ -205,12 +213,22 @@ class WireDestLink implements DestLink {
   close(): void {
     this.incoming.close().catch(() => undefined);
   }
+
+  setIdleTimeout(ms: number): void {
+    this.incoming.setIdleTimeout(ms);
+  }
 }
 
-/** Open `channels` TCP connections to a `receive` and do the stream handshake. */
-export async function connectLink(opts: { host: string; port: number; channels: number }): Promise<SourceLink> {
+/**
+ * Open `channels` TCP connections to a `receive` and do the stream handshake. `timeoutMs` bounds
+ * each connect and handshake answer, and is the link's idle timeout until setPhase says
+ * otherwise (default DEFAULT_IDLE_TIMEOUT_MS).
+ */
+export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number }): Promise<SourceLink> {
   try {
-    return new WireSourceLink(await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false }));
+    return new WireSourceLink(
+      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs }),
+    );
   } catch (e) {
     throw new MigrationLinkError(`cannot connect to ${opts.host}:${opts.port}: ${(e as Error).message}`);
   }
@@ -224,8 +242,9 @@ export interface LinkListener {
   close(): void;
 }
 
-export async function listenLink(opts: { host: string; port: number }): Promise<LinkListener> {
-  const server = await MigrationListener.listen({ host: opts.host, port: opts.port });
+/** `timeoutMs`: each accepted link's handshake and idle timeout (default DEFAULT_IDLE_TIMEOUT_MS). */
+export async function listenLink(opts: { host: string; port: number; timeoutMs?: number }): Promise<LinkListener> {
+  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs });
   return {
     host: server.host,
     port: server.port,
