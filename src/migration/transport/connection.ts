@@ -144,6 +144,7 @@ export class MigrationConnection {
       return conn;
     } catch (e) {
       for (const ch of conn.channels) ch.destroy();
+      if (e instanceof MigrationTransportError && e.code === 'connection-lost') throw new MigrationTransportError(e.code, `${e.message}, during the handshake`);
       throw e;
     }
   }
@@ -199,8 +200,15 @@ export class MigrationConnection {
   }
 
   private fail(err: Error): void {
+    const label = this.watch?.label;
     this.watch?.stop();
-    if (!this.failure && !this.closing) this.failure = err;
+    if (!this.failure && !this.closing) {
+      // A dropped connection, or the destination's own error, also names the phase this side
+      // was in (the idle timeout already does).
+      if (err instanceof MigrationTransportError && label && err.code === 'connection-lost') err = new MigrationTransportError(err.code, `${err.message}, ${label}`);
+      else if (err instanceof MigrationTransportError && label && err.code === 'remote-error') err = new MigrationTransportError(err.code, `${err.message} (source ${label})`, err.remoteCode);
+      this.failure = err;
+    }
     for (const ch of this.channels) ch.fail(err);
   }
 
