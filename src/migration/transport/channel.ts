@@ -177,6 +177,9 @@ export class Channel extends ChannelWriter {
     this.batchLen = 0;
     if (this.closed || this.socket.destroyed || this.socket.writableEnded) return;
     this.socket.end(bytes);
+    // Best effort: the socket no longer holds the process open (a process that is done exits
+    // without waiting on a peer that stopped reading), and it is dropped after 2 s regardless.
+    this.socket.unref();
     setTimeout(() => this.socket.destroy(), 2000).unref();
   }
 

@@ -364,7 +364,8 @@ export class MigrationConnection {
 
   /** Abort: tell the destination why (best effort) and drop every connection. */
   destroy(err?: Error): void {
-    if (err && !this.failure) {
+    const first = !this.failure;
+    if (err && first) {
       try {
         // Best effort: squeeze an ERROR into a fresh buffer and write it raw.
         const buf = Buffer.alloc(8 + 4 + 4096);
@@ -374,8 +375,12 @@ export class MigrationConnection {
         /* the connection may already be gone */
       }
     }
+    // Every pending and later call fails now (a wait for a back record included), even while
+    // the ERROR above is still being written on the control channel.
+    if (first) this.failure = err ?? new MigrationTransportError('closed', `connection to ${this.peer} destroyed`);
     this.closing = true;
     this.watch?.stop();
     for (const ch of this.channels) if (ch !== this.control || !err) ch.destroy();
+    this.activity.notify();
   }
 }
