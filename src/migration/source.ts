@@ -71,6 +71,13 @@ export interface PrecopyOptions {
 export const READY_ALLOWANCE_MS_PER_GIB = 10_000;
 /** Extra idle time for COMPLETE per GiB: the destination may re-hash all memory (--verify-rescan, ~7 GiB/s). */
 export const COMPLETE_ALLOWANCE_MS_PER_GIB = 1_000;
+/**
+ * Bytes that may sit in socket buffers (ours, the network's, the destination's read window)
+ * after our last write completed: they drain without any progress we can see, so a wait for an
+ * answer to them (SYNC_ACK, COMPLETE) gets their drain time at the measured bandwidth on top
+ * (~0.3 s at 1 Gbit/s; seconds on a slow link).
+ */
+const UNSEEN_BUFFER_BYTES = 32 << 20;
 
 export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 60;
@@ -137,6 +144,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const ramGiB = cfg.ramBytes / 2 ** 30;
   /** Tell the link what we do now (liveness: the idle-timeout error names it). */
   const phase = (label: string, awaiting = false, allowanceMs = 0) => link.setPhase?.({ label, awaiting, idleTimeoutMs: idleMs + Math.ceil(allowanceMs) });
+  const drainAllowanceMs = () => (bandwidth > 0 ? (Math.min(link.bytesSent(), UNSEEN_BUFFER_BYTES) / bandwidth) * 1000 : 0);
   sender.check = () => {
     if (opts.signal?.aborted && !committed) throw new MigrationCancelledError();
     if (destFailure) throw destFailure;
@@ -331,7 +339,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     // would include draining the socket buffers. The throttle keeps holding the guest back
     // meanwhile, and stops only right before the pause, so the guest gets no unthrottled
     // window to dirty memory after the convergence decision.
-    phase(`during device (waiting for SYNC_ACK of round ${round})`, true);
+    phase(`during device (waiting for SYNC_ACK of round ${round})`, true, drainAllowanceMs());
     if (link.acksRounds) await caughtUp(round);
     phase('during device (stop-and-copy)');
     const tPause = now();
@@ -357,7 +365,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
     await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: formatMemoryHash(sentTable.total()) });
     const tEnd = now();
-    phase('waiting for COMPLETE', true, ramGiB * COMPLETE_ALLOWANCE_MS_PER_GIB);
+    phase('waiting for COMPLETE', true, ramGiB * COMPLETE_ALLOWANCE_MS_PER_GIB + drainAllowanceMs());
     const reply = await finalReply;
     if (reply.type === 'error') throw new DestinationError(reply.message);
     if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);

@@ -55,7 +55,7 @@ class WireSourceLink implements SourceLink {
     try {
       await this.sendRecord(r, channel);
     } catch (e) {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     }
   }
 
@@ -88,7 +88,9 @@ class WireSourceLink implements SourceLink {
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
         await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent });
-        return this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
+        await this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
+        this.conn.dataChannelsDone();
+        return;
       case 'go':
         await this.conn.send({ kind: 'go' });
         return this.conn.push();
@@ -98,7 +100,7 @@ class WireSourceLink implements SourceLink {
   async receive(): Promise<DestRecord> {
     if (this.destroyedWith) throw this.destroyedWith;
     const rec = await this.conn.nextBackRecord(['ready', 'sync-ack', 'complete', 'started', 'error'], FOREVER_MS).catch((e: Error) => {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     });
     switch (rec.kind) {
       case 'ready':
@@ -119,7 +121,7 @@ class WireSourceLink implements SourceLink {
   async flush(): Promise<void> {
     if (this.destroyedWith) throw this.destroyedWith;
     await this.conn.push().catch((e: Error) => {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     });
   }
 

@@ -214,6 +214,10 @@ describe.concurrent('fault proxy: slow or briefly stalled links still complete (
 // ---- the long run (not part of npm test) ----
 
 const LONG = process.env.STAGE2_LONG === '1';
+/** STAGE2_LONG_FAULTS=cut,slow restricts the mix (default: cut, reset, stall twice, slow). */
+const FAULT_MIX = (process.env.STAGE2_LONG_FAULTS?.split(',') as Fault[] | undefined) ?? ['cut', 'reset', 'stall', 'stall', 'slow'];
+/** STAGE2_LONG_SLOW_BPS: the rate of a slow link (default 4 MB/s). */
+const SLOW_BPS = Number(process.env.STAGE2_LONG_SLOW_BPS ?? 4e6);
 const RECORDS_UP: RecordName[] = ['HELLO', 'CONFIG', 'RAM', 'ZERO', 'SYNC', 'VCPU_STATE', 'END', 'GO'];
 const RECORDS_DOWN: RecordName[] = ['HELLO_ACK', 'READY', 'SYNC_ACK', 'COMPLETE', 'STARTED'];
 
@@ -238,6 +242,8 @@ describe.runIf(LONG)('fault proxy: long randomized run', () => {
     const counts = new Map<string, number>();
     const bump = (k: string) => counts.set(k, (counts.get(k) ?? 0) + 1);
     const failures: string[] = [];
+    /** A few error messages per outcome, to read in the summary. */
+    const samples = new Map<string, string[]>();
     let maxSourceMs = 0;
     let maxDestMs = 0;
     let next = 0;
@@ -246,12 +252,12 @@ describe.runIf(LONG)('fault proxy: long randomized run', () => {
         const i = next++;
         if (i >= cases) return;
         const dir: Direction = rand() < 0.6 ? 'up' : 'down';
-        const fault = pick<Fault>(['cut', 'reset', 'stall', 'stall', 'slow']);
+        const fault = pick<Fault>(FAULT_MIX);
         const channels = rand() < 0.25 ? 2 : 1;
         const conn = channels === 2 && rand() < 0.5 ? 1 : 0;
         const byOffset = rand() < 0.5;
         const at = byOffset ? { offset: Math.floor(rand() * lengths[dir] * 1.05) } : { record: pick(dir === 'up' ? RECORDS_UP : RECORDS_DOWN), nth: 1 + Math.floor(rand() * 3) };
-        const rule: FaultRule = { conn, dir, fault, at, bytesPerSec: 4e6, releaseAfterMs: fault === 'stall' && rand() < 0.2 ? Math.floor(rand() * 2 * T) : undefined };
+        const rule: FaultRule = { conn, dir, fault, at, bytesPerSec: SLOW_BPS, releaseAfterMs: fault === 'stall' && rand() < 0.2 ? Math.floor(rand() * 2 * T) : undefined };
         const desc = JSON.stringify(rule) + ` channels=${channels}`;
         try {
           const o = await throughProxy(soft, [rule], { channels });
@@ -260,7 +266,9 @@ describe.runIf(LONG)('fault proxy: long randomized run', () => {
           maxSourceMs = Math.max(maxSourceMs, o.sourceMs);
           maxDestMs = Math.max(maxDestMs, o.destMs);
           const fired = o.proxy.fired.length > 0;
-          bump(`${fault}:${fired ? 'fired' : 'not-fired'}:${o.stats.status}`);
+          const key = `${fault}:${fired ? 'fired' : 'not-fired'}:${o.stats.status}`;
+          bump(key);
+          if (o.stats.error && (samples.get(key)?.length ?? 0) < 3) samples.set(key, [...(samples.get(key) ?? []), `${desc} -> ${o.stats.error}`]);
           if (o.stats.status === 'failed') {
             expect(o.stats.error).toMatch(/during|waiting for|handshake|hello/i);
             bump(`phase:${/during setup|waiting for READY/.test(o.stats.error!) ? 'setup' : /active \(round/.test(o.stats.error!) ? 'active' : /during device/.test(o.stats.error!) ? 'device' : /COMPLETE/.test(o.stats.error!) ? 'waiting-COMPLETE' : /STARTED/.test(o.stats.error!) ? 'waiting-STARTED' : 'handshake'}`);
@@ -276,7 +284,7 @@ describe.runIf(LONG)('fault proxy: long randomized run', () => {
       }
     };
     await Promise.all(Array.from({ length: concurrency }, worker));
-    const table = [...counts.entries()].sort().map(([k, v]) => `  ${k}: ${v}`).join('\n');
+    const table = [...counts.entries()].sort().map(([k, v]) => `  ${k}: ${v}${(samples.get(k) ?? []).map((m) => `\n      e.g. ${m.slice(0, 400)}`).join('')}`).join('\n');
     console.log(`fault proxy long run: ${cases} cases, stream ${lengths.up} bytes up / ${lengths.down} down, timeout ${T} ms\n${table}\n  max source ${maxSourceMs} ms, max destination ${maxDestMs} ms\n  violations: ${failures.length}\n${failures.join('\n')}`);
     expect(failures).toEqual([]);
   }, 3_600_000);

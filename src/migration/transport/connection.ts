@@ -330,6 +330,14 @@ export class MigrationConnection {
     await Promise.all(this.channels.map((ch) => ch.send({ kind: 'sync', round })));
   }
 
+  /**
+   * After END: the data channels carry nothing more either way, so the destination closing them
+   * (it does once the guest runs, and that FIN may overtake STARTED on channel 0) is no failure.
+   */
+  dataChannelsDone(): void {
+    for (const ch of this.channels) if (ch !== this.control) ch.expectEnd();
+  }
+
   onBackRecord(cb: (rec: MigrationRecord) => void): void {
     this.backListeners.push(cb);
   }
