@@ -228,11 +228,17 @@ async function runMigrateSignalled(
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
     if (receiver) {
-      // The receiver ends by itself: after its --dest-run-ms, or at once when the migration
-      // failed (its own idle timeout bounds even a silent link). After a cancel it has been told.
-      const bound = signal.aborted ? 500 : opts.destRunMs + 2 * timeoutMs + 5000;
-      const report = await within(receiver.report, bound);
-      result.destination = report ?? { error: `receiver still running ${bound} ms after the migration ended; killed` };
+      // After a completed migration the receiver runs the guest for --dest-run-ms, then reports.
+      // Otherwise it has seen the failure and discards, or (a failure before it was reached)
+      // still waits for a connection: a moment to report its own reason, then it is told.
+      let report: ReceiveReport | { error: string } | null;
+      if (stats.status === 'completed') report = await within(receiver.report, opts.destRunMs + 2 * timeoutMs + 5000);
+      else {
+        report = await within(receiver.report, signal.aborted ? 0 : 500);
+        if (!report && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
+        report ??= await within(receiver.report, 1000);
+      }
+      result.destination = report ?? { error: 'the receiver did not end after the migration; killed' };
     }
     return result;
   } finally {

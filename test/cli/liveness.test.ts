@@ -9,7 +9,7 @@ import { engines, stage2, type Run } from './run-cli.ts';
 import { FaultProxy, type FaultRule } from '../migration/fault-proxy.ts';
 
 const engine = engines.find((e) => e.kind === 'soft')!.kind;
-const T = 1500;
+const T = 3000;
 /** Hang guard for "promptly after SIGINT" (the requirement is 1 s; CI machines are loaded). */
 const SIGINT_GUARD_MS = 4000;
 
@@ -64,14 +64,14 @@ describe.concurrent('stage2 migrate / receive through a faulty link (processes)'
     const m = await start(migrateArgs(proxy.port, ['--timeout-ms', String(T)])).done;
     const r = await recv.proc.done;
     await proxy.close();
-    expect(proxy.fired.map((f) => f.record)).toEqual(['RAM']);
+    expect(proxy.fired.map((f) => f.record), `migrate: ${m.stderr}\nreceive: ${r.stderr}`).toEqual(['RAM']);
     expect(m.code).toBe(1);
     expect(r.code).toBe(1);
     expect(m.exitedAt - t0).toBeLessThan(10 * T + 5000);
     expect(r.exitedAt - t0).toBeLessThan(10 * T + 5000);
     const s = JSON.parse(m.stdout.trim());
     expect(s.status).toBe('failed');
-    expect(s.error).toMatch(/no progress from the (destination|source) for 1500 ms/);
+    expect(s.error).toMatch(/no progress from the (destination|source) for 3000 ms/);
     expect(s.error).toMatch(/during active \(round 1\)/);
     expect(s.sourceIntact).toBe(true);
     expect(s.sourceRunning).toBe(true);
