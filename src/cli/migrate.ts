@@ -71,7 +71,7 @@ async function connectWithRetry(host: string, port: number, channels: number, ti
   for (;;) {
     if (signal.aborted) throw new MigrationCancelledError();
     try {
-      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs });
+      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;

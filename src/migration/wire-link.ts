@@ -226,10 +226,10 @@ class WireDestLink implements DestLink {
  * each connect and handshake answer, and is the link's idle timeout until setPhase says
  * otherwise (default DEFAULT_IDLE_TIMEOUT_MS).
  */
-export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number }): Promise<SourceLink> {
+export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal }): Promise<SourceLink> {
   try {
     return new WireSourceLink(
-      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs }),
+      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal }),
     );
   } catch (e) {
     throw new MigrationLinkError(`cannot connect to ${opts.host}:${opts.port}: ${(e as Error).message}`);

@@ -175,12 +175,19 @@ export class Channel extends ChannelWriter {
     this.endExpected = true;
     this.batch = undefined;
     this.batchLen = 0;
+    // Sends waiting for a write that may never drain (a stalled peer) end now; the socket stays
+    // open only for the ERROR.
+    this.failure ??= new MigrationTransportError('closed', `${this.describe()} was aborted`);
+    this.wakeWriters();
     if (this.closed || this.socket.destroyed || this.socket.writableEnded) return;
+    // Best effort: the socket no longer holds the process open, and it is dropped after 2 s
+    // regardless, or after 0.5 s when earlier writes are still pending (a peer that stopped
+    // reading: the ERROR behind them would not get through, and a pending write keeps a process
+    // that is otherwise done alive).
+    const pending = this.writesInFlight > 0 || this.socket.writableLength > 0;
     this.socket.end(bytes);
-    // Best effort: the socket no longer holds the process open (a process that is done exits
-    // without waiting on a peer that stopped reading), and it is dropped after 2 s regardless.
     this.socket.unref();
-    setTimeout(() => this.socket.destroy(), 2000).unref();
+    setTimeout(() => this.socket.destroy(), pending ? 500 : 2000).unref();
   }
 
   /** Drop the connection now. */

@@ -66,6 +66,8 @@ export interface ConnectOptions {
   timeoutMs?: number;
   /** Idle timeout once connected (liveness.ts); default DEFAULT_IDLE_TIMEOUT_MS. */
   idleTimeoutMs?: number;
+  /** Cancels connecting and the handshake at once (SIGINT). */
+  signal?: AbortSignal;
   /** --max-bandwidth: total bytes/s over all channels. */
   maxBandwidthBytesPerSec?: number;
   batchBytes?: number;
@@ -116,23 +118,29 @@ export class MigrationConnection {
       maxBatchesInFlight: opts.maxBatchesInFlight,
       onActivity: conn.activity.notify,
     };
+    const signal = opts.signal;
+    const onAbort = () => {
+      for (const ch of conn.channels) ch.destroy();
+      conn.activity.notify();
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const control = new Channel(await connectSocket(opts.host, opts.port, timeoutMs), { ...channelOpts, index: 0 });
+      const control = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: 0 });
       conn.channels.push(control);
       const offered = (opts.caps ?? 0) | (want > 1 ? CAP_MULTICHANNEL : 0);
       await control.send({ kind: 'hello', version: STREAM_VERSION, channels: want, caps: offered, sessionId: conn.sessionId });
       await control.flush();
-      const ack = await conn.handshakeAnswer(control, timeoutMs);
+      const ack = await conn.handshakeAnswer(control, timeoutMs, signal);
       conn.caps = ack.caps & offered;
       conn.compress = (opts.compress ?? true) && (conn.caps & CAP_LZ4) !== 0;
       const channels = Math.min(want, ack.channels, conn.caps & CAP_MULTICHANNEL ? MAX_CHANNELS : 1);
       const extra = await Promise.all(
         Array.from({ length: channels - 1 }, async (_, i) => {
-          const ch = new Channel(await connectSocket(opts.host, opts.port, timeoutMs), { ...channelOpts, index: i + 1 });
+          const ch = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: i + 1 });
           conn.channels.push(ch); // so a failure below still closes it
           await ch.send({ kind: 'channel-hello', version: STREAM_VERSION, channelIndex: i + 1, sessionId: conn.sessionId });
           await ch.flush();
-          await conn.handshakeAnswer(ch, timeoutMs);
+          await conn.handshakeAnswer(ch, timeoutMs, signal);
           return ch;
         }),
       );
@@ -144,14 +152,18 @@ export class MigrationConnection {
       return conn;
     } catch (e) {
       for (const ch of conn.channels) ch.destroy();
+      if (signal?.aborted) throw new MigrationTransportError('closed', `connecting to ${peer} was cancelled`);
       if (e instanceof MigrationTransportError && e.code === 'connection-lost') throw new MigrationTransportError(e.code, `${e.message}, during the handshake`);
       throw e;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
   }
 
-  private async handshakeAnswer(ch: Channel, timeoutMs: number): Promise<MigrationRecord & { kind: 'hello-ack' }> {
+  private async handshakeAnswer(ch: Channel, timeoutMs: number, signal?: AbortSignal): Promise<MigrationRecord & { kind: 'hello-ack' }> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
+      if (signal?.aborted) throw new MigrationTransportError('closed', `connecting to ${this.peer} was cancelled`);
       const rec = ch.next();
       if (rec?.kind === 'hello-ack') return rec;
       if (rec?.kind === 'error') {
