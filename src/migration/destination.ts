@@ -59,14 +59,26 @@ export interface ReceiveResult {
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
 
 const PREALLOC_CHUNK = 1 << 20;
+/** Bytes preallocated between two yields to the event loop (~0.1 s at the ~3 s/GiB measured). */
+const PREALLOC_YIELD_BYTES = 32 << 20;
 
-/** Write zeros over every guest RAM memslot (not the engine's own): faults every page in. */
-function preallocate(vm: Vm, cfg: MigrationConfig): void {
+/**
+ * Write zeros over every guest RAM memslot (not the engine's own): faults every page in. Yields
+ * to the event loop every PREALLOC_YIELD_BYTES, so a signal (SIGINT) is handled within a fraction
+ * of a second even for a large guest, and stops with a cancel error once `signal` is aborted.
+ */
+async function preallocate(vm: Vm, cfg: MigrationConfig, signal?: AbortSignal): Promise<void> {
   const zeros = new Uint8Array(PREALLOC_CHUNK);
+  let sinceYield = 0;
   for (const s of cfg.memslots) {
     if (s.internal) continue;
     for (let off = 0; off < s.memorySize; off += PREALLOC_CHUNK) {
       vm.writeGuest(s.guestPhysAddr + off, zeros.subarray(0, Math.min(PREALLOC_CHUNK, s.memorySize - off)));
+      if ((sinceYield += PREALLOC_CHUNK) >= PREALLOC_YIELD_BYTES) {
+        sinceYield = 0;
+        await new Promise<void>((r) => setImmediate(r));
+        if (signal?.aborted) throw new MigrationCancelledError('receive cancelled');
+      }
     }
   }
 }
@@ -99,7 +111,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
     // Preallocation overlaps the vCPU threads' start-up.
-    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c) : undefined);
+    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c, opts.signal) : undefined);
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
