@@ -2,6 +2,11 @@
 // migrate it live (pre-copy) to a `stage2 receive` -- on another host, or with --local to a
 // receiver process this command spawns on loopback. Prints the stats (QEMU query-migrate names;
 // --json: one object on stdout). Exit status 0 only for a completed, verified migration.
+//
+// SIGINT, at any moment, ends the command within a second: before the migration starts it stops
+// there; during it, it cancels (migrateVm: before GO the source resumes, after GO it stays paused
+// and says so); a --local receiver is told to stop (SIGTERM) and, being tied to this process by
+// its stdin (receive.ts), ends with it whatever happens. A second SIGINT exits at once.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -10,6 +15,8 @@ import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { connectLink } from '../migration/wire-link.ts';
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
+import { MigrationCancelledError } from '../migration/errors.ts';
+import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
@@ -30,11 +37,22 @@ export interface MigrateOptions extends CommonOptions {
   warmupMs: number;
   destRunMs: number;
   destPrealloc: boolean;
+  timeoutMs: number;
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+/** `p`, or null after `ms` (the timer is cleared either way, so it never holds the process). */
+function within<X>(p: Promise<X>, ms: number): Promise<X | null> {
+  let t: NodeJS.Timeout | undefined;
+  return Promise.race([p, new Promise<null>((r) => (t = setTimeout(() => r(null), ms)))]).finally(() => clearTimeout(t));
+}
+/** sleep(), cut short by `signal` (a pending timer would keep the process alive after a cancel). */
+const sleepUnless = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((r) => {
+    const t = setTimeout(r, ms);
+    signal.addEventListener('abort', () => (clearTimeout(t), r()), { once: true });
+  });
 
 function freePort(host: string): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -49,15 +67,16 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, child?: ChildProcess): Promise<SourceLink> {
+async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
+    if (signal.aborted) throw new MigrationCancelledError();
     try {
-      return await connectLink({ host, port, channels });
+      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
-      await sleep(50);
+      await sleepUnless(50, signal);
     }
   }
 }
@@ -70,10 +89,15 @@ interface LocalReceiver {
 }
 
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
-  const args = [join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json', '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc'];
-  // Detached: a terminal ^C reaches the source only, which cancels; the receiver then sees the
-  // connection drop and discards everything itself.
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const args = [
+    join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
+    '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs),
+  ];
+  // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
+  // stdin is a pipe from us that it watches (STAGE2_EXIT_WITH_STDIN): when this process ends,
+  // however, the pipe closes and the receiver cancels too, so it never outlives us.
+  const child = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'], detached: true, env: { ...process.env, STAGE2_EXIT_WITH_STDIN: '1' } });
+  child.stdin!.on('error', () => undefined);
   let out = '';
   let errTail = '';
   child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
@@ -101,7 +125,10 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
     if (child.exitCode === null) child.kill('SIGKILL');
   };
   process.once('exit', kill);
-  child.on('exit', () => process.off('exit', kill));
+  child.on('exit', () => {
+    process.off('exit', kill);
+    child.stdin!.destroy();
+  });
   return { child, port, report };
 }
 
@@ -111,43 +138,75 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
  */
 export async function runMigrate(opts: MigrateOptions, log: (line: string) => void): Promise<MigrateResult> {
   if (!opts.local && !opts.to) throw new Error('migrate needs --to HOST:PORT or --local');
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+  // SIGINT from the very start (see the header). `receiver` is set once spawned.
+  let receiver: LocalReceiver | null = null;
+  const ac = new AbortController();
+  let sigints = 0;
+  const onSigint = () => {
+    if (++sigints > 1) {
+      log('SIGINT again: exiting now');
+      process.exit(130);
+    }
+    log('SIGINT: cancelling the migration');
+    ac.abort();
+    if (receiver && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
+    // Backstop: the cancel below ends well within this; if anything ever does not, exit anyway.
+    setTimeout(() => {
+      log('still running 1 s after SIGINT: exiting (the source VM ends with this process)');
+      process.exit(130);
+    }, 1000).unref();
+  };
+  process.on('SIGINT', onSigint);
+  /** `p`, or a cancel error as soon as SIGINT comes (what `p` still does is dropped with the process). */
+  const unlessCancelled = <X>(p: Promise<X>): Promise<X> => {
+    p.catch(() => undefined);
+    return Promise.race([p, new Promise<never>((_, reject) => ac.signal.addEventListener('abort', () => reject(new MigrationCancelledError('cancelled before the migration started')), { once: true }))]);
+  };
+  try {
+    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r));
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+}
+
+async function runMigrateSignalled(
+  opts: MigrateOptions,
+  timeoutMs: number,
+  log: (line: string) => void,
+  signal: AbortSignal,
+  unlessCancelled: <X>(p: Promise<X>) => Promise<X>,
+  spawned: (r: LocalReceiver) => void,
+): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
-  const engine = await openCheckedEngine(opts.engine, demand, (why) => log(`engine: ${why}; using soft`));
+  const engine = await unlessCancelled(openCheckedEngine(opts.engine, demand, (why) => log(`engine: ${why}; using soft`)));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
-  const { vm, spec } = await createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, lock: opts.lock, guestPageSize: opts.guestPageSize });
+  const { vm, spec } = await unlessCancelled(
+    createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, lock: opts.lock, guestPageSize: opts.guestPageSize }),
+  );
   let receiver: LocalReceiver | null = null;
-  // A spawned receiver that the source never connected to (the connection failed, or the
-  // migration ended before it was made) would wait for a source forever, and this command for its
-  // report: the `--channels 1000` hang. SIGTERM makes it give up and exit 1 at once.
-  let linkUp = false;
-  const stopUnconnectedReceiver = () => {
-    if (receiver && !linkUp && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
-  };
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
     if (opts.local) {
       const port = await freePort(host);
       receiver = spawnReceiver(host, port, opts, engine.kind, log);
+      spawned(receiver);
       log(`destination: receiver process ${receiver.child.pid} on ${host}:${port}`);
     }
     const port = receiver ? receiver.port : opts.to!.port;
     // Connect while the guest warms up (a spawned receiver needs a second or two to start), but
     // let a failure surface inside migrateVm: an unreachable receiver is a failed migration with
-    // stats, not a crash.
-    const linkP = connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, receiver?.child);
-    linkP.then(() => (linkUp = true), () => undefined);
-    await Promise.all([linkP.catch(() => undefined), sleep(opts.warmupMs)]);
+    // stats, not a crash. A long warm-up connects only near its end: the receiver's idle timeout
+    // runs from the connection to CONFIG.
+    const connectAfterMs = Math.max(0, opts.warmupMs - Math.min(3000, timeoutMs / 2));
+    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child));
+    linkP.catch(() => undefined);
+    await Promise.all([linkP.catch(() => undefined), sleepUnless(opts.warmupMs, signal)]);
     const link = lazyLink(opts.channels, () => linkP);
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
-    const ac = new AbortController();
-    const onSigint = () => {
-      log('SIGINT: cancelling the migration');
-      ac.abort();
-    };
-    process.on('SIGINT', onSigint);
     const bar = progressBar();
     let stats: MigrationStats;
     try {
@@ -158,26 +217,36 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
         downtimeLimitMs: opts.downtimeLimit,
         maxRounds: opts.maxRounds,
         autoConverge: opts.autoConverge,
-        signal: ac.signal,
         onProgress: bar.update,
+        signal,
+        timeoutMs,
       });
     } finally {
       bar.done();
-      process.off('SIGINT', onSigint);
     }
     const result: MigrateResult = stats;
     if (stats.status !== 'completed') {
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
-    stopUnconnectedReceiver();
-    if (receiver) result.destination = await receiver.report;
+    if (receiver) {
+      // After a completed migration the receiver runs the guest for --dest-run-ms, then reports.
+      // Otherwise it has seen the failure and discards, or (a failure before it was reached)
+      // still waits for a connection: a moment to report its own reason, then it is told.
+      let report: ReceiveReport | { error: string } | null;
+      if (stats.status === 'completed') report = await within(receiver.report, opts.destRunMs + 2 * timeoutMs + 5000);
+      else {
+        report = await within(receiver.report, signal.aborted ? 0 : 500);
+        if (!report && receiver.child.exitCode === null) receiver.child.kill('SIGTERM');
+        report ??= await within(receiver.report, 1000);
+      }
+      result.destination = report ?? { error: 'the receiver did not end after the migration; killed' };
+    }
     return result;
   } finally {
     await vm.destroy();
-    stopUnconnectedReceiver();
     if (receiver && receiver.child.exitCode === null) {
-      await Promise.race([receiver.report, sleep(30_000)]);
+      if (!signal.aborted) await within(receiver.report, 2000);
       if (receiver.child.exitCode === null) receiver.child.kill('SIGKILL');
     }
   }
@@ -209,7 +278,9 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
-    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000);
+    .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000)
+    // Default: see migration/transport/liveness.ts (fits a 1 Gbit/s link with a wide margin).
+    .option('--timeout-ms <ms>', 'fail when the destination makes no progress for this long while we wait on it (idle timeout per phase; also given to a --local receiver)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
 }
 
 export function registerMigrate(program: Command): void {

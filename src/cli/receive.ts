@@ -3,13 +3,20 @@
 // switchover, then lets it run (--run-ms, or until SIGINT/SIGTERM), reports the vCPU pass
 // counters before and after and whether memory is what the workload implies, and exits.
 // Any failure before switchover discards everything and exits 1 with the reason.
+//
+// Liveness: --timeout-ms bounds every wait on the source (the next record, GO: transport/
+// liveness.ts). SIGINT or SIGTERM ends the command within a second at every phase: waiting for a
+// connection, during the migration (discards, exits 1), after COMPLETE waiting for GO (discards),
+// or running the guest after switchover (reports and exits). With STAGE2_EXIT_WITH_STDIN=1 (how
+// `migrate --local` starts us) the end of stdin counts as SIGTERM: the parent is gone.
 import { Option, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
-import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt } from './options.ts';
+import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt } from './options.ts';
 import { machineRamAvailable, readMachineMemory } from './validate.ts';
+import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -34,9 +41,15 @@ interface ReceiveOptions {
   verifyRescan: boolean;
   prealloc: boolean;
   json: boolean;
+  timeoutMs: number;
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+/** Resolves after `ms`, or at once on abort (no timer is left to hold the process). */
+const sleepUnless = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((r) => {
+    const t = setTimeout(r, ms);
+    signal.addEventListener('abort', () => (clearTimeout(t), r()), { once: true });
+  });
 
 export function registerReceive(program: Command): void {
   program
@@ -50,14 +63,42 @@ export function registerReceive(program: Command): void {
     .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
+    .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
     .action(async (opts: ReceiveOptions) => {
       const log = (line: string) => process.stderr.write(`stage2 receive: ${line}\n`);
-      const listener = await listenLink(opts.listen);
-      log(`listening on ${listener.host}:${listener.port}`);
       const ac = new AbortController();
-      const onSignal = () => ac.abort();
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
+      const onSignal = (why: string) => {
+        if (ac.signal.aborted) return;
+        log(`${why}: stopping`);
+        ac.abort();
+        // Backstop: every wait ends at once on abort; if anything ever does not, exit anyway
+        // (nothing of an unfinished migration is kept by a process that is gone).
+        setTimeout(() => {
+          log(`still running 1 s after ${why}: exiting`);
+          process.exit(1);
+        }, 1000).unref();
+      };
+      const onSigint = () => onSignal('SIGINT');
+      const onSigterm = () => onSignal('SIGTERM');
+      const onStdinEnd = () => onSignal('parent gone (stdin closed)');
+      process.on('SIGINT', onSigint);
+      process.on('SIGTERM', onSigterm);
+      const lifeline = process.env.STAGE2_EXIT_WITH_STDIN === '1';
+      if (lifeline) {
+        process.stdin.on('end', onStdinEnd);
+        process.stdin.on('close', onStdinEnd);
+        process.stdin.on('error', onStdinEnd);
+        process.stdin.resume();
+      }
+      // Listening (and saying so) only once the signals are ours: a signal right after the line
+      // must cancel, not kill.
+      const listener = await listenLink({ ...opts.listen, timeoutMs: opts.timeoutMs }).catch((e: Error) => {
+        process.off('SIGINT', onSigint);
+        process.off('SIGTERM', onSigterm);
+        if (lifeline) process.stdin.destroy();
+        throw e;
+      });
+      log(`listening on ${listener.host}:${listener.port}`);
       try {
         const link = await Promise.race([
           listener.accept(),
@@ -70,11 +111,12 @@ export function registerReceive(program: Command): void {
           verifyRescan: opts.verifyRescan,
           preallocate: opts.prealloc,
           signal: ac.signal,
+          timeoutMs: opts.timeoutMs,
           log,
         });
         log(`switchover done: guest resumed from vCPU passes [${r.passesAtSwitchover.join(', ')}] in ${(r.resumeSeconds * 1000).toFixed(2)} ms`);
         const t0 = performance.now();
-        if (opts.runMs > 0) await Promise.race([sleep(opts.runMs), new Promise((res) => ac.signal.addEventListener('abort', res))]);
+        if (opts.runMs > 0) await sleepUnless(opts.runMs, ac.signal);
         else await new Promise((res) => ac.signal.addEventListener('abort', res));
         const ranSeconds = (performance.now() - t0) / 1000;
         await r.vm.pause();
@@ -99,8 +141,14 @@ export function registerReceive(program: Command): void {
         if (memoryCheck) throw new Error(`guest memory inconsistent after migration: ${memoryCheck}`);
       } finally {
         listener.close();
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
+        process.off('SIGINT', onSigint);
+        process.off('SIGTERM', onSigterm);
+        if (lifeline) {
+          process.stdin.off('end', onStdinEnd);
+          process.stdin.off('close', onStdinEnd);
+          process.stdin.off('error', onStdinEnd);
+          process.stdin.destroy();
+        }
       }
     });
 }

@@ -89,9 +89,10 @@ export function checkConfig(cfg: MigrationConfig, engine: Engine, limits: HostLi
  * Build the destination VM: guest RAM memslots, then vCPUs (which create the engine-internal
  * slots), not running. The engine-internal slots must come out exactly as on the source.
  * `whileVcpusStart` runs on this thread while the engine starts the vCPU threads (kvm: hundreds
- * of ms mostly spent off this thread), with the guest RAM memslots in place.
+ * of ms mostly spent off this thread), with the guest RAM memslots in place; it may be async
+ * (then awaited) and may throw (the VM is destroyed).
  */
-export async function buildDestinationVm(cfg: MigrationConfig, engine: Engine, whileVcpusStart?: (vm: Vm) => void): Promise<Vm> {
+export async function buildDestinationVm(cfg: MigrationConfig, engine: Engine, whileVcpusStart?: (vm: Vm) => void | Promise<void>): Promise<Vm> {
   const vm = await engine.createVm(cfg.vmConfig);
   try {
     for (const s of cfg.memslots.filter((m) => !m.internal)) {
@@ -100,7 +101,7 @@ export async function buildDestinationVm(cfg: MigrationConfig, engine: Engine, w
     }
     const vcpus = vm.createVcpus(cfg.vcpus, cfg.workload);
     try {
-      whileVcpusStart?.(vm);
+      await whileVcpusStart?.(vm);
     } finally {
       await vcpus;
     }

@@ -11,6 +11,10 @@
 // commits in two steps: END -> COMPLETE (ready, not running), GO -> STARTED (running).
 import type { VcpuState } from '../vmm/engine.ts';
 import type { MigrationConfig } from './config.ts';
+import type { LinkPhase } from './transport/liveness.ts';
+
+export type { LinkPhase };
+export { DEFAULT_IDLE_TIMEOUT_MS } from './transport/liveness.ts';
 
 export type SourceRecord =
   | { type: 'config'; config: MigrationConfig }
@@ -64,6 +68,14 @@ export interface SourceLink {
   close(): void;
   /** Drop every channel at once (failure injection, cancel). */
   destroy(error?: Error): void;
+  /**
+   * Liveness (transport/liveness.ts): what the source does now, named in the idle-timeout error
+   * ("no progress from the destination for 10000 ms waiting for COMPLETE"), whether it awaits
+   * an answer (then the destination's silence counts, not only writes that do not drain), and
+   * this phase's idle timeout. When the timeout fires, send/receive/flush reject with it.
+   * Optional so that test wrappers may leave it out (the link then keeps its last phase).
+   */
+  setPhase?(phase: LinkPhase): void;
 }
 
 export interface DestLink {
@@ -78,6 +90,12 @@ export interface DestLink {
   run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void>;
   send(record: DestRecord): Promise<void>;
   close(): void;
+  /**
+   * Liveness (transport/liveness.ts): the idle timeout of every wait on the source from now on
+   * (the next record, GO, a reply that does not drain). When it fires, run() rejects with an
+   * error naming the phase. Optional so that test wrappers may leave it out.
+   */
+  setIdleTimeout?(ms: number): void;
 }
 
 /**

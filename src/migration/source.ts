@@ -18,6 +18,14 @@
 // resumes the guest here: if STARTED does not come back, the destination may or may not run it,
 // so the source stays paused (failed, sourceRunning false) rather than risk running it twice.
 //
+// Liveness: every wait on the destination is bounded by an idle timeout (opts.timeoutMs; the
+// mechanism is the link's, transport/liveness.ts): a write that does not drain in any phase, and
+// the destination's silence while we await READY, a round's SYNC_ACK, COMPLETE or STARTED. The
+// link is told the phase as it changes, so the failure names it ("no progress from the
+// destination for 10000 ms waiting for COMPLETE"); it then fails like any broken link (before
+// GO: resume; after: stay paused). A cancel (SIGINT) after GO also ends the wait for STARTED and
+// leaves the source paused.
+//
 // Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
 // own threads until the pause.
 import { KVM_MEM_LOG_DIRTY_PAGES, MemslotError, PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
@@ -26,7 +34,7 @@ import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError, VerificationError } from './errors.ts';
-import type { DestRecord, SourceLink } from './link.ts';
+import { DEFAULT_IDLE_TIMEOUT_MS, type DestRecord, type SourceLink } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
@@ -50,7 +58,27 @@ export interface PrecopyOptions {
   onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
   /** Destroy the source VM after a completed migration (default true). */
   destroyOnComplete?: boolean;
+  /**
+   * Idle timeout of every wait on the destination, ms (transport/liveness.ts; default
+   * DEFAULT_IDLE_TIMEOUT_MS). READY and COMPLETE get an allowance per GiB on top (below).
+   */
+  timeoutMs?: number;
 }
+
+/**
+ * Extra idle time for READY per GiB of guest RAM: the destination builds the VM and, by default,
+ * preallocates it without a word (first touch measured at ~3 s/GiB on these machines).
+ */
+export const READY_ALLOWANCE_MS_PER_GIB = 10_000;
+/** Extra idle time for COMPLETE per GiB: the destination may re-hash all memory (--verify-rescan, ~7 GiB/s). */
+export const COMPLETE_ALLOWANCE_MS_PER_GIB = 1_000;
+/**
+ * Bytes that may sit in socket buffers (ours, the network's, the destination's read window)
+ * after our last write completed: they drain without any progress we can see, so a wait for an
+ * answer to them (SYNC_ACK, COMPLETE) gets their drain time at the measured bandwidth on top
+ * (~0.3 s at 1 Gbit/s; seconds on a slow link).
+ */
+const UNSEEN_BUFFER_BYTES = 32 << 20;
 
 export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 60;
@@ -109,10 +137,16 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   };
   let stopAndCopy: MigrationStats['stopAndCopy'] = null;
 
-  const onAbort = () => {
-    if (!committed) link.destroy(new MigrationCancelledError());
-  };
+  // After GO a cancel cannot resume the guest here, but it still ends the wait for STARTED: the
+  // source then stays paused and says so (the catch below).
+  const onAbort = () => link.destroy(new MigrationCancelledError());
   opts.signal?.addEventListener('abort', onAbort, { once: true });
+  if (opts.signal?.aborted) onAbort();
+  const idleMs = opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+  const ramGiB = cfg.ramBytes / 2 ** 30;
+  /** Tell the link what we do now (liveness: the idle-timeout error names it). */
+  const phase = (label: string, awaiting = false, allowanceMs = 0) => link.setPhase?.({ label, awaiting, idleTimeoutMs: idleMs + Math.ceil(allowanceMs) });
+  const drainAllowanceMs = () => (bandwidth > 0 ? (Math.min(link.bytesSent(), UNSEEN_BUFFER_BYTES) / bandwidth) * 1000 : 0);
   sender.check = () => {
     if (opts.signal?.aborted && !committed) throw new MigrationCancelledError();
     if (destFailure) throw destFailure;
@@ -215,6 +249,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   try {
     // ---- setup
     opts.onPhase?.('setup', link);
+    phase('during setup (waiting for READY)', true, ramGiB * READY_ALLOWANCE_MS_PER_GIB);
     await link.send({ type: 'config', config: cfg });
     const ready = await link.receive();
     if (ready.type === 'error') throw new DestinationError(ready.message);
@@ -246,6 +281,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     status = 'active';
     opts.onPhase?.('bulk', link);
     let round = 1;
+    phase(`during active (round ${round})`);
     let tRound = now();
     let bytesBefore = link.bytesSent();
     let z0 = 0;
@@ -285,6 +321,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       progress(round, true);
       if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
       round++;
+      phase(`during active (round ${round})`);
       roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
       roundStartPending = dirty;
       const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
@@ -309,7 +346,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     // would include draining the socket buffers. The throttle keeps holding the guest back
     // meanwhile, and stops only right before the pause, so the guest gets no unthrottled
     // window to dirty memory after the convergence decision.
+    phase(`during device (waiting for SYNC_ACK of round ${round})`, true, drainAllowanceMs());
     if (link.acksRounds) await caughtUp(round);
+    phase('during device (stop-and-copy)');
     const tPause = now();
     paused = true; // from here a failure must resume the guest (resume of a running VM is a no-op)
     await throttle.stop(true);
@@ -344,6 +383,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       vcpuStates: vcpuStates.length,
     });
     const tEnd = now();
+    phase('waiting for COMPLETE', true, ramGiB * COMPLETE_ALLOWANCE_MS_PER_GIB + drainAllowanceMs());
     const reply = await finalReply;
     if (destFailure) throw destFailure;
     if (reply.type === 'error') throw new DestinationError(reply.message);
@@ -353,8 +393,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     sender.check(); // a cancel that came in while we waited still wins: nothing is committed yet
     committed = true;
     try {
+      phase('waiting for STARTED after GO', true);
       await link.send({ type: 'go' });
       const r = await nextReply();
+      phase('after STARTED');
       if (r.type !== 'started') throw new DestinationError(r.type === 'error' ? r.message : `expected STARTED, got ${r.type}`);
     } catch (e) {
       throw new DestinationError(

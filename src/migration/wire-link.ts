@@ -27,11 +27,15 @@ import type { MigrationRecord, StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
 import { formatMemoryHash } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
-import { MigrationLinkError, type DestLink, type DestRecord, type SourceLink, type SourceRecord } from './link.ts';
+import { MigrationLinkError, type DestLink, type DestRecord, type LinkPhase, type SourceLink, type SourceRecord } from './link.ts';
 
 const parseHash = (h: string): bigint => BigInt(`0x${h}`);
 
-/** The longest wait the transport's timers accept (setTimeout caps at 2^31-1 ms). */
+/**
+ * The longest wait the transport's timers accept (setTimeout caps at 2^31-1 ms). receive() needs
+ * no deadline of its own: the connection's idle watch (liveness.ts) fails it when the
+ * destination goes silent while setPhase says we await an answer.
+ */
 const FOREVER_MS = 2 ** 31 - 1;
 
 class WireSourceLink implements SourceLink {
@@ -51,7 +55,7 @@ class WireSourceLink implements SourceLink {
     try {
       await this.sendRecord(r, channel);
     } catch (e) {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     }
   }
 
@@ -84,7 +88,9 @@ class WireSourceLink implements SourceLink {
         return this.conn.send({ kind: 'vcpu-state', state: r.state });
       case 'end':
         await this.conn.send({ kind: 'end', memoryHash: parseHash(r.hash), pages: r.pagesSent, configDigest: r.configDigest, vcpuStateDigest: r.vcpuStateDigest, vcpuStates: r.vcpuStates });
-        return this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
+        await this.conn.push(); // COMPLETE is the answer to wait for, not the socket write
+        this.conn.dataChannelsDone();
+        return;
       case 'go':
         await this.conn.send({ kind: 'go' });
         return this.conn.push();
@@ -94,7 +100,7 @@ class WireSourceLink implements SourceLink {
   async receive(): Promise<DestRecord> {
     if (this.destroyedWith) throw this.destroyedWith;
     const rec = await this.conn.nextBackRecord(['ready', 'sync-ack', 'complete', 'started', 'error'], FOREVER_MS).catch((e: Error) => {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     });
     switch (rec.kind) {
       case 'ready':
@@ -115,12 +121,16 @@ class WireSourceLink implements SourceLink {
   async flush(): Promise<void> {
     if (this.destroyedWith) throw this.destroyedWith;
     await this.conn.push().catch((e: Error) => {
-      throw this.destroyedWith ?? e;
+      throw this.destroyedWith ?? this.conn.failure ?? e;
     });
   }
 
   bytesSent(): number {
     return this.conn.bytesSent;
+  }
+
+  setPhase(phase: LinkPhase): void {
+    this.conn.setPhase(phase);
   }
 
   close(): void {
@@ -205,12 +215,22 @@ class WireDestLink implements DestLink {
   close(): void {
     this.incoming.close().catch(() => undefined);
   }
+
+  setIdleTimeout(ms: number): void {
+    this.incoming.setIdleTimeout(ms);
+  }
 }
 
-/** Open `channels` TCP connections to a `receive` and do the stream handshake. */
-export async function connectLink(opts: { host: string; port: number; channels: number }): Promise<SourceLink> {
+/**
+ * Open `channels` TCP connections to a `receive` and do the stream handshake. `timeoutMs` bounds
+ * each connect and handshake answer, and is the link's idle timeout until setPhase says
+ * otherwise (default DEFAULT_IDLE_TIMEOUT_MS).
+ */
+export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal }): Promise<SourceLink> {
   try {
-    return new WireSourceLink(await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false }));
+    return new WireSourceLink(
+      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal }),
+    );
   } catch (e) {
     throw new MigrationLinkError(`cannot connect to ${opts.host}:${opts.port}: ${(e as Error).message}`);
   }
@@ -224,8 +244,9 @@ export interface LinkListener {
   close(): void;
 }
 
-export async function listenLink(opts: { host: string; port: number; handshakeTimeoutMs?: number }): Promise<LinkListener> {
-  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.handshakeTimeoutMs });
+/** `timeoutMs`: each accepted link's handshake and idle timeout (default DEFAULT_IDLE_TIMEOUT_MS). */
+export async function listenLink(opts: { host: string; port: number; timeoutMs?: number }): Promise<LinkListener> {
+  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs });
   return {
     host: server.host,
     port: server.port,

@@ -83,5 +83,6 @@ export function interceptSend(link: SourceLink, send: SourceLink['send']): Sourc
     bytesSent: () => link.bytesSent(),
     close: () => link.close(),
     destroy: (e) => link.destroy(e),
+    setPhase: (p) => link.setPhase?.(p),
   };
 }

@@ -61,6 +61,8 @@ export abstract class ChannelWriter {
   private readonly freeBatches: Buffer[] = [];
   private batchesAllocated = 0;
   private inFlight = 0;
+  /** Socket writes completed so far (liveness.ts counts them as progress). */
+  writesCompleted = 0;
   private writeWaiters: (() => void)[] = [];
   private busy = false;
   private lockWaiters: (() => void)[] = [];
@@ -76,6 +78,16 @@ export abstract class ChannelWriter {
 
   /** Fail the channel (idempotent): pending and later calls throw `err`. */
   abstract fail(err: Error): void;
+
+  /** Socket writes handed to the socket and not yet completed. */
+  get writesInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** Bytes libuv still holds for this socket (it shrinks as the kernel takes a large write). */
+  writeQueueBytes(): number {
+    return (this.socket as unknown as { _handle?: { writeQueueSize?: number } | null })._handle?.writeQueueSize ?? 0;
+  }
 
   protected describe(): string {
     return `channel ${this.index} (${this.peer})`;
@@ -164,6 +176,7 @@ export abstract class ChannelWriter {
     this.bytesSent += len;
     this.socket.write(len === buf.length ? buf : buf.subarray(0, len), (err) => {
       this.inFlight--;
+      this.writesCompleted++;
       written?.();
       if (err) {
         this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(err)} ${this.progress()}`));

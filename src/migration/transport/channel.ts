@@ -74,8 +74,8 @@ export class Channel extends ChannelWriter {
       socket.resume(); // a server socket accepted with pauseOnConnect starts paused
     }
     socket.setNoDelay(true);
-    // A peer host that vanishes without FIN/RST is found by keepalive probes (and, on the
-    // destination, by records()' idleTimeoutMs much sooner).
+    // Every migration socket, both sides: a peer host that vanishes without FIN/RST is found by
+    // keepalive probes (and, while this side waits on it, by liveness.ts's idle timeout sooner).
     socket.setKeepAlive(true, 5000);
     socket.on('error', (e) => {
       this.fail(new MigrationTransportError('connection-lost', `${this.describe()}: ${describeSocketError(e)} ${this.progress()}`));
@@ -175,9 +175,19 @@ export class Channel extends ChannelWriter {
     this.endExpected = true;
     this.batch = undefined;
     this.batchLen = 0;
-    if (this.closed || this.socket.destroyed) return;
+    // Sends waiting for a write that may never drain (a stalled peer) end now; the socket stays
+    // open only for the ERROR.
+    this.failure ??= new MigrationTransportError('closed', `${this.describe()} was aborted`);
+    this.wakeWriters();
+    if (this.closed || this.socket.destroyed || this.socket.writableEnded) return;
+    // Best effort: the socket no longer holds the process open, and it is dropped after 2 s
+    // regardless, or after 0.5 s when earlier writes are still pending (a peer that stopped
+    // reading: the ERROR behind them would not get through, and a pending write keeps a process
+    // that is otherwise done alive).
+    const pending = this.writesInFlight > 0 || this.socket.writableLength > 0;
     this.socket.end(bytes);
-    setTimeout(() => this.socket.destroy(), 2000).unref();
+    this.socket.unref();
+    setTimeout(() => this.socket.destroy(), pending ? 500 : 2000).unref();
   }
 
   /** Drop the connection now. */

@@ -20,6 +20,8 @@
 //     // back records: READY, SYNC_ACK {round}, COMPLETE {memoryHash, pages, details?},
 //     // POSTCOPY_REQUEST; an ERROR from the destination is not queued: it fails the connection
 //     // (MigrationTransportError 'remote-error', remoteCode = its code) and rejects the wait.
+//   conn.setPhase({ label: 'waiting for COMPLETE', awaiting: true })   // liveness.ts: names the
+//     // phase in the idle-timeout error, and says whether the destination's silence counts
 //   await conn.close()        // or conn.destroy(err)
 //   conn.bytesSent, conn.channels[i].bytesSent, .pagesSent, .compressedPages
 //
@@ -28,7 +30,10 @@
 // Page records may go on any channel (`channel` option, default round-robin per call); within
 // a round the caller must not send one page twice, across rounds it may. Calls on one channel
 // that overlap are queued in call order; calls on different channels run concurrently.
-// Failures (peer gone, ERROR from the destination) fail every channel and reject pending and
+// Liveness (liveness.ts): from the handshake on, a socket write that does not drain for
+// idleTimeoutMs, or silence from the destination while setPhase says we await an answer, fails
+// the connection with MigrationTransportError('idle-timeout') naming the phase.
+// Failures (peer gone, ERROR from the destination, idle timeout) fail every channel and reject pending and
 // later calls with a MigrationTransportError; conn.failure holds the first one.
 
 import { randomBytes } from 'node:crypto';
@@ -49,6 +54,7 @@ import { Channel } from './channel.ts';
 import { Signal, connectSocket } from './connect.ts';
 import { MigrationTransportError } from './errors.ts';
 import { RateLimiter } from './rate-limiter.ts';
+import { IdleWatch, type LinkPhase } from './liveness.ts';
 
 export interface ConnectOptions {
   host: string;
@@ -59,6 +65,10 @@ export interface ConnectOptions {
   caps?: number;
   /** For each connect and each handshake answer. Default 10 s. */
   timeoutMs?: number;
+  /** Idle timeout once connected (liveness.ts); default DEFAULT_IDLE_TIMEOUT_MS. */
+  idleTimeoutMs?: number;
+  /** Cancels connecting and the handshake at once (SIGINT). */
+  signal?: AbortSignal;
   /** --max-bandwidth: total bytes/s over all channels. */
   maxBandwidthBytesPerSec?: number;
   batchBytes?: number;
@@ -83,6 +93,7 @@ export class MigrationConnection {
   private readonly activity = new Signal();
   private rr = 0;
   private closing = false;
+  private watch: IdleWatch | undefined;
   failure: Error | undefined;
 
   private constructor(peer: string, sessionId: bigint, limiter: RateLimiter | undefined) {
@@ -108,40 +119,52 @@ export class MigrationConnection {
       maxBatchesInFlight: opts.maxBatchesInFlight,
       onActivity: conn.activity.notify,
     };
+    const signal = opts.signal;
+    const onAbort = () => {
+      for (const ch of conn.channels) ch.destroy();
+      conn.activity.notify();
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const control = new Channel(await connectSocket(opts.host, opts.port, timeoutMs), { ...channelOpts, index: 0 });
+      const control = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: 0 });
       conn.channels.push(control);
       const offered = (opts.caps ?? 0) | (want > 1 ? CAP_MULTICHANNEL : 0);
       await control.send({ kind: 'hello', version: STREAM_VERSION, channels: want, caps: offered, sessionId: conn.sessionId });
       await control.flush();
-      const ack = await conn.handshakeAnswer(control, timeoutMs);
+      const ack = await conn.handshakeAnswer(control, timeoutMs, signal);
       conn.caps = ack.caps & offered;
       conn.compress = (opts.compress ?? true) && (conn.caps & CAP_LZ4) !== 0;
       const channels = Math.min(want, ack.channels, conn.caps & CAP_MULTICHANNEL ? MAX_CHANNELS : 1);
       const extra = await Promise.all(
         Array.from({ length: channels - 1 }, async (_, i) => {
-          const ch = new Channel(await connectSocket(opts.host, opts.port, timeoutMs), { ...channelOpts, index: i + 1 });
+          const ch = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: i + 1 });
           conn.channels.push(ch); // so a failure below still closes it
           await ch.send({ kind: 'channel-hello', version: STREAM_VERSION, channelIndex: i + 1, sessionId: conn.sessionId });
           await ch.flush();
-          await conn.handshakeAnswer(ch, timeoutMs);
+          await conn.handshakeAnswer(ch, timeoutMs, signal);
           return ch;
         }),
       );
       conn.channels.length = 1;
       conn.channels.push(...extra);
       for (const ch of conn.channels) ch.setOnActivity(() => conn.pump());
+      conn.watch = new IdleWatch(() => conn.channels, 'destination', (e) => conn.fail(e), opts.idleTimeoutMs, 'after the handshake');
       conn.pump();
       return conn;
     } catch (e) {
       for (const ch of conn.channels) ch.destroy();
+      if (signal?.aborted) throw new MigrationTransportError('closed', `connecting to ${peer} was cancelled`);
+      if (e instanceof MigrationTransportError && e.code === 'connection-lost') throw new MigrationTransportError(e.code, `${e.message}, during the handshake`);
       throw e;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
   }
 
-  private async handshakeAnswer(ch: Channel, timeoutMs: number): Promise<MigrationRecord & { kind: 'hello-ack' }> {
+  private async handshakeAnswer(ch: Channel, timeoutMs: number, signal?: AbortSignal): Promise<MigrationRecord & { kind: 'hello-ack' }> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
+      if (signal?.aborted) throw new MigrationTransportError('closed', `connecting to ${this.peer} was cancelled`);
       const rec = ch.next();
       if (rec?.kind === 'hello-ack') return rec;
       if (rec?.kind === 'error') {
@@ -184,8 +207,21 @@ export class MigrationConnection {
     this.activity.notify();
   }
 
+  /** Liveness (liveness.ts): what the source does now, and whether it awaits an answer. */
+  setPhase(phase: LinkPhase): void {
+    this.watch?.setPhase(phase);
+  }
+
   private fail(err: Error): void {
-    if (!this.failure && !this.closing) this.failure = err;
+    const label = this.watch?.label;
+    this.watch?.stop();
+    if (!this.failure && !this.closing) {
+      // A dropped connection, or the destination's own error, also names the phase this side
+      // was in (the idle timeout already does).
+      if (err instanceof MigrationTransportError && label && err.code === 'connection-lost') err = new MigrationTransportError(err.code, `${err.message}, ${label}`);
+      else if (err instanceof MigrationTransportError && label && err.code === 'remote-error') err = new MigrationTransportError(err.code, `${err.message} (source ${label})`, err.remoteCode);
+      this.failure = err;
+    }
     for (const ch of this.channels) ch.fail(err);
   }
 
@@ -307,6 +343,14 @@ export class MigrationConnection {
     await Promise.all(this.channels.map((ch) => ch.send({ kind: 'sync', round })));
   }
 
+  /**
+   * After END: the data channels carry nothing more either way, so the destination closing them
+   * (it does once the guest runs, and that FIN may overtake STARTED on channel 0) is no failure.
+   */
+  dataChannelsDone(): void {
+    for (const ch of this.channels) if (ch !== this.control) ch.expectEnd();
+  }
+
   onBackRecord(cb: (rec: MigrationRecord) => void): void {
     this.backListeners.push(cb);
   }
@@ -334,13 +378,15 @@ export class MigrationConnection {
   /** Flush and close every channel; the destination may close first. */
   async close(): Promise<void> {
     this.closing = true;
+    this.watch?.stop();
     for (const ch of this.channels) ch.expectEnd();
     await Promise.all(this.channels.map((ch) => ch.close().catch(() => undefined)));
   }
 
   /** Abort: tell the destination why (best effort) and drop every connection. */
   destroy(err?: Error): void {
-    if (err && !this.failure) {
+    const first = !this.failure;
+    if (err && first) {
       try {
         // Best effort: squeeze an ERROR into a fresh buffer and write it raw.
         const buf = Buffer.alloc(8 + 4 + 4096);
@@ -350,7 +396,12 @@ export class MigrationConnection {
         /* the connection may already be gone */
       }
     }
+    // Every pending and later call fails now (a wait for a back record included), even while
+    // the ERROR above is still being written on the control channel.
+    if (first) this.failure = err ?? new MigrationTransportError('closed', `connection to ${this.peer} destroyed`);
     this.closing = true;
+    this.watch?.stop();
     for (const ch of this.channels) if (ch !== this.control || !err) ch.destroy();
+    this.activity.notify();
   }
 }

@@ -9,6 +9,8 @@ export type TransportErrorCode =
   | 'connect-failed'
   | 'handshake'
   | 'connection-lost'
+  /** The peer made no progress for the idle timeout (liveness.ts). */
+  | 'idle-timeout'
   | 'remote-error'
   | 'closed'
   | 'protocol';

@@ -23,6 +23,12 @@
 // arbitrary; the source sends each page at most once per round, and a page that comes on two
 // channels within one round is rejected ('duplicate-page'); on one channel order is kept.
 //
+// Liveness (liveness.ts): while the destination waits for the source (the next record, GO) or
+// a reply does not drain, idleTimeoutMs without progress fails the migration with
+// MigrationTransportError('idle-timeout') naming the phase ("no progress from the source for
+// 10000 ms during round 2"); the source is told with an ERROR record when the link still takes
+// one. A session whose channels do not all join within handshakeTimeoutMs is dropped.
+//
 // Errors: a malformed stream throws MigrationStreamError out of records(); a channel lost before
 // END, or an ERROR record from the source, throws MigrationTransportError. Either way all
 // channels are closed. Everything runs on the main thread; no shared memory.
@@ -44,6 +50,7 @@ import { StreamLayout } from '../stream/layout.ts';
 import { Channel } from './channel.ts';
 import { Signal } from './connect.ts';
 import { MigrationTransportError } from './errors.ts';
+import { IdleWatch } from './liveness.ts';
 
 export interface ListenOptions {
   host?: string;
@@ -52,6 +59,8 @@ export interface ListenOptions {
   acceptCaps?: number;
   maxChannels?: number;
   handshakeTimeoutMs?: number;
+  /** Idle timeout of an accepted migration (liveness.ts); default DEFAULT_IDLE_TIMEOUT_MS. */
+  idleTimeoutMs?: number;
   readHighWaterBytes?: number;
   /** Large slab reads (slab-reads.ts); default true. False: node's 64 KiB 'data' chunks. */
   slabReads?: boolean;
@@ -164,6 +173,13 @@ export class MigrationListener {
         await ch.send({ kind: 'hello-ack', version: STREAM_VERSION, channels, caps });
         await ch.flush();
         this.pending.set(rec.sessionId, session);
+        const sessionId = rec.sessionId;
+        // Channels that never join (a source that died between them) must not hold the rest.
+        setTimeout(() => {
+          if (this.pending.get(sessionId) !== session) return;
+          this.pending.delete(sessionId);
+          for (const c of session.channels) c?.destroy();
+        }, timeoutMs).unref();
         this.maybeReady(rec.sessionId, session);
       } else if (rec.kind === 'channel-hello') {
         const session = this.pending.get(rec.sessionId);
@@ -198,7 +214,7 @@ export class MigrationListener {
   private maybeReady(sessionId: bigint, session: PendingSession): void {
     if (session.joined !== session.channels.length) return;
     this.pending.delete(sessionId);
-    this.ready.push(new IncomingMigration(sessionId, session.channels as Channel[], session.caps));
+    this.ready.push(new IncomingMigration(sessionId, session.channels as Channel[], session.caps, this.opts.idleTimeoutMs));
     this.arrived.notify();
   }
 }
@@ -214,12 +230,32 @@ export class IncomingMigration {
   recordChannel = 0;
   private readonly activity = new Signal();
   private done = false;
+  private readonly watch: IdleWatch;
+  /** Set by the idle timeout (or abort): every wait throws it. */
+  private failure: Error | undefined;
 
-  constructor(sessionId: bigint, channels: Channel[], caps: number) {
+  constructor(sessionId: bigint, channels: Channel[], caps: number, idleTimeoutMs?: number) {
     this.sessionId = sessionId;
     this.channels = channels;
     this.caps = caps;
     for (const ch of channels) ch.setOnActivity(this.activity.notify);
+    this.watch = new IdleWatch(() => this.channels, 'source', (e) => this.stalled(e), idleTimeoutMs, 'waiting for CONFIG');
+  }
+
+  /** The idle timeout for every wait on the source from now on (liveness.ts). */
+  setIdleTimeout(ms: number): void {
+    this.watch.setIdleTimeout(ms);
+  }
+
+  private stalled(err: Error): void {
+    this.failure ??= err;
+    this.abort(err);
+    this.activity.notify();
+  }
+
+  /** What we wait for now, for the idle timeout's message. */
+  private waitingFor(): string {
+    return this.layout ? `during round ${Math.max(this.round, 0) + 1}` : 'waiting for CONFIG';
   }
 
   get control(): Channel {
@@ -255,13 +291,13 @@ export class IncomingMigration {
   private parkedCount = 0;
   private pagesSinceBarrier = false;
   private cursor = 0;
-  private lastProgressMs = Date.now();
 
   /**
    * The next record in barrier order, or null when no channel has one ready (wait for
    * activity). Sets `done` when it returns END.
    */
   private pull(): MigrationRecord | null {
+    if (this.failure) throw this.failure;
     const n = this.channels.length;
     if (this.parked.length !== n) this.parked = new Array<number | undefined>(n).fill(undefined);
     for (const ch of this.channels) if (ch.error) throw ch.error;
@@ -275,7 +311,6 @@ export class IncomingMigration {
         continue;
       }
       idle = 0;
-      this.lastProgressMs = Date.now();
       switch (rec.kind) {
         case 'sync':
           if (rec.round <= this.round) {
@@ -338,22 +373,18 @@ export class IncomingMigration {
     return null;
   }
 
-  /** Wait for data, a close or an error on any channel; throw once idleMs pass without progress. */
-  private async waitActivity(idleMs: number): Promise<void> {
-    if (!Number.isFinite(idleMs)) return this.activity.wait();
-    const left = this.lastProgressMs + idleMs - Date.now();
-    if (left <= 0) {
-      throw new MigrationTransportError('connection-lost', `no data from the source on any of ${this.channels.length} channels for ${idleMs} ms (after round ${this.round})`);
-    }
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.activity.wait(), new Promise<void>((r) => (timer = setTimeout(r, left)))]);
-    clearTimeout(timer);
+  /** Wait for data, a close or an error on any channel; the idle watch bounds the wait. */
+  private async waitActivity(): Promise<void> {
+    this.watch.setPhase({ label: this.waitingFor(), awaiting: true });
+    await this.activity.wait();
+    this.watch.setPhase({ label: this.waitingFor(), awaiting: false });
+    if (this.failure) throw this.failure;
   }
 
   /**
-   * Records in barrier order (see the header). Ends after END; throws on any failure. With
-   * idleTimeoutMs, a source that sends nothing on any channel for that long (a host that
-   * vanished without closing its sockets) fails the migration with 'connection-lost'.
+   * Records in barrier order (see the header). Ends after END; throws on any failure. A source
+   * that sends nothing on any channel for idleTimeoutMs (a host that vanished without closing
+   * its sockets) fails the migration with 'idle-timeout' (default: the listener's).
    */
   async *records(opts: { idleTimeoutMs?: number } = {}): AsyncGenerator<MigrationRecord, void, undefined> {
     // One delivery loop (run): each record is handed to the consumer, and run goes on once the
@@ -383,22 +414,23 @@ export class IncomingMigration {
    * that are already buffered are delivered in a plain loop. Resolves after END.
    */
   async run(onRecord: (rec: MigrationRecord) => void | Promise<void>, opts: { idleTimeoutMs?: number } = {}): Promise<void> {
-    const idleMs = opts.idleTimeoutMs ?? Infinity;
-    this.lastProgressMs = Date.now();
+    if (opts.idleTimeoutMs !== undefined) this.watch.setIdleTimeout(opts.idleTimeoutMs);
     try {
       for (;;) {
         const rec = this.pull();
         if (rec) {
           const p = onRecord(rec);
           if (p) await p;
+          if (this.failure) throw this.failure;
           if (this.done) return;
         } else {
-          await this.waitActivity(idleMs);
+          await this.waitActivity();
         }
       }
     } catch (e) {
-      this.abort(e as Error);
-      throw e;
+      const err = this.failure ?? (e as Error);
+      this.abort(err);
+      throw err;
     }
   }
 
@@ -408,27 +440,44 @@ export class IncomingMigration {
    */
   async awaitGo(): Promise<void> {
     const ch = this.control;
-    for (;;) {
-      const rec = ch.next(); // throws the channel's failure, if any
-      if (rec) {
-        if (rec.kind === 'go') return;
-        if (rec.kind === 'error') throw new MigrationTransportError('remote-error', `source reported ${describeErrorCode(rec.code)}: ${rec.message}`, rec.code);
-        throw new MigrationStreamError('unexpected-record', `${rec.kind} after END: expected GO`);
+    this.watch.setPhase({ label: 'waiting for GO after COMPLETE', awaiting: true });
+    try {
+      for (;;) {
+        if (this.failure) throw this.failure;
+        const rec = ch.next(); // throws the channel's failure, if any
+        if (rec) {
+          if (rec.kind === 'go') return;
+          if (rec.kind === 'error') throw new MigrationTransportError('remote-error', `source reported ${describeErrorCode(rec.code)}: ${rec.message}`, rec.code);
+          throw new MigrationStreamError('unexpected-record', `${rec.kind} after END: expected GO`);
+        }
+        if (ch.isClosed) throw new MigrationTransportError('connection-lost', 'the source closed the connection after END without GO');
+        await this.activity.wait();
       }
-      if (ch.isClosed) throw new MigrationTransportError('connection-lost', 'the source closed the connection after END without GO');
-      await this.activity.wait();
+    } catch (e) {
+      throw this.failure ?? e;
+    } finally {
+      this.watch.setPhase({ label: 'after GO', awaiting: false });
     }
   }
 
   /** A back-channel record on channel 0 (READY, COMPLETE, STARTED, ERROR, ...), written now. */
   async reply(rec: MigrationRecord): Promise<void> {
-    await this.control.send(rec);
-    await this.control.flush();
+    try {
+      if (this.failure) throw this.failure;
+      await this.control.send(rec);
+      await this.control.flush();
+    } catch (e) {
+      throw this.failure ?? e;
+    }
   }
 
   /** Tell the source why we give up (best effort) and drop every channel. */
   abort(err: Error, errorCode?: number): void {
     this.done = true;
+    this.watch.stop();
+    // Waits in run() / awaitGo() end now, with this error (unless a failure came first).
+    this.failure ??= err;
+    this.activity.notify();
     const code = errorCode ?? (err instanceof MigrationTransportError && err.remoteCode ? ErrorCode.INTERNAL : errorCodeFor(err));
     const buf = Buffer.alloc(8 + 4 + 4096);
     this.control.abortWith(buf.subarray(0, encodeRecord({ kind: 'error', code, message: err.message }, buf, 0)));
@@ -437,6 +486,7 @@ export class IncomingMigration {
 
   /** Close every channel (after END and the final reply). */
   async close(): Promise<void> {
+    this.watch.stop();
     for (const ch of this.channels) ch.expectEnd();
     await Promise.all(this.channels.map((ch) => ch.close().catch(() => undefined)));
   }

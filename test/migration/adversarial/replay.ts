@@ -40,7 +40,7 @@ export function referenceOf(r: ReceiveResult, sourceHash: string): Reference {
 }
 
 export async function replay(bytes: Uint8Array, engine: Engine, ref: Reference | null, guardMs = 15_000): Promise<ReplayOutcome & { result?: ReceiveResult }> {
-  const listener = await listenLink({ host: '127.0.0.1', port: 0, handshakeTimeoutMs: 1000 });
+  const listener = await listenLink({ host: '127.0.0.1', port: 0, timeoutMs: 2000 });
   let accepted = false;
   const received = listener.accept().then((link) => {
     accepted = true;
