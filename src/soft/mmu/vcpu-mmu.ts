@@ -7,8 +7,8 @@
 // concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
 // LOCKED or absent entry, or one without the needed permission, makes the access fault.
 // enterGuest() also takes the memslot SRCU reader for the section (mmu/slot-table.ts), which the
-// write-protect fast path reads its slot from in 'parallel' mode ('global' mode reads by peek()
-// under the lock, which may advance the same lookup; that mode never uses `held`); the runner
+// write-protect fast path reads its slot from in 'parallel' mode (the other modes read by peek()
+// under the MMU lock, which may advance the same lookup; they never use `held`); the runner
 // retakes both when a request shows a newer memslot generation (slotsStale), and the slow path
 // runs outside the section.
 import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL, PTRS_PER_TABLE } from '../pgtable/pte.ts';

@@ -131,7 +131,7 @@ export class Stage2PageTable implements Stage2Env {
     this.lock = lock;
   }
 
-  /** shared: the fault lock (read in parallel mode, write in global); otherwise the write lock. */
+  /** shared: the MMU lock held at least for read (a shared op); otherwise the write lock. */
   private assertLocked(shared: boolean): void {
     const lock = this.lock;
     if (lock === undefined) return;

@@ -2,7 +2,8 @@
 // faults racing memslot changes and mmu-notifier invalidations, and the lockless fast path
 // racing a harvest.
 import { afterEach, describe, expect, it } from 'vitest';
-import { KVM_MEM_LOG_DIRTY_PAGES } from '../../../src/vmm/engine.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES, MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
+import { MmuLock } from '../../../src/soft/locking/mmu-lock.ts';
 import { FAULT_EFAULT, FAULT_MMIO, FAULT_OK } from '../../../src/soft/mmu/fault.ts';
 import { newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
 import { PTE_DEVICE, PTE_W } from '../../../src/soft/pgtable/pte.ts';
@@ -26,7 +27,7 @@ function leafAt(t: TestVm, gfn: number): { pte: number; level: number; ptep: num
   return { pte, level: out.level, ptep: out.ptep };
 }
 
-describe.each(['global', 'parallel'] as const)('huge mappings and dirty logging (lock %s)', (lock) => {
+describe.each(MMU_LOCK_MODES)('huge mappings and dirty logging (lock %s)', (lock) => {
   it.each(['anonymous_thp', 'hugetlb'] as const)('%s: 2 MiB blocks when not logging, split on write faults while logging', async (backing) => {
     const t = (current = await makeTestVm({ lock, backing, vcpus: 2, bytesPerVcpu: 2 * 2 ** 21 }));
     t.vm.allowPasses(1);
@@ -127,7 +128,7 @@ describe('reserved and MMIO frames (a pfnmap memslot, seed 001)', () => {
   });
 });
 
-describe.each(['global', 'parallel'] as const)('faults racing invalidations (lock %s)', (lock) => {
+describe.each(MMU_LOCK_MODES)('faults racing invalidations (lock %s)', (lock) => {
   it('a fault racing a memslot delete retries and then exits as MMIO, mapping nothing', async () => {
     const t = (current = await makeTestVm({ lock, vcpusNow: false }));
     const fh = t.vm.mainThreadFaultHandler();
@@ -226,5 +227,34 @@ describe('lockless write-protect fast path (lock parallel): a harvest between cm
     const { pte, ptep } = wpLeaf(t, gfn);
     expect(fh.tryFastWrite(gfn, pte ^ (1 << 5), ptep)).toBe(-1); // another pfn than the table holds
     expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set());
+  });
+});
+
+// Seed 003: before the series, a fault that only relaxes permissions (write-unprotect while
+// logging) took the MMU lock for read; 'global-write' takes the write lock for it too.
+describe.each([
+  ['global-write', false],
+  ['global', true],
+] as const)('write-protect fault while another thread holds the MMU read lock (lock %s)', (lock, relaxesInParallel) => {
+  it(relaxesInParallel ? 'the relax goes ahead beside the reader; a map fault would wait' : 'the relax waits (tryFastWrite gives -2)', async () => {
+    const t = (current = await makeTestVm({ lock, vcpusNow: false }));
+    t.setLogging(true);
+    const page = 7;
+    const gfn = t.spec.gpaBase / 4096 + page;
+    const fh = t.vm.mainThreadFaultHandler();
+    expect(fh.handle(gfn, true)).toBe(FAULT_OK);
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // write-protects it
+    const { pte, ptep } = leafAt(t, gfn);
+    expect(pte & PTE_W).toBe(0);
+    const other = MmuLock.attach(t.vm.lock.shared); // another thread's handle on the lock
+    other.rw.readLock();
+    try {
+      expect(t.vm.lock.tryRelaxLock() ? (t.vm.lock.relaxUnlock(), true) : false).toBe(relaxesInParallel);
+      expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(relaxesInParallel ? pte >>> 5 : -2);
+    } finally {
+      other.rw.readUnlock();
+    }
+    expect(leafAt(t, gfn).pte & PTE_W).toBe(relaxesInParallel ? PTE_W : 0);
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(relaxesInParallel ? new Set([page]) : new Set());
   });
 });

@@ -2,6 +2,7 @@ import { describe, it, expect } from 'vitest';
 import { PROT_R, PROT_RW, PROT_W, PTE_LOCKED, mkLeaf, ptePfn, pteWritable } from '../../../src/soft/pgtable/pte.ts';
 import { EAGAIN, ENOMEM, OK, Stage2PageTable, newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
 import type { MmOps } from '../../../src/soft/pgtable/table-pool.ts';
+import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 
 const G1 = 2 ** 18;
 const M2 = 512;
@@ -389,14 +390,23 @@ describe('forEachCollapsible and the public walk', () => {
 describe('lock assertions', () => {
   it('with a bound MMU lock, each operation checks it is held as required', async () => {
     const { MmuLock } = await import('../../../src/soft/locking/mmu-lock.ts');
-    for (const mode of ['global', 'parallel'] as const) {
+    for (const mode of MMU_LOCK_MODES) {
       const lock = MmuLock.create(mode);
       const { pgt } = mk({ lock });
       const sh = lock.faultShared;
       expect(() => pgt.map(0, 3, 1, PROT_R, sh)).toThrow(/not held/);
+      expect(() => pgt.relaxPerms(0, PROT_W, lock.relaxShared)).toThrow(/not held/);
       lock.faultLock();
       expect(pgt.map(0, 3, 1, PROT_R, sh)).toBe(OK);
-      expect(pgt.relaxPerms(0, PROT_W, sh)).toBe(OK);
+      lock.faultUnlock();
+      lock.relaxLock();
+      expect(pgt.relaxPerms(0, PROT_W, lock.relaxShared)).toBe(OK);
+      if (lock.relaxShared) {
+        // A relax fault's read lock is not enough for a map fault in the global modes.
+        if (!sh) expect(() => pgt.map(0, 3, 1, PROT_R, sh)).toThrow(/write lock not held/);
+      }
+      lock.relaxUnlock();
+      lock.faultLock();
       if (mode === 'parallel') {
         // Exclusive operations need the write lock, the read lock is not enough.
         expect(() => pgt.unmap(0, 1)).toThrow(/write lock not held/);

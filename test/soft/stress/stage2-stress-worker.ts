@@ -76,8 +76,12 @@ const pgt = Stage2PageTable.attach(d.pgt, {
 });
 lock.onExclusiveUnlock = () => pgt.reclaim();
 const out = newLeafLookup();
-/** Fault-path ops run shared (cmpxchg) under the read lock in 'parallel' mode, exclusive in 'global'. */
+/**
+ * Map-fault ops (map, collapse, split) run under faultLock(), shared (cmpxchg) in 'parallel'
+ * mode and exclusive otherwise; relax ops under relaxLock(), shared unless 'global-write'.
+ */
 const shared = lock.faultShared;
+const relaxShared = lock.relaxShared;
 
 class CheckError extends Error {
   override name = 'CheckError';
@@ -221,7 +225,9 @@ function runMutator(): void {
       }
       continue;
     }
-    lock.faultLock();
+    const relax = (p >= 0.5 && p < 0.6) || p >= 0.96;
+    if (relax) lock.relaxLock();
+    else lock.faultLock();
     try {
       syncGeneration();
       if (p < 0.45) {
@@ -251,7 +257,7 @@ function runMutator(): void {
       } else if (p < 0.6) {
         // Relax W on an own page (the dirty-logging write fault).
         const i = randInt(ownPages);
-        const r = pgt.relaxPerms(ownBase + i, PROT_W, shared);
+        const r = pgt.relaxPerms(ownBase + i, PROT_W, relaxShared);
         if (modelPfn[i] === -1) {
           if (r !== EAGAIN) fail(`relax of unmapped own gfn returned ${r}`);
         } else {
@@ -295,7 +301,7 @@ function runMutator(): void {
         bump('shared.split');
       } else {
         const gfn = SHARED_BASE + randInt(G1);
-        const r = pgt.relaxPerms(gfn, PROT_W, shared);
+        const r = pgt.relaxPerms(gfn, PROT_W, relaxShared);
         if (r !== OK && r !== EAGAIN) fail(`shared relax returned ${r}`);
         bump('shared.relax');
       }
@@ -303,7 +309,8 @@ function runMutator(): void {
       // visitor lands on gfns other than the one operated on).
       if (p >= 0.63) for (let k = 0; k < 4; k++) checkLegal(SHARED_BASE + randInt(G1));
     } finally {
-      lock.faultUnlock();
+      if (relax) lock.relaxUnlock();
+      else lock.faultUnlock();
     }
   }
   // Final full check of the own region.
