@@ -48,7 +48,7 @@ import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
-import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W } from '../pgtable/pte.ts';
+import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { markPageDirty } from '../dirty/dirty-bitmap.ts';
 import type { SlotDesc, SlotLookup } from './slot-table.ts';
@@ -169,7 +169,7 @@ export class FaultHandler {
     pgt.rcuReadLock();
     const pte = pgt.getLeaf(gfn, this.leaf);
     pgt.rcuReadUnlock();
-    if ((pte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) !== (PTE_TYPE_LEAF | PTE_R)) return FAULT_RETRY;
+    if (!pteIsWriteProtectedRam(pte)) return FAULT_RETRY;
     this.stats.add(S_WP_FAULTS, 1);
     // A write-protected block while logging: split in the slow path (seed 000).
     if (this.leaf.level !== LAST_LEVEL || !slot.hostWritable) return FAULT_RETRY;
@@ -245,7 +245,7 @@ export class FaultHandler {
     const slot = (held ?? this.slots.readLock()).find(gfn);
     try {
       if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
-      if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
+      if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
       this.hooks.betweenRelaxAndMark?.(gfn);
       if (this.pgt.debug) this.widenRaceWindow();
       const bm = slot.dirtyBitmap;
@@ -257,7 +257,7 @@ export class FaultHandler {
       if (held === undefined) this.slots.readUnlock();
     }
     st.add(S_FAST_RELAX, 1);
-    return pte >>> 5;
+    return leafPfn(pte);
   }
 
   private fastWriteLocked(gfn: number, pte: number, ptep: number): number {
@@ -271,9 +271,9 @@ export class FaultHandler {
       markPageDirty(bm, gfn - slot.baseGfn);
       st.add(S_DIRTY_MARKS, 1);
     }
-    if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
+    if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
     st.add(S_FAST_RELAX, 1);
-    return pte >>> 5;
+    return leafPfn(pte);
   }
 
   private raceRng = 0x9e3779b9;
