@@ -1,6 +1,8 @@
 // `stage2 bench scaling`: dirty-log runs over a list of vCPU counts with memory per vCPU fixed,
-// for both MMU lock modes, as in seed 003's tables (vCPUs | global | parallel) for time to
-// populate and time to dirty. Each (vCPUs, lock) point is its own VM, run one after another.
+// for each MMU lock mode asked for (default all three), as in seed 003's tables (vCPUs | 6.1-rc3
+// | + series, i.e. global | parallel, with global-write for the older all-write-lock kernel) for
+// time to populate and time to dirty. Each (vCPUs, lock) point is its own VM, run one after
+// another.
 
 import type { Engine, MmuLockMode } from '../vmm/engine.ts';
 import { runDirtyLogBench, type DirtyLogParams } from './dirty-log.ts';
@@ -56,14 +58,16 @@ export async function runScalingBench(engine: Engine, p: ScalingParams, log: (li
 /** Seed 003's two tables: rows of vCPUs, a column per lock mode. */
 export function scalingTables(result: ScalingResult): string {
   const locks = result.params.locks;
-  const fmt = (s: number | undefined) => (s === undefined ? '-' : `${s.toFixed(3)}s`).padStart(10);
+  // Each column as wide as its mode's name, at least 8 characters, plus a space either side.
+  const widths = locks.map((l) => Math.max(8, l.length));
+  const fmt = (s: number | undefined, w: number) => `${(s === undefined ? '-' : `${s.toFixed(3)}s`).padStart(w)} `;
   type Key = 'populateSeconds' | 'dirtyMemorySeconds' | 'vcpuOnCpuSeconds' | 'vcpuRunQueueSeconds';
   const table = (title: string, key: Key) => {
-    const head = `| vCPUs |${locks.map((l) => ` ${l.padStart(8)} |`).join('')}`;
-    const rule = `+-------+${locks.map(() => '----------+').join('')}`;
+    const head = `| vCPUs |${locks.map((l, i) => ` ${l.padStart(widths[i]!)} |`).join('')}`;
+    const rule = `+-------+${widths.map((w) => `${'-'.repeat(w + 2)}+`).join('')}`;
     const lines = [title, rule, head, rule];
     for (const v of result.params.vcpuCounts) {
-      const cells = locks.map((l) => fmt(result.rows.find((r) => r.vcpus === v && r.lock === l)?.[key]));
+      const cells = locks.map((l, i) => fmt(result.rows.find((r) => r.vcpus === v && r.lock === l)?.[key], widths[i]! + 1));
       lines.push(`| ${String(v).padStart(5)} |${cells.map((c) => `${c}|`).join('')}`);
     }
     lines.push(rule);

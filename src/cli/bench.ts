@@ -5,7 +5,7 @@ import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts'
 import { addCommonOptions, humanOut, parseIntList, parseLock, type CommonOptions } from './options.ts';
 import { openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
-import type { MmuLockMode } from '../vmm/engine.ts';
+import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
 
 export function registerBench(program: Command): void {
   const bench = program.command('bench').description('benchmarks (dirty-log, scaling)');
@@ -37,11 +37,11 @@ export function registerBench(program: Command): void {
     });
 
   addCommonOptions(
-    bench.command('scaling').description('dirty-log over a list of vCPU counts, both lock modes; tables like seed 003, SVG plot'),
+    bench.command('scaling').description('dirty-log over a list of vCPU counts, every lock mode; tables like seed 003, SVG plot'),
     { bytesPerVcpu: '256M', vcpus: 1, iterations: 3 },
   )
     .option('--vcpu-counts <list>', 'vCPU counts to run, e.g. 1,2,4,8 (default 1,2,4,8; -v N alone runs N only)', parseIntList)
-    .option('--locks <list>', 'lock modes to compare', (t: string) => t.split(',').map((x) => parseLock(x.trim())), ['global', 'parallel'] as MmuLockMode[])
+    .option('--locks <list>', 'lock modes to compare', (t: string) => t.split(',').map((x) => parseLock(x.trim())), [...MMU_LOCK_MODES])
     .option('--svg <file>', 'write the plot here', 'scaling.svg')
     .action(async (opts: CommonOptions & { vcpuCounts?: number[]; locks: MmuLockMode[]; svg: string }, cmd: Command) => {
       const out = humanOut(opts.json);

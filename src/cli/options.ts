@@ -1,6 +1,6 @@
 // Parsing of the options every stage2 command shares (DESIGN.md "CLI").
 import { InvalidArgumentError, type Command } from 'commander';
-import type { Backing, GuestPageSize, MmuLockMode } from '../vmm/engine.ts';
+import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
 import { WORKLOAD_KINDS, type WorkloadKind } from '../guest/workload.ts';
 
@@ -128,7 +128,7 @@ function oneOf<T extends string>(allowed: readonly T[]) {
 
 export const parseEngine = oneOf<EngineChoice>(['soft', 'kvm', 'default']);
 export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'hugetlb']);
-export const parseLock = oneOf<MmuLockMode>(['global', 'parallel']);
+export const parseLock = oneOf<MmuLockMode>(MMU_LOCK_MODES);
 export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS);
 
 export function parseGuestPageSize(text: string): GuestPageSize {
@@ -161,7 +161,7 @@ export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string;
     .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU, a multiple of 4 KiB (accepts 512M, 1G)', parseMemorySize, parseMemorySize(defaults.bytesPerVcpu))
     .option('-s, --backing <backing>', 'anonymous | anonymous_thp | hugetlb', parseBacking, 'anonymous')
     .option('--workload <kind>', 'sequential | random | idle | rwmix', parseWorkload, 'sequential')
-    .option('--lock <mode>', 'soft engine MMU lock: global | parallel', parseLock, 'parallel')
+    .option('--lock <mode>', `soft engine MMU lock: ${MMU_LOCK_MODES.join(' | ')}`, parseLock, 'parallel')
     .option('--guest-page-size <size>', 'kvm guest page size: 4K | 2M', parseGuestPageSize, 2097152 as GuestPageSize)
     .option('--json', 'print one JSON object on stdout and nothing else there', false);
 }

@@ -5,7 +5,7 @@
 //           since the VMM thread sleeps in Atomics.waitAsync meanwhile.
 // Prints an Atomics.add calibration next to the numbers (about 7-10 ns on an idle machine).
 //
-//   npx tsx src/soft/fault-cost-probe.ts [inline|worker] [global|parallel] [MiB] [passes] [backing]
+//   npx tsx src/soft/fault-cost-probe.ts [inline|worker] [global-write|global|parallel] [MiB] [passes] [backing]
 //
 // Not used by the engine; a measuring tool kept next to what it measures.
 import { fileURLToPath } from 'node:url';

@@ -23,7 +23,7 @@ import type { WorkloadSpec } from '../guest/workload.ts';
 import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
-import { LAST_LEVEL, PTE_DEVICE, PTE_W } from './pgtable/pte.ts';
+import { LAST_LEVEL, leafIsDevice, leafWritable } from './pgtable/pte.ts';
 import { Stage2PageTable } from './pgtable/stage2.ts';
 import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts';
 import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
@@ -351,8 +351,8 @@ export class SoftVm implements Vm, MemslotMmu {
         if (level === LAST_LEVEL) p4k++;
         else if (level === 2) p2m++;
         else p1g++;
-        if ((pte & PTE_W) !== 0) writable++;
-        if ((pte & PTE_DEVICE) !== 0) device++;
+        if (leafWritable(pte)) writable++;
+        if (leafIsDevice(pte)) device++;
       });
     }
     out.pages_4k = p4k;

@@ -46,10 +46,17 @@ export interface EngineCapabilities {
   maxVcpus: number;
 }
 
-/** How the soft engine serialises stage-2 faults; the kvm engine reports 'host'. */
-export type MmuLockMode = 'global' | 'parallel';
-/** Every MmuLockMode, for validating what arrives from outside (command lines, CONFIG). */
-export const MMU_LOCK_MODES: readonly MmuLockMode[] = ['global', 'parallel'];
+/**
+ * How the soft engine serialises stage-2 faults (the kvm engine accepts and ignores it; the host
+ * kernel decides): 'global-write' = every fault takes the MMU lock for write (arm64 while
+ * mmu_lock was a spinlock); 'global' = the write lock except for faults that only relax
+ * permissions, which take it for read (arm64 just before seed 003's series); 'parallel' = the
+ * read lock for every fault, cmpxchg and break-before-make (seed 003).
+ */
+export type MmuLockMode = 'global-write' | 'global' | 'parallel';
+
+/** Every MmuLockMode, strictest first (CLI parsing, benchmarks' defaults, tests). */
+export const MMU_LOCK_MODES: readonly MmuLockMode[] = ['global-write', 'global', 'parallel'];
 
 /** KVM_CREATE_VM arguments plus VM-wide capabilities enabled at creation (KVM_ENABLE_CAP). */
 export interface VmConfig {
@@ -57,7 +64,7 @@ export interface VmConfig {
   manualDirtyLogProtect?: boolean;
   /** KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) with this many entries per vCPU; 0 = bitmap only. */
   dirtyRingEntries?: number;
-  /** Soft engine only: global MMU lock (held for write on every fault) or parallel faults. */
+  /** Soft engine only: how stage-2 faults take the MMU lock (see MmuLockMode). Default 'parallel'. */
   lock?: MmuLockMode;
   /** Guest page size the guest uses for its own mappings (kvm engine guest page tables). */
   guestPageSize?: GuestPageSize;

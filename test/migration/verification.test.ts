@@ -42,7 +42,7 @@ const vcpuLie = (f: (s: Json) => void) => (r: SourceRecord): SourceRecord => {
 
 describe('the source reports why the destination refused', () => {
   const cases: [string, (r: SourceRecord) => SourceRecord, RegExp][] = [
-    ['an unsupported lock mode in CONFIG', configLie((c) => (c.vmConfig.lock = 'turbo')), /BAD_CONFIG \(6\): .*CONFIG\.vmConfig\.lock: "turbo" is not one of global, parallel/],
+    ['an unsupported lock mode in CONFIG', configLie((c) => (c.vmConfig.lock = 'turbo')), /BAD_CONFIG \(6\): .*CONFIG\.vmConfig\.lock: "turbo" is not one of global-write, global, parallel/],
     ['guest RAM beyond what the receiver hosts', configLie((c) => {
       const s = c.memslots.find((m: Json) => !m.internal);
       s.memorySize = 2 ** 40;

@@ -32,6 +32,7 @@ describe('soft engine', () => {
   });
 
   it.each([
+    ['global-write', false],
     ['global', true],
     ['parallel', false],
   ] as const)('runs the dirty-log benchmark procedure (lock %s, manual %s) and frees every table page', async (lock, manualProtect) => {

@@ -8,16 +8,26 @@
 //   MMU lock before anything is installed (mmu_invalidate_retry): the host's mmu-notifier
 //   sequence (munmap) and this VM's memslot sequence (delete/move, see memslot-inval.ts). A
 //   fault that raced either drops its page reference and retries from the slot lookup.
-// - Every stage-2 change is made under mmuLock.faultLock(): the write lock in 'global' mode
-//   (plain stores), the read lock in 'parallel' mode (cmpxchg / break-before-make inside
-//   Stage2PageTable, which returns EAGAIN on a lost race: the fault is simply retried). One
-//   exception: in 'parallel' mode the vCPU's write-protect fast path (fastWriteLockless, x86's
-//   fast_page_fault) takes no MMU lock at all; see the last rule.
-// - Dirty logging, locked paths: the page's bit is set (Atomics.or) BEFORE a writable PTE for it
-//   is stored, and under the fault lock, so a harvester (which clears bits under the exclusive
-//   lock and then write-protects) can never clear a bit while the matching writable PTE is still
-//   to come.
-// - Dirty logging, lockless fast path: the only change it makes is setting W on a 4 KiB leaf by
+// - Two kinds of fault, and the lock each takes in each mode (locking/mmu-lock.ts):
+//     RELAX: a write to a present, write-protected 4 KiB RAM leaf in a host-writable slot. The
+//            only change is W added by cmpxchg (tryFastPath, fastWrite). 'global-write': under
+//            the write lock. 'global': under the READ lock, so relaxes run in parallel with each
+//            other (hence the cmpxchg: two relaxes of one entry, one wins, the loser retries or
+//            finds W set) but never with a MAP fault or an exclusive holder. 'parallel': the
+//            vCPU's fast path takes no MMU lock at all (fastWriteLockless, x86's
+//            fast_page_fault; see the last rule); handle()'s tryFastPath takes the read lock.
+//     MAP:   everything else (install, split, collapse, remap; install()). Under
+//            mmuLock.faultLock(): the write lock in 'global-write' and 'global' mode (plain
+//            stores: nothing else changes entries then; a RELAX holds the read lock, which the
+//            write lock excludes), the read lock in 'parallel' mode (cmpxchg / break-before-make
+//            inside Stage2PageTable, which returns EAGAIN on a lost race: the fault is simply
+//            retried).
+// - Dirty logging, locked paths (every MAP, and RELAX in 'global-write' / 'global' mode): the
+//   page's bit is set (Atomics.or) BEFORE a writable PTE for it is stored, and under the MMU
+//   lock, read or write side; a harvester clears bits under the exclusive lock and then
+//   write-protects, so it runs wholly before or wholly after such a fault and can never clear a
+//   bit while the matching writable PTE is still to come.
+// - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is setting W on a 4 KiB leaf by
 //   cmpxchg against the write-protected value its walk read; THEN it marks the page dirty (as
 //   fast_pf_fix_direct_spte does); only THEN does the guest's write happen. Harvesters and
 //   sweeps only ever remove W (any store they make is write-protected), so a racing harvest
@@ -38,7 +48,7 @@ import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
-import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W } from '../pgtable/pte.ts';
+import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { markPageDirty } from '../dirty/dirty-bitmap.ts';
 import type { SlotDesc, SlotLookup } from './slot-table.ts';
@@ -159,21 +169,21 @@ export class FaultHandler {
     pgt.rcuReadLock();
     const pte = pgt.getLeaf(gfn, this.leaf);
     pgt.rcuReadUnlock();
-    if ((pte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) !== (PTE_TYPE_LEAF | PTE_R)) return FAULT_RETRY;
+    if (!pteIsWriteProtectedRam(pte)) return FAULT_RETRY;
     this.stats.add(S_WP_FAULTS, 1);
     // A write-protected block while logging: split in the slow path (seed 000).
     if (this.leaf.level !== LAST_LEVEL || !slot.hostWritable) return FAULT_RETRY;
     const lock = this.lock;
-    lock.faultLock();
+    lock.relaxLock();
     let r: number;
     try {
       if (slot.dirtyBitmap !== null) {
         markPageDirty(slot.dirtyBitmap, gfn - slot.baseGfn);
         this.stats.add(S_DIRTY_MARKS, 1);
       }
-      r = pgt.relaxPerms(gfn, PROT_RW, lock.faultShared);
+      r = pgt.relaxPerms(gfn, PROT_RW, lock.relaxShared);
     } finally {
-      lock.faultUnlock();
+      lock.relaxUnlock();
     }
     if (r === OK) {
       this.stats.add(S_FAST_RELAX, 1);
@@ -187,9 +197,10 @@ export class FaultHandler {
    * The vCPU's fast path for a write to a 4 KiB leaf it just walked and found write-protected
    * (pte at word ptep). The caller stays in its RCU read section, so ptep is still a table word
    * (possibly of a table unlinked meanwhile: then the cmpxchg below changes nothing anyone will
-   * walk again, and the vCPU's re-walk faults properly). 'global' mode: the memslot is read under
-   * the fault lock (peek): a logging enable publishes its bitmap before its exclusive
-   * write-protect sweep. 'parallel' mode: fastWriteLockless.
+   * walk again, and the vCPU's re-walk faults properly). 'global-write' / 'global' mode: under
+   * relaxLock() (write / read side); the memslot is read under it (peek): a logging enable
+   * publishes its bitmap before its exclusive write-protect sweep. 'parallel' mode:
+   * fastWriteLockless.
    * Returns the host pfn now mapped writable, or -1 to take the full fault path.
    */
   fastWrite(gfn: number, pte: number, ptep: number, held?: HeldSlots): number {
@@ -197,8 +208,8 @@ export class FaultHandler {
   }
 
   /**
-   * fastWrite without blocking: lockless in 'parallel' mode; in 'global' mode -2 when the write
-   * lock is not free right now (the caller then leaves guest mode and calls fastWrite). A vCPU
+   * fastWrite without blocking: lockless in 'parallel' mode; otherwise -2 when relaxLock() cannot
+   * be taken right now (the caller then leaves guest mode and calls fastWrite). A vCPU
    * may call this without leaving guest mode: nothing in it waits (the SRCU reader's catch-up
    * waits only for a generation already posted to its port), so a flusher waiting for this
    * vCPU's acknowledgement is delayed by one access at most, like any access in flight.
@@ -207,16 +218,16 @@ export class FaultHandler {
     return this.fastWriteIn(gfn, pte, ptep, held, false);
   }
 
-  /** fastWrite (wait for the write lock) and tryFastWrite (-2 rather than wait) in one. */
+  /** fastWrite (wait for relaxLock) and tryFastWrite (-2 rather than wait) in one. */
   private fastWriteIn(gfn: number, pte: number, ptep: number, held: HeldSlots | undefined, wait: boolean): number {
     const lock = this.lock;
     if (lock.faultShared) return this.fastWriteLockless(gfn, pte, ptep, held);
-    if (wait) lock.faultLock();
-    else if (!lock.rw.tryWriteLock()) return -2;
+    if (wait) lock.relaxLock();
+    else if (!lock.tryRelaxLock()) return -2;
     try {
       return this.fastWriteLocked(gfn, pte, ptep);
     } finally {
-      lock.faultUnlock();
+      lock.relaxUnlock();
     }
   }
 
@@ -234,7 +245,7 @@ export class FaultHandler {
     const slot = (held ?? this.slots.readLock()).find(gfn);
     try {
       if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
-      if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
+      if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
       this.hooks.betweenRelaxAndMark?.(gfn);
       if (this.pgt.debug) this.widenRaceWindow();
       const bm = slot.dirtyBitmap;
@@ -246,7 +257,7 @@ export class FaultHandler {
       if (held === undefined) this.slots.readUnlock();
     }
     st.add(S_FAST_RELAX, 1);
-    return pte >>> 5;
+    return leafPfn(pte);
   }
 
   private fastWriteLocked(gfn: number, pte: number, ptep: number): number {
@@ -260,9 +271,9 @@ export class FaultHandler {
       markPageDirty(bm, gfn - slot.baseGfn);
       st.add(S_DIRTY_MARKS, 1);
     }
-    if (Atomics.compareExchange(this.words, ptep, pte, pte | PTE_W) !== pte) return -1;
+    if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
     st.add(S_FAST_RELAX, 1);
-    return pte >>> 5;
+    return leafPfn(pte);
   }
 
   private raceRng = 0x9e3779b9;

@@ -7,11 +7,11 @@
 // concurrent change; that is what the remote TLB flush protocol bounds (vcpu/tlb-flush.ts). A
 // LOCKED or absent entry, or one without the needed permission, makes the access fault.
 // enterGuest() also takes the memslot SRCU reader for the section (mmu/slot-table.ts), which the
-// write-protect fast path reads its slot from in 'parallel' mode ('global' mode reads by peek()
-// under the lock, which may advance the same lookup; that mode never uses `held`); the runner
+// write-protect fast path reads its slot from in 'parallel' mode (the other modes read by peek()
+// under the MMU lock, which may advance the same lookup; they never use `held`); the runner
 // retakes both when a request shows a newer memslot generation (slotsStale), and the slow path
 // runs outside the section.
-import { LEVEL_PAGES, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W, LAST_LEVEL, PTRS_PER_TABLE } from '../pgtable/pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, PTRS_PER_TABLE, leafPfn, leafRW, pteGrants, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { lookupLeaf } from '../pgtable/lookup.ts';
 import type { SoftTlb } from '../vcpu/soft-tlb.ts';
@@ -60,22 +60,22 @@ export class VcpuStage2 implements VcpuMmu {
   walk(gfn: number, write: boolean, tlb: SoftTlb): number {
     const pte = this.getLeaf(gfn);
     this.lastPte = pte;
-    if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return -1;
-    if ((pte & (write ? PTE_W : PTE_R)) === 0) return -1;
-    const perm = ((pte & PTE_R) !== 0 ? 1 : 0) | ((pte & PTE_W) !== 0 ? 2 : 0);
+    if (!pteGrants(pte, write)) return -1;
+    // R = 1, W = 2: the soft TLB's permission bits.
+    const perm = leafRW(pte);
     const level = this.leaf.level;
     if (level === LAST_LEVEL) {
-      const pfn = pte >>> 5;
+      const pfn = leafPfn(pte);
       tlb.fillSmall(gfn, pfn, perm);
       return pfn;
     }
-    const pfn = (pte >>> 5) + (gfn % LEVEL_PAGES[level]!);
+    const pfn = leafPfn(pte) + (gfn % LEVEL_PAGES[level]!);
     tlb.fillHuge(gfn, pfn, perm);
     return pfn;
   }
 
   canFastWrite(): boolean {
-    return (this.lastPte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) === (PTE_TYPE_LEAF | PTE_R) && this.leaf.level === LAST_LEVEL;
+    return pteIsWriteProtectedRam(this.lastPte) && this.leaf.level === LAST_LEVEL;
   }
 
   fastWrite(gfn: number): number {

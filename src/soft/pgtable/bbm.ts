@@ -18,7 +18,22 @@
 // more, so a racing fault that still installed a leaf into the unlinked table is accounted for.
 
 import type { MmOps } from './table-pool.ts';
-import { LAST_LEVEL, LEVEL_PAGES, PTE_LOCKED, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, mkTable, pteIsValid } from './pte.ts';
+import {
+  LAST_LEVEL,
+  LEVEL_PAGES,
+  PTE_LOCKED,
+  PTRS_PER_TABLE,
+  leafAttrs,
+  leafFromAttrs,
+  leafPfn,
+  mkTable,
+  pteIsLeaf,
+  pteIsLocked,
+  pteIsPoison,
+  pteIsTable,
+  pteIsValid,
+  tableIndex,
+} from './pte.ts';
 import { CorruptTableError, PoisonedTableError, type VisitCtx } from './walker.ts';
 
 /** Slow-path events a Stage2Env counts (index into its shared counters). */
@@ -41,16 +56,13 @@ export interface Stage2Env {
   retireTable(tableIdx: number, level: number): void;
 }
 
-/** Low 5 bits of a leaf: type, R, W, DEVICE; kept when a block is split into smaller leaves. */
-const LEAF_ATTR_MASK = 0x1f;
-
 /**
  * Swap ctx's entry to LOCKED (compare-and-exchange against ctx.old in a shared walk) and
  * invalidate TLBs for what it mapped. False when another thread owns or changed the entry.
  */
 export function tryBreakPte(ctx: VisitCtx, env: Stage2Env): boolean {
   const old = ctx.old;
-  if (old === PTE_LOCKED) {
+  if (pteIsLocked(old)) {
     if (!ctx.shared) throw new CorruptTableError(`LOCKED entry met by an exclusive walk at gfn ${ctx.gfn} level ${ctx.level}`);
     return false;
   }
@@ -73,7 +85,7 @@ export function tryBreakPte(ctx: VisitCtx, env: Stage2Env): boolean {
 
 /** Publish the new value of an entry this thread broke. */
 export function makePte(ctx: VisitCtx, nu: number): void {
-  if (Atomics.load(ctx.words, ctx.ptep) !== PTE_LOCKED) {
+  if (!pteIsLocked(Atomics.load(ctx.words, ctx.ptep))) {
     throw new CorruptTableError(`make on an entry that is not LOCKED (gfn ${ctx.gfn} level ${ctx.level})`);
   }
   Atomics.store(ctx.words, ctx.ptep, nu);
@@ -87,7 +99,7 @@ export function makePte(ctx: VisitCtx, nu: number): void {
  * pool index, or -1 when the pool is exhausted (nothing is left allocated then).
  */
 export function buildSplitTable(mm: MmOps, leaf: number, level: number, toLastLevel: boolean): number {
-  if ((leaf & PTE_TYPE_MASK) !== PTE_TYPE_LEAF || level >= LAST_LEVEL) {
+  if (!pteIsLeaf(leaf) || level >= LAST_LEVEL) {
     throw new CorruptTableError(`buildSplitTable: not a block (level ${level})`);
   }
   const table = mm.zallocTablePage();
@@ -95,12 +107,13 @@ export function buildSplitTable(mm: MmOps, leaf: number, level: number, toLastLe
   const words = mm.words;
   const childLevel = level + 1;
   const step = LEVEL_PAGES[childLevel]!;
-  const pfn0 = leaf >>> 5;
-  const attrs = leaf & LEAF_ATTR_MASK;
+  const pfn0 = leafPfn(leaf);
+  // Type, R, W, DEVICE: every smaller leaf inherits them.
+  const attrs = leafAttrs(leaf);
   const base = table * PTRS_PER_TABLE;
   if (toLastLevel && childLevel < LAST_LEVEL) {
     for (let i = 0; i < PTRS_PER_TABLE; i++) {
-      const sub = buildSplitTable(mm, ((pfn0 + i * step) << 5) | attrs, childLevel, true);
+      const sub = buildSplitTable(mm, leafFromAttrs(pfn0 + i * step, attrs), childLevel, true);
       if (sub < 0) {
         freeUnpublished(mm, table, childLevel);
         return -1;
@@ -108,7 +121,7 @@ export function buildSplitTable(mm: MmOps, leaf: number, level: number, toLastLe
       words[base + i] = mkTable(sub);
     }
   } else {
-    for (let i = 0; i < PTRS_PER_TABLE; i++) words[base + i] = ((pfn0 + i * step) << 5) | attrs;
+    for (let i = 0; i < PTRS_PER_TABLE; i++) words[base + i] = leafFromAttrs(pfn0 + i * step, attrs);
   }
   return table;
 }
@@ -119,7 +132,7 @@ export function freeUnpublished(mm: MmOps, table: number, level: number): void {
     const base = table * PTRS_PER_TABLE;
     for (let i = 0; i < PTRS_PER_TABLE; i++) {
       const pte = mm.words[base + i]!;
-      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) freeUnpublished(mm, pte >>> 5, level + 1);
+      if (pteIsTable(pte)) freeUnpublished(mm, tableIndex(pte), level + 1);
     }
   }
   mm.freeTablePage(table);
@@ -138,11 +151,10 @@ export function freeRetiredSubtree(mm: MmOps, table: number, level: number, onLe
   let freed = 0;
   for (let i = 0; i < PTRS_PER_TABLE; i++) {
     const pte = Atomics.load(words, base + i);
-    const type = pte & PTE_TYPE_MASK;
-    if (type === PTE_TYPE_TABLE && level < LAST_LEVEL) freed += freeRetiredSubtree(mm, pte >>> 5, level + 1, onLeaf);
-    else if (type === PTE_TYPE_LEAF) onLeaf?.(pte >>> 5, level, pte);
-    else if (pte === PTE_POISON) throw new PoisonedTableError(`retired table page ${table}[${i}] was already freed (double free)`);
-    else if (pte === PTE_LOCKED) throw new CorruptTableError(`LOCKED entry in a retired table page ${table}[${i}]: a break-before-make never finished`);
+    if (pteIsTable(pte) && level < LAST_LEVEL) freed += freeRetiredSubtree(mm, tableIndex(pte), level + 1, onLeaf);
+    else if (pteIsLeaf(pte)) onLeaf?.(leafPfn(pte), level, pte);
+    else if (pteIsPoison(pte)) throw new PoisonedTableError(`retired table page ${table}[${i}] was already freed (double free)`);
+    else if (pteIsLocked(pte)) throw new CorruptTableError(`LOCKED entry in a retired table page ${table}[${i}]: a break-before-make never finished`);
   }
   mm.freeTablePage(table);
   return freed + 1;

@@ -10,7 +10,20 @@
 // `shared` (MMU read lock), or Atomics.store under the write lock. These paths never break an
 // entry: anything needing break-before-make or a new table is NOT_HANDLED, for the walker.
 
-import { LAST_LEVEL, LEVEL_PAGES, PTE_LOCKED, PTE_PERM_MASK, PTE_POISON, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, pteIndex } from './pte.ts';
+import {
+  LAST_LEVEL,
+  LEVEL_PAGES,
+  leafChangeRemovesPerms,
+  leafWithoutWrite,
+  leafWritable,
+  leavesDifferOnlyInPerms,
+  pteIndex,
+  pteIsLeaf,
+  pteIsLocked,
+  pteIsPoison,
+  pteIsTable,
+  tableBase,
+} from './pte.ts';
 import { EAGAIN, OK, PoisonedTableError } from './walker.ts';
 
 /** Out-parameter of a lookup: where it stopped. */
@@ -38,16 +51,16 @@ export function lookupLeaf(w: Int32Array, rootBase: number, gfn: number, out: Le
   let ptep = rootBase + (gfn >>> 27);
   let pte = w[ptep]!;
   let level = 0;
-  if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-    ptep = ((pte >>> 5) << 9) + ((gfn >>> 18) & 511);
+  if (pteIsTable(pte)) {
+    ptep = tableBase(pte) + ((gfn >>> 18) & 511);
     pte = w[ptep]!;
     level = 1;
-    if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-      ptep = ((pte >>> 5) << 9) + ((gfn >>> 9) & 511);
+    if (pteIsTable(pte)) {
+      ptep = tableBase(pte) + ((gfn >>> 9) & 511);
       pte = w[ptep]!;
       level = 2;
-      if ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE) {
-        ptep = ((pte >>> 5) << 9) + (gfn & 511);
+      if (pteIsTable(pte)) {
+        ptep = tableBase(pte) + (gfn & 511);
         pte = w[ptep]!;
         level = 3;
       }
@@ -55,9 +68,9 @@ export function lookupLeaf(w: Int32Array, rootBase: number, gfn: number, out: Le
   }
   out.level = level;
   out.ptep = ptep;
-  out.locked = pte === PTE_LOCKED;
-  if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
-  if (pte === PTE_POISON && debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
+  out.locked = pteIsLocked(pte);
+  if (pteIsLeaf(pte)) return pte;
+  if (pteIsPoison(pte) && debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
   return 0;
 }
 
@@ -65,16 +78,16 @@ function lookupLeafWide(w: Int32Array, rootBase: number, gfn: number, out: LeafL
   let ptep = rootBase + ((gfn / 134217728) & 511);
   let pte = w[ptep]!;
   let level = 0;
-  while ((pte & PTE_TYPE_MASK) === PTE_TYPE_TABLE && level < LAST_LEVEL) {
+  while (pteIsTable(pte) && level < LAST_LEVEL) {
     level++;
-    ptep = ((pte >>> 5) << 9) + ((gfn / LEVEL_PAGES[level]!) & 511);
+    ptep = tableBase(pte) + ((gfn / LEVEL_PAGES[level]!) & 511);
     pte = w[ptep]!;
   }
   out.level = level;
   out.ptep = ptep;
-  out.locked = pte === PTE_LOCKED;
-  if ((pte & PTE_TYPE_MASK) === PTE_TYPE_LEAF) return pte;
-  if (pte === PTE_POISON && debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
+  out.locked = pteIsLocked(pte);
+  if (pteIsLeaf(pte)) return pte;
+  if (pteIsPoison(pte) && debug) throw new PoisonedTableError(`getLeaf(${gfn}) read a freed table page at level ${level}`);
   return 0;
 }
 
@@ -88,12 +101,12 @@ export function mapInPlace(w: Int32Array, rootBase: number, gfn: number, level: 
   let ptep = rootBase + pteIndex(gfn, 0);
   for (let l = 1; l <= level; l++) {
     const pte = w[ptep]!;
-    if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return NOT_HANDLED;
-    ptep = ((pte >>> 5) << 9) + pteIndex(gfn, l);
+    if (!pteIsTable(pte)) return NOT_HANDLED;
+    ptep = tableBase(pte) + pteIndex(gfn, l);
   }
   const old = Atomics.load(w, ptep);
   if (old === nu) return MAP_SAME;
-  const addsOnly = old === 0 || ((old & PTE_TYPE_MASK) === PTE_TYPE_LEAF && ((old ^ nu) & ~PTE_PERM_MASK) === 0 && (old & ~nu & PTE_PERM_MASK) === 0);
+  const addsOnly = old === 0 || (pteIsLeaf(old) && leavesDifferOnlyInPerms(old, nu) && !leafChangeRemovesPerms(old, nu));
   if (!addsOnly) return NOT_HANDLED;
   if (shared) return Atomics.compareExchange(w, ptep, old, nu) === old ? OK : EAGAIN;
   Atomics.store(w, ptep, nu);
@@ -106,18 +119,18 @@ export function writeProtectPages(w: Int32Array, rootBase: number, startGfn: num
   let changed = 0;
   for (let g = startGfn; g < end; ) {
     let old = lookupLeaf(w, rootBase, g, out, debug);
-    while ((old & PTE_W) !== 0) {
+    while (leafWritable(old)) {
       if (!shared) {
-        Atomics.store(w, out.ptep, old & ~PTE_W);
+        Atomics.store(w, out.ptep, leafWithoutWrite(old));
         changed++;
         break;
       }
-      const seen = Atomics.compareExchange(w, out.ptep, old, old & ~PTE_W);
+      const seen = Atomics.compareExchange(w, out.ptep, old, leafWithoutWrite(old));
       if (seen === old) {
         changed++;
         break;
       }
-      old = (seen & PTE_TYPE_MASK) === PTE_TYPE_LEAF ? seen : 0;
+      old = pteIsLeaf(seen) ? seen : 0;
     }
     // A block (or an empty / LOCKED upper entry) is done once: go to the entry after it.
     const pages = LEVEL_PAGES[out.level]!;

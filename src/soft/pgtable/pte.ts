@@ -28,6 +28,13 @@
 // pages. Permission changes touch only bits 2-3, so a leaf->leaf permission change is a single
 // compare-and-exchange and never changes the output address.
 //
+// Every other file reads and builds entries only through the functions below; none writes a
+// shift or a mask of its own. Names say what the caller has already checked, v86 style: a
+// `pte...` function takes any word and checks the type itself; a `leaf...` function takes a word
+// the caller knows is a leaf (or, where it says so, 0); a `table...` function one it knows is a
+// table entry. They are one-line functions V8 inlines into the hot paths (vCPU walk, lookup,
+// fault fast path).
+//
 // Concurrency: this file is pure functions over values; see stage2.ts for who writes entries.
 
 export const PTRS_PER_TABLE = 512;
@@ -97,6 +104,11 @@ export function pteIsLocked(pte: number): boolean {
   return pte === PTE_LOCKED;
 }
 
+/** A word of a freed table page (see PTE_POISON). */
+export function pteIsPoison(pte: number): boolean {
+  return pte === PTE_POISON;
+}
+
 export function pteReadable(pte: number): boolean {
   return (pte & (PTE_TYPE_MASK | PTE_R)) === (PTE_TYPE_LEAF | PTE_R);
 }
@@ -109,14 +121,15 @@ export function pteIsDevice(pte: number): boolean {
   return (pte & (PTE_TYPE_MASK | PTE_DEVICE)) === (PTE_TYPE_LEAF | PTE_DEVICE);
 }
 
-/** Host pfn of a leaf (of the first page for a block). */
-export function ptePfn(pte: number): number {
-  return pte >>> PTE_ADDR_SHIFT;
+/** A leaf with R, without W, not DEVICE: a RAM page write-protected (by dirty logging, or mapped for read). */
+export function pteIsWriteProtectedRam(pte: number): boolean {
+  return (pte & (PTE_TYPE_MASK | PTE_R | PTE_W | PTE_DEVICE)) === (PTE_TYPE_LEAF | PTE_R);
 }
 
-/** Pool index of the next-level table of a table entry. */
-export function pteTableIndex(pte: number): number {
-  return pte >>> PTE_ADDR_SHIFT;
+/** A leaf that permits the access: W for a write, R for a read. */
+export function pteGrants(pte: number, write: boolean): boolean {
+  const need = write ? PTE_W : PTE_R;
+  return (pte & (PTE_TYPE_MASK | need)) === (PTE_TYPE_LEAF | need);
 }
 
 export class PteFormatError extends Error {
@@ -150,8 +163,8 @@ export function pteChangeNeedsFlush(old: number, nu: number): boolean {
   if (!pteIsValid(old)) return false;
   if (pteIsTable(old)) return nu !== old;
   if (!pteIsLeaf(nu)) return true;
-  if (((old ^ nu) & ~PTE_PERM_MASK) !== 0) return true;
-  return (old & ~nu & PTE_PERM_MASK) !== 0;
+  if (!leavesDifferOnlyInPerms(old, nu)) return true;
+  return leafChangeRemovesPerms(old, nu);
 }
 
 /** Human-readable pte, for error messages and tests. */
@@ -159,10 +172,93 @@ export function formatPte(pte: number): string {
   if (pte === 0) return 'invalid';
   if (pte === PTE_LOCKED) return 'LOCKED';
   if (pte === PTE_POISON) return 'POISON';
-  if (pteIsTable(pte)) return `table(${pteTableIndex(pte)})`;
+  if (pteIsTable(pte)) return `table(${tableIndex(pte)})`;
   if (pteIsLeaf(pte)) {
     const p = `${pte & PTE_R ? 'R' : '-'}${pte & PTE_W ? 'W' : '-'}${pte & PTE_DEVICE ? ' dev' : ''}`;
-    return `leaf(pfn=${ptePfn(pte)} ${p})`;
+    return `leaf(pfn=${leafPfn(pte)} ${p})`;
   }
   return `garbage(0x${(pte >>> 0).toString(16)})`;
+}
+
+// ---- the caller knows the word is a leaf ----
+
+/** Host pfn of a leaf (of the first page for a block). */
+export function leafPfn(leaf: number): number {
+  return leaf >>> PTE_ADDR_SHIFT;
+}
+
+/** W is set (a leaf, or 0: false). */
+export function leafWritable(leaf: number): boolean {
+  return (leaf & PTE_W) !== 0;
+}
+
+/** DEVICE is set (a leaf, or 0: false). */
+export function leafIsDevice(leaf: number): boolean {
+  return (leaf & PTE_DEVICE) !== 0;
+}
+
+/** R and W as two bits, R = 1 and W = 2 (the soft TLB's permission encoding). */
+export function leafRW(leaf: number): number {
+  return (leaf >>> 2) & 3;
+}
+
+/** The same leaf with W set. */
+export function leafWithWrite(leaf: number): number {
+  return leaf | PTE_W;
+}
+
+/** The same leaf with W clear. */
+export function leafWithoutWrite(leaf: number): number {
+  return leaf & ~PTE_W;
+}
+
+/** The same leaf with prot's R/W bits added (relaxPerms). */
+export function leafWithPermsAdded(leaf: number, prot: number): number {
+  return leaf | (prot & PTE_PERM_MASK);
+}
+
+/**
+ * Everything but the output address (type, R, W, DEVICE): what the pages of a split block
+ * inherit, and what a collapsible table's leaves must share.
+ */
+export function leafAttrs(leaf: number): number {
+  return leaf & ((1 << PTE_ADDR_SHIFT) - 1);
+}
+
+/** The prot (PROT_R | PROT_W | PROT_DEVICE) of a leaf or of leafAttrs() of one. */
+export function leafProt(leaf: number): number {
+  return leaf & PROT_MASK;
+}
+
+/**
+ * A leaf for pfn with attributes taken from leafAttrs() of an existing leaf. No range check:
+ * the caller derived pfn from a leaf's pfn within that leaf's block (a split).
+ */
+export function leafFromAttrs(pfn: number, attrs: number): number {
+  return (pfn << PTE_ADDR_SHIFT) | attrs;
+}
+
+/** Two leaves with one output address and one DEVICE attribute: they differ at most in R/W. */
+export function leavesDifferOnlyInPerms(a: number, b: number): boolean {
+  return ((a ^ b) & ~PTE_PERM_MASK) === 0;
+}
+
+/** Replacing leaf `old` by `nu` takes away R or W (a permission shrink needs a TLB flush). */
+export function leafChangeRemovesPerms(old: number, nu: number): boolean {
+  return (old & ~nu & PTE_PERM_MASK) !== 0;
+}
+
+// ---- the caller knows the word is a table entry ----
+
+/** Pool index of the next-level table a table entry points at. */
+export function tableIndex(table: number): number {
+  return table >>> PTE_ADDR_SHIFT;
+}
+
+/**
+ * Word offset, in the pool, of the first entry of the next-level table a table entry points at.
+ * Int32 shifts only: the pool never has more than 2^22 pages (table-pool.ts MAX_TABLE_PAGES).
+ */
+export function tableBase(table: number): number {
+  return (table >>> PTE_ADDR_SHIFT) << TABLE_SHIFT;
 }

@@ -35,7 +35,7 @@ import { EpochDomain } from '../locking/epoch.ts';
 import { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTE_PERM_MASK, PTRS_PER_TABLE, mkLeaf } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTRS_PER_TABLE, leafPfn, leafWithPermsAdded, mkLeaf } from './pte.ts';
 import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
 import { TablePool, type MmOps } from './table-pool.ts';
 import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
@@ -131,7 +131,7 @@ export class Stage2PageTable implements Stage2Env {
     this.lock = lock;
   }
 
-  /** shared: the fault lock (read in parallel mode, write in global); otherwise the write lock. */
+  /** shared: the MMU lock held at least for read (a shared op); otherwise the write lock. */
   private assertLocked(shared: boolean): void {
     const lock = this.lock;
     if (lock === undefined) return;
@@ -195,7 +195,7 @@ export class Stage2PageTable implements Stage2Env {
   translate(gfn: number, out: LeafLookup): number {
     const pte = this.getLeaf(gfn, out);
     if (pte === 0) return -1;
-    return (pte >>> 5) + (gfn % LEVEL_PAGES[out.level]!);
+    return leafPfn(pte) + (gfn % LEVEL_PAGES[out.level]!);
   }
 
   // ---- changes ----
@@ -264,7 +264,7 @@ export class Stage2PageTable implements Stage2Env {
       const out = this.relaxOut;
       const old = this.getLeaf(gfn, out);
       if (old === 0) return EAGAIN;
-      const nu = old | (prot & PTE_PERM_MASK);
+      const nu = leafWithPermsAdded(old, prot);
       if (nu === old) return OK;
       if (shared) return Atomics.compareExchange(this.words, out.ptep, old, nu) === old ? OK : EAGAIN;
       Atomics.store(this.words, out.ptep, nu);

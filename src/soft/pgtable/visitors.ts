@@ -14,7 +14,27 @@
 //   stricter translation just faults again and finds the entry already relaxed.
 
 import { Stage2Event, buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MIN_BLOCK_LEVEL, PROT_MASK, PTRS_PER_TABLE, PTE_LOCKED, pteIndex, PTE_PERM_MASK, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTE_W, formatPte, mkTable } from './pte.ts';
+import {
+  LAST_LEVEL,
+  LEVEL_PAGES,
+  MIN_BLOCK_LEVEL,
+  PTRS_PER_TABLE,
+  formatPte,
+  leafAttrs,
+  leafChangeRemovesPerms,
+  leafPfn,
+  leafProt,
+  leafWithoutWrite,
+  leavesDifferOnlyInPerms,
+  mkTable,
+  pteIndex,
+  pteIsLeaf,
+  pteIsLocked,
+  pteIsTable,
+  pteWritable,
+  tableBase,
+  tableIndex,
+} from './pte.ts';
 import { CorruptTableError, EAGAIN, ENOMEM, OK, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
 const SPLIT_RETRIES = 1000;
@@ -53,11 +73,11 @@ export class MapVisitor implements Visitor {
         this.changed = true;
         return OK;
       }
-      if (old === PTE_LOCKED) {
+      if (pteIsLocked(old)) {
         if (!ctx.shared) corrupt(ctx, 'map met LOCKED in an exclusive walk');
         return EAGAIN;
       }
-      if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'map met a garbage entry');
+      if (!pteIsLeaf(old)) corrupt(ctx, 'map met a garbage entry');
       // A block covers the smaller mapping wanted: split it one level (same pfns, same prot);
       // when the new table is the target level, put the new leaf in before publishing, so
       // vCPUs go straight from the block to the final state. Otherwise the walk descends.
@@ -67,7 +87,7 @@ export class MapVisitor implements Visitor {
       if (ctx.level + 1 === this.level) {
         const slot = table * PTRS_PER_TABLE + pteIndex(ctx.start, this.level);
         const copy = ctx.words[slot]!;
-        if (((copy ^ this.newPte) & ~PTE_PERM_MASK) !== 0) replaced = copy;
+        if (!leavesDifferOnlyInPerms(copy, this.newPte)) replaced = copy;
         ctx.words[slot] = this.newPte;
       }
       if (!tryBreakPte(ctx, this.env)) {
@@ -77,7 +97,7 @@ export class MapVisitor implements Visitor {
       makePte(ctx, mkTable(table));
       this.env.countEvent(Stage2Event.BlockSplit);
       // The block's page that the new leaf displaced (another pfn) leaves the table.
-      if (replaced !== 0) this.leafRemoved(replaced >>> 5, this.level, replaced);
+      if (replaced !== 0) this.leafRemoved(leafPfn(replaced), this.level, replaced);
       this.changed = true;
       return OK;
     }
@@ -95,7 +115,7 @@ export class MapVisitor implements Visitor {
     const nu = this.newPte;
     if (kind === WALK_TABLE_PRE) {
       // table -> block (collapse).
-      const oldTable = old >>> 5;
+      const oldTable = tableIndex(old);
       if (!tryBreakPte(ctx, this.env)) return EAGAIN;
       makePte(ctx, nu);
       this.env.countEvent(Stage2Event.Collapse);
@@ -109,21 +129,21 @@ export class MapVisitor implements Visitor {
       this.changed = true;
       return OK;
     }
-    if (old === PTE_LOCKED) {
+    if (pteIsLocked(old)) {
       if (!ctx.shared) corrupt(ctx, 'map met LOCKED in an exclusive walk');
       return EAGAIN;
     }
-    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'map met a garbage entry');
-    if (((old ^ nu) & ~PTE_PERM_MASK) === 0) {
+    if (!pteIsLeaf(old)) corrupt(ctx, 'map met a garbage entry');
+    if (leavesDifferOnlyInPerms(old, nu)) {
       // Same output and attributes: a permission change, no break needed.
       if (!ctx.tryPte(nu)) return EAGAIN;
-      if ((old & ~nu & PTE_PERM_MASK) !== 0) this.env.tlbFlush(ctx.gfn, ctx.pages);
+      if (leafChangeRemovesPerms(old, nu)) this.env.tlbFlush(ctx.gfn, ctx.pages);
       this.changed = true;
       return OK;
     }
     if (!tryBreakPte(ctx, this.env)) return EAGAIN;
     makePte(ctx, nu);
-    this.leafRemoved(old >>> 5, ctx.level, old);
+    this.leafRemoved(leafPfn(old), ctx.level, old);
     this.changed = true;
     return OK;
   }
@@ -136,8 +156,8 @@ export class WriteProtectVisitor implements Visitor {
   visit(ctx: VisitCtx): number {
     for (;;) {
       const old = ctx.old;
-      if ((old & (PTE_TYPE_MASK | PTE_W)) !== (PTE_TYPE_LEAF | PTE_W)) return OK;
-      if (ctx.tryPte(old & ~PTE_W)) {
+      if (!pteWritable(old)) return OK;
+      if (ctx.tryPte(leafWithoutWrite(old))) {
         this.changed++;
         return OK;
       }
@@ -164,11 +184,11 @@ export class SplitVisitor implements Visitor {
     // or another block: split that), waiting out a LOCKED entry a bounded number of times.
     for (let tries = 0; ; tries++) {
       const old = ctx.old;
-      if (old === PTE_LOCKED && ctx.shared && tries < SPLIT_RETRIES) {
+      if (pteIsLocked(old) && ctx.shared && tries < SPLIT_RETRIES) {
         ctx.old = ctx.load();
         continue;
       }
-      if (ctx.level === LAST_LEVEL || (old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
+      if (ctx.level === LAST_LEVEL || !pteIsLeaf(old)) return OK;
       const table = buildSplitTable(this.env.mm, old, ctx.level, true);
       if (table < 0) {
         this.noMemory = true;
@@ -214,8 +234,8 @@ export class UnmapVisitor implements Visitor {
   visit(ctx: VisitCtx, kind: number): number {
     const old = ctx.old;
     if (kind === WALK_TABLE_POST) {
-      const child = old >>> 5;
-      if ((old & PTE_TYPE_MASK) === PTE_TYPE_TABLE && tableIsEmpty(ctx.words, child)) {
+      if (pteIsTable(old) && tableIsEmpty(ctx.words, tableIndex(old))) {
+        const child = tableIndex(old);
         ctx.tryPte(0);
         this.cover(ctx);
         this.env.retireTable(child, ctx.level + 1);
@@ -223,11 +243,11 @@ export class UnmapVisitor implements Visitor {
       return OK;
     }
     if (old === 0) return OK;
-    if (old === PTE_LOCKED) corrupt(ctx, 'unmap met LOCKED (unmap needs the write lock)');
-    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) corrupt(ctx, 'unmap met a garbage entry');
+    if (pteIsLocked(old)) corrupt(ctx, 'unmap met LOCKED (unmap needs the write lock)');
+    if (!pteIsLeaf(old)) corrupt(ctx, 'unmap met a garbage entry');
     ctx.tryPte(0);
     this.cover(ctx);
-    this.removed.push(old >>> 5, ctx.level, old);
+    this.removed.push(leafPfn(old), ctx.level, old);
     return OK;
   }
 
@@ -242,7 +262,7 @@ export class LeafIterVisitor implements Visitor {
   fn: (gfn: number, level: number, pte: number) => void = () => {};
 
   visit(ctx: VisitCtx): number {
-    if ((ctx.old & PTE_TYPE_MASK) === PTE_TYPE_LEAF) this.fn(ctx.gfn, ctx.level, ctx.old);
+    if (pteIsLeaf(ctx.old)) this.fn(ctx.gfn, ctx.level, ctx.old);
     return OK;
   }
 }
@@ -254,20 +274,21 @@ export class CollapsibleVisitor implements Visitor {
   visit(ctx: VisitCtx, kind: number): number {
     if (kind !== WALK_TABLE_POST || ctx.level < MIN_BLOCK_LEVEL || ctx.level >= LAST_LEVEL) return OK;
     const old = ctx.load();
-    if ((old & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return OK;
+    if (!pteIsTable(old)) return OK;
     const words = ctx.words;
-    const base = (old >>> 5) * PTRS_PER_TABLE;
+    const base = tableBase(old);
     const first = Atomics.load(words, base);
-    if ((first & PTE_TYPE_MASK) !== PTE_TYPE_LEAF) return OK;
+    if (!pteIsLeaf(first)) return OK;
     const step = LEVEL_PAGES[ctx.level + 1]!;
-    const pfn0 = first >>> 5;
+    const pfn0 = leafPfn(first);
     if (pfn0 % LEVEL_PAGES[ctx.level]! !== 0) return OK;
-    const attrs = first & 0x1f;
+    const attrs = leafAttrs(first);
     for (let i = 1; i < PTRS_PER_TABLE; i++) {
+      // Every entry a leaf (same attrs, type included) with the next pfn.
       const pte = Atomics.load(words, base + i);
-      if ((pte & 0x1f) !== attrs || pte >>> 5 !== pfn0 + i * step) return OK;
+      if (leafAttrs(pte) !== attrs || leafPfn(pte) !== pfn0 + i * step) return OK;
     }
-    this.fn(ctx.gfn, ctx.level, pfn0, attrs & PROT_MASK);
+    this.fn(ctx.gfn, ctx.level, pfn0, leafProt(attrs));
     return OK;
   }
 }

@@ -20,7 +20,7 @@
 //   Walker is single-threaded and not re-entrant (a visitor must not start a walk on the same
 //   Walker); each thread's Stage2PageTable owns its walkers.
 
-import { LAST_LEVEL, LEVEL_PAGES, PTE_POISON, PTE_TYPE_MASK, PTE_TYPE_TABLE, PTRS_PER_TABLE, formatPte, pteIndex } from './pte.ts';
+import { LAST_LEVEL, LEVEL_PAGES, PTRS_PER_TABLE, formatPte, pteIndex, pteIsPoison, pteIsTable, tableIndex } from './pte.ts';
 
 export const WALK_LEAF = 1;
 export const WALK_TABLE_PRE = 2;
@@ -163,7 +163,7 @@ export class Walker {
     ctx.flags = this.flags;
     ctx.skipChildren = false;
     ctx.old = Atomics.load(words, ptep);
-    if (ctx.old === PTE_POISON && this.debug) this.poisoned(ctx);
+    if (pteIsPoison(ctx.old) && this.debug) this.poisoned(ctx);
     let isTable = this.isTableAt(ctx.old, level, ctx);
     let r = OK;
     let reload = false;
@@ -177,7 +177,7 @@ export class Walker {
     }
     if (reload) {
       ctx.old = Atomics.load(words, ptep);
-      if (ctx.old === PTE_POISON && this.debug) this.poisoned(ctx);
+      if (pteIsPoison(ctx.old) && this.debug) this.poisoned(ctx);
       isTable = this.isTableAt(ctx.old, level, ctx);
     }
     if (!this.keepGoing(r)) return r;
@@ -185,7 +185,7 @@ export class Walker {
       this.addr = ctx.gfn + pages;
       return OK;
     }
-    r = this.walkTable(ctx.old >>> 5, level + 1);
+    r = this.walkTable(tableIndex(ctx.old), level + 1);
     if (!this.keepGoing(r)) return r;
     if ((this.flags & WALK_TABLE_POST) !== 0) {
       // Children used ctxs[level + 1..]; this level's ctx still describes our entry.
@@ -195,7 +195,7 @@ export class Walker {
   }
 
   private isTableAt(pte: number, level: number, ctx: VisitCtx): boolean {
-    if ((pte & PTE_TYPE_MASK) !== PTE_TYPE_TABLE) return false;
+    if (!pteIsTable(pte)) return false;
     if (level === LAST_LEVEL) throw new CorruptTableError(`table entry ${formatPte(pte)} at the last level (gfn ${ctx.gfn}, page ${ctx.table}[${ctx.index}])`);
     return true;
   }

@@ -79,11 +79,12 @@ export interface VcpuMmu {
   canFastWrite(): boolean;
   /**
    * Fast path for that leaf, called outside guest mode but still inside the RCU read section:
-   * set W by cmpxchg and mark dirty (under the write lock in 'global' mode, lockless in
-   * 'parallel' mode, see mmu/fault.ts). Host pfn, or -1 (take fault()).
+   * set W by cmpxchg and mark dirty (under the MMU lock's write side in 'global-write' mode, its
+   * read side in 'global' mode, lockless in 'parallel' mode, see mmu/fault.ts). Host pfn, or -1
+   * (take fault()).
    */
   fastWrite(gfn: number): number;
-  /** fastWrite from guest mode; -2 when it would have to wait for the MMU lock ('global' mode). */
+  /** fastWrite from guest mode; -2 when it would have to wait for the MMU lock ('global*' modes). */
   tryFastWrite(gfn: number): number;
 }
 

@@ -16,8 +16,8 @@
 //   (dirty bits are harvested before write-protecting, see dirty/dirty-log.ts).
 // A flusher never holds anything a vCPU in guest mode waits for: a vCPU leaves guest mode before
 // it blocks on the MMU lock (in guest mode it only try-locks, for the write-protect fast path in
-// 'global' mode, or takes no MMU lock at all, 'parallel' mode; it never waits on one there), so
-// a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
+// the 'global' and 'global-write' modes, or takes no MMU lock at all, 'parallel' mode; it never
+// waits on one there), so a flusher holding the MMU lock cannot deadlock with a faulting vCPU.
 
 import {
   G_FLUSH_GEN,

@@ -1,6 +1,7 @@
 // The invariant dirty logging exists for: a page written after a harvest returns shows up in the
 // next harvest, with the data the guest wrote.
 import { afterEach, describe, expect, it } from 'vitest';
+import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 import { bitmapPages, harvest, makeTestVm, nextPassEverywhere, snapshotWords, WorkloadModel, type TestVm } from '../vcpu/harness.ts';
 
 let current: TestVm | null = null;
@@ -10,6 +11,8 @@ afterEach(async () => {
 });
 
 const modes = [
+  { lock: 'global-write', manualProtect: true },
+  { lock: 'global-write', manualProtect: false },
   { lock: 'global', manualProtect: true },
   { lock: 'global', manualProtect: false },
   { lock: 'parallel', manualProtect: true },
@@ -93,7 +96,7 @@ describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect', ({ 
   });
 });
 
-describe.each(['global', 'parallel'] as const)('dirty log over huge pages, lock %s', (lock) => {
+describe.each(MMU_LOCK_MODES)('dirty log over huge pages, lock %s', (lock) => {
   it('logging enabled while vCPUs run on THP: splits race harvests, no write is lost', async () => {
     const vcpus = 3;
     const t = (current = await makeTestVm({ lock, vcpus, bytesPerVcpu: 2 ** 21, kind: 'random', seed: 21, backing: 'anonymous_thp' }));

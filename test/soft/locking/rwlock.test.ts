@@ -51,15 +51,32 @@ describe('RwLock (one thread, several handles)', () => {
 });
 
 describe('MmuLock', () => {
-  it('global mode takes the write lock for faults, parallel the read lock', () => {
+  it('global-write takes the write lock for every fault; global for map faults only, the read lock for relax faults; parallel the read lock', () => {
+    const w = MmuLock.create('global-write');
+    const w2 = MmuLock.attach(w.shared);
+    expect(w2.mode).toBe('global-write');
+    expect([w2.faultShared, w2.relaxShared]).toEqual([false, false]);
+    w.relaxLock();
+    expect(w2.tryRelaxLock()).toBe(false);
+    w.assertExclusiveHeld();
+    w.relaxUnlock();
+
     const g = MmuLock.create('global');
     const g2 = MmuLock.attach(g.shared);
     expect(g2.mode).toBe('global');
-    expect(g2.faultShared).toBe(false);
+    expect([g2.faultShared, g2.relaxShared]).toEqual([false, true]);
     g.faultLock();
     expect(g2.rw.tryReadLock()).toBe(false);
+    expect(g2.tryRelaxLock()).toBe(false);
     g.assertExclusiveHeld();
     g.faultUnlock();
+    // Relax faults share the lock with each other, never with a map fault or an exclusive holder.
+    g.relaxLock();
+    expect(g2.tryRelaxLock()).toBe(true);
+    g2.assertFaultHeld();
+    expect(MmuLock.attach(g.shared).tryExclusiveLock()).toBe(false);
+    g2.relaxUnlock();
+    g.relaxUnlock();
 
     const p = MmuLock.create('parallel');
     const p2 = MmuLock.attach(p.shared);

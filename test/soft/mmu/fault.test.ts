@@ -2,10 +2,11 @@
 // faults racing memslot changes and mmu-notifier invalidations, and the lockless fast path
 // racing a harvest.
 import { afterEach, describe, expect, it } from 'vitest';
-import { KVM_MEM_LOG_DIRTY_PAGES } from '../../../src/vmm/engine.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES, MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
+import { MmuLock } from '../../../src/soft/locking/mmu-lock.ts';
 import { FAULT_EFAULT, FAULT_MMIO, FAULT_OK } from '../../../src/soft/mmu/fault.ts';
 import { newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
-import { PTE_DEVICE, PTE_W } from '../../../src/soft/pgtable/pte.ts';
+import { leafFromAttrs, leafAttrs, leafIsDevice, leafPfn, leafWritable } from '../../../src/soft/pgtable/pte.ts';
 import { DEFAULT_MMIO_START_PFN, DEFAULT_RESERVED_START_PFN } from '../../../src/soft/hostmem/layout.ts';
 import { bitmapPages, harvest, makeTestVm, snapshotWords, type TestVm } from '../vcpu/harness.ts';
 import { markPageDirty } from '../../../src/soft/dirty/dirty-bitmap.ts';
@@ -26,7 +27,7 @@ function leafAt(t: TestVm, gfn: number): { pte: number; level: number; ptep: num
   return { pte, level: out.level, ptep: out.ptep };
 }
 
-describe.each(['global', 'parallel'] as const)('huge mappings and dirty logging (lock %s)', (lock) => {
+describe.each(MMU_LOCK_MODES)('huge mappings and dirty logging (lock %s)', (lock) => {
   it.each(['anonymous_thp', 'hugetlb'] as const)('%s: 2 MiB blocks when not logging, split on write faults while logging', async (backing) => {
     const t = (current = await makeTestVm({ lock, backing, vcpus: 2, bytesPerVcpu: 2 * 2 ** 21 }));
     t.vm.allowPasses(1);
@@ -63,8 +64,8 @@ describe.each(['global', 'parallel'] as const)('huge mappings and dirty logging 
     expect(st.pages_2m).toBe(0);
     expect(st.pages_4k).toBe(512);
     // Read faults while logging map read-only (the write must fault to be logged).
-    expect(leafAt(t, base + 1).pte & PTE_W).toBe(0);
-    expect(leafAt(t, base).pte & PTE_W).toBe(PTE_W);
+    expect(leafWritable(leafAt(t, base + 1).pte)).toBe(false);
+    expect(leafWritable(leafAt(t, base).pte)).toBe(true);
     t.setLogging(false);
     expect(fh.handle(base + 512 + 7, false)).toBe(FAULT_OK);
     st = t.vm.stats();
@@ -110,8 +111,8 @@ describe('reserved and MMIO frames (a pfnmap memslot, seed 001)', () => {
     expect(st.pages_2m).toBe(0);
     const leaf = leafAt(t, gpa / 4096 + 3);
     expect(leaf.level).toBe(3);
-    expect(leaf.pte & PTE_DEVICE).toBe(PTE_DEVICE);
-    expect(leaf.pte >>> 5).toBe(basePfn + 3);
+    expect(leafIsDevice(leaf.pte)).toBe(true);
+    expect(leafPfn(leaf.pte)).toBe(basePfn + 3);
     for (let i = 0; i < 512; i++) expect(mem.refcount(basePfn + i)).toBe(0);
   });
 
@@ -120,14 +121,14 @@ describe('reserved and MMIO frames (a pfnmap memslot, seed 001)', () => {
     const fh = t.vm.mainThreadFaultHandler();
     const gfn = t.spec.gpaBase / 4096 + 5;
     expect(fh.handle(gfn, true)).toBe(FAULT_OK);
-    const pfn = leafAt(t, gfn).pte >>> 5;
+    const pfn = leafPfn(leafAt(t, gfn).pte);
     expect(t.vm.hostMemory.classifyPfn(pfn)).toBe('ram');
     expect(t.vm.hostMemory.refcount(pfn)).toBe(1); // the host page table's own reference
-    expect(leafAt(t, gfn).pte & PTE_DEVICE).toBe(0);
+    expect(leafIsDevice(leafAt(t, gfn).pte)).toBe(false);
   });
 });
 
-describe.each(['global', 'parallel'] as const)('faults racing invalidations (lock %s)', (lock) => {
+describe.each(MMU_LOCK_MODES)('faults racing invalidations (lock %s)', (lock) => {
   it('a fault racing a memslot delete retries and then exits as MMIO, mapping nothing', async () => {
     const t = (current = await makeTestVm({ lock, vcpusNow: false }));
     const fh = t.vm.mainThreadFaultHandler();
@@ -179,7 +180,7 @@ describe.each(['global', 'parallel'] as const)('faults racing invalidations (loc
 describe('lockless write-protect fast path (lock parallel): a harvest between cmpxchg and mark', () => {
   function wpLeaf(t: TestVm, gfn: number): { pte: number; ptep: number } {
     const leaf = leafAt(t, gfn);
-    expect(leaf.pte & PTE_W).toBe(0);
+    expect(leafWritable(leaf.pte)).toBe(false);
     return leaf;
   }
 
@@ -199,9 +200,9 @@ describe('lockless write-protect fast path (lock parallel): a harvest between cm
     const { pte, ptep } = wpLeaf(t, gfn);
     let during: Set<number> | null = null;
     fh.hooks.betweenRelaxAndMark = () => (during = bitmapPages(harvest(t), t.pages));
-    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(pte >>> 5);
+    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(leafPfn(pte));
     expect(during).toEqual(new Set());
-    expect(leafAt(t, gfn).pte & PTE_W).toBe(PTE_W); // nothing to protect: the page stays writable...
+    expect(leafWritable(leafAt(t, gfn).pte)).toBe(true); // nothing to protect: the page stays writable...
     expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // ...and is in the next harvest
   });
 
@@ -214,9 +215,9 @@ describe('lockless write-protect fast path (lock parallel): a harvest between cm
     const { pte, ptep } = wpLeaf(t, gfn);
     let during: Set<number> | null = null;
     fh.hooks.betweenRelaxAndMark = () => (during = bitmapPages(harvest(t), t.pages));
-    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(pte >>> 5);
+    expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(leafPfn(pte));
     expect(during).toEqual(new Set([page]));
-    expect(leafAt(t, gfn).pte & PTE_W).toBe(0); // the harvest write-protected it after the cmpxchg
+    expect(leafWritable(leafAt(t, gfn).pte)).toBe(false); // the harvest write-protected it after the cmpxchg
     expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // the late mark is not lost
   });
 
@@ -224,7 +225,36 @@ describe('lockless write-protect fast path (lock parallel): a harvest between cm
     const { t, gfn } = await loggingVmWithWpPage();
     const fh = t.vm.mainThreadFaultHandler();
     const { pte, ptep } = wpLeaf(t, gfn);
-    expect(fh.tryFastWrite(gfn, pte ^ (1 << 5), ptep)).toBe(-1); // another pfn than the table holds
+    expect(fh.tryFastWrite(gfn, leafFromAttrs(leafPfn(pte) + 1, leafAttrs(pte)), ptep)).toBe(-1); // another pfn than the table holds
     expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set());
+  });
+});
+
+// Seed 003: before the series, a fault that only relaxes permissions (write-unprotect while
+// logging) took the MMU lock for read; 'global-write' takes the write lock for it too.
+describe.each([
+  ['global-write', false],
+  ['global', true],
+] as const)('write-protect fault while another thread holds the MMU read lock (lock %s)', (lock, relaxesInParallel) => {
+  it(relaxesInParallel ? 'the relax goes ahead beside the reader; a map fault would wait' : 'the relax waits (tryFastWrite gives -2)', async () => {
+    const t = (current = await makeTestVm({ lock, vcpusNow: false }));
+    t.setLogging(true);
+    const page = 7;
+    const gfn = t.spec.gpaBase / 4096 + page;
+    const fh = t.vm.mainThreadFaultHandler();
+    expect(fh.handle(gfn, true)).toBe(FAULT_OK);
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(new Set([page])); // write-protects it
+    const { pte, ptep } = leafAt(t, gfn);
+    expect(leafWritable(pte)).toBe(false);
+    const other = MmuLock.attach(t.vm.lock.shared); // another thread's handle on the lock
+    other.rw.readLock();
+    try {
+      expect(t.vm.lock.tryRelaxLock() ? (t.vm.lock.relaxUnlock(), true) : false).toBe(relaxesInParallel);
+      expect(fh.tryFastWrite(gfn, pte, ptep)).toBe(relaxesInParallel ? leafPfn(pte) : -2);
+    } finally {
+      other.rw.readUnlock();
+    }
+    expect(leafWritable(leafAt(t, gfn).pte)).toBe(relaxesInParallel);
+    expect(bitmapPages(harvest(t), t.pages)).toEqual(relaxesInParallel ? new Set([page]) : new Set());
   });
 });

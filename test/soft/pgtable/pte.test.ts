@@ -1,8 +1,11 @@
 import { describe, it, expect } from 'vitest';
 import {
-  MAX_PFN, PROT_DEVICE, PROT_R, PROT_RW, PTE_LOCKED, PTE_POISON, formatPte, levelPages, mkLeaf, mkTable, pteIndex,
-  pteChangeNeedsFlush, pteIsDevice, pteIsLeaf, pteIsLocked, pteIsTable, pteIsValid, ptePfn, pteReadable, pteTableIndex, pteWithPerms, pteWritable,
+  MAX_PFN, PROT_DEVICE, PROT_R, PROT_RW, PROT_W, PTE_LOCKED, PTE_POISON, formatPte, levelPages, mkLeaf, mkTable, pteIndex,
+  pteChangeNeedsFlush, pteIsDevice, pteIsLeaf, pteIsLocked, pteIsTable, pteIsValid, leafPfn, pteReadable, tableIndex, pteWithPerms, pteWritable,
+  leafAttrs, leafChangeRemovesPerms, leafFromAttrs, leafIsDevice, leafProt, leafRW, leafWithPermsAdded, leafWithWrite, leafWithoutWrite, leafWritable,
+  leavesDifferOnlyInPerms, pteGrants, pteIsPoison, pteIsWriteProtectedRam, tableBase,
 } from '../../../src/soft/pgtable/pte.ts';
+import { TLB_R, TLB_W } from '../../../src/soft/vcpu/soft-tlb.ts';
 
 describe('pte format', () => {
   it('zero is invalid', () => {
@@ -15,8 +18,8 @@ describe('pte format', () => {
     for (const pfn of [0, 1, 12345, 2 ** 26, MAX_PFN]) {
       const ro = mkLeaf(pfn, PROT_R);
       const rw = mkLeaf(pfn, PROT_RW);
-      expect(ptePfn(ro)).toBe(pfn);
-      expect(ptePfn(rw)).toBe(pfn);
+      expect(leafPfn(ro)).toBe(pfn);
+      expect(leafPfn(rw)).toBe(pfn);
       expect(pteIsLeaf(rw) && pteIsValid(rw) && !pteIsTable(rw)).toBe(true);
       expect(pteReadable(ro) && !pteWritable(ro)).toBe(true);
       expect(pteWritable(rw)).toBe(true);
@@ -31,14 +34,14 @@ describe('pte format', () => {
     const d = mkLeaf(77, PROT_RW | PROT_DEVICE);
     expect(pteIsDevice(d)).toBe(true);
     expect(pteIsDevice(mkLeaf(77, PROT_RW))).toBe(false);
-    expect(ptePfn(pteWithPerms(d, PROT_R))).toBe(77);
+    expect(leafPfn(pteWithPerms(d, PROT_R))).toBe(77);
     expect(pteIsDevice(pteWithPerms(d, PROT_R))).toBe(true);
   });
 
   it('a table entry points at a pool page', () => {
     const t = mkTable(4242);
     expect(pteIsTable(t) && pteIsValid(t) && !pteIsLeaf(t)).toBe(true);
-    expect(pteTableIndex(t)).toBe(4242);
+    expect(tableIndex(t)).toBe(4242);
     expect(() => mkTable(0)).toThrow();
   });
 
@@ -73,5 +76,34 @@ describe('pte format', () => {
     expect(pteChangeNeedsFlush(rw, PTE_LOCKED)).toBe(true); // break
     expect(pteChangeNeedsFlush(mkTable(3), mkLeaf(0, PROT_RW))).toBe(true); // collapse
     expect(pteChangeNeedsFlush(PTE_LOCKED, rw)).toBe(false); // make
+  });
+});
+
+describe('accessors for callers that already know the type', () => {
+  it('leaf accessors read and rebuild what mkLeaf put in', () => {
+    const ro = mkLeaf(4321, PROT_R);
+    const rw = mkLeaf(4321, PROT_RW);
+    const dev = mkLeaf(9, PROT_RW | PROT_DEVICE);
+    expect([leafWritable(ro), leafWritable(rw), leafWritable(0)]).toEqual([false, true, false]);
+    expect([leafIsDevice(dev), leafIsDevice(rw), leafIsDevice(0)]).toEqual([true, false, false]);
+    expect([leafWithWrite(ro), leafWithoutWrite(rw), leafWithPermsAdded(ro, PROT_RW | PROT_DEVICE)]).toEqual([rw, ro, rw]);
+    expect(leafFromAttrs(4321 + 7, leafAttrs(ro))).toBe(mkLeaf(4328, PROT_R));
+    expect(leafProt(leafAttrs(dev))).toBe(PROT_RW | PROT_DEVICE);
+    expect(leafRW(ro)).toBe(TLB_R);
+    expect(leafRW(rw)).toBe(TLB_R | TLB_W);
+    expect(leafRW(mkLeaf(1, PROT_W))).toBe(TLB_W);
+    expect(leavesDifferOnlyInPerms(ro, rw) && !leavesDifferOnlyInPerms(ro, mkLeaf(4322, PROT_R)) && !leavesDifferOnlyInPerms(rw, dev)).toBe(true);
+    expect([leafChangeRemovesPerms(rw, ro), leafChangeRemovesPerms(ro, rw)]).toEqual([true, false]);
+  });
+
+  it('checking accessors reject every other kind of word', () => {
+    const ro = mkLeaf(5, PROT_R);
+    for (const w of [0, mkTable(3), PTE_LOCKED, PTE_POISON, mkLeaf(5, PROT_RW), mkLeaf(5, PROT_R | PROT_DEVICE)]) {
+      expect(pteIsWriteProtectedRam(w)).toBe(false);
+    }
+    expect(pteIsWriteProtectedRam(ro)).toBe(true);
+    expect([pteGrants(ro, false), pteGrants(ro, true), pteGrants(mkTable(12), false), pteGrants(PTE_POISON, true)]).toEqual([true, false, false, false]);
+    expect([pteIsPoison(PTE_POISON), pteIsPoison(PTE_LOCKED)]).toEqual([true, false]);
+    expect(tableBase(mkTable(4242))).toBe(4242 * 512);
   });
 });

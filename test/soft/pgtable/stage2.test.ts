@@ -1,7 +1,8 @@
 import { describe, it, expect } from 'vitest';
-import { PROT_R, PROT_RW, PROT_W, PTE_LOCKED, mkLeaf, ptePfn, pteWritable } from '../../../src/soft/pgtable/pte.ts';
+import { PROT_R, PROT_RW, PROT_W, PTE_LOCKED, mkLeaf, leafPfn, pteWritable } from '../../../src/soft/pgtable/pte.ts';
 import { EAGAIN, ENOMEM, OK, Stage2PageTable, newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
 import type { MmOps } from '../../../src/soft/pgtable/table-pool.ts';
+import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 
 const G1 = 2 ** 18;
 const M2 = 512;
@@ -26,7 +27,7 @@ describe('Stage2PageTable map / getLeaf', () => {
     expect(pgt.map(5, 3, 1000, PROT_RW, false)).toBe(OK);
     expect(pgt.map(4 * M2, 2, 7 * M2, PROT_R, false)).toBe(OK);
     expect(pgt.map(3 * G1, 1, 2 * G1, PROT_RW, true)).toBe(OK);
-    expect(ptePfn(pgt.getLeaf(5, out))).toBe(1000);
+    expect(leafPfn(pgt.getLeaf(5, out))).toBe(1000);
     expect(out.level).toBe(3);
     expect(pgt.getLeaf(6, out)).toBe(0);
     expect(pgt.translate(4 * M2 + 17, out)).toBe(7 * M2 + 17);
@@ -69,7 +70,7 @@ describe('Stage2PageTable map / getLeaf', () => {
     expect(pgt.lastMapChanged).toBe(false);
     expect(flushes).toEqual([]);
     expect(pgt.map(8, 3, 200, PROT_RW, true)).toBe(OK);
-    expect(ptePfn(pgt.getLeaf(8, out))).toBe(200);
+    expect(leafPfn(pgt.getLeaf(8, out))).toBe(200);
     expect(flushes).toEqual([[8, 1]]);
     expect(removed).toEqual([[100, 3]]);
     pgt.destroy();
@@ -152,7 +153,7 @@ describe('Stage2PageTable split and collapse', () => {
     for (let i = 0; i < M2; i++) {
       const pte = pgt.getLeaf(M2 + i, out);
       expect(out.level).toBe(3);
-      expect(ptePfn(pte)).toBe(8 * M2 + i);
+      expect(leafPfn(pte)).toBe(8 * M2 + i);
       expect(pteWritable(pte)).toBe(i === 7);
     }
     pgt.destroy();
@@ -389,14 +390,23 @@ describe('forEachCollapsible and the public walk', () => {
 describe('lock assertions', () => {
   it('with a bound MMU lock, each operation checks it is held as required', async () => {
     const { MmuLock } = await import('../../../src/soft/locking/mmu-lock.ts');
-    for (const mode of ['global', 'parallel'] as const) {
+    for (const mode of MMU_LOCK_MODES) {
       const lock = MmuLock.create(mode);
       const { pgt } = mk({ lock });
       const sh = lock.faultShared;
       expect(() => pgt.map(0, 3, 1, PROT_R, sh)).toThrow(/not held/);
+      expect(() => pgt.relaxPerms(0, PROT_W, lock.relaxShared)).toThrow(/not held/);
       lock.faultLock();
       expect(pgt.map(0, 3, 1, PROT_R, sh)).toBe(OK);
-      expect(pgt.relaxPerms(0, PROT_W, sh)).toBe(OK);
+      lock.faultUnlock();
+      lock.relaxLock();
+      expect(pgt.relaxPerms(0, PROT_W, lock.relaxShared)).toBe(OK);
+      if (lock.relaxShared) {
+        // A relax fault's read lock is not enough for a map fault in the global modes.
+        if (!sh) expect(() => pgt.map(0, 3, 1, PROT_R, sh)).toThrow(/write lock not held/);
+      }
+      lock.relaxUnlock();
+      lock.faultLock();
       if (mode === 'parallel') {
         // Exclusive operations need the write lock, the read lock is not enough.
         expect(() => pgt.unmap(0, 1)).toThrow(/write lock not held/);

@@ -1,5 +1,5 @@
 import { describe, it, expect } from 'vitest';
-import { PROT_R, PROT_RW, PTE_LOCKED, PTE_POISON, mkLeaf } from '../../../src/soft/pgtable/pte.ts';
+import { PROT_R, PROT_RW, PTE_LOCKED, PTE_POISON, mkLeaf, mkTable } from '../../../src/soft/pgtable/pte.ts';
 import { Stage2PageTable, newLeafLookup } from '../../../src/soft/pgtable/stage2.ts';
 import { buildSplitTable } from '../../../src/soft/pgtable/bbm.ts';
 import { MapVisitor } from '../../../src/soft/pgtable/visitors.ts';
@@ -69,7 +69,7 @@ describe('Walker', () => {
         installed = true;
         const t = pgt.mm.zallocTablePage();
         pgt.pool.words[t * 512 + 7] = mkLeaf(99, PROT_RW);
-        expect(ctx.tryPte((t << 5) | 2)).toBe(true);
+        expect(ctx.tryPte(mkTable(t))).toBe(true);
       }
       return OK;
     };
@@ -186,7 +186,7 @@ describe('races, replayed deterministically from inside break-before-make', () =
         if (raceOnce) {
           raceOnce = false;
           const theirs = pool.zallocTablePage();
-          Atomics.store(pool.words, base.root * 512, (theirs << 5) | 2);
+          Atomics.store(pool.words, base.root * 512, mkTable(theirs));
         }
         return mine;
       },
@@ -219,7 +219,7 @@ describe('races, replayed deterministically from inside break-before-make', () =
         if (ctx.level === 2) {
           // "Another vCPU" splits the block right after the map visitor looked at it.
           const t = buildSplitTable(pgt.mm, ctx.load(), 2, false);
-          Atomics.store(ctx.words, ctx.ptep, (t << 5) | 2);
+          Atomics.store(ctx.words, ctx.ptep, mkTable(t));
         }
         return r;
       },

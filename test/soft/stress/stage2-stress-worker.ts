@@ -15,7 +15,7 @@
 
 import { parentPort, workerData } from 'node:worker_threads';
 import { MmuLock, type MmuLockShared } from '../../../src/soft/locking/mmu-lock.ts';
-import { PROT_RW, PROT_W, ptePfn, pteWritable } from '../../../src/soft/pgtable/pte.ts';
+import { PROT_RW, PROT_W, formatPte, leafPfn, pteIsLeaf, pteIsTable, pteWritable, tableBase, tableIndex } from '../../../src/soft/pgtable/pte.ts';
 import { EAGAIN, ENOMEM, OK, Stage2PageTable, newLeafLookup, type Stage2Shared } from '../../../src/soft/pgtable/stage2.ts';
 
 export const G1 = 2 ** 18;
@@ -76,8 +76,12 @@ const pgt = Stage2PageTable.attach(d.pgt, {
 });
 lock.onExclusiveUnlock = () => pgt.reclaim();
 const out = newLeafLookup();
-/** Fault-path ops run shared (cmpxchg) under the read lock in 'parallel' mode, exclusive in 'global'. */
+/**
+ * Map-fault ops (map, collapse, split) run under faultLock(), shared (cmpxchg) in 'parallel'
+ * mode and exclusive otherwise; relax ops under relaxLock(), shared unless 'global-write'.
+ */
 const shared = lock.faultShared;
+const relaxShared = lock.relaxShared;
 
 class CheckError extends Error {
   override name = 'CheckError';
@@ -95,21 +99,21 @@ function describePath(gfn: number): string {
     const idx = Math.floor(gfn / [2 ** 27, G1, M2, 1][level]!) & 511;
     const pte = Atomics.load(w, table * 512 + idx);
     parts.push(`L${level} page ${table}[${idx}]=0x${(pte >>> 0).toString(16)}`);
-    if ((pte & 3) !== 2) break;
-    table = pte >>> 5;
+    if (!pteIsTable(pte)) break;
+    table = tableIndex(pte);
   }
   // The level-2 table of the shared region: every entry that is not what it should be.
   const l1 = Atomics.load(w, pgt.root * 512);
-  const l2 = (l1 & 3) === 2 ? Atomics.load(w, (l1 >>> 5) * 512 + 1) : 0;
-  if ((l2 & 3) === 2) {
-    const t = l2 >>> 5;
+  const l2 = pteIsTable(l1) ? Atomics.load(w, tableBase(l1) + 1) : 0;
+  if (pteIsTable(l2)) {
+    const t = tableIndex(l2);
     const odd: string[] = [];
     const kinds: Record<string, number> = {};
     for (let i = 0; i < 512; i++) {
       const e = Atomics.load(w, t * 512 + i);
-      const k = (e & 3) === 1 ? 'leaf' : (e & 3) === 2 ? 'table' : e === 0 ? 'zero' : 'special';
+      const k = pteIsLeaf(e) ? 'leaf' : pteIsTable(e) ? 'table' : e === 0 ? 'zero' : 'special';
       kinds[k] = (kinds[k] ?? 0) + 1;
-      if ((e & 3) === 1 && e >>> 5 !== SHARED_BASE + i * M2 + PFN_VARIANT[0]!) odd.push(`[${i}]=pfn ${e >>> 5} attrs ${e & 31}`);
+      if (pteIsLeaf(e) && leafPfn(e) !== SHARED_BASE + i * M2 + PFN_VARIANT[0]!) odd.push(`[${i}]=${formatPte(e)}`);
     }
     parts.push(`shared L2 page ${t}: ${JSON.stringify(kinds)} odd: ${odd.slice(0, 8).join(', ')}`);
   }
@@ -121,14 +125,14 @@ function describePath(gfn: number): string {
 function checkLegal(gfn: number): void {
   const pte = pgt.getLeaf(gfn, out);
   if (pte === 0) return;
-  const pfn = ptePfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
+  const pfn = leafPfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
   if (pfn !== gfn + PFN_VARIANT[0]! && pfn !== gfn + PFN_VARIANT[1]!) fail(`gfn ${gfn} translates to illegal pfn ${pfn} (level ${out.level}, ptep ${out.ptep} = page ${Math.floor(out.ptep / 512)}[${out.ptep % 512}], pte 0x${(pte >>> 0).toString(16)}); now: ${describePath(gfn)}`);
   if (gfn >= SHARED_BASE && gfn < SHARED_BASE + G1 && pfn !== gfn + PFN_VARIANT[0]!) fail(`shared gfn ${gfn} has the wrong variant`);
 }
 
 function runReader(): void {
   const checkShared = (gfn: number, level: number, pte: number): void => {
-    if (ptePfn(pte) !== gfn + PFN_VARIANT[0]!) fail(`forEachLeaf: shared gfn ${gfn} level ${level} has pfn ${ptePfn(pte)}`);
+    if (leafPfn(pte) !== gfn + PFN_VARIANT[0]!) fail(`forEachLeaf: shared gfn ${gfn} level ${level} has pfn ${leafPfn(pte)}`);
   };
   while (Atomics.load(ctl, 1) === 0) {
     if (rand() < 0.2) {
@@ -166,11 +170,11 @@ function runMutator(): void {
     const gfn = ownBase + i;
     const pte = pgt.getLeaf(gfn, out);
     if (modelPfn[i] === -1) {
-      if (pte !== 0) fail(`own gfn ${gfn} should be unmapped, has pfn ${ptePfn(pte)} (lost unmap?)`);
+      if (pte !== 0) fail(`own gfn ${gfn} should be unmapped, has pfn ${leafPfn(pte)} (lost unmap?)`);
       return;
     }
     if (pte === 0) fail(`own gfn ${gfn} lost its mapping (expected pfn ${modelPfn[i]}, locked=${out.locked})`);
-    const pfn = ptePfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
+    const pfn = leafPfn(pte) + (gfn % [2 ** 27, G1, M2, 1][out.level]!);
     if (pfn !== modelPfn[i]) fail(`own gfn ${gfn}: pfn ${pfn}, expected ${modelPfn[i]} (torn or lost update)`);
     if (pteWritable(pte) !== (modelW[i] === 1)) fail(`own gfn ${gfn}: W=${pteWritable(pte)}, expected ${modelW[i] === 1}`);
   };
@@ -221,7 +225,9 @@ function runMutator(): void {
       }
       continue;
     }
-    lock.faultLock();
+    const relax = (p >= 0.5 && p < 0.6) || p >= 0.96;
+    if (relax) lock.relaxLock();
+    else lock.faultLock();
     try {
       syncGeneration();
       if (p < 0.45) {
@@ -251,7 +257,7 @@ function runMutator(): void {
       } else if (p < 0.6) {
         // Relax W on an own page (the dirty-logging write fault).
         const i = randInt(ownPages);
-        const r = pgt.relaxPerms(ownBase + i, PROT_W, shared);
+        const r = pgt.relaxPerms(ownBase + i, PROT_W, relaxShared);
         if (modelPfn[i] === -1) {
           if (r !== EAGAIN) fail(`relax of unmapped own gfn returned ${r}`);
         } else {
@@ -295,7 +301,7 @@ function runMutator(): void {
         bump('shared.split');
       } else {
         const gfn = SHARED_BASE + randInt(G1);
-        const r = pgt.relaxPerms(gfn, PROT_W, shared);
+        const r = pgt.relaxPerms(gfn, PROT_W, relaxShared);
         if (r !== OK && r !== EAGAIN) fail(`shared relax returned ${r}`);
         bump('shared.relax');
       }
@@ -303,7 +309,8 @@ function runMutator(): void {
       // visitor lands on gfns other than the one operated on).
       if (p >= 0.63) for (let k = 0; k < 4; k++) checkLegal(SHARED_BASE + randInt(G1));
     } finally {
-      lock.faultUnlock();
+      if (relax) lock.relaxUnlock();
+      else lock.faultUnlock();
     }
   }
   // Final full check of the own region.

@@ -13,6 +13,7 @@
 
 import { describe, it, expect } from 'vitest';
 import { MmuLock, type MmuLockMode } from '../../../src/soft/locking/mmu-lock.ts';
+import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 import { Stage2PageTable } from '../../../src/soft/pgtable/stage2.ts';
 import { startWorker } from '../../../src/util/worker.ts';
 
@@ -76,7 +77,7 @@ async function runStress(seed: number, durationMs: number, mode: MmuLockMode): P
 }
 
 describe('stage-2 parallel stress', () => {
-  for (const mode of ['parallel', 'global'] as const) {
+  for (const mode of MMU_LOCK_MODES) {
     it(`survives random faults, relaxes, splits, collapses, write-protect sweeps and teardown (${mode} MMU lock)`, async () => {
       const seed = Number(process.env.STAGE2_STRESS_SEED ?? Math.floor(Math.random() * 2 ** 31));
       const durationMs = Number(process.env.STAGE2_STRESS_MS ?? (mode === 'parallel' ? 1500 : 800));

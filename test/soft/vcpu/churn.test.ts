@@ -2,7 +2,7 @@
 // write-protect sweeps, harvests and unmaps of other slots must neither lose nor corrupt a guest
 // write, nor stall the vCPUs.
 import { afterEach, describe, expect, it } from 'vitest';
-import { KVM_MEM_LOG_DIRTY_PAGES } from '../../../src/vmm/engine.ts';
+import { KVM_MEM_LOG_DIRTY_PAGES, MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 import { harvest, makeTestVm, snapshotWords, WorkloadModel, type TestVm } from './harness.ts';
 
 let current: TestVm | null = null;
@@ -11,7 +11,7 @@ afterEach(async () => {
   current = null;
 });
 
-describe.each(['global', 'parallel'] as const)('churn while vCPUs run, lock %s', (lock) => {
+describe.each(MMU_LOCK_MODES)('churn while vCPUs run, lock %s', (lock) => {
   it('memory equals the reference workload after logging toggles, harvests and slot create/delete', async () => {
     const vcpus = 3;
     const passes = 150;

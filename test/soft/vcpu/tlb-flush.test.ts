@@ -3,6 +3,7 @@
 // entry: its next write faults and is logged. Many vCPUs on two cores give random interleavings.
 import { afterEach, describe, expect, it } from 'vitest';
 import { Worker } from 'node:worker_threads';
+import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
 import { bitmapPages, makeTestVm, nextPassEverywhere, snapshotWords, type TestVm } from './harness.ts';
 import { flushRemoteTlbs } from '../../../src/soft/vcpu/tlb-flush.ts';
 import { G_FLUSH_GEN, GuestMode_InGuest, V_FLUSH_ACK, V_MODE, newControlBlock, vcpuBase } from '../../../src/soft/vcpu/control.ts';
@@ -26,11 +27,11 @@ function rng(seed: number): () => number {
   };
 }
 
-describe.each(['global', 'parallel'] as const)('remote TLB flush, lock %s', (lock) => {
+describe.each(MMU_LOCK_MODES)('remote TLB flush, lock %s', (lock) => {
   it('random partial clears: every page written after a clear returns is in the next log', async () => {
     const vcpus = 4;
     const t = (current = await makeTestVm({ lock, vcpus, bytesPerVcpu: 64 * 4096, kind: 'random', seed: 3 }));
-    const rand = rng(0x5eed + (lock === 'global' ? 1 : 2));
+    const rand = rng(0x5eed + MMU_LOCK_MODES.indexOf(lock) + 1);
     t.vm.allowPasses(1);
     await t.vm.waitForPasses(1);
     t.setLogging(true);
