@@ -65,7 +65,7 @@ const REFUSED: [string, RegExp][] = [
   ['bench scaling -i -1', /-i\/--iterations -1: must be a whole number, at least 1/],
   ['bench scaling --vcpu-counts 1,0', /--vcpu-counts 1,0: must be a comma-separated list of positive whole numbers/],
   ['bench scaling --vcpu-counts ""', /--vcpu-counts : must be a comma-separated list/],
-  ['bench scaling --locks global,fast', /--locks global,fast: must be one of global, parallel/],
+  ['bench scaling --locks global,fast', /--locks global,fast: must be one of global-write, global, parallel/],
   ['migrate --local --channels 1000', /^stage2: --channels 1000: must be a whole number from 1 to 64$/],
   ['demo --channels 0', /--channels 0: must be a whole number from 1 to 64/],
   ['migrate --local --max-rounds 0', /--max-rounds 0: must be a whole number, at least 1/],
@@ -83,7 +83,7 @@ const REFUSED: [string, RegExp][] = [
   ['bench dirty-log --engine qemu', /--engine qemu: must be one of soft, kvm, default/],
   ['bench dirty-log -s huge', /-s\/--backing huge: must be one of anonymous, anonymous_thp, hugetlb/],
   ['migrate --local --workload busy', /--workload busy: must be one of/],
-  ['bench dirty-log --lock none', /--lock none: must be one of global, parallel/],
+  ['bench dirty-log --lock none', /--lock none: must be one of global-write, global, parallel/],
   ['bench dirty-log --guest-page-size 1G', /--guest-page-size 1G: must be 4K or 2M/],
   // addresses
   ['migrate --to 127.0.0.1:0', /--to 127.0.0.1:0: must be HOST:PORT with a port from 1 to 65535/],
