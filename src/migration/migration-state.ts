@@ -24,6 +24,8 @@ const NEXT: Record<MigrationStatus, readonly MigrationStatus[]> = {
 
 /** The counters query() reports, as the source keeps them. */
 export interface MigrationCounters {
+  /** Guest RAM being migrated (QEMU's ram total). */
+  ramBytes: number;
   /** The round being sent (1 = bulk); 0 during setup. */
   round: number;
   transferredBytes: number;
@@ -41,7 +43,6 @@ export interface MigrationCounters {
 /** query-migrate, in camelCase. Seconds are floats, counts integers. */
 export interface MigrationQuery extends MigrationCounters {
   status: MigrationStatus;
-  ramBytes: number;
   /** Since the migration started (frozen once it ends). */
   totalSeconds: number;
   /** Setup's length once it is over, else 0. */
@@ -69,7 +70,9 @@ export class MigrationState {
   private tEnd: bigint | null = null;
   private error_: string | undefined;
   private readonly listeners: ((s: MigrationStatus) => void)[] = [];
+  private sampler: (() => Partial<MigrationCounters>) | null = null;
   readonly counters: MigrationCounters = {
+    ramBytes: 0,
     round: 0,
     transferredBytes: 0,
     remainingBytes: 0,
@@ -81,10 +84,6 @@ export class MigrationState {
     expectedDowntimeSeconds: 0,
     postcopyRequests: 0,
   };
-
-  constructor(readonly ramBytes: number) {
-    this.counters.remainingBytes = ramBytes;
-  }
 
   get status(): MigrationStatus {
     return this.status_;
@@ -100,7 +99,11 @@ export class MigrationState {
     if (this.status_ === 'setup') this.tSetupDone = now();
     this.status_ = to;
     if (error !== undefined) this.error_ = error;
-    if (this.finished) this.tEnd = now();
+    if (this.finished) {
+      this.tEnd = now();
+      if (this.sampler) this.update(this.sampler());
+      this.sampler = null;
+    }
     for (const l of this.listeners) l(to);
   }
 
@@ -113,7 +116,17 @@ export class MigrationState {
     Object.assign(this.counters, c);
   }
 
+  /**
+   * Counters that move continuously (bytes and pages sent, throttle) are read by `sampler` when
+   * query() is called, so the hot paths update nothing; it is dropped once the migration ends
+   * (after a last sample).
+   */
+  setSampler(sampler: (() => Partial<MigrationCounters>) | null): void {
+    this.sampler = sampler;
+  }
+
   query(): MigrationQuery {
+    if (this.sampler) this.update(this.sampler());
     const end = this.tEnd ?? now();
     const totalSeconds = Number(end - this.t0) / 1e9;
     const setupSeconds = this.tSetupDone === null ? 0 : Number(this.tSetupDone - this.t0) / 1e9;
@@ -121,7 +134,6 @@ export class MigrationState {
     const c = this.counters;
     return {
       status: this.status_,
-      ramBytes: this.ramBytes,
       totalSeconds,
       setupSeconds,
       throughputMBps: active > 0 ? c.transferredBytes / active / 1e6 : 0,

@@ -39,7 +39,8 @@ import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } fro
 import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
 import { RateLimiter } from './transport/rate-limiter.ts';
-import type { MigrationProgress, MigrationStats, MigrationStatus, RoundStats } from './stats.ts';
+import type { MigrationProgress, MigrationStats, RoundStats } from './stats.ts';
+import { MigrationState } from './migration-state.ts';
 import { checkSourceIntact } from './source-intact.ts';
 import { createStateDigester } from './state-digest.ts';
 
@@ -58,6 +59,11 @@ export interface PrecopyOptions {
   onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
   /** Destroy the source VM after a completed migration (default true). */
   destroyOnComplete?: boolean;
+  /**
+   * Where this migration stands (status and query-migrate counters); pass one to read query()
+   * while migrateVm runs. A fresh one is made otherwise.
+   */
+  state?: MigrationState;
   /**
    * Idle timeout of every wait on the destination, ms (transport/liveness.ts; default
    * DEFAULT_IDLE_TIMEOUT_MS). READY and COMPLETE get an allowance per GiB on top (below).
@@ -108,7 +114,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const sender = new PageSender(vm, link, limiter);
   const throttle = new CpuThrottle(vm);
   const rounds: RoundStats[] = [];
-  let status: MigrationStatus = 'setup';
+  const state = opts.state ?? new MigrationState();
+  state.update({ ramBytes: cfg.ramBytes, remainingBytes: cfg.ramBytes });
+  state.setSampler(() => ({ transferredBytes: link.bytesSent(), zeroPages: sender.counters.zeroPages, normalPages: sender.counters.normalPages, throttlePercent: throttle.percent }));
   const t0 = now();
   let setupSeconds = 0;
   let downtimeSeconds = 0;
@@ -160,7 +168,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     lastProgress = t;
     const sent = sender.counters.zeroPages + sender.counters.normalPages;
     const el = secs(t0) - setupSeconds;
-    opts.onProgress({ status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
+    opts.onProgress({ status: state.status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
   // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
   // on its own internal slot): we keep a shadow of exactly what was sent and find their dirty
@@ -278,9 +286,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     setupSeconds = secs(t0);
 
     // ---- active: bulk round
-    status = 'active';
+    state.set('active');
     opts.onPhase?.('bulk', link);
     let round = 1;
+    state.update({ round });
     phase(`during active (round ${round})`);
     let tRound = now();
     let bytesBefore = link.bytesSent();
@@ -318,9 +327,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       remainingBytes = dirty * PAGE_SIZE;
       const bw = bandwidth > 0 ? bandwidth : maxBandwidth > 0 ? maxBandwidth : 1e9;
       expectedDowntimeSeconds = remainingBytes / bw;
+      state.update({ remainingBytes, dirtySyncCount, dirtyPagesRate, expectedDowntimeSeconds });
       progress(round, true);
       if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
       round++;
+      state.update({ round });
       phase(`during active (round ${round})`);
       roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
       roundStartPending = dirty;
@@ -339,7 +350,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     }
 
     // ---- device: stop-and-copy
-    status = 'device';
+    state.set('device');
     opts.onPhase?.('stop-and-copy', link);
     sender.check();
     // Pause only once the destination has applied what is in flight: otherwise the downtime
@@ -367,6 +378,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     harvest();
     await vcpuStatesFlushed;
     round++;
+    state.update({ round, dirtySyncCount });
     const tSend = now();
     const finalPages = await sendAllPending(round, false);
     sender.check();
@@ -409,7 +421,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     endRound('stop-and-copy', finalPages);
     activeSeconds = secs(t0);
     destinationHash = reply.hash;
-    status = 'completed';
+    state.update({ remainingBytes: 0 });
+    state.set('completed');
 
     // ---- completed: verify off the downtime path; the source stays paused until destroyed.
     const tv = now();
@@ -420,7 +433,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   } catch (e) {
     const err = e as Error;
     const cancelled = !committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
-    status = cancelled ? 'cancelled' : 'failed';
+    // (Completed already only if the verification read after STARTED failed: that stays.)
+    if (!state.finished) state.set(cancelled ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
     if (loggingOn) setLogging(false);
@@ -449,8 +463,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const { zeroPages, normalPages } = sender.counters;
     const active = Math.max(totalSeconds - setupSeconds, 1e-9);
     const stats: MigrationStats = {
-      status,
-      verified: status === 'completed' && sourceHash !== null && sourceHash === destinationHash,
+      status: state.status,
+      verified: state.status === 'completed' && sourceHash !== null && sourceHash === destinationHash,
       engine: vm.engine,
       totalSeconds,
       setupSeconds,

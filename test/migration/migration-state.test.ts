@@ -4,7 +4,8 @@ import { MigrationState, MigrationStateError } from '../../src/migration/migrati
 
 describe('MigrationState', () => {
   it('walks setup -> active -> device -> completed and freezes the clock at the end', async () => {
-    const s = new MigrationState(1 << 20);
+    const s = new MigrationState();
+    s.update({ ramBytes: 1 << 20, remainingBytes: 1 << 20 });
     const seen: string[] = [];
     s.onStatus((st) => seen.push(st));
     expect(s.query()).toMatchObject({ status: 'setup', ramBytes: 1 << 20, remainingBytes: 1 << 20, setupSeconds: 0 });
@@ -22,7 +23,7 @@ describe('MigrationState', () => {
   });
 
   it('refuses transitions QEMU does not make', () => {
-    const s = new MigrationState(4096);
+    const s = new MigrationState();
     expect(() => s.set('device')).toThrow(MigrationStateError);
     expect(() => s.set('completed')).toThrow(/setup -> completed is not a transition/);
     s.set('active');
@@ -33,10 +34,23 @@ describe('MigrationState', () => {
   });
 
   it('post-copy cannot be cancelled once the destination runs the guest', () => {
-    const s = new MigrationState(4096);
+    const s = new MigrationState();
     s.set('active');
     s.set('postcopy-active');
     expect(() => s.set('cancelled')).toThrow(MigrationStateError);
     s.set('completed');
+  });
+
+  it('query() samples the moving counters while it runs, and keeps the last sample after', () => {
+    const s = new MigrationState();
+    let bytes = 0;
+    s.setSampler(() => ({ transferredBytes: bytes }));
+    s.set('active');
+    bytes = 100;
+    expect(s.query().transferredBytes).toBe(100);
+    bytes = 200;
+    s.set('failed', 'x');
+    bytes = 300;
+    expect(s.query().transferredBytes).toBe(200);
   });
 });
