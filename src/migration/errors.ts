@@ -19,6 +19,21 @@ export class DestinationError extends Error {
 }
 
 /**
+ * The link broke (or a cancel came) after GO and before STARTED: the destination may or may not
+ * run the guest, so the source stays paused. Not the destination's failure, so not a
+ * DestinationError.
+ */
+export class SwitchoverOutcomeUnknownError extends Error {
+  constructor(cause: string) {
+    super(
+      `switchover outcome unknown: ${cause} after GO was sent; the destination may be running the guest, ` +
+        'so this side stays paused (resume it only if the destination is known not to run it)',
+    );
+    this.name = 'SwitchoverOutcomeUnknownError';
+  }
+}
+
+/**
  * The source and destination disagree about the state they hold at switchover (memory, CONFIG
  * or vCPU state); the ERROR record that reports it says VERIFY_FAILED.
  */

@@ -33,7 +33,7 @@ import type { WorkloadSpec } from '../guest/workload.ts';
 import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
-import { DestinationError, MigrationCancelledError, VerificationError } from './errors.ts';
+import { DestinationError, MigrationCancelledError, SwitchoverOutcomeUnknownError, VerificationError } from './errors.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS, type DestRecord, type SourceLink } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
@@ -411,10 +411,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       phase('after STARTED');
       if (r.type !== 'started') throw new DestinationError(r.type === 'error' ? r.message : `expected STARTED, got ${r.type}`);
     } catch (e) {
-      throw new DestinationError(
-        `switchover outcome unknown: ${(e as Error).message} after GO was sent; the destination may be running the guest, ` +
-          'so this side stays paused (resume it only if the destination is known not to run it)',
-      );
+      throw new SwitchoverOutcomeUnknownError((e as Error).message);
     }
     downtimeSeconds = secs(tPause);
     stopAndCopy = { pauseSeconds: secs(tPause, tVcpu), vcpuStateSeconds: secs(tVcpu, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tEnd), waitCompleteSeconds: secs(tEnd) };
