@@ -137,6 +137,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let passesAtSwitchover: number[] = [];
   let activeSeconds = 0;
   let ackedRound = 0;
+  /** The last round whose SYNC was sent: the destination cannot have applied a later one. */
+  let syncedRound = 0;
   const ackWaiters: (() => void)[] = [];
   /** Wait until the destination has applied every round up to `round` (or the link failed). */
   const caughtUp = async (round: number) => {
@@ -267,6 +269,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       for (;;) {
         const r = await link.receive();
         if (r.type === 'synced') {
+          if (r.round > syncedRound) {
+            destFailure ??= new DestinationError(`protocol error: SYNC_ACK for round ${r.round}, but rounds up to ${syncedRound} were sent`);
+            for (const w of ackWaiters.splice(0)) w();
+            continue;
+          }
           ackedRound = Math.max(ackedRound, r.round);
           for (const w of ackWaiters.splice(0)) w();
           continue;
@@ -311,6 +318,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       await sender.sendSlot(s, round);
       progress(round);
     }
+    syncedRound = round;
     await sender.syncAll(round);
     endRound('bulk', totalPages);
 
@@ -336,7 +344,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
       roundStartPending = dirty;
       const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
-      await sender.syncAll(round);
+      syncedRound = round;
+    await sender.syncAll(round);
       const { bytes } = endRound('iterative', sent);
       // Auto-converge (QEMU's migration_trigger_throttle): in the last period the guest dirtied
       // more than half of what we managed to send -> throttle one step harder. QEMU waits for
@@ -382,6 +391,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const tSend = now();
     const finalPages = await sendAllPending(round, false);
     sender.check();
+    syncedRound = round;
     for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
     const sentHash = formatMemoryHash(sentTable.total());
     endSent = true;

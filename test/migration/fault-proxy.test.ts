@@ -224,6 +224,58 @@ const SLOW_BPS = Number(process.env.STAGE2_LONG_SLOW_BPS ?? 4e6);
 const RECORDS_UP: RecordName[] = ['HELLO', 'CONFIG', 'RAM', 'ZERO', 'SYNC', 'VCPU_STATE', 'END', 'GO'];
 const RECORDS_DOWN: RecordName[] = ['HELLO_ACK', 'READY', 'SYNC_ACK', 'COMPLETE', 'STARTED'];
 
+/** What a rejection must never read like: a JavaScript error leaking through. */
+const JS_INTERNALS = /TypeError|ReferenceError|Cannot read prop|is not a function|is not iterable|of undefined|of null|\bNaN\b|\[object /;
+
+// What the destination says, corrupted: one byte of a back-channel record flipped (its type, its
+// length, a payload field). The source must never commit to a state it did not send, never run
+// the guest where the destination may run it, and say what was wrong in plain words.
+describe.concurrent('fault proxy: corrupted answers from the destination (soft engine)', () => {
+  const cases: [RecordName, number, string][] = [
+    ['HELLO_ACK', 0, 'type'],
+    ['HELLO_ACK', 8, 'version'],
+    ['HELLO_ACK', 10, 'channels'],
+    ['READY', 0, 'type'],
+    ['READY', 4, 'length'],
+    ['SYNC_ACK', 0, 'type'],
+    ['SYNC_ACK', 8, 'round'],
+    ['SYNC_ACK', 11, 'round (high byte)'],
+    ['COMPLETE', 0, 'type'],
+    ['COMPLETE', 4, 'length'],
+    ['COMPLETE', 8, 'memory hash'],
+    ['COMPLETE', 16, 'page count'],
+    ['STARTED', 0, 'type'],
+    ['STARTED', 4, 'length'],
+  ];
+  for (const [record, at, field] of cases) {
+    it(`${record} with its ${field} byte flipped: refused plainly, the guest runs on exactly one side`, async () => {
+      const o = await throughProxy(soft, [{ dir: 'down', at: { record }, fault: 'corrupt', corruptOffset: at }], { workload: 'sequential', bytesPerVcpu: 1 << 20 });
+      await o.proxy.close();
+      expect(o.proxy.fired.length).toBe(1);
+      expectSafe(o);
+      if (o.stats.error) expect(o.stats.error).not.toMatch(JS_INTERNALS);
+      if (o.destError) expect(o.destError.message).not.toMatch(JS_INTERNALS);
+      // A COMPLETE that vouches for other memory is never committed to.
+      if (record === 'COMPLETE' && at === 8) {
+        expect(o.stats.status).toBe('failed');
+        expect(o.stats.error).toMatch(/COMPLETE reports memory hash .* not committing/);
+        expect(o.stats.sourceRunning).toBe(true);
+      }
+      // An answer for a round never sent is a protocol error, not a reason to pause early.
+      if (record === 'SYNC_ACK' && at === 11) {
+        expect(o.stats.status).toBe('failed');
+        expect(o.stats.error).toMatch(/protocol error: SYNC_ACK for round \d+, but rounds up to \d+ were sent/);
+      }
+      // Corrupting STARTED comes after GO: the source cannot know, stays paused; the guest runs there.
+      if (record === 'STARTED') {
+        expect(o.stats.sourceRunning).toBe(false);
+        expect(o.dest).not.toBeNull();
+      }
+      if (o.dest) await o.dest.vm.destroy();
+    });
+  }
+});
+
 describe.runIf(LONG)('fault proxy: long randomized run', () => {
   it('random faults at random offsets and records: every case ends in bound, safely', async () => {
     const cases = Number(process.env.STAGE2_LONG_CASES ?? 300);

@@ -14,7 +14,7 @@
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { RecordType } from '../../src/migration/stream/format.ts';
 
-export type Fault = 'cut' | 'reset' | 'stall' | 'slow';
+export type Fault = 'cut' | 'reset' | 'stall' | 'slow' | 'corrupt';
 /** up: source -> destination; down: destination -> source. */
 export type Direction = 'up' | 'down';
 export type RecordName = keyof typeof RecordType;
@@ -40,6 +40,9 @@ export interface FaultRule {
   releaseAfterMs?: number;
   /** slow: bytes per second from the trigger on. */
   bytesPerSec?: number;
+  /** corrupt: XOR the byte this far past the trigger (default 0) with `xor` (default 0xff). */
+  corruptOffset?: number;
+  xor?: number;
 }
 
 export interface FaultEvent {
@@ -131,18 +134,31 @@ class Pipe {
     const hit = this.rules.length ? this.scan(chunk) : null;
     if (!hit) {
       this.offset += chunk.length;
-      this.forward(chunk);
+      this.forward(this.corrupted(chunk, this.offset - chunk.length));
       return;
     }
     this.rules = this.rules.filter((r) => r !== hit.rule);
     const before = chunk.subarray(0, hit.at);
     const rest = chunk.subarray(hit.at);
     this.offset += before.length;
-    if (before.length) this.forward(before);
+    if (before.length) this.forward(this.corrupted(before, this.offset - before.length));
     this.conn.proxy.fired.push({ rule: hit.rule, conn: this.conn.index, dir: this.dir, offset: this.offset, record: hit.record, round: this.round });
     this.apply(hit.rule);
     // The rest goes through the new mode (or, still forwarding, the remaining rules).
     if (rest.length) this.onData(rest);
+  }
+
+  /** Stream offset of the byte a 'corrupt' rule changes, and how (-1: none pending). */
+  private corruptAt = -1;
+  private corruptXor = 0xff;
+
+  /** `b` (starting at stream offset `start`), with the pending corruption applied if it is in it. */
+  private corrupted(b: Buffer, start: number): Buffer {
+    if (this.corruptAt < start || this.corruptAt >= start + b.length) return b;
+    const copy = Buffer.from(b);
+    copy[this.corruptAt - start]! ^= this.corruptXor;
+    this.corruptAt = -1;
+    return copy;
   }
 
   private forward(b: Buffer): void {
@@ -172,6 +188,10 @@ class Pipe {
         if (rule.releaseAfterMs !== undefined) {
           setTimeout(() => this.release(), rule.releaseAfterMs).unref();
         }
+        return;
+      case 'corrupt':
+        this.corruptAt = this.offset + (rule.corruptOffset ?? 0);
+        this.corruptXor = (rule.xor ?? 0xff) & 0xff || 0xff;
         return;
       case 'slow':
         this.mode = 'slow';
