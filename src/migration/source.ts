@@ -2,10 +2,10 @@
 // ram_save_* in one state machine):
 //
 //   setup    CONFIG -> destination builds the VM -> READY; dirty logging on for every memslot
-//   active   round 1: every page (bulk stage); rounds 2..: harvest the dirty log, send the dirty
-//            pages, SYNC -- until the pages left would fit the downtime limit at the measured
-//            bandwidth, or the round limit; auto-converge throttles the vCPUs while rounds
-//            don't shrink
+//   active   round 1: every page (bulk stage); rounds 2..: harvest the dirty log (dirty-
+//            tracker.ts), send the dirty pages, SYNC -- until the convergence policy says stop
+//            (convergence.ts; by default: the pages left fit the downtime limit at the measured
+//            bandwidth, or the round limit; auto-converge throttles the vCPUs meanwhile)
 //   device   pause the VM, last harvest, last pages, every vCPU's state, SYNC, END; wait for
 //            COMPLETE (all applied and checked, guest not started), commit and send GO, wait
 //            for STARTED (the guest runs on the destination): pause to STARTED is the downtime
@@ -28,9 +28,8 @@
 //
 // Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
 // own threads until the pause.
-import { KVM_MEM_LOG_DIRTY_PAGES, MemslotError, PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import { PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
 import type { WorkloadSpec } from '../guest/workload.ts';
-import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
 import { DestinationError, MigrationCancelledError, SwitchoverOutcomeUnknownError, VerificationError } from './errors.ts';
@@ -42,6 +41,8 @@ import { RateLimiter } from './transport/rate-limiter.ts';
 import type { MigrationProgress, MigrationStats, RoundStats } from './stats.ts';
 import { MigrationState } from './migration-state.ts';
 import { checkSourceIntact } from './source-intact.ts';
+import { DirtyTracker } from './dirty-tracker.ts';
+import { PrecopyConvergence, type ConvergencePolicy } from './convergence.ts';
 import { createStateDigester } from './state-digest.ts';
 
 export interface PrecopyOptions {
@@ -57,6 +58,8 @@ export interface PrecopyOptions {
   onProgress?: (p: MigrationProgress) => void;
   /** Test hook: called as each phase starts (may destroy the link to inject a failure). */
   onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
+  /** When to stop iterating and how to make the guest converge (default: PrecopyConvergence). */
+  convergence?: ConvergencePolicy;
   /** Destroy the source VM after a completed migration (default true). */
   destroyOnComplete?: boolean;
   /**
@@ -88,10 +91,6 @@ const UNSEEN_BUFFER_BYTES = 32 << 20;
 
 export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 60;
-/** QEMU's throttle-trigger-threshold: dirtying above 50% of what was sent counts as "high". */
-const THROTTLE_TRIGGER = 0.5;
-/** High periods in a row before the throttle steps up. */
-const THROTTLE_HIGH_ROUNDS = 1;
 /**
  * An iterative round sends for at most this long, then harvests again (what is left stays
  * pending). It bounds how stale the convergence estimate gets and how long auto-converge waits
@@ -122,7 +121,6 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let downtimeSeconds = 0;
   let verifySeconds = 0;
   let remainingBytes = cfg.ramBytes;
-  let dirtySyncCount = 0;
   let dirtyPagesRate = 0;
   let expectedDowntimeSeconds = 0;
   let bandwidth = 0; // bytes/s measured on the link
@@ -130,7 +128,6 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
   let committed = false;
   let endSent = false;
-  let loggingOn = false;
   let destFailure: Error | null = null;
   let sourceHash: string | null = null;
   let destinationHash: string | null = null;
@@ -172,24 +169,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const el = secs(t0) - setupSeconds;
     opts.onProgress({ status: state.status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
-  // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
-  // on its own internal slot): we keep a shadow of exactly what was sent and find their dirty
-  // pages by comparing with it. Such slots are small (guest code, page tables, stacks).
-  const shadows = new Map<number, { slot: MemslotInfo; sent: Buffer; cur: Buffer }>();
-  const setLogging = (on: boolean) => {
-    for (const s of slots) {
-      if (shadows.has(s.slot)) continue;
-      try {
-        vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
-      } catch (e) {
-        if (!(on && s.internal && e instanceof MemslotError)) throw e;
-        // `cur` is kept: a fresh 2 MiB buffer per harvest costs its page faults again, and the
-        // last harvest is on the downtime path.
-        shadows.set(s.slot, { slot: s, sent: Buffer.alloc(s.memorySize), cur: Buffer.alloc(s.memorySize) });
-      }
-    }
-    loggingOn = on;
-  };
+  const dirty = new DirtyTracker(vm, slots);
+  const convergence: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
   // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
   // start the guest unless its own table agrees (catches a lost or corrupted page before
   // switchover).
@@ -203,56 +184,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const at = slotMap.locate(gpa, pages)!;
     if (data) hasher.hashInto(sentTable, at.slot, at.page, pages, data);
     else sentTable.setZero(at.slot, at.page, pages);
-    for (const { slot, sent } of shadows.values()) {
-      if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
-        if (data) sent.set(data, gpa - slot.guestPhysAddr);
-        else sent.fill(0, gpa - slot.guestPhysAddr, gpa - slot.guestPhysAddr + PAGE_SIZE);
-      }
-    }
-  };
-  const shadowDirtyLog = (slot: MemslotInfo, sent: Buffer, cur: Buffer): Uint32Array => {
-    vm.readGuest(slot.guestPhysAddr, cur);
-    const log = newBitmap(slot.pages);
-    // Most of the slot is unchanged: compare 16 pages at a time, pages only where a block differs.
-    const BLOCK = 16 * PAGE_SIZE;
-    for (let b = 0; b < slot.memorySize; b += BLOCK) {
-      const e = Math.min(b + BLOCK, slot.memorySize);
-      if (cur.compare(sent, b, e, b, e) === 0) continue;
-      for (let o = b; o < e; o += PAGE_SIZE) if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, o / PAGE_SIZE);
-    }
-    return log;
-  };
-  const pending = new Map<number, Uint32Array>();
-  /** Pages set in `pending` per slot as of the last harvest (0: nothing to scan for). */
-  const pendingPages = new Map<number, number>();
-  let newlyDirty = 0;
-  /** OR every slot's dirty log into `pending`; returns the pending page count. */
-  // Harvests are few (an idle guest: two in all), so their loops over slot-sized bitmaps run
-  // unoptimised; the last one is on the downtime path. An empty bitmap (the common case there)
-  // is recognised by one native compare instead.
-  let zeros = new Uint8Array(0);
-  const isEmpty = (bitmap: Uint32Array): boolean => {
-    if (zeros.length < bitmap.byteLength) zeros = new Uint8Array(bitmap.byteLength);
-    return Buffer.compare(new Uint8Array(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength), zeros.subarray(0, bitmap.byteLength)) === 0;
-  };
-  const harvest = (): number => {
-    let n = 0;
-    newlyDirty = 0;
-    for (const s of slots) {
-      const shadow = shadows.get(s.slot);
-      const log = shadow ? shadowDirtyLog(s, shadow.sent, shadow.cur) : vm.getDirtyLog(s.slot);
-      const logEmpty = isEmpty(log);
-      if (!logEmpty) newlyDirty += countBits(log);
-      const p = pending.get(s.slot);
-      if (!p) pending.set(s.slot, log);
-      else if (!logEmpty) for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
-      const pend = pending.get(s.slot)!;
-      const count = (logEmpty && pendingPages.get(s.slot) === 0) || isEmpty(pend) ? 0 : countBits(pend);
-      pendingPages.set(s.slot, count);
-      n += count;
-    }
-    dirtySyncCount++;
-    return n;
+    dirty.recordSent(gpa, data, pages);
   };
   const manual = vm.config.manualDirtyLogProtect;
 
@@ -289,7 +221,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       destFailure ??= e;
       for (const w of ackWaiters.splice(0)) w();
     });
-    setLogging(true);
+    dirty.setLogging(true);
     setupSeconds = secs(t0);
 
     // ---- active: bulk round
@@ -324,38 +256,30 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
 
     // ---- active: iterative rounds
     opts.onPhase?.('iterative', link);
-    let highRounds = 0;
     let tHarvest = now();
     for (;;) {
       sender.check();
-      const dirty = harvest();
+      const pendingPages = dirty.harvest();
+      // The guest's dirty rate over the round just sent (between two harvests).
       const sinceHarvest = secs(tHarvest);
       tHarvest = now();
-      if (sinceHarvest > 0) dirtyPagesRate = Math.round(newlyDirty / sinceHarvest);
-      remainingBytes = dirty * PAGE_SIZE;
-      const bw = bandwidth > 0 ? bandwidth : maxBandwidth > 0 ? maxBandwidth : 1e9;
-      expectedDowntimeSeconds = remainingBytes / bw;
-      state.update({ remainingBytes, dirtySyncCount, dirtyPagesRate, expectedDowntimeSeconds });
+      if (sinceHarvest > 0) dirtyPagesRate = Math.round(dirty.newlyDirty / sinceHarvest);
+      remainingBytes = pendingPages * PAGE_SIZE;
+      const decision = convergence.decide({ iterativeRounds: round - 1, pendingBytes: remainingBytes, bandwidth });
+      expectedDowntimeSeconds = decision.expectedDowntimeSeconds;
+      state.update({ remainingBytes, dirtySyncCount: dirty.syncCount, dirtyPagesRate, expectedDowntimeSeconds });
       progress(round, true);
-      if (expectedDowntimeSeconds * 1000 <= downtimeLimitMs || round > maxRounds) break;
+      if (decision.action === 'stop-and-copy') break;
       round++;
       state.update({ round });
       phase(`during active (round ${round})`);
       roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
-      roundStartPending = dirty;
+      roundStartPending = pendingPages;
       const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
       syncedRound = round;
-    await sender.syncAll(round);
+      await sender.syncAll(round);
       const { bytes } = endRound('iterative', sent);
-      // Auto-converge (QEMU's migration_trigger_throttle): in the last period the guest dirtied
-      // more than half of what we managed to send -> throttle one step harder. QEMU waits for
-      // two such periods; with rounds capped at ROUND_MAX_MS one is enough to act on.
-      if (autoConverge && round > 2 && newlyDirty * PAGE_SIZE > bytes * THROTTLE_TRIGGER) {
-        if (++highRounds >= THROTTLE_HIGH_ROUNDS) {
-          throttle.step();
-          highRounds = 0;
-        }
-      } else highRounds = 0;
+      convergence.afterRound({ round, sentBytes: bytes, dirtiedBytes: dirty.newlyDirty * PAGE_SIZE });
     }
 
     // ---- device: stop-and-copy
@@ -384,10 +308,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const vcpuStatesFlushed = link.flush();
     vcpuStatesFlushed.catch(() => undefined);
     const tHarvestFinal = now();
-    harvest();
+    dirty.harvest();
     await vcpuStatesFlushed;
     round++;
-    state.update({ round, dirtySyncCount });
+    state.update({ round, dirtySyncCount: dirty.syncCount });
     const tSend = now();
     const finalPages = await sendAllPending(round, false);
     sender.check();
@@ -444,7 +368,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (!state.finished) state.set(cancelled ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
-    if (loggingOn) setLogging(false);
+    if (dirty.logging) dirty.setLogging(false);
     if (committed) return finish(err.message, true, false); // paused for good: see the header
     if (paused) vm.resume();
     const intact = await checkSourceIntact(vm, opts.workload);
@@ -457,8 +381,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   async function sendAllPending(round: number, clearLog = manual, deadlineMs = Infinity): Promise<number> {
     let n = 0;
     for (const s of slots) {
-      if (pendingPages.get(s.slot) === 0) continue;
-      n += await sender.sendPending(s, pending.get(s.slot)!, round, clearLog && !shadows.has(s.slot), deadlineMs);
+      const pending = dirty.pendingOf(s.slot);
+      if (!pending) continue;
+      n += await sender.sendPending(s, pending, round, clearLog && dirty.hasEngineLog(s.slot), deadlineMs);
       progress(round);
     }
     return n;
@@ -482,7 +407,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       remainingBytes,
       zeroPages,
       normalPages,
-      dirtySyncCount,
+      dirtySyncCount: dirty.syncCount,
       dirtyPagesRate,
       throughputMBps: transferredBytes / active / 1e6,
       pagesPerSecond: Math.round((zeroPages + normalPages) / active),

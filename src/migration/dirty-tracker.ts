@@ -1,0 +1,115 @@
+// The source's view of what is still to send (QEMU ram.c's migration bitmap and its sync): dirty
+// logging on or off for every memslot, and harvest() ORs each slot's dirty log into a pending
+// bitmap that the page sender drains (clearing bits as pages go out).
+//
+// Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
+// on its own internal slot) get a shadow of exactly what was sent (recordSent), and their dirty
+// pages are found by comparing the slot with it. Such slots are small (guest code, page tables,
+// stacks).
+//
+// Harvests are few (an idle guest: two in all), so their loops over slot-sized bitmaps run
+// unoptimised; the last one is on the downtime path. An empty bitmap (the common case there) is
+// recognised by one native compare instead.
+//
+// Concurrency: the VMM's main thread only (the engine's dirty log is its own business).
+import { KVM_MEM_LOG_DIRTY_PAGES, MemslotError, PAGE_SIZE, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
+
+interface Shadow {
+  slot: MemslotInfo;
+  sent: Buffer;
+  /** Kept: a fresh buffer per harvest costs its page faults again, on the downtime path too. */
+  cur: Buffer;
+}
+
+export class DirtyTracker {
+  private readonly shadows = new Map<number, Shadow>();
+  private readonly pending = new Map<number, Uint32Array>();
+  /** Pages set in `pending` per slot as of the last harvest (0: nothing to scan for). */
+  private readonly pendingPages = new Map<number, number>();
+  private zeros = new Uint8Array(0);
+  /** Dirty logging is on (setLogging(true) succeeded). */
+  logging = false;
+  /** Pages the last harvest found newly dirty (before ORing into what was pending). */
+  newlyDirty = 0;
+  /** Harvests so far (QEMU's dirty-sync-count). */
+  syncCount = 0;
+
+  constructor(
+    private readonly vm: Vm,
+    readonly slots: readonly MemslotInfo[],
+  ) {}
+
+  setLogging(on: boolean): void {
+    for (const s of this.slots) {
+      if (this.shadows.has(s.slot)) continue;
+      try {
+        this.vm.setUserMemoryRegion({ slot: s.slot, flags: on ? s.flags | KVM_MEM_LOG_DIRTY_PAGES : s.flags & ~KVM_MEM_LOG_DIRTY_PAGES, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
+      } catch (e) {
+        if (!(on && s.internal && e instanceof MemslotError)) throw e;
+        this.shadows.set(s.slot, { slot: s, sent: Buffer.alloc(s.memorySize), cur: Buffer.alloc(s.memorySize) });
+      }
+    }
+    this.logging = on;
+  }
+
+  /** The engine's own dirty log of `slot` can be cleared by the sender (no shadow). */
+  hasEngineLog(slot: number): boolean {
+    return !this.shadows.has(slot);
+  }
+
+  /** Pages [gpa, +pages) went out with `data` (null: zero pages): keep shadows in step. */
+  recordSent(gpa: number, data: Uint8Array | null, pages: number): void {
+    for (const { slot, sent } of this.shadows.values()) {
+      if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
+        const off = gpa - slot.guestPhysAddr;
+        if (data) sent.set(data, off);
+        else sent.fill(0, off, off + pages * PAGE_SIZE);
+      }
+    }
+  }
+
+  /** OR every slot's dirty log into its pending bitmap; returns the pending page count. */
+  harvest(): number {
+    let n = 0;
+    this.newlyDirty = 0;
+    for (const s of this.slots) {
+      const shadow = this.shadows.get(s.slot);
+      const log = shadow ? this.shadowDirtyLog(shadow) : this.vm.getDirtyLog(s.slot);
+      const logEmpty = this.isEmpty(log);
+      if (!logEmpty) this.newlyDirty += countBits(log);
+      const p = this.pending.get(s.slot);
+      if (!p) this.pending.set(s.slot, log);
+      else if (!logEmpty) for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
+      const pend = this.pending.get(s.slot)!;
+      const count = (logEmpty && this.pendingPages.get(s.slot) === 0) || this.isEmpty(pend) ? 0 : countBits(pend);
+      this.pendingPages.set(s.slot, count);
+      n += count;
+    }
+    this.syncCount++;
+    return n;
+  }
+
+  /** The pending bitmap of `slot` if the last harvest left pages in it, else null. */
+  pendingOf(slot: number): Uint32Array | null {
+    return this.pendingPages.get(slot) === 0 ? null : (this.pending.get(slot) ?? null);
+  }
+
+  private shadowDirtyLog({ slot, sent, cur }: Shadow): Uint32Array {
+    this.vm.readGuest(slot.guestPhysAddr, cur);
+    const log = newBitmap(slot.pages);
+    // Most of the slot is unchanged: compare 16 pages at a time, pages only where a block differs.
+    const BLOCK = 16 * PAGE_SIZE;
+    for (let b = 0; b < slot.memorySize; b += BLOCK) {
+      const e = Math.min(b + BLOCK, slot.memorySize);
+      if (cur.compare(sent, b, e, b, e) === 0) continue;
+      for (let o = b; o < e; o += PAGE_SIZE) if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, o / PAGE_SIZE);
+    }
+    return log;
+  }
+
+  private isEmpty(bitmap: Uint32Array): boolean {
+    if (this.zeros.length < bitmap.byteLength) this.zeros = new Uint8Array(bitmap.byteLength);
+    return Buffer.compare(new Uint8Array(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength), this.zeros.subarray(0, bitmap.byteLength)) === 0;
+  }
+}
