@@ -141,15 +141,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     table = new PageHashTable(slotMap.layout);
     lastRound = new Uint32Array(slotMap.totalPages);
     internalPage = new Uint8Array(slotMap.totalPages);
-    for (const s of c.memslots) if (s.internal) internalPage.fill(1, slotMap.locate(s.guestPhysAddr)!.index, slotMap.locate(s.guestPhysAddr)!.index + s.pages);
+    for (const s of c.memslots) {
+      if (!s.internal) continue;
+      const { index } = slotMap.locatePages(s.slot, 0, s.pages)!;
+      internalPage.fill(1, index, index + s.pages);
+    }
     phase = 'receiving';
     await link.send({ type: 'ready' });
   };
 
-  /** Where a run of `pages` pages at gpa lies; it must lie inside one memslot. */
-  const locate = (gpa: number, pages: number) => {
-    const at = slotMap!.locate(gpa, pages);
-    if (!at) throw protocol(`pages [0x${gpa.toString(16)}, +${pages}) are not guest RAM of this VM`);
+  /** Where pages [page, +pages) of memslot `slot` lie; they must be inside it. */
+  const locate = (slot: number, page: number, pages: number) => {
+    const at = slotMap!.locatePages(slot, page, pages);
+    if (!at) throw protocol(`pages [${page}, +${pages}) of memslot ${slot} are not guest RAM of this VM`);
     return at;
   };
 
@@ -167,10 +171,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     return copy;
   };
 
-  const onRam = (round: number, gpa: number, raw: Uint8Array) => {
+  const onRam = (round: number, slotId: number, firstPage: number, raw: Uint8Array) => {
     const data = aligned(raw);
     const pages = data.length / PAGE_SIZE;
-    const { slot, page: first, index: idx } = locate(gpa, pages);
+    const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     pagesReceived += pages;
     let all = true;
     for (let i = 0; i < pages; i++) if (lastRound[idx + i]! > round) all = false;
@@ -189,8 +193,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
-  const onZero = (round: number, gpa: number, pages: number) => {
-    const { slot, page: first, index: idx } = locate(gpa, pages);
+  const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
+    const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
@@ -273,9 +277,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     if (phase !== 'receiving') throw protocol(`${r.type.toUpperCase()} after END`);
     switch (r.type) {
       case 'ram':
-        return onRam(r.round, r.gpa, r.data);
+        return onRam(r.round, r.slot, r.page, r.data);
       case 'zero':
-        return onZero(r.round, r.gpa, r.pages);
+        return onZero(r.round, r.slot, r.page, r.pages);
       case 'sync':
         syncs[channel] = r.round;
         if (r.round > ackedRound && syncs.every((x) => x >= r.round)) {

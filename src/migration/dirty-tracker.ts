@@ -58,15 +58,13 @@ export class DirtyTracker {
     return !this.shadows.has(slot);
   }
 
-  /** Pages [gpa, +pages) went out with `data` (null: zero pages): keep shadows in step. */
-  recordSent(gpa: number, data: Uint8Array | null, pages: number): void {
-    for (const { slot, sent } of this.shadows.values()) {
-      if (gpa >= slot.guestPhysAddr && gpa < slot.guestPhysAddr + slot.memorySize) {
-        const off = gpa - slot.guestPhysAddr;
-        if (data) sent.set(data, off);
-        else sent.fill(0, off, off + pages * PAGE_SIZE);
-      }
-    }
+  /** Pages [page, +pages) of `slot` went out with `data` (null: zero pages): keep its shadow in step. */
+  recordSent(slot: number, page: number, data: Uint8Array | null, pages: number): void {
+    const shadow = this.shadows.get(slot);
+    if (!shadow) return;
+    const off = page * PAGE_SIZE;
+    if (data) shadow.sent.set(data, off);
+    else shadow.sent.fill(0, off, off + pages * PAGE_SIZE);
   }
 
   /** OR every slot's dirty log into its pending bitmap; returns the pending page count. */

@@ -19,12 +19,13 @@ export { DEFAULT_IDLE_TIMEOUT_MS } from './transport/liveness.ts';
 export type SourceRecord =
   | { type: 'config'; config: MigrationConfig }
   /**
-   * `data` holds data.length / 4096 consecutive pages starting at guest-physical `gpa`. The link
-   * may keep a reference to `data` until it calls onWritten (then the sender may reuse it).
+   * `data` holds data.length / 4096 consecutive pages of memslot `slot` from `page` on (pages are
+   * (slot, page) here as in the stream: slot-map.ts). The link may keep a reference to `data`
+   * until it calls onWritten (then the sender may reuse it).
    */
-  | { type: 'ram'; round: number; gpa: number; data: Uint8Array; onWritten?: () => void }
-  /** `pages` consecutive all-zero pages starting at `gpa`. */
-  | { type: 'zero'; round: number; gpa: number; pages: number }
+  | { type: 'ram'; round: number; slot: number; page: number; data: Uint8Array; onWritten?: () => void }
+  /** `pages` consecutive all-zero pages of memslot `slot` from `page` on. */
+  | { type: 'zero'; round: number; slot: number; page: number; pages: number }
   /** End of a round on this channel; `final`: stop-and-copy's, END follows at once (no flush needed). */
   | { type: 'sync'; round: number; final?: boolean }
   | { type: 'vcpu'; state: VcpuState }

@@ -37,7 +37,7 @@ export class PageSender {
   /** Checked between runs; throws to abort the stream. */
   check: () => void = () => undefined;
   /** Told about every page run put on the link (data null: zero pages). */
-  onSent: ((gpa: number, data: Uint8Array | null, pages: number) => void) | null = null;
+  onSent: ((slot: number, page: number, data: Uint8Array | null, pages: number) => void) | null = null;
 
   constructor(
     private readonly vm: Vm,
@@ -52,8 +52,8 @@ export class PageSender {
     return ch;
   }
 
-  /** Send `pages` pages starting at guest-physical `gpa`, tagged with `round`. */
-  async sendRun(gpa: number, pages: number, round: number): Promise<void> {
+  /** Send `pages` pages of `slot` from `first` on, tagged with `round`. */
+  async sendRun(slot: MemslotInfo, first: number, pages: number, round: number): Promise<void> {
     // Sends that never block resolve as microtasks: without this the loop would starve timers
     // (the throttle, progress), signal handlers and socket events for a whole round.
     this.sinceYield += pages * PAGE_SIZE;
@@ -64,7 +64,7 @@ export class PageSender {
     this.check();
     const whole = this.acquire();
     const buf = whole.subarray(0, pages * PAGE_SIZE);
-    this.vm.readGuest(gpa, buf);
+    this.vm.readGuest(slot.guestPhysAddr + first * PAGE_SIZE, buf);
     // Refcount of RAM records still queued on a socket that point into buf (+1 while we work).
     let users = 1;
     const release = () => {
@@ -75,19 +75,19 @@ export class PageSender {
       const zero = isZeroPageAt(buf, i * PAGE_SIZE);
       let j = i + 1;
       while (j < pages && isZeroPageAt(buf, j * PAGE_SIZE) === zero) j++;
-      const at = gpa + i * PAGE_SIZE;
+      const page = first + i;
       const ch = this.nextChannel();
       if (zero) {
         this.counters.zeroPages += j - i;
-        if (this.onSent) for (let k = i; k < j; k++) this.onSent(gpa + k * PAGE_SIZE, null, 1);
-        await this.link.send({ type: 'zero', round, gpa: at, pages: j - i }, ch);
+        this.onSent?.(slot.slot, page, null, j - i);
+        await this.link.send({ type: 'zero', round, slot: slot.slot, page, pages: j - i }, ch);
       } else {
         this.counters.normalPages += j - i;
         if (this.limiter) await this.limiter.take((j - i) * PAGE_SIZE);
         const data = buf.subarray(i * PAGE_SIZE, j * PAGE_SIZE);
-        this.onSent?.(at, data, j - i);
+        this.onSent?.(slot.slot, page, data, j - i);
         users++;
-        await this.link.send({ type: 'ram', round, gpa: at, data, onWritten: release }, ch);
+        await this.link.send({ type: 'ram', round, slot: slot.slot, page, data, onWritten: release }, ch);
       }
       i = j;
     }
@@ -103,7 +103,7 @@ export class PageSender {
   /** Every page of the slot (the bulk stage). */
   async sendSlot(slot: MemslotInfo, round: number): Promise<void> {
     for (let p = 0; p < slot.pages; p += RUN_PAGES) {
-      await this.sendRun(slot.guestPhysAddr + p * PAGE_SIZE, Math.min(RUN_PAGES, slot.pages - p), round);
+      await this.sendRun(slot, p, Math.min(RUN_PAGES, slot.pages - p), round);
     }
   }
 
@@ -141,7 +141,7 @@ export class PageSender {
             continue;
           }
           if (runLen > 0) {
-            await this.sendRun(slot.guestPhysAddr + runStart * PAGE_SIZE, runLen, round);
+            await this.sendRun(slot, runStart, runLen, round);
             sent += runLen;
           }
           runStart = page;
@@ -149,7 +149,7 @@ export class PageSender {
         }
       }
       if (runLen > 0) {
-        await this.sendRun(slot.guestPhysAddr + runStart * PAGE_SIZE, runLen, round);
+        await this.sendRun(slot, runStart, runLen, round);
         sent += runLen;
       }
     }

@@ -1,7 +1,8 @@
-// Guest-physical addresses <-> (memslot, page) <-> a dense page index over all memslots. The
-// pre-copy state machines speak gpa (what the engine reads and writes); the stream format and the
-// memory hash speak (slot, page); the destination's per-page round table wants one dense index.
-// One map per migration, built from CONFIG's memslots on both sides, so they cannot disagree.
+// (memslot, page) <-> guest-physical addresses <-> a dense page index over all memslots. A
+// migration names pages as (slot, page) everywhere: the source's sender, the link, the stream
+// and the memory hash; only the engine boundary (readGuest / writeGuest) speaks gpa, and the
+// destination's per-page round table wants one dense index. One map per migration, built from
+// CONFIG's memslots on both sides, so they cannot disagree.
 //
 // Concurrency: immutable after construction.
 import { PAGE_SIZE } from '../vmm/engine.ts';
@@ -20,6 +21,8 @@ export interface PageLocation {
   slot: number;
   page: number;
   index: number;
+  /** Guest-physical address of the first page. */
+  gpa: number;
 }
 
 export class SlotMap {
@@ -43,16 +46,11 @@ export class SlotMap {
     return this.regions.map((r) => ({ slot: r.slot, pages: r.pages }));
   }
 
-  /** Location of the run [gpa, +pages), or null unless it lies inside one memslot. */
-  locate(gpa: number, pages = 1): PageLocation | null {
-    for (const r of this.regions) {
-      if (gpa >= r.gpa && gpa < r.gpa + r.pages * PAGE_SIZE) {
-        const page = (gpa - r.gpa) / PAGE_SIZE;
-        if (!Number.isInteger(page) || pages < 1 || page + pages > r.pages) return null;
-        return { slot: r.slot, page, index: r.base + page };
-      }
-    }
-    return null;
+  /** Location of pages [page, +pages) of memslot `slot`, or null unless they lie inside it. */
+  locatePages(slot: number, page: number, pages: number): PageLocation | null {
+    const r = this.bySlot.get(slot);
+    if (!r || !Number.isInteger(page) || page < 0 || pages < 1 || page + pages > r.pages) return null;
+    return { slot, page, index: r.base + page, gpa: r.gpa + page * PAGE_SIZE };
   }
 
   /** Guest-physical address of `page` of memslot `slot`, or null for an unknown slot. */

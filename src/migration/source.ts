@@ -180,11 +180,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   // END binds the CONFIG and vCPU states sent, beside the memory hash (state-digest.ts).
   const digester = await createStateDigester();
   const configDigest = digester.config(cfg);
-  sender.onSent = (gpa, data, pages) => {
-    const at = slotMap.locate(gpa, pages)!;
-    if (data) hasher.hashInto(sentTable, at.slot, at.page, pages, data);
-    else sentTable.setZero(at.slot, at.page, pages);
-    dirty.recordSent(gpa, data, pages);
+  sender.onSent = (slot, page, data, pages) => {
+    if (data) hasher.hashInto(sentTable, slot, page, pages, data);
+    else sentTable.setZero(slot, page, pages);
+    dirty.recordSent(slot, page, data, pages);
   };
   const manual = vm.config.manualDirtyLogProtect;
 

@@ -26,7 +26,6 @@ import { MigrationListener, type IncomingMigration } from './transport/listener.
 import type { MigrationRecord, StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
 import { formatMemoryHash } from './hash.ts';
-import { SlotMap } from './slot-map.ts';
 import { MigrationLinkError, type DestLink, type DestRecord, type LinkPhase, type SourceLink, type SourceRecord } from './link.ts';
 
 const parseHash = (h: string): bigint => BigInt(`0x${h}`);
@@ -40,7 +39,6 @@ const FOREVER_MS = 2 ** 31 - 1;
 
 class WireSourceLink implements SourceLink {
   readonly acksRounds = true;
-  private slots = new SlotMap([]);
   /** Why destroy() was called: later failures report it instead of a socket-level symptom. */
   private destroyedWith: Error | null = null;
 
@@ -59,28 +57,18 @@ class WireSourceLink implements SourceLink {
     }
   }
 
-  private at(gpa: number, pages: number): { slot: number; page: number } {
-    const at = this.slots.locate(gpa, pages);
-    if (!at) throw new MigrationLinkError(`pages [0x${gpa.toString(16)}, +${pages}) are in no memslot of the CONFIG sent`);
-    return at;
-  }
-
   private async sendRecord(r: SourceRecord, channel: number): Promise<void> {
     switch (r.type) {
       case 'config':
-        this.slots = new SlotMap(r.config.memslots);
         await this.conn.send({ kind: 'config', config: r.config as unknown as StreamConfig });
         return this.conn.flush(); // READY waits for it
       case 'ram': {
         const pages = r.data.length / 4096;
-        const { slot, page } = this.at(r.gpa, pages);
-        if (r.onWritten) return this.conn.sendRamBorrowed(slot, page, pages, r.data, r.onWritten, { channel });
-        return this.conn.sendRam(slot, page, pages, r.data, { channel });
+        if (r.onWritten) return this.conn.sendRamBorrowed(r.slot, r.page, pages, r.data, r.onWritten, { channel });
+        return this.conn.sendRam(r.slot, r.page, pages, r.data, { channel });
       }
-      case 'zero': {
-        const { slot, page } = this.at(r.gpa, r.pages);
-        return this.conn.sendZero(slot, page, r.pages, { channel });
-      }
+      case 'zero':
+        return this.conn.sendZero(r.slot, r.page, r.pages, { channel });
       case 'sync':
         if (channel === 0) await (r.final ? this.conn.syncBatched(r.round) : this.conn.sync(r.round));
         return;
@@ -145,35 +133,23 @@ class WireSourceLink implements SourceLink {
 
 class WireDestLink implements DestLink {
   readonly channels = 1;
-  private slots = new SlotMap([]);
 
   constructor(private readonly incoming: IncomingMigration) {}
-
-  private gpa(slot: number, page: number): number {
-    const gpa = this.slots.gpaOf(slot, page);
-    if (gpa === null) throw new MigrationLinkError(`protocol error: pages for unknown memslot ${slot}`);
-    return gpa;
-  }
 
   run(onRecord: (record: SourceRecord, channel: number) => void | Promise<void>): Promise<void> {
     let round = 0;
     return this.incoming.run((rec: MigrationRecord) => {
       let r: SourceRecord;
       switch (rec.kind) {
-        case 'config': {
-          const cfg = rec.config as unknown as MigrationConfig;
-          if (!Array.isArray(cfg.memslots) || cfg.memslots.some((s) => typeof s.guestPhysAddr !== 'number' || typeof s.memorySize !== 'number')) {
-            throw new MigrationLinkError('protocol error: CONFIG memslots lack guestPhysAddr/memorySize');
-          }
-          this.slots = new SlotMap(cfg.memslots);
-          r = { type: 'config', config: cfg };
+        case 'config':
+          // Checked field by field by the receiver (config-validate.ts) before any page is taken.
+          r = { type: 'config', config: rec.config as unknown as MigrationConfig };
           break;
-        }
         case 'ram':
-          r = { type: 'ram', round: round + 1, gpa: this.gpa(rec.slot, rec.firstPage), data: rec.data };
+          r = { type: 'ram', round: round + 1, slot: rec.slot, page: rec.firstPage, data: rec.data };
           break;
         case 'zero':
-          r = { type: 'zero', round: round + 1, gpa: this.gpa(rec.slot, rec.firstPage), pages: rec.count };
+          r = { type: 'zero', round: round + 1, slot: rec.slot, page: rec.firstPage, pages: rec.count };
           break;
         case 'sync':
           round = rec.round;

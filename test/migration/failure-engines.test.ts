@@ -229,12 +229,14 @@ for (const engine of engines) {
       // heals the corrupted page.
       const { vm, spec } = await createSourceVm(engine, { vcpus: VCPUS, bytesPerVcpu: BYTES_PER_VCPU, backing: 'anonymous', workload: 'idle' });
       let corrupted = false;
+      // The test memory's memslot: the one that holds the workload's first page.
+      const guestSlot = vm.memslots().find((s) => spec.gpaBase >= s.guestPhysAddr && spec.gpaBase < s.guestPhysAddr + s.memorySize)!.slot;
       const { stats, dest, destError } = await migrateInProcess(vm, engine, {
         workload: spec,
         maxRounds: 2,
         wrapLink: (link) =>
           interceptSend(link, (r, ch) => {
-            if (r.type === 'ram' && !corrupted && r.gpa >= spec.gpaBase) {
+            if (r.type === 'ram' && !corrupted && r.slot === guestSlot) {
               corrupted = true;
               const bad = Buffer.from(r.data);
               bad[100] ^= 0xff;
