@@ -42,6 +42,9 @@ describe('stage2 migrate (CLI processes): failures', () => {
     const s = JSON.parse(r.stdout.trim());
     expect(s.status).toBe('cancelled');
     expect(s.sourceIntact).toBe(true);
-    expect(s.destination.error).toMatch(/receiver exited with status 1/);
+    // The receiver discards what it had; migrate also tells it to stop (SIGTERM), which may end
+    // it before or after it exits 1 on its own.
+    expect(s.destination.error).toMatch(/receiver exited with (status 1|signal SIGTERM)/);
+    expect(s.destination.error).toMatch(/nothing was kept|cancelled/);
   });
 });
