@@ -29,6 +29,9 @@ import { INTERNAL_SLOT } from './guest/layout.ts';
 import { setUpGuest } from './guest-setup.ts';
 import { checkKvmArchState, loadArchState, probeMsrs, saveArchState, type VcpuStateFeatures } from './vcpu-state.ts';
 import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
+import { VmError } from '../vmm/errors.ts';
+import { guestSegments } from '../vmm/guest-segments.ts';
+import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
 
@@ -73,16 +76,11 @@ export class KvmVm implements Vm {
 
   static async create(kvm: KvmEngine, config: VmConfig): Promise<KvmVm> {
     const caps = kvm.capabilities();
-    const full: Required<VmConfig> = {
-      manualDirtyLogProtect: config.manualDirtyLogProtect ?? caps.manualDirtyLogProtect,
-      dirtyRingEntries: config.dirtyRingEntries ?? 0,
-      lock: config.lock ?? 'parallel',
-      guestPageSize: config.guestPageSize ?? 2097152,
-    };
-    if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new Error('KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
+    const full = resolveVmConfig(config, caps);
+    if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new VmError('config', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
     const ringEntries = full.dirtyRingEntries;
     if (ringEntries > 0 && (ringEntries > caps.dirtyRingMaxEntries || (ringEntries & (ringEntries - 1)) !== 0)) {
-      throw new Error(`dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
+      throw new VmError('config', `dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
     }
     const a = kvm.addon;
     const vmFd = a.ioctl(kvm.kvmFd, 'KVM_CREATE_VM', 0);
@@ -155,8 +153,8 @@ export class KvmVm implements Vm {
   }
 
   async createVcpus(count: number, spec: WorkloadSpec): Promise<void> {
-    if (this.vcpus.length > 0) throw new Error('createVcpus: vCPUs already created');
-    if (count < 1) throw new RangeError('createVcpus: count must be >= 1');
+    if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
+    if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
@@ -187,7 +185,7 @@ export class KvmVm implements Vm {
   }
 
   private get runner(): VcpuRunner {
-    if (!this.runner_) throw new Error('no vCPUs (call createVcpus first)');
+    if (!this.runner_) throw new VmError('state', 'no vCPUs (call createVcpus first)');
     return this.runner_;
   }
 
@@ -245,36 +243,27 @@ export class KvmVm implements Vm {
   }
 
   harvestDirtyRings(): DirtyGfn[] {
-    if (this.config.dirtyRingEntries === 0) throw new Error('harvestDirtyRings: VM created without dirtyRingEntries');
+    if (this.config.dirtyRingEntries === 0) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
     this.drainRings();
     return this.pendingRing.splice(0);
   }
 
-  /** Visit [gpa, gpa+bytes) as runs inside one memslot: fn(hostView, offsetInRun). */
-  private forEachRun(gpa: number, bytes: number, fn: (host: Uint8Array, done: number) => void): void {
-    let done = 0;
-    while (done < bytes) {
-      const g = gpa + done;
-      const s = this.slots.list().find((m) => g >= m.guestPhysAddr && g < m.guestPhysAddr + m.memorySize);
-      if (!s) throw new RangeError(`gpa 0x${g.toString(16)} is in no memslot`);
-      const n = Math.min(bytes - done, s.guestPhysAddr + s.memorySize - g);
-      const hva = s.userspaceAddr + (g - s.guestPhysAddr);
-      const m = this.mappingOf(hva, n)!;
-      fn(new Uint8Array(m.buffer, hva - m.hva, n), done);
-      done += n;
-    }
+  /** The host view of one piece of a guest range (guest-segments.ts cuts it at memslot ends). */
+  private hostView(hva: number, bytes: number): Uint8Array {
+    const m = this.mappingOf(hva, bytes)!;
+    return new Uint8Array(m.buffer, hva - m.hva, bytes);
   }
 
   readGuest(gpa: number, dst: Uint8Array): void {
-    this.forEachRun(gpa, dst.length, (host, done) => dst.set(host, done));
+    for (const g of guestSegments(this.slots.set, gpa, dst.length)) dst.set(this.hostView(g.hva, g.bytes), g.done);
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
-    this.forEachRun(gpa, src.length, (host, done) => host.set(src.subarray(done, done + host.length)));
+    for (const g of guestSegments(this.slots.set, gpa, src.length)) this.hostView(g.hva, g.bytes).set(src.subarray(g.done, g.done + g.bytes));
   }
 
   private requireStopped(what: string): void {
-    if (this.runner_?.running) throw new Error(`${what}: vCPUs are running (pause() first)`);
+    if (this.runner_?.running) throw new VmError('state', `${what}: vCPUs are running (pause() first)`);
   }
 
   saveVcpuState(vcpu: number): VcpuState {
