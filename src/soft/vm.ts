@@ -4,14 +4,14 @@
 // Threads: a SoftVm is owned by the VMM thread that created it; every method runs there. vCPU
 // workers share its state through SharedArrayBuffers (see the files each part lives in).
 // Memslot changes and their ordering rules live in memslot-commit.ts; dirty-log calls in
-// dirty/dirty-log.ts; vCPU run control in vcpu/threads.ts. This file wires them together.
+// dirty/dirty-log.ts; vCPU run control in vmm/run/ (shared with the kvm engine; the soft
+// thread start and registers in vcpu/threads.ts). This file wires them together.
 
 import {
   type Backing,
   type HostMapping,
   type MemoryRegion,
   type MemslotInfo,
-  type VcpuProgress,
   type VcpuState,
   type Vm,
   type VmConfig,
@@ -27,9 +27,10 @@ import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts'
 import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
 import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
-import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
+import { G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
 import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
-import { VcpuThreads, VcpuError } from './vcpu/threads.ts';
+import { saveSoftState, startSoftVcpus, writeSoftArch } from './vcpu/threads.ts';
+import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { checkSoftVcpuArch } from './vcpu/arch-check.ts';
 import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
 import { VmError } from '../vmm/errors.ts';
@@ -57,7 +58,7 @@ interface HostParts {
   pgt: Stage2PageTable;
 }
 
-export class SoftVm implements Vm, MemslotMmu {
+export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   readonly engine = 'soft' as const;
   readonly config: Readonly<Required<VmConfig>>;
   readonly lock: MmuLock;
@@ -67,7 +68,7 @@ export class SoftVm implements Vm, MemslotMmu {
   private readonly vmStats: VcpuStats;
   private readonly slots: VmMemslots;
   private host: HostParts | null = null;
-  private threads: VcpuThreads | null = null;
+  private spec: WorkloadSpec | null = null;
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
@@ -76,6 +77,7 @@ export class SoftVm implements Vm, MemslotMmu {
     config: VmConfig,
     private readonly opts: SoftVmOptions,
   ) {
+    super();
     this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
     if (this.config.dirtyRingEntries !== 0) throw new VmError('config', 'the soft engine has no dirty ring yet (dirtyRingEntries must be 0)');
     this.lock = MmuLock.create(this.config.lock);
@@ -87,7 +89,7 @@ export class SoftVm implements Vm, MemslotMmu {
   }
 
   get vcpuCount(): number {
-    return this.threads?.count ?? 0;
+    return this.runControl?.count ?? 0;
   }
 
   // ---- host memory ----
@@ -243,12 +245,13 @@ export class SoftVm implements Vm, MemslotMmu {
 
   async createVcpus(count: number, workload: WorkloadSpec): Promise<void> {
     this.checkAlive();
-    if (this.threads) throw new VmError('state', 'vCPUs were already created');
+    if (this.spec) throw new VmError('state', 'vCPUs were already created');
     if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new VmError('config', `vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
     const { mem, mm, pgt } = this.ensureHost(count * workload.bytesPerVcpu);
-    const threads = new VcpuThreads(this.ctl, count);
-    this.threads = threads;
-    await threads.start(
+    this.spec = workload;
+    this.runControl = await startSoftVcpus(
+      this.ctl,
+      count,
       workload,
       {
         ctl: this.ctl.buffer as SharedArrayBuffer,
@@ -263,66 +266,24 @@ export class SoftVm implements Vm, MemslotMmu {
     );
   }
 
-  private get t(): VcpuThreads {
-    if (!this.threads) throw new VmError('state', 'no vCPUs: call createVcpus first');
-    return this.threads;
-  }
-
-  allowPasses(passes: number): void {
-    this.t.allowPasses(passes);
-  }
-
-  waitForPasses(passes: number, timeoutMs?: number): Promise<void> {
-    return this.t.waitForPasses(passes, timeoutMs);
-  }
-
-  progress(): VcpuProgress[] {
-    return this.threads ? this.threads.progress() : [];
-  }
-
-  vcpuThreadIds(): number[] {
-    return this.threads ? this.threads.vcpuThreadIds() : [];
-  }
-
-  async pause(): Promise<void> {
-    if (this.threads) await this.threads.pause();
-  }
-
-  resume(): void {
-    this.threads?.resume();
-  }
-
   saveVcpuState(vcpu: number): VcpuState {
-    const t = this.t;
-    this.checkVcpu(vcpu);
-    if (!t.isStopped(vcpu)) throw new VmError('state', `saveVcpuState(${vcpu}): the vCPU is running; pause() first`);
-    return t.saveState(vcpu);
+    this.requireStopped(vcpu, 'saveVcpuState');
+    return saveSoftState(this.ctl, vcpu);
   }
 
   loadVcpuState(state: VcpuState): void {
-    const t = this.t;
+    const rc = this.rc;
     if (state.engine !== 'soft') throw new VmError('config', `loadVcpuState: state from a '${state.engine}' vCPU cannot load into the soft engine`);
-    this.checkVcpu(state.vcpu);
-    // Before the first allowance a vCPU sits in WaitingForAllowance and reloads its registers
-    // when it wakes; otherwise it must be paused.
-    if (!t.isStopped(state.vcpu) && !this.neverRan()) throw new VmError('state', `loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
+    this.requireStopped(state.vcpu, 'loadVcpuState');
     // Every field is checked before any register is written (VcpuStateError names the field).
-    checkVcpuStateEnvelope(state, 'soft', this.vcpuCount);
-    t.writeArch(state.vcpu, checkSoftVcpuArch(state, t.spec));
-  }
-
-  private neverRan(): boolean {
-    return Atomics.load(this.ctl, G_ALLOWANCE) === 0;
-  }
-
-  private checkVcpu(v: number): void {
-    if (!Number.isInteger(v) || v < 0 || v >= this.vcpuCount) throw new VmError('state', `no vCPU ${v}`);
+    checkVcpuStateEnvelope(state, 'soft', rc.count);
+    writeSoftArch(this.ctl, state.vcpu, checkSoftVcpuArch(state, this.spec!));
   }
 
   // ---- stats ----
 
   stats(): VmStats {
-    const out: VmStats = VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1);
+    const out: VmStats = { ...VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1), ...this.exitStats() };
     let p4k = 0;
     let p2m = 0;
     let p1g = 0;
@@ -389,7 +350,7 @@ export class SoftVm implements Vm, MemslotMmu {
     if (this.destroyed) return;
     this.destroyed = true;
     try {
-      await this.threads?.stop();
+      await this.runControl?.stop();
     } finally {
       this.slots.close();
       if (this.host) {
@@ -410,4 +371,4 @@ export class SoftVm implements Vm, MemslotMmu {
   }
 }
 
-export { VcpuError };
+export { VcpuError } from '../vmm/errors.ts';

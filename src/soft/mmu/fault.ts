@@ -58,7 +58,6 @@ import {
   S_WP_FAULTS,
   type VcpuStats,
 } from '../vcpu/stats.ts';
-import { VcpuExitReason_Efault, VcpuExitReason_Mmio } from '../vcpu/control.ts';
 
 /** Where the fault handler reads memslots (srcu_read_lock / unlock). */
 export interface SlotSource {
@@ -82,8 +81,12 @@ export interface FaultHooks {
 }
 
 export const FAULT_OK = 0;
-export const FAULT_MMIO = -VcpuExitReason_Mmio;
-export const FAULT_EFAULT = -VcpuExitReason_Efault;
+/** No memslot, or a write to a read-only one: an MMIO exit. */
+export const FAULT_MMIO = -1;
+/** The host could not provide the page: a MEMORY_FAULT exit. */
+export const FAULT_EFAULT = -2;
+/** The host page is missing where the VMM provides pages (exit-on-missing, userfaultfd): MEMORY_FAULT. */
+export const FAULT_MISSING = -3;
 const FAULT_RETRY = 1;
 
 /** Give up retrying after this many attempts (a livelock is a bug; report EFAULT). */
