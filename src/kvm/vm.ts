@@ -55,7 +55,7 @@ export class KvmVm extends VmRunLoop implements Vm {
   ) {
     super();
     this.addon = kvm.addon;
-    this.slots = new MemslotTable({ maxSlots: kvm.checkExtension(CAP.NR_MEMSLOTS), readonlySupported: kvm.checkExtension(CAP.READONLY_MEM) > 0 });
+    this.slots = new MemslotTable({ maxSlots: kvm.checkExtension(CAP.NR_MEMSLOTS), readonlySupported: kvm.checkExtension(CAP.READONLY_MEM) > 0, exitOnMissingSupported: false });
     let stats: BinaryStats | null = null;
     try {
       if (kvm.checkExtension(CAP.BINARY_STATS_FD) > 0) stats = new BinaryStats(this.addon.ioctl(vmFd, 'KVM_GET_STATS_FD', 0));

@@ -33,9 +33,9 @@
 //   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
 //   with the device attribute, at 4 KiB only.
 
-import { KVM_MEM_READONLY } from '../../vmm/engine.ts';
+import { KVM_MEM_EXIT_ON_MISSING, KVM_MEM_READONLY } from '../../vmm/engine.ts';
 import type { HostMemory } from '../hostmem/host-memory.ts';
-import { EFAULT } from '../hostmem/errno.ts';
+import { EAGAIN as GUP_EAGAIN, EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, PTE_DEVICE, PTE_R, PTE_TYPE_LEAF, PTE_TYPE_MASK, PTE_W } from '../pgtable/pte.ts';
@@ -306,8 +306,12 @@ export class FaultHandler {
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0;
     // Read faults also fault in a writable host page (x86's opportunistic map_writable), so a
     // later write to a read-mapped page can take the fast path.
+    // Pages the VMM provides itself: an exit-on-missing slot (stage2's KVM_MEM_EXIT_ON_MISSING)
+    // or a userfaultfd-registered range (getUserPage's EAGAIN) exits with MEMORY_FAULT.
+    if ((slot.flags & KVM_MEM_EXIT_ON_MISSING) !== 0 && mm.lookupPfn(hva) < 0) return FAULT_MISSING;
     const gup = this.gup;
     const pfn = mm.getUserPage(hva, write || (!readonlySlot && slot.hostWritable), gup);
+    if (pfn === GUP_EAGAIN) return FAULT_MISSING;
     if (pfn < 0) {
       if (!write && pfn !== EFAULT) {
         // e.g. EPERM on a read-only VMA for an opportunistic write: fall back to a read.

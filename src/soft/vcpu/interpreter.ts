@@ -149,6 +149,15 @@ export class Interpreter {
     return PASS_DONE;
   }
 
+  /**
+   * The access at pos was completed outside the guest (an MMIO exit: as KVM completes the
+   * emulated instruction on the next KVM_RUN, it is not repeated): step past it.
+   */
+  skipAccess(): void {
+    if (this.kind === KIND_RANDOM || this.kind === KIND_RWMIX) xorshift64Step(this.rng);
+    this.pos++;
+  }
+
   /** An access exited: put the draw back and stay at it, so re-entry repeats it (vcpu-loop.ts). */
   private exitAt(p: number, rhi: number, rlo: number): number {
     this.rng.hi = rhi;

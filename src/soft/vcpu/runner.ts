@@ -13,7 +13,8 @@
 //   IO            the interpreter finished a pass (the pass report)
 //   HLT           the idle workload has written its slice: the guest has nothing left to do
 //   INTR          a request (pause, stop, allowance) interrupted the pass, or came before entry
-//   MMIO          a fault at no memslot, or a write to a read-only one
+//   MMIO          a fault at no memslot, or a write to a read-only one (the access counts as done
+//                 by the device: re-entry continues after it, as after KVM_EXIT_MMIO)
 //   MEMORY_FAULT  a fault the handler cannot resolve: the host has no page there (EFAULT), or the
 //                 page is missing in an exit-on-missing memslot or a userfaultfd-registered range
 //                 (flag MISSING). The interpreter's registers stay at the faulting access, so
@@ -123,8 +124,12 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       x.halted = i.halted;
     } else if (r !== PASS_EXIT) {
       x.reason = EXIT_INTR;
+    } else if (x.reason === EXIT_MMIO) {
+      // translateSlow filled x. An MMIO access is the device's: it completes with the exit
+      // (KVM finishes the instruction on re-entry), so re-entry continues after it.
+      i.skipAccess();
     }
-    // PASS_EXIT: translateSlow filled x.
+    // Other PASS_EXITs (MEMORY_FAULT): re-entry repeats the access.
   }
 
   /** Guest entry: V_MODE = IN_GUEST, then look at requests (flush) before any access. */
