@@ -53,6 +53,8 @@ export interface GuestEntry {
   quiesce?(): void;
   /** Resolve an MMIO / MEMORY_FAULT / DIRTY_RING_FULL exit on this thread; true: re-enter. */
   handleOnThread?(exit: VcpuExit): boolean;
+  /** enter() threw: leave whatever guest-mode state it holds (soft: V_MODE, so no flusher waits). */
+  onCrash?(): void;
 }
 
 export class VcpuLoop {
@@ -145,6 +147,7 @@ export class VcpuLoop {
         }
       }
     } catch (e) {
+      entry.onCrash?.();
       Atomics.store(ctl, b + V_EXIT_REASON, EXIT_REASON_CRASH);
       this.reportCause((e as Error).message);
       this.setState(VcpuRunState_Exited); // any -> Exited: the thread threw
