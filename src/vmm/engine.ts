@@ -195,11 +195,12 @@ export interface Vm {
   resume(): void;
 
   /**
-   * Handle `reason` exits ('mmio', 'memoryFault', 'dirtyRingFull', 'intr', ...) on this thread:
-   * the vCPU waits outside the guest until `handler` returns (or its promise resolves), then
-   * re-enters and repeats the access; a throw stops the vCPU with that cause. Without a handler
-   * such an exit stops the vCPU (waitForPasses then throws a VcpuError). vmm/run/exits.ts lists
-   * the reasons; IO and HLT belong to the run loop itself. Only after createVcpus.
+   * Handle `reason` exits ('mmio', 'memoryFault' or 'dirtyRingFull') on this thread: the vCPU
+   * waits outside the guest until `handler` returns (or its promise resolves), then re-enters
+   * (repeating a MEMORY_FAULT access; an MMIO access counts as done); a throw stops the vCPU
+   * with that cause. Without a handler such an exit stops the vCPU (waitForPasses then throws a
+   * VcpuError). The other exits (vmm/run/exits.ts) belong to the run loop itself. Only after
+   * createVcpus. The kvm engine serves 'dirtyRingFull' itself (harvest + reset).
    */
   onExit(reason: ExitName, handler: ExitHandler | undefined): void;
 

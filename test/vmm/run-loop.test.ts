@@ -99,6 +99,12 @@ describe('run loop (scripted guest)', () => {
     expect(rc.progress()[0]!.passesCompleted).toBe(1);
   });
 
+  it('only MMIO, MEMORY_FAULT and DIRTY_RING_FULL can be handed to the VMM', async () => {
+    const rc = await scripted([[{ exit: 'io', pass: 1 }]]);
+    for (const r of ['io', 'hlt', 'intr', 'shutdown', 'internalError'] as const) expect(() => rc.onExit(r, () => {})).toThrow(RangeError);
+    for (const r of ['mmio', 'memoryFault', 'dirtyRingFull'] as const) rc.onExit(r, () => {});
+  });
+
   it('an exit with no VMM handler stops the vCPU (the default for MEMORY_FAULT)', async () => {
     const rc = await scripted([[{ exit: 'memoryFault', gpa: 0x5000 }]]);
     rc.allowPasses(1);

@@ -20,7 +20,7 @@ import {
   VcpuRunState_Created, VcpuRunState_Exited, VcpuRunState_Paused, VcpuRunState_WaitingForVmm, kickAll,
   loadWide, signalEvent, vcpuBase, wakeStopped,
 } from './control-block.ts';
-import { EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_IO, EXIT_MEMORY_FAULT, EXIT_MMIO, EXIT_NAMES, EXIT_REASONS, EXIT_SHUTDOWN, type ExitHandler, type ExitName } from './exits.ts';
+import { EXIT_DIRTY_RING_FULL, EXIT_INTERNAL_ERROR, EXIT_MEMORY_FAULT, EXIT_MMIO, EXIT_NAMES, EXIT_REASONS, EXIT_SHUTDOWN, type ExitHandler, type ExitName } from './exits.ts';
 
 /** Engine-specific parts of run control. */
 export interface RunControlEngine {
@@ -110,7 +110,9 @@ export class VcpuRunControl {
    */
   onExit(reason: ExitName, handler: ExitHandler | undefined): void {
     const r = EXIT_NAMES.indexOf(reason);
-    if (r < 0 || r === EXIT_IO || r === EXIT_HLT) throw new RangeError(`onExit: '${reason}' exits are handled by the run loop itself`);
+    if (r !== EXIT_MMIO && r !== EXIT_MEMORY_FAULT && r !== EXIT_DIRTY_RING_FULL) {
+      throw new RangeError(`onExit: '${reason}' exits are not handed to the VMM (only mmio, memoryFault, dirtyRingFull; the run loop handles the others itself)`);
+    }
     this.handlers[r] = handler;
     let mask = 0;
     this.handlers.forEach((h, i) => {
