@@ -7,26 +7,31 @@ import type { MemoryRegion, MemslotInfo } from '../vmm/engine.ts';
 import { MemslotSet, memslotInfo, type MemslotLimits } from '../vmm/memslots.ts';
 
 export class MemslotTable {
-  private set: MemslotSet;
+  /** The current generation (immutable; replaced on every accepted change). */
+  private set_: MemslotSet;
+
+  get set(): MemslotSet {
+    return this.set_;
+  }
 
   constructor(limits: MemslotLimits) {
-    this.set = MemslotSet.empty(limits);
+    this.set_ = MemslotSet.empty(limits);
   }
 
   get(slot: number): MemslotInfo | undefined {
-    const s = this.set.bySlot(slot);
+    const s = this.set_.bySlot(slot);
     return s && memslotInfo(s);
   }
 
   list(): MemslotInfo[] {
-    return this.set.toInfo();
+    return this.set_.toInfo();
   }
 
   /** Check `r`; return the function that records it once the kernel has accepted it. */
   validate(r: MemoryRegion, internal: boolean): () => void {
-    const next = this.set.apply(r, { internal }).set;
+    const next = this.set_.apply(r, { internal }).set;
     return () => {
-      this.set = next;
+      this.set_ = next;
     };
   }
 }

@@ -4,31 +4,25 @@
 // workers share with it only the control block (control.ts), their kvm_run mappings and the
 // guest memory that the guest itself writes; their rules are in control.ts and vcpu-worker.ts.
 import {
-  MemslotError,
-  PAGE_SIZE,
-  type Backing,
-  type DirtyGfn,
-  type HostMapping,
-  type MemoryRegion,
-  type MemslotInfo,
-  type VcpuProgress,
-  type VcpuState,
-  type Vm,
-  type VmConfig,
-  type VmStats,
+  MemslotError, PAGE_SIZE, type Backing, type DirtyGfn, type HostMapping, type MemoryRegion,
+  type MemslotInfo, type VcpuState, type Vm, type VmConfig, type VmStats,
 } from '../vmm/engine.ts';
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import { isSysError, type AddonBacking, type KvmAddon } from './addon.ts';
 import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
-import { VCPU_EXITS, VCPU_PASSES, VCPU_RUN_US_HI, VCPU_RUN_US_LO } from './control.ts';
-import { VcpuRunner, type RunnerVcpu } from './vcpu-runner.ts';
+import { kvmRunMicros } from './control.ts';
+import { startKvmVcpus, type RunnerVcpu } from './vcpu-runner.ts';
+import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { BinaryStats } from './binary-stats.ts';
 import { DirtyRing } from './dirty-ring.ts';
 import { INTERNAL_SLOT } from './guest/layout.ts';
 import { setUpGuest } from './guest-setup.ts';
 import { checkKvmArchState, loadArchState, probeMsrs, saveArchState, type VcpuStateFeatures } from './vcpu-state.ts';
 import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
+import { VmError } from '../vmm/errors.ts';
+import { guestSegments } from '../vmm/guest-segments.ts';
+import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
 
@@ -40,13 +34,12 @@ interface Vcpu extends RunnerVcpu {
   ring: DirtyRing | null;
 }
 
-export class KvmVm implements Vm {
+export class KvmVm extends VmRunLoop implements Vm {
   readonly engine = 'kvm' as const;
   private readonly addon: KvmAddon;
   private readonly mappings: Mapping[] = [];
   private readonly slots: MemslotTable;
   private vcpus: Vcpu[] = [];
-  private runner_: VcpuRunner | null = null;
   private features: VcpuStateFeatures | null = null;
   private destroyed = false;
   private readonly pendingRing: DirtyGfn[] = [];
@@ -60,8 +53,9 @@ export class KvmVm implements Vm {
     readonly config: Readonly<Required<VmConfig>>,
     private readonly irqchip: boolean,
   ) {
+    super();
     this.addon = kvm.addon;
-    this.slots = new MemslotTable({ maxSlots: kvm.checkExtension(CAP.NR_MEMSLOTS), readonlySupported: kvm.checkExtension(CAP.READONLY_MEM) > 0 });
+    this.slots = new MemslotTable({ maxSlots: kvm.checkExtension(CAP.NR_MEMSLOTS), readonlySupported: kvm.checkExtension(CAP.READONLY_MEM) > 0, exitOnMissingSupported: false });
     let stats: BinaryStats | null = null;
     try {
       if (kvm.checkExtension(CAP.BINARY_STATS_FD) > 0) stats = new BinaryStats(this.addon.ioctl(vmFd, 'KVM_GET_STATS_FD', 0));
@@ -73,16 +67,11 @@ export class KvmVm implements Vm {
 
   static async create(kvm: KvmEngine, config: VmConfig): Promise<KvmVm> {
     const caps = kvm.capabilities();
-    const full: Required<VmConfig> = {
-      manualDirtyLogProtect: config.manualDirtyLogProtect ?? caps.manualDirtyLogProtect,
-      dirtyRingEntries: config.dirtyRingEntries ?? 0,
-      lock: config.lock ?? 'parallel',
-      guestPageSize: config.guestPageSize ?? 2097152,
-    };
-    if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new Error('KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
+    const full = resolveVmConfig(config, caps);
+    if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new VmError('config', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
     const ringEntries = full.dirtyRingEntries;
     if (ringEntries > 0 && (ringEntries > caps.dirtyRingMaxEntries || (ringEntries & (ringEntries - 1)) !== 0)) {
-      throw new Error(`dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
+      throw new VmError('config', `dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
     }
     const a = kvm.addon;
     const vmFd = a.ioctl(kvm.kvmFd, 'KVM_CREATE_VM', 0);
@@ -155,8 +144,8 @@ export class KvmVm implements Vm {
   }
 
   async createVcpus(count: number, spec: WorkloadSpec): Promise<void> {
-    if (this.vcpus.length > 0) throw new Error('createVcpus: vCPUs already created');
-    if (count < 1) throw new RangeError('createVcpus: count must be >= 1');
+    if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
+    if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
@@ -182,37 +171,9 @@ export class KvmVm implements Vm {
     // One throw-away save while no vCPU runs yet: the first save in a process costs ~0.5 ms
     // more than later ones (cold code), and the real one sits on a migration's downtime path.
     saveArchState(a, this.vcpus[0]!.fd, this.features);
-    this.runner_ = new VcpuRunner(a, this.vcpus, spec.kind === 'idle', () => this.drainRings());
-    await this.runner_.startThreads();
-  }
-
-  private get runner(): VcpuRunner {
-    if (!this.runner_) throw new Error('no vCPUs (call createVcpus first)');
-    return this.runner_;
-  }
-
-  allowPasses(passes: number): void {
-    this.runner.allowPasses(passes);
-  }
-
-  waitForPasses(passes: number, timeoutMs?: number): Promise<void> {
-    return this.runner.waitForPasses(passes, timeoutMs);
-  }
-
-  progress(): VcpuProgress[] {
-    return this.runner_ ? this.runner_.progress() : [];
-  }
-
-  vcpuThreadIds(): number[] {
-    return this.runner_ ? this.runner_.vcpuThreadIds() : [];
-  }
-
-  async pause(): Promise<void> {
-    await this.runner_?.pause();
-  }
-
-  resume(): void {
-    this.runner_?.resume();
+    this.runControl = await startKvmVcpus(a, this.vcpus, spec.kind === 'idle');
+    // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
+    if (this.config.dirtyRingEntries > 0) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
   }
 
   private slotPages(slot: number): number {
@@ -241,76 +202,50 @@ export class KvmVm implements Vm {
     }
     this.addon.ioctl(this.vmFd, 'KVM_RESET_DIRTY_RINGS', 0);
     this.ringResets++;
-    this.runner_?.ringDoorbell();
   }
 
   harvestDirtyRings(): DirtyGfn[] {
-    if (this.config.dirtyRingEntries === 0) throw new Error('harvestDirtyRings: VM created without dirtyRingEntries');
+    if (this.config.dirtyRingEntries === 0) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
     this.drainRings();
     return this.pendingRing.splice(0);
   }
 
-  /** Visit [gpa, gpa+bytes) as runs inside one memslot: fn(hostView, offsetInRun). */
-  private forEachRun(gpa: number, bytes: number, fn: (host: Uint8Array, done: number) => void): void {
-    let done = 0;
-    while (done < bytes) {
-      const g = gpa + done;
-      const s = this.slots.list().find((m) => g >= m.guestPhysAddr && g < m.guestPhysAddr + m.memorySize);
-      if (!s) throw new RangeError(`gpa 0x${g.toString(16)} is in no memslot`);
-      const n = Math.min(bytes - done, s.guestPhysAddr + s.memorySize - g);
-      const hva = s.userspaceAddr + (g - s.guestPhysAddr);
-      const m = this.mappingOf(hva, n)!;
-      fn(new Uint8Array(m.buffer, hva - m.hva, n), done);
-      done += n;
-    }
+  /** The host view of one piece of a guest range (guest-segments.ts cuts it at memslot ends). */
+  private hostView(hva: number, bytes: number): Uint8Array {
+    const m = this.mappingOf(hva, bytes)!;
+    return new Uint8Array(m.buffer, hva - m.hva, bytes);
   }
 
   readGuest(gpa: number, dst: Uint8Array): void {
-    this.forEachRun(gpa, dst.length, (host, done) => dst.set(host, done));
+    for (const g of guestSegments(this.slots.set, gpa, dst.length)) dst.set(this.hostView(g.hva, g.bytes), g.done);
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
-    this.forEachRun(gpa, src.length, (host, done) => host.set(src.subarray(done, done + host.length)));
-  }
-
-  private requireStopped(what: string): void {
-    if (this.runner_?.running) throw new Error(`${what}: vCPUs are running (pause() first)`);
+    for (const g of guestSegments(this.slots.set, gpa, src.length)) this.hostView(g.hva, g.bytes).set(src.subarray(g.done, g.done + g.bytes));
   }
 
   saveVcpuState(vcpu: number): VcpuState {
-    this.requireStopped('saveVcpuState');
-    const vc = this.vcpus[vcpu];
-    if (!vc) throw new RangeError(`saveVcpuState: no vcpu ${vcpu}`);
-    const arch = saveArchState(this.addon, vc.fd, this.features!);
-    return { engine: 'kvm', vcpu, progress: this.runner.progress()[vcpu]!, arch };
+    this.requireStopped(vcpu, 'saveVcpuState');
+    const arch = saveArchState(this.addon, this.vcpus[vcpu]!.fd, this.features!);
+    return { engine: 'kvm', vcpu, progress: this.rc.progress()[vcpu]!, arch };
   }
 
   loadVcpuState(state: VcpuState): void {
-    this.requireStopped('loadVcpuState');
+    this.requireStopped(state.vcpu, 'loadVcpuState');
     // Every field is checked before the first KVM_SET_* (VcpuStateError names the field).
     checkVcpuStateEnvelope(state, 'kvm', this.vcpus.length);
     const arch = checkKvmArchState(state, this.features!);
     loadArchState(this.addon, this.vcpus[state.vcpu]!.fd, this.features!, arch);
-    this.runner.setProgress(state.vcpu, state.progress);
+    this.rc.setProgress(state.vcpu, state.progress);
   }
 
   stats(): VmStats {
-    const out: VmStats = this.stats_ ? this.stats_.read() : {};
-    let exits = 0;
-    let passes = 0;
-    let runMicros = 0;
-    const r = this.runner_;
-    this.vcpus.forEach((_, v) => {
-      if (!r) return;
-      exits += r.word(v, VCPU_EXITS);
-      passes += r.word(v, VCPU_PASSES);
-      runMicros += (r.word(v, VCPU_RUN_US_LO) >>> 0) + r.word(v, VCPU_RUN_US_HI) * 2 ** 32;
-    });
+    const out: VmStats = { ...(this.stats_ ? this.stats_.read() : {}), ...this.exitStats() };
+    const rc = this.runControl;
     // Summed over vCPU threads: time spent inside KVM_RUN (guest + KVM), not in the VMM.
-    out.kvmRunMicros = runMicros;
+    out.kvmRunMicros = rc ? this.vcpus.reduce((t, _, v) => t + kvmRunMicros(rc.ctl, v), 0) : 0;
     out.guestCpl = this.kvm.guestCpl;
-    out.vcpuExits = exits;
-    out.passesCompleted = passes;
+    out.passesCompleted = this.progress().reduce((t, p) => t + p.passesCompleted, 0);
     if (this.config.dirtyRingEntries > 0) {
       out.dirtyRingResets = this.ringResets;
       out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
@@ -321,7 +256,7 @@ export class KvmVm implements Vm {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
-    await this.runner_?.stop();
+    await this.runControl?.stop();
     for (const vc of this.vcpus) this.addon.close(vc.fd);
     this.stats_?.close();
     this.addon.close(this.vmFd);

@@ -22,7 +22,7 @@ export class SoftEngine implements Engine {
       kind: 'soft',
       manualDirtyLogProtect: true,
       dirtyRingMaxEntries: 0,
-      memoryFaultExit: false,
+      memoryFaultExit: true,
       userfaultfd: false,
       backings: ['anonymous', 'anonymous_thp', 'hugetlb'],
       maxVcpus: this.opts.maxVcpus ?? 64,

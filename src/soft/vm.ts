@@ -4,16 +4,14 @@
 // Threads: a SoftVm is owned by the VMM thread that created it; every method runs there. vCPU
 // workers share its state through SharedArrayBuffers (see the files each part lives in).
 // Memslot changes and their ordering rules live in memslot-commit.ts; dirty-log calls in
-// dirty/dirty-log.ts; vCPU run control in vcpu/threads.ts. This file wires them together.
+// dirty/dirty-log.ts; vCPU run control in vmm/run/ (shared with the kvm engine; the soft
+// thread start and registers in vcpu/threads.ts). This file wires them together.
 
 import {
-  PAGE_SIZE,
   type Backing,
   type HostMapping,
   type MemoryRegion,
   type MemslotInfo,
-  type MmuLockMode,
-  type VcpuProgress,
   type VcpuState,
   type Vm,
   type VmConfig,
@@ -29,11 +27,15 @@ import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts'
 import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
 import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
-import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
+import { G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
 import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
-import { VcpuThreads, VcpuError } from './vcpu/threads.ts';
+import { saveSoftState, startSoftVcpus, writeSoftArch } from './vcpu/threads.ts';
+import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { checkSoftVcpuArch } from './vcpu/arch-check.ts';
 import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
+import { VmError } from '../vmm/errors.ts';
+import { guestSegments } from '../vmm/guest-segments.ts';
+import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
 
 export interface SoftVmOptions {
@@ -46,9 +48,8 @@ export interface SoftVmOptions {
 
 const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
 
-export class SoftVmError extends Error {
-  override name = 'SoftVmError';
-}
+/** The soft engine throws the VMM's errors (vmm/errors.ts); the old name stays for callers. */
+export { VmError as SoftVmError };
 
 /** Host-side parts created once the VM knows how much memory it needs. */
 interface HostParts {
@@ -57,7 +58,7 @@ interface HostParts {
   pgt: Stage2PageTable;
 }
 
-export class SoftVm implements Vm, MemslotMmu {
+export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   readonly engine = 'soft' as const;
   readonly config: Readonly<Required<VmConfig>>;
   readonly lock: MmuLock;
@@ -67,7 +68,7 @@ export class SoftVm implements Vm, MemslotMmu {
   private readonly vmStats: VcpuStats;
   private readonly slots: VmMemslots;
   private host: HostParts | null = null;
-  private threads: VcpuThreads | null = null;
+  private spec: WorkloadSpec | null = null;
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
@@ -76,13 +77,9 @@ export class SoftVm implements Vm, MemslotMmu {
     config: VmConfig,
     private readonly opts: SoftVmOptions,
   ) {
-    this.config = Object.freeze({
-      manualDirtyLogProtect: config.manualDirtyLogProtect ?? true,
-      dirtyRingEntries: config.dirtyRingEntries ?? 0,
-      lock: config.lock ?? ('parallel' as MmuLockMode),
-      guestPageSize: config.guestPageSize ?? 4096,
-    });
-    if (this.config.dirtyRingEntries !== 0) throw new SoftVmError('the soft engine has no dirty ring yet (dirtyRingEntries must be 0)');
+    super();
+    this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
+    if (this.config.dirtyRingEntries !== 0) throw new VmError('config', 'the soft engine has no dirty ring yet (dirtyRingEntries must be 0)');
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
@@ -92,7 +89,7 @@ export class SoftVm implements Vm, MemslotMmu {
   }
 
   get vcpuCount(): number {
-    return this.threads?.count ?? 0;
+    return this.runControl?.count ?? 0;
   }
 
   // ---- host memory ----
@@ -119,7 +116,7 @@ export class SoftVm implements Vm, MemslotMmu {
   }
 
   private get h(): HostParts {
-    if (!this.host) throw new SoftVmError('no host memory yet: call mapHostMemory first');
+    if (!this.host) throw new VmError('state', 'no host memory yet: call mapHostMemory first');
     return this.host;
   }
 
@@ -140,12 +137,12 @@ export class SoftVm implements Vm, MemslotMmu {
     this.checkAlive();
     const { mm } = this.ensureHost(bytes);
     const kind = BACKING_VMA[backing];
-    if (!kind) throw new SoftVmError(`unknown backing '${backing}'`);
+    if (!kind) throw new VmError('config', `unknown backing '${backing}'`);
     const rounded = backing === 'hugetlb' ? Math.ceil(bytes / 2 ** 21) * 2 ** 21 : bytes;
     const mapped = this.mappings.reduce((a, m) => a + m.bytes, 0);
     const ramBytes = this.h.mem.stats().ramFrames * 4096;
     if (mapped + rounded > ramBytes) {
-      throw new SoftVmError(`mapHostMemory(${rounded}): the modelled host has ${ramBytes} bytes of RAM and ${mapped} are mapped; create the engine with a larger hostRamBytes`);
+      throw new VmError('config', `mapHostMemory(${rounded}): the modelled host has ${ramBytes} bytes of RAM and ${mapped} are mapped; create the engine with a larger hostRamBytes`);
     }
     const hva = mm.mmap(rounded, kind);
     const m: HostMapping = { hva, bytes: rounded, backing };
@@ -234,39 +231,27 @@ export class SoftVm implements Vm, MemslotMmu {
 
   // ---- guest memory through the VMM's mapping ----
 
-  private forEachSegment(gpa: number, length: number, fn: (hva: number, off: number, n: number) => void): void {
-    let done = 0;
-    while (done < length) {
-      const at = gpa + done;
-      const s = this.slots.set.findByGfn(Math.floor(at / PAGE_SIZE));
-      if (!s) throw new SoftVmError(`gpa 0x${at.toString(16)} is in no memslot`);
-      const slotEnd = (s.baseGfn + s.npages) * PAGE_SIZE;
-      const n = Math.min(length - done, slotEnd - at);
-      fn(s.userspaceAddr + (at - s.baseGfn * PAGE_SIZE), done, n);
-      done += n;
-    }
-  }
-
   readGuest(gpa: number, dst: Uint8Array): void {
     const { mm } = this.h;
-    this.forEachSegment(gpa, dst.length, (hva, off, n) => mm.read(hva, dst.subarray(off, off + n)));
+    for (const g of guestSegments(this.slots.set, gpa, dst.length)) mm.read(g.hva, dst.subarray(g.done, g.done + g.bytes));
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
     const { mm } = this.h;
-    this.forEachSegment(gpa, src.length, (hva, off, n) => mm.write(hva, src.subarray(off, off + n)));
+    for (const g of guestSegments(this.slots.set, gpa, src.length)) mm.write(g.hva, src.subarray(g.done, g.done + g.bytes));
   }
 
   // ---- vCPUs ----
 
   async createVcpus(count: number, workload: WorkloadSpec): Promise<void> {
     this.checkAlive();
-    if (this.threads) throw new SoftVmError('vCPUs were already created');
-    if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new SoftVmError(`vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
+    if (this.spec) throw new VmError('state', 'vCPUs were already created');
+    if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new VmError('config', `vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
     const { mem, mm, pgt } = this.ensureHost(count * workload.bytesPerVcpu);
-    const threads = new VcpuThreads(this.ctl, count);
-    this.threads = threads;
-    await threads.start(
+    this.spec = workload;
+    this.runControl = await startSoftVcpus(
+      this.ctl,
+      count,
       workload,
       {
         ctl: this.ctl.buffer as SharedArrayBuffer,
@@ -281,66 +266,24 @@ export class SoftVm implements Vm, MemslotMmu {
     );
   }
 
-  private get t(): VcpuThreads {
-    if (!this.threads) throw new SoftVmError('no vCPUs: call createVcpus first');
-    return this.threads;
-  }
-
-  allowPasses(passes: number): void {
-    this.t.allowPasses(passes);
-  }
-
-  waitForPasses(passes: number, timeoutMs?: number): Promise<void> {
-    return this.t.waitForPasses(passes, timeoutMs);
-  }
-
-  progress(): VcpuProgress[] {
-    return this.threads ? this.threads.progress() : [];
-  }
-
-  vcpuThreadIds(): number[] {
-    return this.threads ? this.threads.vcpuThreadIds() : [];
-  }
-
-  async pause(): Promise<void> {
-    if (this.threads) await this.threads.pause();
-  }
-
-  resume(): void {
-    this.threads?.resume();
-  }
-
   saveVcpuState(vcpu: number): VcpuState {
-    const t = this.t;
-    this.checkVcpu(vcpu);
-    if (!t.isStopped(vcpu)) throw new SoftVmError(`saveVcpuState(${vcpu}): the vCPU is running; pause() first`);
-    return t.saveState(vcpu);
+    this.requireStopped(vcpu, 'saveVcpuState');
+    return saveSoftState(this.ctl, vcpu);
   }
 
   loadVcpuState(state: VcpuState): void {
-    const t = this.t;
-    if (state.engine !== 'soft') throw new SoftVmError(`loadVcpuState: state from a '${state.engine}' vCPU cannot load into the soft engine`);
-    this.checkVcpu(state.vcpu);
-    // Before the first allowance a vCPU sits in WaitingForAllowance and reloads its registers
-    // when it wakes; otherwise it must be paused.
-    if (!t.isStopped(state.vcpu) && !this.neverRan()) throw new SoftVmError(`loadVcpuState(${state.vcpu}): the vCPU is running; pause() first`);
+    const rc = this.rc;
+    if (state.engine !== 'soft') throw new VmError('config', `loadVcpuState: state from a '${state.engine}' vCPU cannot load into the soft engine`);
+    this.requireStopped(state.vcpu, 'loadVcpuState');
     // Every field is checked before any register is written (VcpuStateError names the field).
-    checkVcpuStateEnvelope(state, 'soft', this.vcpuCount);
-    t.writeArch(state.vcpu, checkSoftVcpuArch(state, t.spec));
-  }
-
-  private neverRan(): boolean {
-    return Atomics.load(this.ctl, G_ALLOWANCE) === 0;
-  }
-
-  private checkVcpu(v: number): void {
-    if (!Number.isInteger(v) || v < 0 || v >= this.vcpuCount) throw new SoftVmError(`no vCPU ${v}`);
+    checkVcpuStateEnvelope(state, 'soft', rc.count);
+    writeSoftArch(this.ctl, state.vcpu, checkSoftVcpuArch(state, this.spec!));
   }
 
   // ---- stats ----
 
   stats(): VmStats {
-    const out: VmStats = VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1);
+    const out: VmStats = { ...VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1), ...this.exitStats() };
     let p4k = 0;
     let p2m = 0;
     let p1g = 0;
@@ -400,14 +343,14 @@ export class SoftVm implements Vm, MemslotMmu {
   // ---- teardown ----
 
   private checkAlive(): void {
-    if (this.destroyed) throw new SoftVmError('VM was destroyed');
+    if (this.destroyed) throw new VmError('state', 'VM was destroyed');
   }
 
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
     try {
-      await this.threads?.stop();
+      await this.runControl?.stop();
     } finally {
       this.slots.close();
       if (this.host) {
@@ -428,4 +371,4 @@ export class SoftVm implements Vm, MemslotMmu {
   }
 }
 
-export { VcpuError };
+export { VcpuError } from '../vmm/errors.ts';

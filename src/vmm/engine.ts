@@ -13,6 +13,7 @@
 // This file imports no engine.
 
 import type { WorkloadSpec } from '../guest/workload.ts';
+import type { ExitHandler, ExitName } from './run/exits.ts';
 
 export type EngineKind = 'soft' | 'kvm';
 
@@ -25,6 +26,13 @@ export type GuestPageSize = 4096 | 2097152;
 /** Memslot flags, with KVM's bit values. */
 export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
 export const KVM_MEM_READONLY = 1 << 1;
+/**
+ * stage2's own memslot flag, not KVM's: a stage-2 fault on a page the host does not have yet
+ * exits to the VMM with MEMORY_FAULT (flag MISSING) instead of faulting the page in. Proposed
+ * upstream as KVM_MEM_EXIT_ON_MISSING (bit 3, for post-copy; Anish Moorthy's series, 2023) and
+ * never merged, so the kvm engine refuses it ('flags'); the soft engine implements it.
+ */
+export const KVM_MEM_EXIT_ON_MISSING = 1 << 3;
 
 export const PAGE_SIZE = 4096;
 export const PAGE_SHIFT = 12;
@@ -192,6 +200,16 @@ export interface Vm {
 
   /** Undo pause(): vCPUs re-enter the guest. */
   resume(): void;
+
+  /**
+   * Handle `reason` exits ('mmio', 'memoryFault' or 'dirtyRingFull') on this thread: the vCPU
+   * waits outside the guest until `handler` returns (or its promise resolves), then re-enters
+   * (repeating a MEMORY_FAULT access; an MMIO access counts as done); a throw stops the vCPU
+   * with that cause. Without a handler such an exit stops the vCPU (waitForPasses then throws a
+   * VcpuError). The other exits (vmm/run/exits.ts) belong to the run loop itself. Only after
+   * createVcpus. The kvm engine serves 'dirtyRingFull' itself (harvest + reset).
+   */
+  onExit(reason: ExitName, handler: ExitHandler | undefined): void;
 
   /**
    * KVM_GET_DIRTY_LOG for one slot: the pages written since the last harvest. With manual

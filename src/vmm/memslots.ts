@@ -12,7 +12,7 @@
 // before acting on the change; this file only guarantees that a set never changes under a reader.
 //
 // Rules, in the order __kvm_set_memory_region checks them (virt/kvm/kvm_main.c):
-//   flags only LOG_DIRTY_PAGES | READONLY                      -> 'flags'
+//   flags only LOG_DIRTY_PAGES | READONLY | EXIT_ON_MISSING (stage2's) -> 'flags'
 //   memorySize, guestPhysAddr, userspaceAddr 4 KiB aligned      -> 'alignment'
 //   userspaceAddr + memorySize inside user space (access_ok)   -> 'hva'
 //   slot id < maxSlots                                          -> 'slot'
@@ -26,7 +26,7 @@
 //   create or move must not overlap another slot (EEXIST)      -> 'overlap'
 //   end within the max guest physical address (arch prepare)   -> 'size'
 
-import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, PAGE_SIZE, type MemoryRegion, type MemslotInfo } from './engine.ts';
+import { KVM_MEM_EXIT_ON_MISSING, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, PAGE_SIZE, type MemoryRegion, type MemslotInfo } from './engine.ts';
 
 export interface Memslot {
   readonly id: number;
@@ -51,6 +51,8 @@ export interface MemslotLimits {
   maxUserspaceAddr?: number;
   /** KVM_CAP_READONLY_MEM. Default true. */
   readonlySupported?: boolean;
+  /** stage2's KVM_MEM_EXIT_ON_MISSING (engine.ts). Default true; the kvm engine says false. */
+  exitOnMissingSupported?: boolean;
 }
 
 export const KVM_USER_MEM_SLOTS = 32764;
@@ -104,6 +106,7 @@ export class MemslotSet {
         maxPagesPerSlot: limits.maxPagesPerSlot ?? KVM_MEM_MAX_NR_PAGES,
         maxUserspaceAddr: limits.maxUserspaceAddr ?? 2 ** 47,
         readonlySupported: limits.readonlySupported ?? true,
+        exitOnMissingSupported: limits.exitOnMissingSupported ?? true,
       }),
     );
   }
@@ -131,7 +134,7 @@ export class MemslotSet {
   apply(region: MemoryRegion, opts: { internal?: boolean } = {}): MemslotApplyResult {
     const lim = this.limits;
     const { slot: id, flags, guestPhysAddr: gpa, memorySize: size, userspaceAddr: hva } = region;
-    const validFlags = KVM_MEM_LOG_DIRTY_PAGES | (lim.readonlySupported ? KVM_MEM_READONLY : 0);
+    const validFlags = KVM_MEM_LOG_DIRTY_PAGES | (lim.readonlySupported ? KVM_MEM_READONLY : 0) | (lim.exitOnMissingSupported ? KVM_MEM_EXIT_ON_MISSING : 0);
     if (!Number.isInteger(flags) || flags < 0 || (flags & ~validFlags) !== 0) {
       fail('flags', region, `flags ${hex(flags)} outside the valid set ${hex(validFlags)}`);
     }

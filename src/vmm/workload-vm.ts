@@ -3,6 +3,7 @@
 // The benchmarks and the migration source both start from it.
 import type { Backing, Engine, GuestPageSize, MmuLockMode, Vm } from './engine.ts';
 import { workload, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
+import { DEFAULT_GUEST_PAGE_SIZE } from './vm-config.ts';
 
 export const TEST_MEM_SLOT = 0;
 
@@ -29,7 +30,7 @@ export async function createWorkloadVm(engine: Engine, p: WorkloadVmParams): Pro
   const vm = await engine.createVm({
     manualDirtyLogProtect: (p.manualProtect ?? true) && caps.manualDirtyLogProtect,
     lock: p.lock ?? 'parallel',
-    guestPageSize: p.guestPageSize ?? 2097152,
+    guestPageSize: p.guestPageSize ?? DEFAULT_GUEST_PAGE_SIZE,
   });
   try {
     const spec = workload(p.workload, p.bytesPerVcpu);

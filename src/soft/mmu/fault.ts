@@ -43,9 +43,9 @@
 //   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
 //   with the device attribute, at 4 KiB only.
 
-import { KVM_MEM_READONLY } from '../../vmm/engine.ts';
+import { KVM_MEM_EXIT_ON_MISSING, KVM_MEM_READONLY } from '../../vmm/engine.ts';
 import type { HostMemory } from '../hostmem/host-memory.ts';
-import { EFAULT } from '../hostmem/errno.ts';
+import { EAGAIN as GUP_EAGAIN, EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
@@ -68,7 +68,6 @@ import {
   S_WP_FAULTS,
   type VcpuStats,
 } from '../vcpu/stats.ts';
-import { VcpuExitReason_Efault, VcpuExitReason_Mmio } from '../vcpu/control.ts';
 
 /** Where the fault handler reads memslots (srcu_read_lock / unlock). */
 export interface SlotSource {
@@ -92,8 +91,12 @@ export interface FaultHooks {
 }
 
 export const FAULT_OK = 0;
-export const FAULT_MMIO = -VcpuExitReason_Mmio;
-export const FAULT_EFAULT = -VcpuExitReason_Efault;
+/** No memslot, or a write to a read-only one: an MMIO exit. */
+export const FAULT_MMIO = -1;
+/** The host could not provide the page: a MEMORY_FAULT exit. */
+export const FAULT_EFAULT = -2;
+/** The host page is missing where the VMM provides pages (exit-on-missing, userfaultfd): MEMORY_FAULT. */
+export const FAULT_MISSING = -3;
 const FAULT_RETRY = 1;
 
 /** Give up retrying after this many attempts (a livelock is a bug; report EFAULT). */
@@ -314,8 +317,12 @@ export class FaultHandler {
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0;
     // Read faults also fault in a writable host page (x86's opportunistic map_writable), so a
     // later write to a read-mapped page can take the fast path.
+    // Pages the VMM provides itself: an exit-on-missing slot (stage2's KVM_MEM_EXIT_ON_MISSING)
+    // or a userfaultfd-registered range (getUserPage's EAGAIN) exits with MEMORY_FAULT.
+    if ((slot.flags & KVM_MEM_EXIT_ON_MISSING) !== 0 && mm.lookupPfn(hva) < 0) return FAULT_MISSING;
     const gup = this.gup;
     const pfn = mm.getUserPage(hva, write || (!readonlySlot && slot.hostWritable), gup);
+    if (pfn === GUP_EAGAIN) return FAULT_MISSING;
     if (pfn < 0) {
       if (!write && pfn !== EFAULT) {
         // e.g. EPERM on a read-only VMA for an opportunistic write: fall back to a read.

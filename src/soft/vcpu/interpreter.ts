@@ -20,6 +20,7 @@ export interface GuestAccess {
 
 export const PASS_DONE = 0;
 export const PASS_INTERRUPTED = 1;
+/** An access exited to the VMM; pos and the generator are at that access, so re-entry repeats it. */
 export const PASS_EXIT = 2;
 
 /**
@@ -119,12 +120,11 @@ export class Interpreter {
         return PASS_INTERRUPTED;
       }
       // The draw happens after the request check, so an interrupted pass resumes at the same
-      // generator state (the access below always completes once the draw is made).
+      // generator state; an access that exits puts the draw back, so re-entry repeats it.
+      const rhi = rng.hi;
+      const rlo = rng.lo;
       const page = randomPageIndex(xorshift64Step(rng), pages);
-      if (!a.write64(base + page, lo, hi)) {
-        this.pos = p + 1;
-        return PASS_EXIT;
-      }
+      if (!a.write64(base + page, lo, hi)) return this.exitAt(p, rhi, rlo);
     }
     return PASS_DONE;
   }
@@ -141,12 +141,28 @@ export class Interpreter {
         this.pos = p;
         return PASS_INTERRUPTED;
       }
+      const rhi = rng.hi;
+      const rlo = rng.lo;
       const ok = xorshift64Step(rng) % 100 < wp ? a.write64(base + p, lo, hi) : a.read32(base + p);
-      if (!ok) {
-        this.pos = p + 1;
-        return PASS_EXIT;
-      }
+      if (!ok) return this.exitAt(p, rhi, rlo);
     }
     return PASS_DONE;
+  }
+
+  /**
+   * The access at pos was completed outside the guest (an MMIO exit: as KVM completes the
+   * emulated instruction on the next KVM_RUN, it is not repeated): step past it.
+   */
+  skipAccess(): void {
+    if (this.kind === KIND_RANDOM || this.kind === KIND_RWMIX) xorshift64Step(this.rng);
+    this.pos++;
+  }
+
+  /** An access exited: put the draw back and stay at it, so re-entry repeats it (vcpu-loop.ts). */
+  private exitAt(p: number, rhi: number, rlo: number): number {
+    this.rng.hi = rhi;
+    this.rng.lo = rlo;
+    this.pos = p;
+    return PASS_EXIT;
   }
 }

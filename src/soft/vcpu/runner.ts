@@ -1,31 +1,32 @@
-// A vCPU thread's run loop: the run-control state machine around the workload interpreter.
+// The soft engine's guest entry: what the shared run loop (vmm/run/vcpu-loop.ts) calls to enter
+// the guest until the next exit. It runs the workload interpreter through the soft TLB, takes
+// stage-2 faults on the vCPU's own thread, and turns whatever it cannot resolve into an exit.
 //
 // Runs on the vCPU's worker thread (or, in tests, any single thread). Concurrency rules are
-// those of control.ts: this file writes only its own vCPU line, reads global words with
-// Atomics, and touches the R_* registers only while it is stopped (Paused, Waiting, Halted,
-// Created) or about to be. Guest memory is written with plain stores into host frames reached
-// through the soft TLB; the VMM reads guest memory only while vCPUs are paused or stopped
-// (Atomics.wait/notify order those accesses) or accepts racy snapshots (live migration).
+// those of control.ts: this file writes only its own vCPU line's engine words (V_MODE,
+// V_FLUSH_ACK, the R_* registers while stopped or about to be), reads global words with Atomics.
+// Guest memory is written with plain stores into host frames reached through the soft TLB; the
+// VMM reads guest memory only while vCPUs are stopped (Atomics.wait/notify order those
+// accesses) or accepts racy snapshots (live migration).
 //
-// State machine (V_STATE), Firecracker-style: every transition is one Atomics.store in
-// setState() and is commented where it happens.
-//   Created --first loop--> Running | WaitingForAllowance | Paused | Exited
-//   Running --pass done, allowance used--> WaitingForAllowance
-//   Running --pause request--> Paused          (registers saved first)
-//   Running --idle workload done--> Halted
-//   Running --unresolvable fault--> Exited     (V_EXIT_REASON says why)
-//   WaitingForAllowance --allowance raised--> Running
-//   Paused --resume--> (re-evaluated: Running | WaitingForAllowance | Halted)
-//   Halted --pause--> Paused;  any --exit request--> Exited
+// Exits it produces (vmm/run/exits.ts), one per enter():
+//   IO            the interpreter finished a pass (the pass report)
+//   HLT           the idle workload has written its slice: the guest has nothing left to do
+//   INTR          a request (pause, stop, allowance) interrupted the pass, or came before entry
+//   MMIO          a fault at no memslot, or a write to a read-only one (the access counts as done
+//                 by the device: re-entry continues after it, as after KVM_EXIT_MMIO)
+//   MEMORY_FAULT  a fault the handler cannot resolve: the host has no page there (EFAULT), or the
+//                 page is missing in an exit-on-missing memslot or a userfaultfd-registered range
+//                 (flag MISSING). The interpreter's registers stay at the faulting access, so
+//                 the next enter() repeats it.
+// Write-protect faults, retries (memslot changed, invalidation in flight) and everything else
+// the fault handler resolves never leave enter(): that is the hot path of a dirty pass.
 
 import {
-  G_ALLOWANCE,
-  G_EXIT,
   G_FLUSH_GEN,
   G_FLUSH_WAITERS,
-  G_KICK,
-  G_KICK_WAITERS,
   G_PAUSE,
+  G_EXIT,
   G_REQ,
   GuestMode_InGuest,
   GuestMode_OutsideGuest,
@@ -35,23 +36,16 @@ import {
   R_RNG_HI,
   R_RNG_LO,
   R_VALID,
-  V_EXIT_GPA_HI,
-  V_EXIT_GPA_LO,
-  V_EXIT_REASON,
   V_FLUSH_ACK,
   V_HALTED,
   V_MODE,
   V_PASSES,
-  V_STATE,
-  VcpuExitReason_Crash,
-  VcpuRunState_Exited,
-  VcpuRunState_Halted,
-  VcpuRunState_Paused,
-  VcpuRunState_Running,
-  VcpuRunState_WaitingForAllowance,
-  signalEvent,
   vcpuBase,
 } from './control.ts';
+import { EXIT_HLT, EXIT_INTR, EXIT_IO, EXIT_MEMORY_FAULT, EXIT_MMIO, MEMORY_FAULT_FLAG_MISSING, MEMORY_FAULT_FLAG_WRITE, VcpuExit } from '../../vmm/run/exits.ts';
+import type { GuestEntry } from '../../vmm/run/vcpu-loop.ts';
+import { PAGE_SIZE } from '../../vmm/engine.ts';
+import { FAULT_MISSING, FAULT_MMIO } from '../mmu/fault.ts';
 import { acknowledgeFlush } from './tlb-flush.ts';
 import { SoftTlb, TLB_R, TLB_W } from './soft-tlb.ts';
 import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
@@ -70,7 +64,7 @@ export interface VcpuMmu {
   walk(gfn: number, write: boolean, tlb: SoftTlb): number;
   /**
    * Handle a stage-2 fault (user_mem_abort), called outside guest mode. 0 = resolved (retry the
-   * access); a negative value is a VcpuExitReason (negated) the vCPU cannot get past.
+   * access); negative: FAULT_MMIO, FAULT_EFAULT or FAULT_MISSING (mmu/fault.ts), an exit.
    */
   fault(gfn: number, write: boolean): number;
   /** A memslot generation newer than this guest-mode section's has been published. */
@@ -88,7 +82,7 @@ export interface VcpuMmu {
   tryFastWrite(gfn: number): number;
 }
 
-export class VcpuRunner implements GuestAccess {
+export class VcpuRunner implements GuestAccess, GuestEntry {
   readonly base: number;
   readonly tlb = new SoftTlb();
   readonly interp: Interpreter;
@@ -109,79 +103,40 @@ export class VcpuRunner implements GuestAccess {
     this.interp = new Interpreter(spec, vcpu, this);
   }
 
-  private setState(s: number): void {
-    Atomics.store(this.ctl, this.base + V_STATE, s);
-    signalEvent(this.ctl);
-  }
+  /** The exit record of the current enter() (the loop's, reused). */
+  private x = new VcpuExit();
 
-  /** The whole life of the thread. Returns when asked to exit or after an unrecoverable exit. */
-  run(): void {
-    const ctl = this.ctl;
-    this.loadRegs();
-    try {
-      for (;;) {
-        // Read the kick counter before testing conditions, so a change made after the tests
-        // makes the wait below return at once (no lost wake-up).
-        const kick = Atomics.load(ctl, G_KICK);
-        if (Atomics.load(ctl, G_EXIT) !== 0) {
-          this.saveRegs();
-          this.setState(VcpuRunState_Exited); // any -> Exited: destroy() asked us to leave
-          return;
-        }
-        if (Atomics.load(ctl, G_PAUSE) !== 0) {
-          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Paused) {
-            this.saveRegs();
-            this.setState(VcpuRunState_Paused); // Running/Waiting/Halted -> Paused: registers saved, VMM may read/write them
-          }
-          this.waitKick(kick);
-          continue;
-        }
-        if (this.interp.halted) {
-          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Halted) this.setState(VcpuRunState_Halted); // -> Halted: idle guest done
-          this.waitKick(kick);
-          continue;
-        }
-        if (this.interp.passes >= Atomics.load(ctl, G_ALLOWANCE)) {
-          if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_WaitingForAllowance) {
-            this.saveRegs();
-            this.setState(VcpuRunState_WaitingForAllowance); // Running -> Waiting: allowance used up
-          }
-          this.waitKick(kick);
-          continue;
-        }
-        if (Atomics.load(ctl, this.base + V_STATE) !== VcpuRunState_Running) this.setState(VcpuRunState_Running); // -> Running: allowance left, no pause
-        if (!this.enterGuest()) continue;
-        const r = this.interp.runPass();
-        this.exitGuest();
-        if (r === PASS_DONE) {
-          Atomics.store(ctl, this.base + V_PASSES, this.interp.passes);
-          if (this.interp.halted) Atomics.store(ctl, this.base + V_HALTED, 1);
-          this.saveRegs();
-          signalEvent(ctl);
-        } else if (r === PASS_EXIT) {
-          this.saveRegs();
-          this.setState(VcpuRunState_Exited); // Running -> Exited: a fault the VMM must see (V_EXIT_REASON)
-          return;
-        }
-        // PASS_INTERRUPTED: a pause or exit request; the loop head handles it.
-      }
-    } catch (e) {
-      Atomics.store(ctl, this.base + V_EXIT_REASON, VcpuExitReason_Crash);
-      Atomics.store(ctl, this.base + V_MODE, GuestMode_OutsideGuest);
-      this.setState(VcpuRunState_Exited); // any -> Exited: the worker threw
-      throw e;
+  /** enter() for the run loop: run the current pass until it ends or exits. */
+  enter(x: VcpuExit): void {
+    this.x = x;
+    const i = this.interp;
+    if (i.halted) {
+      x.reason = EXIT_HLT;
+      return;
     }
+    if (!this.enterGuest()) {
+      x.reason = EXIT_INTR;
+      return;
+    }
+    const r = i.runPass();
+    this.exitGuest();
+    if (r === PASS_DONE) {
+      x.reason = EXIT_IO;
+      x.pass = i.passes;
+      x.halted = i.halted;
+    } else if (r !== PASS_EXIT) {
+      x.reason = EXIT_INTR;
+    } else if (x.reason === EXIT_MMIO) {
+      // translateSlow filled x. An MMIO access is the device's: it completes with the exit
+      // (KVM finishes the instruction on re-entry), so re-entry continues after it.
+      i.skipAccess();
+    }
+    // Other PASS_EXITs (MEMORY_FAULT): re-entry repeats the access.
   }
 
-  /**
-   * Block while stopped. Registers were saved when the vCPU stopped; the VMM may have loaded
-   * new ones meanwhile (loadVcpuState), so reload them on every wake-up.
-   */
-  private waitKick(kick: number): void {
-    Atomics.add(this.ctl, G_KICK_WAITERS, 1);
-    Atomics.wait(this.ctl, G_KICK, kick);
-    Atomics.sub(this.ctl, G_KICK_WAITERS, 1);
-    this.loadRegs();
+  /** The thread is dying inside enter(): a flusher must not wait for this vCPU's acknowledgement. */
+  onCrash(): void {
+    this.leaveGuestMode();
   }
 
   /** Guest entry: V_MODE = IN_GUEST, then look at requests (flush) before any access. */
@@ -272,8 +227,23 @@ export class VcpuRunner implements GuestAccess {
 
   lastRead = 0;
 
-  /** TLB miss: walk; on a stage-2 fault leave guest mode, handle it, re-enter and walk again. */
+  /**
+   * TLB miss: walk; a write-protect fault on a 4 KiB leaf is fixed here without leaving guest
+   * mode; any other stage-2 fault leaves guest mode, is handled, and the walk is retried.
+   *
+   * Performance (the dirty pass's hot path: every page misses the TLB and takes the
+   * write-protect fast path): this function must stay out of line. V8 (Node 20) never inlines a
+   * function of more than 460 bytecodes into its caller; this one is ~500, so the interpreter's
+   * loop calls it once per miss and it is optimized on its own, with its own inlining budget
+   * spent on the fast path (walk, tryFastWrite -> fastWriteLockless). When it was smaller
+   * (~380-450 bytecodes), the optimizer often inlined it into the loop with no budget left for
+   * the fast path: +30% CPU per dirty pass in most runs (bench dirty-log -b 512M, 12 runs each).
+   * Keep its slow branches inline; check `node --print-bytecode --print-bytecode-filter=
+   * translateSlow` after changing it.
+   */
   private translateSlow(gfn: number, write: boolean): number {
+    // The interpreter keeps every gfn below 2^31 (interpreter.ts), which the TLB's index assumes.
+    if (gfn < 0 || gfn >= 0x80000000) throw new RangeError(`vCPU ${this.vcpu}: gfn ${gfn} is outside the guest's 2^31 pages`);
     const ctl = this.ctl;
     const modeWord = this.base + V_MODE;
     this.stats.add(S_TLB_MISSES, 1);
@@ -309,10 +279,13 @@ export class VcpuRunner implements GuestAccess {
       this.mmu.enterGuest();
       if (Atomics.load(ctl, G_REQ) !== this.reqSeen) this.handleRequests();
       if (r < 0) {
-        const gpa = gfn * 4096;
-        Atomics.store(ctl, this.base + V_EXIT_REASON, -r);
-        Atomics.store(ctl, this.base + V_EXIT_GPA_HI, Math.floor(gpa / 2 ** 32));
-        Atomics.store(ctl, this.base + V_EXIT_GPA_LO, gpa >>> 0);
+        // A fault the handler cannot resolve: this enter()'s exit (the interpreter stays at
+        // this access; see enter()).
+        const x = this.x;
+        x.reason = r === FAULT_MMIO ? EXIT_MMIO : EXIT_MEMORY_FAULT;
+        x.gpa = gfn * PAGE_SIZE;
+        x.size = PAGE_SIZE;
+        x.flags = (write ? MEMORY_FAULT_FLAG_WRITE : 0) | (r === FAULT_MISSING ? MEMORY_FAULT_FLAG_MISSING : 0);
         return -1;
       }
     }

@@ -1,10 +1,11 @@
 // Entry point of a vCPU worker thread (started by vcpu/threads.ts with startWorker).
 //
 // Attaches to the VM's shared state (host memory, host address space, stage-2 table, MMU lock,
-// control block, stats, memslot generations) and runs the vCPU until the VMM asks it to exit.
+// control block, stats, memslot generations) and runs the shared run loop (vmm/run/vcpu-loop.ts)
+// over this engine's guest entry (runner.ts) until the VMM asks it to exit.
 // Everything shared is described in the files that own it; this thread owns only its vCPU line
 // of the control block and its stats line.
-import { workerData } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { HostMemory } from '../hostmem/host-memory.ts';
 import { HostAddressSpace } from '../hostmm/host-address-space.ts';
 import { MmuLock } from '../locking/mmu-lock.ts';
@@ -18,6 +19,7 @@ import { VcpuStats, S_REMOTE_FLUSHES } from './stats.ts';
 import { flushRemoteTlbs } from './tlb-flush.ts';
 import type { VcpuWorkerData } from './threads.ts';
 import { V_LINUX_TID, vcpuBase } from './control.ts';
+import { VcpuLoop } from '../../vmm/run/vcpu-loop.ts';
 import { linuxThreadId } from '../../util/thread-sched.ts';
 
 const d = workerData as VcpuWorkerData;
@@ -40,7 +42,7 @@ const slots = new SlotReader(ctl, d.vcpu, d.port, d.slots);
 const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats);
 const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats);
 try {
-  runner.run();
+  new VcpuLoop(ctl, d.vcpu, runner, (cause) => parentPort?.postMessage({ type: 'vcpu-cause', vcpu: d.vcpu, cause })).run();
 } finally {
   pgt.detach();
   d.port.close();
