@@ -25,6 +25,7 @@ import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, openCheckedEngine } from './validate.ts';
+import { sleepUnless } from '../util/sleep.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -47,12 +48,6 @@ function within<X>(p: Promise<X>, ms: number): Promise<X | null> {
   let t: NodeJS.Timeout | undefined;
   return Promise.race([p, new Promise<null>((r) => (t = setTimeout(() => r(null), ms)))]).finally(() => clearTimeout(t));
 }
-/** sleep(), cut short by `signal` (a pending timer would keep the process alive after a cancel). */
-const sleepUnless = (ms: number, signal: AbortSignal) =>
-  new Promise<void>((r) => {
-    const t = setTimeout(r, ms);
-    signal.addEventListener('abort', () => (clearTimeout(t), r()), { once: true });
-  });
 
 function freePort(host: string): Promise<number> {
   return new Promise((resolve, reject) => {

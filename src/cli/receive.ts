@@ -17,6 +17,7 @@ import { checkWorkloadMemory } from '../migration/workload-check.ts';
 import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt } from './options.ts';
 import { machineRamAvailable, readMachineMemory } from './validate.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
+import { sleepUnless } from '../util/sleep.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -44,12 +45,6 @@ interface ReceiveOptions {
   timeoutMs: number;
 }
 
-/** Resolves after `ms`, or at once on abort (no timer is left to hold the process). */
-const sleepUnless = (ms: number, signal: AbortSignal) =>
-  new Promise<void>((r) => {
-    const t = setTimeout(r, ms);
-    signal.addEventListener('abort', () => (clearTimeout(t), r()), { once: true });
-  });
 
 export function registerReceive(program: Command): void {
   program
