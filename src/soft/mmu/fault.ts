@@ -48,7 +48,7 @@ import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
-import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
+import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { markPageDirty } from '../dirty/dirty-bitmap.ts';
 import type { SlotDesc, SlotLookup } from './slot-table.ts';
@@ -245,7 +245,7 @@ export class FaultHandler {
     const slot = (held ?? this.slots.readLock()).find(gfn);
     try {
       if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
-      if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
+      if (!this.pgt.tryGrantWrite(ptep, pte)) return -1;
       this.hooks.betweenRelaxAndMark?.(gfn);
       if (this.pgt.debug) this.widenRaceWindow();
       const bm = slot.dirtyBitmap;
@@ -271,7 +271,7 @@ export class FaultHandler {
       markPageDirty(bm, gfn - slot.baseGfn);
       st.add(S_DIRTY_MARKS, 1);
     }
-    if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
+    if (!this.pgt.tryGrantWrite(ptep, pte)) return -1;
     st.add(S_FAST_RELAX, 1);
     return leafPfn(pte);
   }
