@@ -27,8 +27,9 @@
 //   lock, read or write side; a harvester clears bits under the exclusive lock and then
 //   write-protects, so it runs wholly before or wholly after such a fault and can never clear a
 //   bit while the matching writable PTE is still to come.
-// - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is setting W on a 4 KiB leaf by
-//   cmpxchg against the write-protected value its walk read; THEN it marks the page dirty (as
+// - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is
+//   setting W on a 4 KiB leaf by cmpxchg (Stage2PageTable.tryGrantWrite) against the
+//   write-protected value its walk read; THEN it marks the page dirty (as
 //   fast_pf_fix_direct_spte does); only THEN does the guest's write happen. Harvesters and
 //   sweeps only ever remove W (any store they make is write-protected), so a racing harvest
 //   either write-protects the page after the cmpxchg (the write faults again, or completes

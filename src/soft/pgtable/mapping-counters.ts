@@ -3,7 +3,9 @@
 //
 // Concurrency rules:
 // - One row of counters per RCU reader slot (epoch.ts), i.e. per attached Stage2PageTable, i.e.
-//   per thread: ROW_WORDS words, a cache line of its own. Only the thread that owns the slot
+//   per thread: ROW_WORDS words, its counters in the middle (ROW_PAD), so that no cache line
+//   holds two threads' counters whatever the buffer's alignment (16 bytes is all malloc
+//   promises), nor a counter and another buffer's words. Only the thread that owns the slot
 //   writes its row, with plain loads and stores (single writer: no lost update, and no counter
 //   line bounces between vCPUs on the write-protect fast path). A slot released by detach() and
 //   claimed again (compare-and-exchange) passes its row to the new owner, values and all.
@@ -40,8 +42,9 @@ export interface MappingCounts {
 // Row layout: leaves at level 1, 2, 3 (index level - 1), then writable and device leaves.
 const C_WRITABLE = 3;
 const C_DEVICE = 4;
-/** Counters per row; 16 words = 64 bytes, one cache line per thread. */
-const ROW_WORDS = 16;
+/** Words per row: 128 bytes, the counters at ROW_PAD (64 bytes in), the rest padding (see header). */
+const ROW_WORDS = 32;
+const ROW_PAD = 16;
 /** Words per table page in the retired-snapshot array (the five counters). */
 const SNAP_WORDS = 5;
 
@@ -55,7 +58,7 @@ export interface MappingCountersShared {
 
 export function newMappingCountersShared(slots: number, maxTablePages: number): MappingCountersShared {
   return {
-    rows: new SharedArrayBuffer(slots * ROW_WORDS * 4),
+    rows: new SharedArrayBuffer((slots * ROW_WORDS + ROW_PAD) * 4),
     retired: new SharedArrayBuffer((maxTablePages + 1) * SNAP_WORDS * 4),
   };
 }
@@ -90,6 +93,7 @@ export function scanSubtree(words: Int32Array, table: number, level: number, c: 
 /** This thread's handle: its own row, plus the shared snapshot slots. */
 export class MappingCounters {
   private readonly words: Int32Array;
+  private readonly writableAt: number;
   private readonly retired: Int32Array;
   /** First word of this thread's row. */
   private readonly base: number;
@@ -100,7 +104,8 @@ export class MappingCounters {
   ) {
     this.words = new Int32Array(shared.rows);
     this.retired = new Int32Array(shared.retired);
-    this.base = slot * ROW_WORDS;
+    this.base = slot * ROW_WORDS + ROW_PAD;
+    this.writableAt = this.base + C_WRITABLE;
     if (this.base + ROW_WORDS > this.words.length) throw new RangeError(`mapping counters: no row for RCU slot ${slot}`);
   }
 
@@ -138,7 +143,7 @@ export class MappingCounters {
 
   /** W was set on one leaf (relax). */
   writeGranted(): void {
-    this.words[this.base + C_WRITABLE]!++;
+    this.words[this.writableAt]!++;
   }
 
   /** W was cleared on n leaves (write-protect). */
@@ -167,7 +172,7 @@ export class MappingCounters {
   sum(): MappingCounts {
     const w = this.words;
     const t = [0, 0, 0, 0, 0];
-    for (let b = 0; b < w.length; b += ROW_WORDS) for (let k = 0; k < SNAP_WORDS; k++) t[k]! += Atomics.load(w, b + k);
+    for (let b = ROW_PAD; b + ROW_WORDS <= w.length; b += ROW_WORDS) for (let k = 0; k < SNAP_WORDS; k++) t[k]! += Atomics.load(w, b + k);
     return { leaves1g: t[0]!, leaves2m: t[1]!, leaves4k: t[2]!, writableLeaves: t[C_WRITABLE]!, deviceLeaves: t[C_DEVICE]! };
   }
 }
