@@ -29,7 +29,7 @@ import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
 import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
 import { G_ALLOWANCE, G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
-import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
+import { S_FAST_RELAX, S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
 import { VcpuThreads, VcpuError } from './vcpu/threads.ts';
 import { checkSoftVcpuArch } from './vcpu/arch-check.ts';
 import { checkVcpuStateEnvelope } from '../vmm/vcpu-state.ts';
@@ -112,6 +112,8 @@ export class SoftVm implements Vm, MemslotMmu {
     this.lock.onExclusiveUnlock = () => {
       pgt.reclaim();
     };
+    // The W the vCPU write-protect fast path grants is counted in the stats lines (mmu/fault.ts).
+    pgt.countWriteGrantsFrom(() => VcpuStats.total(this.statsSab, this.opts.maxVcpus + 1, S_FAST_RELAX));
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
     return this.host;

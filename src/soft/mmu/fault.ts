@@ -28,9 +28,9 @@
 //   write-protects, so it runs wholly before or wholly after such a fault and can never clear a
 //   bit while the matching writable PTE is still to come.
 // - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is
-//   setting W on a 4 KiB leaf by cmpxchg (Stage2PageTable.tryGrantWrite) against the
-//   write-protected value its walk read; THEN it marks the page dirty (as
-//   fast_pf_fix_direct_spte does); only THEN does the guest's write happen. Harvesters and
+//   setting W on a 4 KiB leaf by cmpxchg against the write-protected value its walk read; THEN
+//   it marks the page dirty (as fast_pf_fix_direct_spte does); only THEN does the guest's write
+//   happen. Harvesters and
 //   sweeps only ever remove W (any store they make is write-protected), so a racing harvest
 //   either write-protects the page after the cmpxchg (the write faults again, or completes
 //   before the harvest's TLB flush returns and is in the page the caller then reads), or clears
@@ -43,13 +43,21 @@
 //   or abandoned (kvm_release_faultin_page): stage 2 holds no references; munmap reaches it
 //   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
 //   with the device attribute, at 4 KiB only.
+// - Mapping statistics (pgtable/mapping-counters.ts): a W the vCPU fast path grants
+//   (fastWriteLockless, fastWriteLocked) is counted only by the S_FAST_RELAX it already adds to
+//   this thread's stats line (single writer), which the VM adds to the table's writable count
+//   (Stage2PageTable.countWriteGrantsFrom): nothing else is stored or called on that path
+//   (counting there in a counter row, through Stage2PageTable.tryGrantWrite, cost ~70 ns per
+//   fault in bench dirty-log, almost all of it in the cmpxchg). tryFastPath's relaxPerms counts
+//   its change in the table's counters like any operation, so it takes back the one its
+//   S_FAST_RELAX adds.
 
 import { KVM_MEM_READONLY } from '../../vmm/engine.ts';
 import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EFAULT } from '../hostmem/errno.ts';
 import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
-import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
+import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { markPageDirty } from '../dirty/dirty-bitmap.ts';
 import type { SlotDesc, SlotLookup } from './slot-table.ts';
@@ -188,6 +196,7 @@ export class FaultHandler {
     }
     if (r === OK) {
       this.stats.add(S_FAST_RELAX, 1);
+      pgt.counts.uncountWriteGrants(1); // relaxPerms counted it; S_FAST_RELAX counts it again
       return FAULT_OK;
     }
     // The leaf changed under us (zapped, split, LOCKED): take the full path.
@@ -246,7 +255,7 @@ export class FaultHandler {
     const slot = (held ?? this.slots.readLock()).find(gfn);
     try {
       if (slot === null || (slot.flags & KVM_MEM_READONLY) !== 0 || !slot.hostWritable) return -1;
-      if (!this.pgt.tryGrantWrite(ptep, pte)) return -1;
+      if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
       this.hooks.betweenRelaxAndMark?.(gfn);
       if (this.pgt.debug) this.widenRaceWindow();
       const bm = slot.dirtyBitmap;
@@ -272,7 +281,7 @@ export class FaultHandler {
       markPageDirty(bm, gfn - slot.baseGfn);
       st.add(S_DIRTY_MARKS, 1);
     }
-    if (!this.pgt.tryGrantWrite(ptep, pte)) return -1;
+    if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
     st.add(S_FAST_RELAX, 1);
     return leafPfn(pte);
   }

@@ -17,7 +17,11 @@
 //   (a thread removes leaves another installed); only the sum means anything.
 // - Every change of an entry is counted by the thread that made it, as a delta from the old
 //   value to the new: leafAdded / leafRemoved / leafReplaced for leaves, blockSplit for a block
-//   replaced by a table of its pages, writeGranted / writeRevoked for W alone.
+//   replaced by a table of its pages, writeGranted / writeRevoked for W alone. One exception:
+//   the vCPU's write-protect fast path (mmu/fault.ts) counts the W it grants only in its own
+//   per-vCPU stats line, which the reader adds (Stage2Handle.countWriteGrantsFrom): that path
+//   stores nothing else. A row may take back a grant such a caller counts too
+//   (uncountWriteGrants).
 // - Unlinked subtrees (collapse, unmap of an empty table) leave the table before they are freed,
 //   after an RCU grace period. The unlinking thread subtracts what it finds in the subtree
 //   (scanSubtree) and records exactly that in the subtree's retired-snapshot slot (indexed by its
@@ -144,6 +148,14 @@ export class MappingCounters {
   /** W was set on one leaf (relax). */
   writeGranted(): void {
     this.words[this.writableAt]!++;
+  }
+
+  /**
+   * Take back n W grants this row counted that a caller also counts in a counter of its own,
+   * one the reader adds (Stage2PageTable.countWriteGrantsFrom; mmu/fault.ts's tryFastPath).
+   */
+  uncountWriteGrants(n: number): void {
+    this.words[this.base + C_WRITABLE]! -= n;
   }
 
   /** W was cleared on n leaves (write-protect). */

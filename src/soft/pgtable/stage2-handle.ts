@@ -57,6 +57,8 @@ export abstract class Stage2Handle implements Stage2Env {
   protected flushCb: (gfn: number, npages: number) => void;
   protected leafCb: LeafRemoved | undefined;
   protected retiredSinceReclaim = false;
+  /** W grants counted outside the rows (countWriteGrantsFrom); read by mappingCounts only. */
+  private writeGrantsElsewhere: (() => number) | undefined;
 
   protected constructor(shared: Stage2Shared, cb: Stage2Callbacks) {
     this.shared = shared;
@@ -163,7 +165,19 @@ export abstract class Stage2Handle implements Stage2Env {
    */
   mappingCounts(): MappingCounts {
     if (this.destroyed) return { leaves4k: 0, leaves2m: 0, leaves1g: 0, writableLeaves: 0, deviceLeaves: 0 };
-    return this.counts.sum();
+    const m = this.counts.sum();
+    if (this.writeGrantsElsewhere !== undefined) m.writableLeaves += this.writeGrantsElsewhere();
+    return m;
+  }
+
+  /**
+   * Have mappingCounts add `grants()` to the writable leaves: W grants that their makers count
+   * only in a counter of their own (the vCPU write-protect fast path's per-vCPU S_FAST_RELAX,
+   * see mmu/fault.ts), set W by cmpxchg on a table entry and never counted in a row. Exact under
+   * the same conditions as the rows (mapping-counters.ts). This handle only.
+   */
+  countWriteGrantsFrom(grants: (() => number) | undefined): void {
+    this.writeGrantsElsewhere = grants;
   }
 
   /** Table pages allocated right now (like SecPageTables); 0 after destroy(). */

@@ -16,9 +16,11 @@
 //   flush cover every writable leaf: no fault can re-grant W in between); with shared=true it is
 //   also safe under the READ lock (cmpxchg), a concurrent fault may then re-grant W to a page it
 //   is writing, which is a new write the caller's next harvest sees.
-// - tryGrantWrite (the write-protect fast path's cmpxchg, W added to a 4 KiB leaf): under the
-//   caller's RCU read section and whatever mmu/fault.ts requires (the MMU lock's read or write
-//   side, or none in 'parallel' mode); it races only with changes that a cmpxchg detects.
+// - tryGrantWrite (a write-protect fast path's cmpxchg, W added to a 4 KiB leaf, counted in this
+//   thread's row): under the caller's RCU read section and the MMU lock's read or write side;
+//   it races only with changes that a cmpxchg detects. The vCPU fast path (mmu/fault.ts) does
+//   the same cmpxchg itself, lock-free in 'parallel' mode, and counts it in its own stats line
+//   (countWriteGrantsFrom).
 // - getLeaf: no MMU lock needed, but the caller must be inside an RCU read section
 //   (rcuReadLock) or hold the MMU lock for WRITE. It reads entries with plain loads: a 32-bit
 //   load cannot tear, and a stale value only makes the caller fault and retry under the lock.
@@ -188,8 +190,9 @@ export class Stage2PageTable extends Stage2Handle {
 
   /**
    * Set W on `protectedLeaf`, a 4 KiB leaf without W (the caller checked: pteIsWriteProtectedRam)
-   * that the caller's own walk found at word ptep, by one cmpxchg: the write-protect fast path
-   * (mmu/fault.ts, which holds what that path requires). False when the entry changed since.
+   * that the caller's own walk found at word ptep, by one cmpxchg, counted in this thread's row
+   * (mmu/fault.ts's vCPU fast path does this itself, see countWriteGrantsFrom). False when the
+   * entry changed since.
    */
   tryGrantWrite(ptep: number, protectedLeaf: number): boolean {
     const pte = protectedLeaf;
