@@ -21,14 +21,13 @@ import type { WorkloadSpec } from '../guest/workload.ts';
 import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
-import { LAST_LEVEL, leafIsDevice, leafWritable } from './pgtable/pte.ts';
 import { Stage2PageTable } from './pgtable/stage2.ts';
 import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts';
 import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
 import { SlotLookup, type SlotDesc } from './mmu/slot-table.ts';
 import { G_FLUSH_GEN, newControlBlock } from './vcpu/control.ts';
-import { S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
+import { S_FAST_RELAX, S_NOTIFIER_INVALIDATIONS, S_REMOTE_FLUSHES, S_WRITE_PROTECTED, VcpuStats } from './vcpu/stats.ts';
 import { saveSoftState, startSoftVcpus, writeSoftArch } from './vcpu/threads.ts';
 import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { checkSoftVcpuArch } from './vcpu/arch-check.ts';
@@ -110,6 +109,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.lock.onExclusiveUnlock = () => {
       pgt.reclaim();
     };
+    // The W the vCPU write-protect fast path grants is counted in the stats lines (mmu/fault.ts).
+    pgt.countWriteGrantsFrom(() => VcpuStats.total(this.statsSab, this.opts.maxVcpus + 1, S_FAST_RELAX));
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
     return this.host;
@@ -284,25 +285,13 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   stats(): VmStats {
     const out: VmStats = { ...VcpuStats.sum(this.statsSab, this.opts.maxVcpus + 1), ...this.exitStats() };
-    let p4k = 0;
-    let p2m = 0;
-    let p1g = 0;
-    let writable = 0;
-    let device = 0;
-    if (this.host && !this.host.pgt.destroyed) {
-      this.host.pgt.forEachLeaf(0, 2 ** 36, (_gfn, level, pte) => {
-        if (level === LAST_LEVEL) p4k++;
-        else if (level === 2) p2m++;
-        else p1g++;
-        if (leafWritable(pte)) writable++;
-        if (leafIsDevice(pte)) device++;
-      });
-    }
-    out.pages_4k = p4k;
-    out.pages_2m = p2m;
-    out.pages_1g = p1g;
-    out.writableLeaves = writable;
-    out.deviceLeaves = device;
+    // Counted where entries change (pgtable/mapping-counters.ts), not walked.
+    const m = this.host ? this.host.pgt.mappingCounts() : null;
+    out.pages_4k = m?.leaves4k ?? 0;
+    out.pages_2m = m?.leaves2m ?? 0;
+    out.pages_1g = m?.leaves1g ?? 0;
+    out.writableLeaves = m?.writableLeaves ?? 0;
+    out.deviceLeaves = m?.deviceLeaves ?? 0;
     out.tablePages = this.host ? this.host.pgt.liveTablePages() : 0;
     if (this.host && typeof this.host.pgt.stats === 'function') {
       const ps = this.host.pgt.stats();

@@ -27,9 +27,10 @@
 //   lock, read or write side; a harvester clears bits under the exclusive lock and then
 //   write-protects, so it runs wholly before or wholly after such a fault and can never clear a
 //   bit while the matching writable PTE is still to come.
-// - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is setting W on a 4 KiB leaf by
-//   cmpxchg against the write-protected value its walk read; THEN it marks the page dirty (as
-//   fast_pf_fix_direct_spte does); only THEN does the guest's write happen. Harvesters and
+// - Dirty logging, lockless fast path ('parallel' mode only): the only change it makes is
+//   setting W on a 4 KiB leaf by cmpxchg against the write-protected value its walk read; THEN
+//   it marks the page dirty (as fast_pf_fix_direct_spte does); only THEN does the guest's write
+//   happen. Harvesters and
 //   sweeps only ever remove W (any store they make is write-protected), so a racing harvest
 //   either write-protects the page after the cmpxchg (the write faults again, or completes
 //   before the harvest's TLB flush returns and is in the page the caller then reads), or clears
@@ -42,6 +43,14 @@
 //   or abandoned (kvm_release_faultin_page): stage 2 holds no references; munmap reaches it
 //   through the mmu notifier instead. Reserved / MMIO pfns are never refcounted and are mapped
 //   with the device attribute, at 4 KiB only.
+// - Mapping statistics (pgtable/mapping-counters.ts): a W the vCPU fast path grants
+//   (fastWriteLockless, fastWriteLocked) is counted only by the S_FAST_RELAX it already adds to
+//   this thread's stats line (single writer), which the VM adds to the table's writable count
+//   (Stage2PageTable.countWriteGrantsFrom): nothing else is stored or called on that path
+//   (counting there in a counter row, through Stage2PageTable.tryGrantWrite, cost ~70 ns per
+//   fault in bench dirty-log, almost all of it in the cmpxchg). tryFastPath's relaxPerms counts
+//   its change in the table's counters like any operation, so it takes back the one its
+//   S_FAST_RELAX adds.
 
 import { KVM_MEM_EXIT_ON_MISSING, KVM_MEM_READONLY } from '../../vmm/engine.ts';
 import type { HostMemory } from '../hostmem/host-memory.ts';
@@ -190,6 +199,7 @@ export class FaultHandler {
     }
     if (r === OK) {
       this.stats.add(S_FAST_RELAX, 1);
+      pgt.counts.uncountWriteGrants(1); // relaxPerms counted it; S_FAST_RELAX counts it again
       return FAULT_OK;
     }
     // The leaf changed under us (zapped, split, LOCKED): take the full path.

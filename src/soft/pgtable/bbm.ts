@@ -18,6 +18,7 @@
 // more, so a racing fault that still installed a leaf into the unlinked table is accounted for.
 
 import type { MmOps } from './table-pool.ts';
+import type { MappingCounters } from './mapping-counters.ts';
 import {
   LAST_LEVEL,
   LEVEL_PAGES,
@@ -49,10 +50,12 @@ export type Stage2Event = (typeof Stage2Event)[keyof typeof Stage2Event];
 /** The stage-2 table's services a visitor needs (the kvm_pgtable_mm_ops + kvm_s2_mmu role). */
 export interface Stage2Env {
   readonly mm: MmOps;
+  /** This thread's mapping counters: a visitor counts every leaf it adds, removes or changes. */
+  readonly counts: MappingCounters;
   countEvent(ev: Stage2Event): void;
   /** Invalidate every TLB entry for gfns [gfn, gfn+npages), on every vCPU, before returning. */
   tlbFlush(gfn: number, npages: number): void;
-  /** Hand an unlinked table (entries at `level`) to RCU: freed after a grace period. */
+  /** Hand an unlinked table (entries at `level`) to RCU: freed after a grace period. Counts its leaves as gone. */
   retireTable(tableIdx: number, level: number): void;
 }
 

@@ -7,8 +7,9 @@
 // 32-bit load cannot tear; a stale table pointer leads into a table that is unlinked but not yet
 // freed, where a change is lost exactly as in a walker's race, and the access faults again). The
 // entry that is changed is read with Atomics.load and changed with compareExchange when
-// `shared` (MMU read lock), or Atomics.store under the write lock. These paths never break an
-// entry: anything needing break-before-make or a new table is NOT_HANDLED, for the walker.
+// `shared` (MMU read lock), or Atomics.store under the write lock, and the change is counted
+// (mapping-counters.ts) by this thread. These paths never break an entry: anything needing
+// break-before-make or a new table is NOT_HANDLED, for the walker.
 
 import {
   LAST_LEVEL,
@@ -25,6 +26,7 @@ import {
   tableBase,
 } from './pte.ts';
 import { EAGAIN, OK, PoisonedTableError } from './walker.ts';
+import type { MappingCounters } from './mapping-counters.ts';
 
 /** Out-parameter of a lookup: where it stopped. */
 export interface LeafLookup {
@@ -97,7 +99,7 @@ function lookupLeafWide(w: Int32Array, rootBase: number, gfn: number, out: LeafL
  * permissions needs no break and no flush). EAGAIN when a shared cmpxchg lost; NOT_HANDLED for
  * everything else (missing table, block to split, table to collapse, LOCKED, another pfn).
  */
-export function mapInPlace(w: Int32Array, rootBase: number, gfn: number, level: number, nu: number, shared: boolean): number {
+export function mapInPlace(w: Int32Array, rootBase: number, gfn: number, level: number, nu: number, shared: boolean, counts: MappingCounters): number {
   let ptep = rootBase + pteIndex(gfn, 0);
   for (let l = 1; l <= level; l++) {
     const pte = w[ptep]!;
@@ -108,12 +110,16 @@ export function mapInPlace(w: Int32Array, rootBase: number, gfn: number, level: 
   if (old === nu) return MAP_SAME;
   const addsOnly = old === 0 || (pteIsLeaf(old) && leavesDifferOnlyInPerms(old, nu) && !leafChangeRemovesPerms(old, nu));
   if (!addsOnly) return NOT_HANDLED;
-  if (shared) return Atomics.compareExchange(w, ptep, old, nu) === old ? OK : EAGAIN;
-  Atomics.store(w, ptep, nu);
+  if (shared) {
+    if (Atomics.compareExchange(w, ptep, old, nu) !== old) return EAGAIN;
+  } else {
+    Atomics.store(w, ptep, nu);
+  }
+  counts.entryChanged(level, old, nu);
   return OK;
 }
 
-/** Clear W on the leaves covering [startGfn, startGfn+npages), one lookup per entry; returns leaves changed. */
+/** Clear W on the leaves covering [startGfn, startGfn+npages), one lookup per entry; returns leaves changed (the caller counts them). */
 export function writeProtectPages(w: Int32Array, rootBase: number, startGfn: number, npages: number, shared: boolean, out: LeafLookup, debug: boolean): number {
   const end = startGfn + npages;
   let changed = 0;

@@ -4,6 +4,7 @@
 import type { EpochShared } from '../locking/epoch.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import type { LeafRemoved } from './bbm.ts';
+import type { MappingCountersShared } from './mapping-counters.ts';
 import type { MmOps, TablePoolShared } from './table-pool.ts';
 
 export interface Stage2Shared {
@@ -11,6 +12,8 @@ export interface Stage2Shared {
   epoch: EpochShared;
   /** Int32 words: [0] root table page, [1] destroyed flag. */
   ctl: SharedArrayBuffer;
+  /** Leaves per size, writable and device leaves, counted where entries change. */
+  counts: MappingCountersShared;
   debug: boolean;
 }
 

@@ -1,6 +1,8 @@
 // The stage-2 page table (kvm_pgtable for a guest): a 4-level radix tree of Int32 PTEs in a
 // SharedArrayBuffer (pte.ts, table-pool.ts), changed by visitors over one walker (walker.ts,
 // visitors.ts), with break-before-make (bbm.ts) and RCU-deferred freeing (locking/epoch.ts).
+// This file: the operations on entries; the per-thread handle they run on (shared state, RCU,
+// statistics, destroy) is stage2-handle.ts.
 //
 // Threads: the main thread create()s it; every worker attach()es the structured-clonable
 // `shared` and gets its own instance (its own walkers, visitors, RCU reader slot, callbacks).
@@ -14,6 +16,11 @@
 //   flush cover every writable leaf: no fault can re-grant W in between); with shared=true it is
 //   also safe under the READ lock (cmpxchg), a concurrent fault may then re-grant W to a page it
 //   is writing, which is a new write the caller's next harvest sees.
+// - tryGrantWrite (a write-protect fast path's cmpxchg, W added to a 4 KiB leaf, counted in this
+//   thread's row): under the caller's RCU read section and the MMU lock's read or write side;
+//   it races only with changes that a cmpxchg detects. The vCPU fast path (mmu/fault.ts) does
+//   the same cmpxchg itself, lock-free in 'parallel' mode, and counts it in its own stats line
+//   (countWriteGrantsFrom).
 // - getLeaf: no MMU lock needed, but the caller must be inside an RCU read section
 //   (rcuReadLock) or hold the MMU lock for WRITE. It reads entries with plain loads: a 32-bit
 //   load cannot tear, and a stale value only makes the caller fault and retry under the lock.
@@ -30,18 +37,19 @@
 //   the leaves of a collapsed subtree, destroy) so the caller can put page references. Leaves of
 //   an RCU-freed subtree are reported by the thread that reclaims it: set the callback on every
 //   instance.
+// - Mapping statistics (mappingCounts) are counted where entries change, in this thread's row of
+//   mapping-counters.ts, which states when their sum equals a walk.
 
-import { EpochDomain } from '../locking/epoch.ts';
-import { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
-import type { MmuLock } from '../locking/mmu-lock.ts';
-import { Stage2Event, freeRetiredSubtree, type LeafRemoved, type Stage2Env } from './bbm.ts';
-import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, PTRS_PER_TABLE, leafPfn, leafWithPermsAdded, mkLeaf } from './pte.ts';
+import { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared } from './stage2-types.ts';
+import { Stage2Event, type LeafRemoved } from './bbm.ts';
+import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, leafPfn, leafWithPermsAdded, leafWithWrite, mkLeaf } from './pte.ts';
 import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
-import { TablePool, type MmOps } from './table-pool.ts';
+import { Stage2Handle, createStage2Shared } from './stage2-handle.ts';
 import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
 import { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
 
 export { newLeafLookup, type LeafLookup } from './lookup.ts';
+export type { MappingCounts } from './mapping-counters.ts';
 export { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
 export { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
 
@@ -50,53 +58,20 @@ export function walk(pgt: Stage2PageTable, startGfn: number, npages: number, vis
   return pgt.walk(startGfn, npages, visitor, flags);
 }
 
-const CTL_ROOT = 0;
 /** Up to this many pages, writeProtect looks pages up one by one instead of walking. */
 const WRPROT_FAST_PAGES = 16;
-const CTL_DESTROYED = 1;
-// Event counters (Atomics.add, slow paths only), see Stage2Stats.
-const CTL_STATS = 4;
-const CTL_WORDS = 16;
 
-export class Stage2PageTable implements Stage2Env {
-  readonly shared: Stage2Shared;
-  readonly pool: TablePool;
-  readonly mm: MmOps;
-  readonly epoch: EpochDomain;
-  readonly rcuSlot: number;
-  readonly root: number;
-  readonly debug: boolean;
-  private readonly words: Int32Array;
-  private readonly ctl: Int32Array;
-  private readonly rootBase: number;
-  private lock: MmuLock | undefined;
-  private flushCb: (gfn: number, npages: number) => void;
-  private leafCb: LeafRemoved | undefined;
+export class Stage2PageTable extends Stage2Handle {
   private readonly walker: Walker;
   private readonly mapVisitor: MapVisitor;
   private readonly wrprotVisitor = new WriteProtectVisitor();
   private readonly splitVisitor: SplitVisitor;
   private readonly unmapVisitor: UnmapVisitor;
-  private retiredSinceReclaim = false;
   /** Whether the last map()/collapse() changed the table (false: the mapping was already there). */
   lastMapChanged = false;
 
   private constructor(shared: Stage2Shared, cb: Stage2Callbacks) {
-    this.shared = shared;
-    this.pool = TablePool.attach(shared.pool);
-    this.mm = cb.mmOps ?? this.pool;
-    this.words = this.pool.words;
-    this.ctl = new Int32Array(shared.ctl);
-    this.debug = shared.debug;
-    this.epoch = EpochDomain.attach(shared.epoch, (id, level) => {
-      freeRetiredSubtree(this.mm, id, level, this.leafCb);
-    });
-    this.rcuSlot = cb.rcuSlot ?? this.epoch.claimSlot();
-    this.root = Atomics.load(this.ctl, CTL_ROOT);
-    this.rootBase = this.root * PTRS_PER_TABLE;
-    this.flushCb = cb.tlbFlush ?? (() => {});
-    this.leafCb = cb.onLeafRemoved;
-    this.lock = cb.lock;
+    super(shared, cb);
     this.walker = new Walker(this.words, this.debug);
     const removed: LeafRemoved = (pfn, level, pte) => this.leafCb?.(pfn, level, pte);
     this.mapVisitor = new MapVisitor(this, removed);
@@ -106,18 +81,7 @@ export class Stage2PageTable implements Stage2Env {
 
   /** A new, empty table (main thread). The creating thread gets RCU slot 0 unless told otherwise. */
   static create(opts: Stage2CreateOptions): Stage2PageTable {
-    const maxThreads = opts.maxThreads ?? 64;
-    const pool = TablePool.create(opts.maxTablePages, { quarantine: opts.quarantineFreedTables ?? false });
-    const epoch = EpochDomain.create({ maxSlots: maxThreads, capacity: opts.maxTablePages }, () => {
-      throw new Stage2Error('epoch domain used before the table was attached');
-    });
-    const mm = opts.mmOps ?? pool;
-    const root = mm.zallocTablePage();
-    if (root < 0) throw new Stage2Error('no table page for the root');
-    const ctl = new SharedArrayBuffer(CTL_WORDS * 4);
-    Atomics.store(new Int32Array(ctl), CTL_ROOT, root);
-    const shared: Stage2Shared = { pool: pool.shared, epoch: epoch.shared, ctl, debug: opts.debug ?? false };
-    return new Stage2PageTable(shared, opts);
+    return new Stage2PageTable(createStage2Shared(opts), opts);
   }
 
   /** This thread's handle on a table created elsewhere. */
@@ -125,61 +89,6 @@ export class Stage2PageTable implements Stage2Env {
     return new Stage2PageTable(shared, cb);
   }
 
-  /** Replace the callbacks (e.g. once the engine's TLB machinery exists). */
-  /** Bind (or unbind) the MMU lock whose holding every operation asserts. */
-  bindLock(lock: MmuLock | undefined): void {
-    this.lock = lock;
-  }
-
-  /** shared: the MMU lock held at least for read (a shared op); otherwise the write lock. */
-  private assertLocked(shared: boolean): void {
-    const lock = this.lock;
-    if (lock === undefined) return;
-    if (shared) lock.assertFaultHeld();
-    else lock.assertExclusiveHeld();
-  }
-
-  setCallbacks(cb: Pick<Stage2Callbacks, 'tlbFlush' | 'onLeafRemoved'>): void {
-    if (cb.tlbFlush) this.flushCb = cb.tlbFlush;
-    if (cb.onLeafRemoved) this.leafCb = cb.onLeafRemoved;
-  }
-
-  /** Give this thread's RCU slot back (a worker that stops). */
-  detach(): void {
-    this.epoch.releaseSlot(this.rcuSlot);
-  }
-
-  // ---- Stage2Env (used by the visitors) ----
-
-  tlbFlush(gfn: number, npages: number): void {
-    this.flushCb(gfn, npages);
-  }
-
-  countEvent(ev: Stage2Event): void {
-    Atomics.add(this.ctl, CTL_STATS + ev, 1);
-  }
-
-  retireTable(tableIdx: number, level: number): void {
-    Atomics.add(this.ctl, CTL_STATS + Stage2Event.TableRetired, 1);
-    this.epoch.deferFree(tableIdx, level);
-    this.retiredSinceReclaim = true;
-  }
-
-  // ---- RCU ----
-
-  rcuReadLock(): void {
-    this.epoch.readLock(this.rcuSlot);
-  }
-
-  rcuReadUnlock(): void {
-    this.epoch.readUnlock(this.rcuSlot);
-  }
-
-  /** Free retired tables whose grace period is over; returns how many subtrees were freed. */
-  reclaim(): number {
-    this.retiredSinceReclaim = false;
-    return this.epoch.reclaim();
-  }
 
   // ---- lookups ----
 
@@ -229,7 +138,7 @@ export class Stage2PageTable implements Stage2Env {
     if (shared) this.epoch.readLock(this.rcuSlot);
     let r: number;
     try {
-      r = mapInPlace(this.words, this.rootBase, gfn, level, nu, shared);
+      r = mapInPlace(this.words, this.rootBase, gfn, level, nu, shared, this.counts);
     } finally {
       if (shared) this.epoch.readUnlock(this.rcuSlot);
     }
@@ -266,14 +175,31 @@ export class Stage2PageTable implements Stage2Env {
       if (old === 0) return EAGAIN;
       const nu = leafWithPermsAdded(old, prot);
       if (nu === old) return OK;
-      if (shared) return Atomics.compareExchange(this.words, out.ptep, old, nu) === old ? OK : EAGAIN;
-      Atomics.store(this.words, out.ptep, nu);
+      if (shared) {
+        if (Atomics.compareExchange(this.words, out.ptep, old, nu) !== old) return EAGAIN;
+      } else {
+        Atomics.store(this.words, out.ptep, nu);
+      }
+      this.counts.entryChanged(out.level, old, nu);
       return OK;
     } finally {
       if (shared) this.epoch.readUnlock(this.rcuSlot);
     }
   }
   private readonly relaxOut = newLeafLookup();
+
+  /**
+   * Set W on `protectedLeaf`, a 4 KiB leaf without W (the caller checked: pteIsWriteProtectedRam)
+   * that the caller's own walk found at word ptep, by one cmpxchg, counted in this thread's row
+   * (mmu/fault.ts's vCPU fast path does this itself, see countWriteGrantsFrom). False when the
+   * entry changed since.
+   */
+  tryGrantWrite(ptep: number, protectedLeaf: number): boolean {
+    const pte = protectedLeaf;
+    if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return false;
+    this.counts.writeGranted();
+    return true;
+  }
 
   /**
    * Clear W on every leaf in [startGfn, startGfn+npages); returns how many leaves changed. The
@@ -285,6 +211,7 @@ export class Stage2PageTable implements Stage2Env {
     const v = this.wrprotVisitor;
     v.changed = 0;
     this.runWalk(startGfn, npages, v, WALK_LEAF, shared);
+    this.counts.writeRevoked(v.changed);
     return v.changed;
   }
 
@@ -293,7 +220,9 @@ export class Stage2PageTable implements Stage2Env {
     if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
     if (shared) this.epoch.readLock(this.rcuSlot);
     try {
-      return writeProtectPages(this.words, this.rootBase, startGfn, npages, shared, this.relaxOut, this.debug);
+      const changed = writeProtectPages(this.words, this.rootBase, startGfn, npages, shared, this.relaxOut, this.debug);
+      this.counts.writeRevoked(changed);
+      return changed;
     } finally {
       if (shared) this.epoch.readUnlock(this.rcuSlot);
     }
@@ -376,45 +305,6 @@ export class Stage2PageTable implements Stage2Env {
     }
   }
   private readonly spareWalkers: Walker[] = [];
-
-  /** Counters of slow-path events since creation (all threads). */
-  stats(): Stage2Stats {
-    const c = (ev: Stage2Event): number => Atomics.load(this.ctl, CTL_STATS + ev);
-    return {
-      breaks: c(Stage2Event.Break),
-      blockSplits: c(Stage2Event.BlockSplit),
-      collapses: c(Stage2Event.Collapse),
-      tablesRetired: c(Stage2Event.TableRetired),
-      mapEagain: c(Stage2Event.MapEagain),
-      liveTablePages: this.mm.liveTablePages(),
-      retiredPending: this.epoch.pending(),
-    };
-  }
-
-  /** Table pages allocated right now (like SecPageTables); 0 after destroy(). */
-  liveTablePages(): number {
-    return this.mm.liveTablePages();
-  }
-
-  /**
-   * Free every table page (reporting every leaf), including ones waiting for a grace period.
-   * MMU lock held for WRITE; no thread may be in an RCU read section or use the table again.
-   * `force` skips the reader check, for a caller that knows the threads still marked as readers
-   * are gone (workers terminated inside a read section).
-   */
-  destroy(force = false): void {
-    this.assertLocked(false);
-    const active = this.epoch.activeReaders();
-    if (active !== 0 && !force) throw new Stage2Error(`destroy: ${active} thread(s) still inside an RCU read section`);
-    if (Atomics.exchange(this.ctl, CTL_DESTROYED, 1) !== 0) throw new Stage2Error('destroy: already destroyed');
-    this.epoch.drainAll();
-    freeRetiredSubtree(this.mm, this.root, 0, this.leafCb);
-    this.epoch.drainAll();
-  }
-
-  get destroyed(): boolean {
-    return Atomics.load(this.ctl, CTL_DESTROYED) !== 0;
-  }
 
   // ---- internals ----
 

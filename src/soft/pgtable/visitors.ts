@@ -12,6 +12,8 @@
 //   old page may be released. Removing permissions (write-protect) leaves the flush to the
 //   caller (it batches a whole range). Adding permissions needs no flush: a vCPU with a stale,
 //   stricter translation just faults again and finds the entry already relaxed.
+// - A visitor counts each change it made (env.counts, mapping-counters.ts) once it made it:
+//   after the cmpxchg or the make that succeeded, never for a lost race.
 
 import { Stage2Event, buildSplitTable, freeUnpublished, makePte, tableIsEmpty, tryBreakPte, type LeafRemoved, type Stage2Env } from './bbm.ts';
 import {
@@ -84,10 +86,11 @@ export class MapVisitor implements Visitor {
       const table = buildSplitTable(this.env.mm, old, ctx.level, false);
       if (table < 0) return ENOMEM;
       let replaced = 0;
+      let displaced = 0;
       if (ctx.level + 1 === this.level) {
         const slot = table * PTRS_PER_TABLE + pteIndex(ctx.start, this.level);
-        const copy = ctx.words[slot]!;
-        if (!leavesDifferOnlyInPerms(copy, this.newPte)) replaced = copy;
+        displaced = ctx.words[slot]!;
+        if (!leavesDifferOnlyInPerms(displaced, this.newPte)) replaced = displaced;
         ctx.words[slot] = this.newPte;
       }
       if (!tryBreakPte(ctx, this.env)) {
@@ -96,6 +99,9 @@ export class MapVisitor implements Visitor {
       }
       makePte(ctx, mkTable(table));
       this.env.countEvent(Stage2Event.BlockSplit);
+      const counts = this.env.counts;
+      counts.blockSplit(ctx.level, old, ctx.level + 1, PTRS_PER_TABLE);
+      if (displaced !== 0) counts.entryChanged(this.level, displaced, this.newPte);
       // The block's page that the new leaf displaced (another pfn) leaves the table.
       if (replaced !== 0) this.leafRemoved(leafPfn(replaced), this.level, replaced);
       this.changed = true;
@@ -119,6 +125,7 @@ export class MapVisitor implements Visitor {
       if (!tryBreakPte(ctx, this.env)) return EAGAIN;
       makePte(ctx, nu);
       this.env.countEvent(Stage2Event.Collapse);
+      this.env.counts.leafAdded(ctx.level, nu);
       this.env.retireTable(oldTable, ctx.level + 1);
       this.changed = true;
       return OK;
@@ -126,6 +133,7 @@ export class MapVisitor implements Visitor {
     if (old === nu) return OK;
     if (old === 0) {
       if (!ctx.tryPte(nu)) return EAGAIN;
+      this.env.counts.leafAdded(ctx.level, nu);
       this.changed = true;
       return OK;
     }
@@ -137,19 +145,21 @@ export class MapVisitor implements Visitor {
     if (leavesDifferOnlyInPerms(old, nu)) {
       // Same output and attributes: a permission change, no break needed.
       if (!ctx.tryPte(nu)) return EAGAIN;
+      this.env.counts.entryChanged(ctx.level, old, nu);
       if (leafChangeRemovesPerms(old, nu)) this.env.tlbFlush(ctx.gfn, ctx.pages);
       this.changed = true;
       return OK;
     }
     if (!tryBreakPte(ctx, this.env)) return EAGAIN;
     makePte(ctx, nu);
+    this.env.counts.entryChanged(ctx.level, old, nu);
     this.leafRemoved(leafPfn(old), ctx.level, old);
     this.changed = true;
     return OK;
   }
 }
 
-/** Clear W on every leaf in range (stage2_attr_walker with attr_clr = W). */
+/** Clear W on every leaf in range (stage2_attr_walker with attr_clr = W); the caller counts `changed`. */
 export class WriteProtectVisitor implements Visitor {
   changed = 0;
 
@@ -197,6 +207,7 @@ export class SplitVisitor implements Visitor {
       if (tryBreakPte(ctx, this.env)) {
         makePte(ctx, mkTable(table));
         this.env.countEvent(Stage2Event.BlockSplit);
+        this.env.counts.blockSplit(ctx.level, old, LAST_LEVEL, LEVEL_PAGES[ctx.level]!);
         ctx.skipChildren = true;
         this.split++;
         return OK;
@@ -246,6 +257,7 @@ export class UnmapVisitor implements Visitor {
     if (pteIsLocked(old)) corrupt(ctx, 'unmap met LOCKED (unmap needs the write lock)');
     if (!pteIsLeaf(old)) corrupt(ctx, 'unmap met a garbage entry');
     ctx.tryPte(0);
+    this.env.counts.leafRemoved(ctx.level, old);
     this.cover(ctx);
     this.removed.push(leafPfn(old), ctx.level, old);
     return OK;

@@ -59,6 +59,14 @@ export class VcpuStats {
     return new SharedArrayBuffer(lines * STATS_STRIDE * 8);
   }
 
+  /** One stat summed over every line. */
+  static total(sab: SharedArrayBuffer, lines: number, stat: number): number {
+    const a = new Float64Array(sab);
+    let t = 0;
+    for (let l = 0; l < lines; l++) t += a[l * STATS_STRIDE + stat]!;
+    return t;
+  }
+
   /** Sum of every line, by name. */
   static sum(sab: SharedArrayBuffer, lines: number): Record<string, number> {
     const a = new Float64Array(sab);

@@ -1,20 +1,23 @@
 // Parallel stage-2 stress (seed 003): several worker threads fault, relax, split, collapse and
-// write-protect one shared table at random under the parallel MMU lock, while a lock-free reader
+// write-protect one shared table at random under each MMU lock mode, while a lock-free reader
 // walks it. Checks: every thread's own mappings match its model after every change (no torn or
 // lost PTE update), every translation anywhere is a legal one, no walk ever reads a freed table
-// page (debug walks + quarantined pool: freed pages stay POISON), and after destroy() the live
-// table-page counter is back to 0 with every allocated page freed.
+// page (debug walks + quarantined pool: freed pages stay POISON), the mapping counters every
+// thread kept where it changed entries (racing collapses included) sum to what a walk of the
+// final table finds, and after destroy() the live table-page counter is back to 0 with every
+// allocated page freed.
 //
 // Seeded: STAGE2_STRESS_SEED=<n> replays a run (thread interleaving still varies); the seed is
 // printed on failure. Bounded: STAGE2_STRESS_MS per run (default 1500 ms parallel, 800 ms
-// global). STAGE2_STRESS_FOCUS=shared makes the mutators do only shared-region operations and
+// otherwise). STAGE2_STRESS_FOCUS=shared makes the mutators do only shared-region operations and
 // sweeps (the mix that found map descending below its target level; fails within ~5 runs
 // without that fix).
 
 import { describe, it, expect } from 'vitest';
 import { MmuLock, type MmuLockMode } from '../../../src/soft/locking/mmu-lock.ts';
 import { MMU_LOCK_MODES } from '../../../src/vmm/engine.ts';
-import { Stage2PageTable } from '../../../src/soft/pgtable/stage2.ts';
+import { Stage2PageTable, type MappingCounts } from '../../../src/soft/pgtable/stage2.ts';
+import { countMappingsByWalk } from '../../../src/soft/pgtable/mapping-counters.ts';
 import { startWorker } from '../../../src/util/worker.ts';
 
 const MUTATORS = 3;
@@ -27,7 +30,16 @@ interface Result {
   lockSleeps?: number;
 }
 
-async function runStress(seed: number, durationMs: number, mode: MmuLockMode): Promise<{ results: Result[]; pgt: Stage2PageTable; removedAtDestroy: number }> {
+interface StressRun {
+  results: Result[];
+  pgt: Stage2PageTable;
+  removedAtDestroy: number;
+  /** Mapping statistics once every thread is done and every retired table freed: counted, and by a walk. */
+  counted?: MappingCounts;
+  walked?: MappingCounts;
+}
+
+async function runStress(seed: number, durationMs: number, mode: MmuLockMode): Promise<StressRun> {
   const pgt = Stage2PageTable.create({ maxTablePages: 1 << 19, debug: true, quarantineFreedTables: true, maxThreads: 16 });
   const lock = MmuLock.create(mode);
   const ctl = new SharedArrayBuffer(16);
@@ -71,9 +83,14 @@ async function runStress(seed: number, durationMs: number, mode: MmuLockMode): P
   let removedAtDestroy = 0;
   pgt.setCallbacks({ onLeafRemoved: () => removedAtDestroy++ });
   lock.exclusiveLock();
+  // The workers are gone (terminated, possibly inside a read section): free what they retired,
+  // then the counters the mutators kept must equal a walk.
+  pgt.epoch.drainAll();
+  const counted = pgt.mappingCounts();
+  const walked = countMappingsByWalk((fn) => pgt.forEachLeaf(0, 2 ** 36, fn));
   pgt.destroy();
   lock.exclusiveUnlock();
-  return { results, pgt, removedAtDestroy };
+  return { results, pgt, removedAtDestroy, counted, walked };
 }
 
 describe('stage-2 parallel stress', () => {
@@ -87,7 +104,7 @@ describe('stage-2 parallel stress', () => {
       } catch (e) {
         throw new Error(`stage-2 stress (${mode}) failed with STAGE2_STRESS_SEED=${seed}: ${String(e)}`);
       }
-      const { results, pgt, removedAtDestroy } = run;
+      const { results, pgt, removedAtDestroy, counted, walked } = run;
       const failures = results.filter((r) => !r.ok).map((r) => r.error);
       if (failures.length > 0) throw new Error(`stage-2 stress (${mode}) failed with STAGE2_STRESS_SEED=${seed}:\n${failures.join('\n')}`);
       const total: Record<string, number> = {};
@@ -99,6 +116,8 @@ describe('stage-2 parallel stress', () => {
       expect(total['wrprotSweep'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
       expect(total['readerBatches'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
       expect(removedAtDestroy).toBeGreaterThan(0);
+      expect(counted, `seed ${seed}: mapping counters vs a walk`).toEqual(walked);
+      expect(walked!.leaves4k + walked!.leaves2m, `seed ${seed}`).toBeGreaterThan(0);
       expect(pgt.liveTablePages(), `seed ${seed}`).toBe(0);
       const st = pgt.pool.stats();
       expect(st.allocated, `seed ${seed}`).toBe(st.freed);
