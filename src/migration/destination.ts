@@ -95,6 +95,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   const hasher = await createMemoryHasher();
   const digester = await createStateDigester();
   let configDigest = 0n;
+  let vcpuDigest = 0n;
   const log = opts.log ?? (() => undefined);
   let phase: Phase = 'setup';
   let vm: Vm | null = null;
@@ -220,6 +221,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       throw new MigrationLinkError(`VCPU_STATE record ${vcpuStates.length + 1}: ${(e as Error).message}`, e instanceof VcpuStateError ? ErrorCode.BAD_VCPU_STATE : ErrorCode.BAD_STREAM);
     }
     vcpuStates.push(state);
+    // The last one in: its digest now, while the source still harvests and sends (END's check
+    // then only compares).
+    if (vcpuStates.length === cfg!.vcpus) vcpuDigest = digester.vcpuStates(vcpuStates);
   };
 
   let tEnd = 0n;
@@ -234,7 +238,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const e = end!;
     if (vcpuStates.length !== cfg!.vcpus || e.vcpuStates !== cfg!.vcpus) throw protocol(`END after ${vcpuStates.length} vCPU states, the source sent ${e.vcpuStates}, CONFIG has ${cfg!.vcpus} vCPUs`);
     if (e.configDigest !== configDigest) throw new VerificationError(`CONFIG differs from what the source sent (digest ${formatDigest(configDigest)} here, ${formatDigest(e.configDigest)} in END); the guest is not started`);
-    const vcpuDigest = digester.vcpuStates(vcpuStates);
     if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in END); the guest is not started`);
     held = formatMemoryHash(table!.total());
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at END: the source sent ${e.hash}, this side holds ${held}; the guest is not started`);

@@ -306,6 +306,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     // chain, ~0.3 ms) overlaps the final harvest instead of preceding it.
     const vcpuStatesFlushed = link.flush();
     vcpuStatesFlushed.catch(() => undefined);
+    // END's digest of them, while the flush is in flight (not between the last page and END).
+    const vcpuStateDigest = digester.vcpuStates(vcpuStates);
     const tHarvestFinal = now();
     dirty.harvest();
     await vcpuStatesFlushed;
@@ -324,7 +326,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
       hash: sentHash,
       configDigest,
-      vcpuStateDigest: digester.vcpuStates(vcpuStates),
+      vcpuStateDigest,
       vcpuStates: vcpuStates.length,
     });
     const tEnd = now();
