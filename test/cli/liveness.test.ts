@@ -78,10 +78,14 @@ describe.concurrent('stage2 migrate / receive through a faulty link (processes)'
     expect(r.stderr).toMatch(/incoming migration failed during receiving: .*nothing was kept/);
   }, 60_000);
 
-  it('GO held back after COMPLETE: SIGINT ends migrate promptly, paused, and says so; SIGINT ends receive, which discards', async () => {
+  /**
+   * Stall the link (never released) where `at` starts, then SIGINT migrate and then receive:
+   * each must end within the guard and exit 1. Returns what both printed.
+   */
+  async function stallThenSigint(at: { record: 'GO' | 'RAM'; round?: number }) {
     // Large timeouts: only the signals may end them.
     const recv = await receiver(['--timeout-ms', '60000']);
-    const proxy = await FaultProxy.start({ host: '127.0.0.1', port: recv.port }, [{ dir: 'up', fault: 'stall', at: { record: 'GO' } }]);
+    const proxy = await FaultProxy.start({ host: '127.0.0.1', port: recv.port }, [{ dir: 'up', fault: 'stall', at }]);
     const mig = start(migrateArgs(proxy.port, ['--timeout-ms', '60000']));
     await until(() => proxy.fired.length > 0, 30_000, () => `migrate: ${mig.stderr()}\nreceive: ${recv.proc.stderr()}`);
     await sleep(300);
@@ -95,36 +99,24 @@ describe.concurrent('stage2 migrate / receive through a faulty link (processes)'
     expect(m.exitedAt - tInt).toBeLessThan(SIGINT_GUARD_MS);
     expect(r.exitedAt - tInt2).toBeLessThan(SIGINT_GUARD_MS);
     expect(m.code).toBe(1);
-    const s = JSON.parse(m.stdout.trim());
+    expect(r.code).toBe(1);
+    return { m, r, s: JSON.parse(m.stdout.trim()) };
+  }
+
+  it('GO held back after COMPLETE: SIGINT ends migrate promptly, paused, and says so; SIGINT ends receive, which discards', async () => {
+    const { m, r, s } = await stallThenSigint({ record: 'GO' });
     expect(s.status).toBe('failed');
     expect(s.sourceRunning).toBe(false);
     expect(s.error).toMatch(/switchover outcome unknown: migration cancelled.*stays paused/);
     expect(m.stderr).toMatch(/PAUSED/);
-    expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/incoming migration failed during committing: .*nothing was kept/);
   }, 60_000);
 
   it('a first copy round stalled (never released): SIGINT ends migrate promptly, cancelled and intact; SIGINT ends receive', async () => {
-    const recv = await receiver(['--timeout-ms', '60000']);
-    const proxy = await FaultProxy.start({ host: '127.0.0.1', port: recv.port }, [{ dir: 'up', fault: 'stall', at: { record: 'RAM', round: 1 } }]);
-    const mig = start(migrateArgs(proxy.port, ['--timeout-ms', '60000']));
-    await until(() => proxy.fired.length > 0, 30_000, () => `migrate: ${mig.stderr()}\nreceive: ${recv.proc.stderr()}`);
-    await sleep(300);
-    const tInt = Date.now();
-    mig.child()!.kill('SIGINT');
-    const m = await mig.done;
-    const tInt2 = Date.now();
-    recv.proc.child()!.kill('SIGINT');
-    const r = await recv.proc.done;
-    await proxy.close();
-    expect(m.exitedAt - tInt).toBeLessThan(SIGINT_GUARD_MS);
-    expect(r.exitedAt - tInt2).toBeLessThan(SIGINT_GUARD_MS);
-    expect(m.code).toBe(1);
-    const s = JSON.parse(m.stdout.trim());
+    const { r, s } = await stallThenSigint({ record: 'RAM', round: 1 });
     expect(s.status).toBe('cancelled');
     expect(s.sourceIntact).toBe(true);
     expect(s.sourceRunning).toBe(true);
-    expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/incoming migration failed during receiving: .*nothing was kept/);
   }, 60_000);
 
