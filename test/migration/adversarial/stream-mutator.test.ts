@@ -5,7 +5,9 @@
 // with a plain message (no JavaScript internals), or the receiver completes and everything it
 // runs on equals the source's at switchover (memory, CONFIG, vCPU states); never a hang.
 //
-// `npm test` runs a bounded number of mutations; STAGE2_MUTATIONS=N runs N (the long run).
+// `npm test` runs a bounded number of mutations; STAGE2_MUTATIONS=N runs N (the long run),
+// STAGE2_MUTATION_SEED picks the seed.
+import { writeFileSync } from 'node:fs';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { openEngine } from '../../../src/vmm/factory.ts';
 import type { Engine } from '../../../src/vmm/engine.ts';
@@ -17,6 +19,10 @@ import { jsonOf, mutate, rng, withJson } from './mutate.ts';
 import { replay, type Reference, type ReplayOutcome } from './replay.ts';
 
 const MUTATIONS = Number(process.env.STAGE2_MUTATIONS ?? 60);
+/** STAGE2_MUTATION_LOG=FILE: the counts so far are rewritten there every 250 mutations. */
+const LOG = process.env.STAGE2_MUTATION_LOG;
+
+const tallyText = (tally: Map<string, number>) => [...tally].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${String(n).padStart(6)}  ${k}`).join('\n');
 const SEED = Number(process.env.STAGE2_MUTATION_SEED ?? 1);
 
 /** What a rejection must never read like: a JavaScript error leaking through. */
@@ -106,8 +112,10 @@ describe('the receiver against lying and corrupted streams (soft engine)', () =>
       if (out.kind === 'hung') bad.push(`#${i} ${m.what}: ${out.message}`);
       if (out.kind === 'completed' && !out.equal) bad.push(`#${i} ${m.what}: completed with a different state (${out.why})`);
       if (out.kind === 'rejected' && JS_INTERNALS.test(out.message)) bad.push(`#${i} ${m.what}: ${out.message}`);
+      // A long run leaves its counts so far in a file (it may be stopped before the end).
+      if (LOG && ((i + 1) % 250 === 0 || i + 1 === MUTATIONS)) writeFileSync(LOG, `seed ${SEED}: ${i + 1} of ${MUTATIONS} mutations, ${bad.length} bad\n${tallyText(tally)}\n${bad.join('\n')}\n`);
     }
-    const summary = [...tally].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${String(n).padStart(6)}  ${k}`).join('\n');
+    const summary = tallyText(tally);
     console.log(`stream mutator, seed ${SEED}, ${MUTATIONS} mutations:\n${summary}`);
     expect(bad).toEqual([]);
   });
