@@ -18,6 +18,7 @@
 import { KVM_MEM_READONLY, PAGE_SIZE, type Backing, type EngineKind, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import { WORKLOAD_KINDS } from '../guest/workload.ts';
 import { CONFIG_VERSION, type MigrationConfig, type MigrationSlot } from './config.ts';
+import { describeValue } from '../util/describe-value.ts';
 
 /** A CONFIG field broke a rule; `field` is its path (e.g. `memslots[1].guestPhysAddr`). */
 export class ConfigFieldError extends Error {
@@ -46,13 +47,9 @@ const MAX_DIRTY_RING_ENTRIES = 1 << 16;
 
 type Obj = Record<string, unknown>;
 
-const show = (v: unknown): string => {
-  const s = typeof v === 'string' ? JSON.stringify(v) : typeof v === 'object' && v !== null ? (Array.isArray(v) ? 'an array' : 'an object') : String(v);
-  return s.length > 40 ? `${s.slice(0, 40)}...` : s;
-};
 
 function object(v: unknown, field: string): Obj {
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ConfigFieldError(field, `must be an object, got ${show(v)}`);
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ConfigFieldError(field, `must be an object, got ${describeValue(v)}`);
   return v as Obj;
 }
 
@@ -63,7 +60,7 @@ function onlyKeys(o: Obj, field: string, keys: readonly string[]): void {
 }
 
 function int(v: unknown, field: string, min: number, max: number): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v)) throw new ConfigFieldError(field, `must be an integer, got ${show(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v)) throw new ConfigFieldError(field, `must be an integer, got ${describeValue(v)}`);
   if (v < min || v > max) throw new ConfigFieldError(field, `${v} is outside ${min}..${max}`);
   return v;
 }
@@ -75,12 +72,12 @@ function pageMultiple(v: unknown, field: string, min: number, max: number): numb
 }
 
 function bool(v: unknown, field: string): boolean {
-  if (typeof v !== 'boolean') throw new ConfigFieldError(field, `must be true or false, got ${show(v)}`);
+  if (typeof v !== 'boolean') throw new ConfigFieldError(field, `must be true or false, got ${describeValue(v)}`);
   return v;
 }
 
 function oneOf<T>(v: unknown, field: string, allowed: readonly T[]): T {
-  if (!allowed.includes(v as T)) throw new ConfigFieldError(field, `${show(v)} is not one of ${allowed.join(', ')}`);
+  if (!allowed.includes(v as T)) throw new ConfigFieldError(field, `${describeValue(v)} is not one of ${allowed.join(', ')}`);
   return v as T;
 }
 
@@ -137,7 +134,7 @@ export function validateConfig(raw: unknown, lockModes: readonly MmuLockMode[]):
     writePercent: int(w.writePercent, 'workload.writePercent', 0, 100),
   };
 
-  if (!Array.isArray(o.memslots)) throw new ConfigFieldError('memslots', `must be an array, got ${show(o.memslots)}`);
+  if (!Array.isArray(o.memslots)) throw new ConfigFieldError('memslots', `must be an array, got ${describeValue(o.memslots)}`);
   if (o.memslots.length < 1 || o.memslots.length > MAX_MEMSLOTS) throw new ConfigFieldError('memslots', `${o.memslots.length} memslots, expected 1..${MAX_MEMSLOTS}`);
   const memslots = o.memslots.map(validateSlot);
   const byGpa = [...memslots].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);

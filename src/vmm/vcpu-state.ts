@@ -5,6 +5,7 @@
 //
 // Concurrency: pure functions.
 import type { EngineKind, VcpuState } from './engine.ts';
+import { describeValue } from '../util/describe-value.ts';
 
 /** A vCPU state field broke a rule; `field` is its path (e.g. `arch.pos`). */
 export class VcpuStateError extends Error {
@@ -17,24 +18,20 @@ export class VcpuStateError extends Error {
   }
 }
 
-const show = (v: unknown): string => {
-  const s = typeof v === 'string' ? JSON.stringify(v) : typeof v === 'object' && v !== null ? (Array.isArray(v) ? 'an array' : 'an object') : String(v);
-  return s.length > 40 ? `${s.slice(0, 40)}...` : s;
-};
 
 export function stateObject(v: unknown, field: string): Record<string, unknown> {
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new VcpuStateError(field, `must be an object, got ${show(v)}`);
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new VcpuStateError(field, `must be an object, got ${describeValue(v)}`);
   return v as Record<string, unknown>;
 }
 
 export function stateInt(v: unknown, field: string, min: number, max: number): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v)) throw new VcpuStateError(field, `must be an integer, got ${show(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v)) throw new VcpuStateError(field, `must be an integer, got ${describeValue(v)}`);
   if (v < min || v > max) throw new VcpuStateError(field, `${v} is outside ${min}..${max}`);
   return v;
 }
 
 export function stateBool(v: unknown, field: string): boolean {
-  if (typeof v !== 'boolean') throw new VcpuStateError(field, `must be true or false, got ${show(v)}`);
+  if (typeof v !== 'boolean') throw new VcpuStateError(field, `must be true or false, got ${describeValue(v)}`);
   return v;
 }
 
@@ -54,11 +51,11 @@ export const MAX_PASSES = 2 ** 31 - 1;
 export function checkVcpuStateEnvelope(raw: unknown, engine: EngineKind, vcpus: number): VcpuState {
   const o = stateObject(raw, 'record');
   stateOnlyKeys(o, 'record', ['engine', 'vcpu', 'progress', 'arch']);
-  if (o.engine !== engine) throw new VcpuStateError('engine', `${show(o.engine)}, expected ${JSON.stringify(engine)}`);
+  if (o.engine !== engine) throw new VcpuStateError('engine', `${describeValue(o.engine)}, expected ${JSON.stringify(engine)}`);
   const vcpu = stateInt(o.vcpu, 'vcpu', 0, vcpus - 1);
   const p = stateObject(o.progress, 'progress');
   stateOnlyKeys(p, 'progress', ['vcpu', 'passesCompleted', 'halted']);
-  if (p.vcpu !== vcpu) throw new VcpuStateError('progress.vcpu', `${show(p.vcpu)} but the state is for vCPU ${vcpu}`);
+  if (p.vcpu !== vcpu) throw new VcpuStateError('progress.vcpu', `${describeValue(p.vcpu)} but the state is for vCPU ${vcpu}`);
   stateInt(p.passesCompleted, 'progress.passesCompleted', 0, MAX_PASSES);
   stateBool(p.halted, 'progress.halted');
   stateObject(o.arch, 'arch');

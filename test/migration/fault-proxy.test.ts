@@ -17,6 +17,7 @@ import { migrateVm } from '../../src/migration/source.ts';
 import { receiveMigration, type ReceiveResult } from '../../src/migration/destination.ts';
 import type { MigrationStats } from '../../src/migration/stats.ts';
 import { FaultProxy, type Direction, type Fault, type FaultRule, type RecordName } from './fault-proxy.ts';
+import { JS_INTERNALS } from './helpers.ts';
 
 const { engines } = await availableEngines();
 const soft = engines.find((e) => e.kind === 'soft')!;
@@ -224,8 +225,6 @@ const SLOW_BPS = Number(process.env.STAGE2_LONG_SLOW_BPS ?? 4e6);
 const RECORDS_UP: RecordName[] = ['HELLO', 'CONFIG', 'RAM', 'ZERO', 'SYNC', 'VCPU_STATE', 'END', 'GO'];
 const RECORDS_DOWN: RecordName[] = ['HELLO_ACK', 'READY', 'SYNC_ACK', 'COMPLETE', 'STARTED'];
 
-/** What a rejection must never read like: a JavaScript error leaking through. */
-const JS_INTERNALS = /TypeError|ReferenceError|Cannot read prop|is not a function|is not iterable|of undefined|of null|\bNaN\b|\[object /;
 
 // What the destination says, corrupted: one byte of a back-channel record flipped (its type, its
 // length, a payload field). The source must never commit to a state it did not send, never run

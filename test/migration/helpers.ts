@@ -86,3 +86,6 @@ export function interceptSend(link: SourceLink, send: SourceLink['send']): Sourc
     setPhase: (p) => link.setPhase?.(p),
   };
 }
+
+/** What a rejection must never read like: a JavaScript error leaking through. */
+export const JS_INTERNALS = /TypeError|ReferenceError|SyntaxError: Unexpected|Cannot read prop|is not a function|is not iterable|of undefined|of null|\bNaN\b|\[object /;

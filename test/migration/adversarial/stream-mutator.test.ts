@@ -17,6 +17,7 @@ import { RecordType } from '../../../src/migration/stream/format.ts';
 import { captureMigration, type CapturedMigration } from './capture.ts';
 import { jsonOf, mutate, rng, withJson } from './mutate.ts';
 import { replay, type Reference, type ReplayOutcome } from './replay.ts';
+import { JS_INTERNALS } from '../helpers.ts';
 
 const MUTATIONS = Number(process.env.STAGE2_MUTATIONS ?? 60);
 /** STAGE2_MUTATION_LOG=FILE: the counts so far are rewritten there every 250 mutations. */
@@ -25,8 +26,6 @@ const LOG = process.env.STAGE2_MUTATION_LOG;
 const tallyText = (tally: Map<string, number>) => [...tally].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${String(n).padStart(6)}  ${k}`).join('\n');
 const SEED = Number(process.env.STAGE2_MUTATION_SEED ?? 1);
 
-/** What a rejection must never read like: a JavaScript error leaking through. */
-const JS_INTERNALS = /TypeError|ReferenceError|SyntaxError: Unexpected|Cannot read prop|is not a function|is not iterable|of undefined|of null|\bNaN\b|\[object /;
 
 let engine: Engine;
 let cap: CapturedMigration;
