@@ -14,6 +14,7 @@
 
 import type { WorkloadSpec } from '../guest/workload.ts';
 import type { ExitHandler, ExitName } from './run/exits.ts';
+import type { DemandPager, DemandPagingConfig, FaultPath } from './demand-paging.ts';
 
 export type EngineKind = 'soft' | 'kvm';
 
@@ -48,6 +49,8 @@ export interface EngineCapabilities {
   memoryFaultExit: boolean;
   /** userfaultfd can serve this engine's guest memory. */
   userfaultfd: boolean;
+  /** Vm.startDemandPaging's fault paths on this host ([] when the engine cannot page on demand). */
+  demandPagingPaths?: FaultPath[];
   /** Backings this host can provide right now (hugetlb needs reserved pages). */
   backings: Backing[];
   /** Largest number of vCPUs the engine accepts. */
@@ -230,6 +233,13 @@ export interface Vm {
    * entries, then KVM_RESET_DIRTY_RINGS so those pages are write-protected again.
    */
   harvestDirtyRings?(): DirtyGfn[];
+
+  /**
+   * Page guest RAM on demand (post-copy destination, bench demand-paging): after the memslots
+   * exist and before the vCPUs first run. The contract: vmm/demand-paging.ts. Throws
+   * DemandPagingError where this engine or host cannot do what config asks.
+   */
+  startDemandPaging?(config: DemandPagingConfig): DemandPager;
 
   /** Copy guest memory at gpa into dst (the VMM reading its own mapping of guest RAM). */
   readGuest(gpa: number, dst: Uint8Array): void;
