@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { runDirtyLogBench } from '../bench/dirty-log.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
-import { addCommonOptions, humanOut, parseIntList, parseLock, type CommonOptions } from './options.ts';
+import { addCommonOptions, humanOut, parseDirtyRingEntries, parseIntList, parseLock, type CommonOptions } from './options.ts';
 import { openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
@@ -15,7 +15,8 @@ export function registerBench(program: Command): void {
     { bytesPerVcpu: '1G', vcpus: 1, iterations: 2 },
   )
     .option('--no-manual-protect', 'get dirty log clears and re-protects (no KVM_CLEAR_DIRTY_LOG)')
-    .action(async (opts: CommonOptions & { manualProtect: boolean }) => {
+    .option('--dirty-ring <entries>', 'log to per-vCPU dirty rings of this many entries (256..65536, a power of two) instead of the bitmap', parseDirtyRingEntries)
+    .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number }) => {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
       const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
@@ -30,6 +31,7 @@ export function registerBench(program: Command): void {
           manualProtect: opts.manualProtect,
           guestPageSize: opts.guestPageSize,
           workload: opts.workload,
+          dirtyRing: opts.dirtyRing ?? 0,
         },
         out,
       );

@@ -2,6 +2,7 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
+import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { WORKLOAD_KINDS, type WorkloadKind } from '../guest/workload.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
@@ -80,6 +81,14 @@ export function parseNonNegativeNumber(text: string): number {
   const t = text.trim();
   const n = /^\d+(?:\.\d+)?$/.test(t) ? Number(t) : NaN;
   if (!Number.isFinite(n)) throw new InvalidArgumentError(`must be a number, 0 or more (e.g. 300 or 2.5)`);
+  return n;
+}
+
+/** Dirty-ring entries per vCPU: a power of two KVM accepts (256 .. 65536). */
+export function parseDirtyRingEntries(text: string): number {
+  const n = wholeNumber(text, 'must be a power of two from 256 to 65536 (entries per vCPU)');
+  const problem = dirtyRingSizeProblem(n, DIRTY_RING_MAX_ENTRIES);
+  if (problem !== null) throw new InvalidArgumentError(`must be a power of two from 256 to 65536 (entries per vCPU), got ${n}`);
   return n;
 }
 

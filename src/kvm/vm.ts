@@ -10,12 +10,12 @@ import {
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import { isSysError, type AddonBacking, type KvmAddon } from './addon.ts';
-import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
+import { CAP, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
 import { kvmRunMicros } from './control.ts';
 import { startKvmVcpus, type RunnerVcpu } from './vcpu-runner.ts';
 import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { BinaryStats } from './binary-stats.ts';
-import { DirtyRing } from './dirty-ring.ts';
+import { DIRTY_GFN_BYTES, DIRTY_GFN_WORDS, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { INTERNAL_SLOT } from './guest/layout.ts';
 import { setUpGuest } from './guest-setup.ts';
 import { checkKvmArchState, loadArchState, probeMsrs, saveArchState, type VcpuStateFeatures } from './vcpu-state.ts';
@@ -31,7 +31,7 @@ interface Mapping extends HostMapping {
 }
 
 interface Vcpu extends RunnerVcpu {
-  ring: DirtyRing | null;
+  ring: DirtyRingCollector | null;
 }
 
 export class KvmVm extends VmRunLoop implements Vm {
@@ -70,9 +70,8 @@ export class KvmVm extends VmRunLoop implements Vm {
     const full = resolveVmConfig(config, caps);
     if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new VmError('config', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
     const ringEntries = full.dirtyRingEntries;
-    if (ringEntries > 0 && (ringEntries > caps.dirtyRingMaxEntries || (ringEntries & (ringEntries - 1)) !== 0)) {
-      throw new VmError('config', `dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
-    }
+    const ringProblem = ringEntries > 0 ? dirtyRingSizeProblem(ringEntries, caps.dirtyRingMaxEntries) : null;
+    if (ringProblem !== null) throw new VmError('config', ringProblem);
     const a = kvm.addon;
     const vmFd = a.ioctl(kvm.kvmFd, 'KVM_CREATE_VM', 0);
     try {
@@ -156,7 +155,7 @@ export class KvmVm extends VmRunLoop implements Vm {
       const fd = a.ioctl(this.vmFd, 'KVM_CREATE_VCPU', v);
       const run = a.mmapFd(fd, 0, runBytes);
       const ringMap = this.config.dirtyRingEntries > 0 ? a.mmapFd(fd, KVM_DIRTY_LOG_PAGE_OFFSET, this.config.dirtyRingEntries * DIRTY_GFN_BYTES) : null;
-      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRing(ringMap) : null });
+      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRingCollector(new Int32Array(ringMap), ringMap.byteLength / (DIRTY_GFN_WORDS * 4)) : null });
       a.ioctl(fd, 'KVM_SET_CPUID2', cpuid);
       guest.initVcpu(a, fd, v);
     }

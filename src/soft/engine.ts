@@ -2,6 +2,7 @@
 // createVm builds an independent SoftVm.
 import type { Engine, EngineCapabilities, Vm, VmConfig } from '../vmm/engine.ts';
 import { SoftVm } from './vm.ts';
+import { DIRTY_RING_MAX_ENTRIES } from '../vmm/dirty-ring.ts';
 
 export interface SoftEngineOptions {
   /** Host RAM each VM models (default: sized from the VM's first mapHostMemory). */
@@ -21,7 +22,7 @@ export class SoftEngine implements Engine {
     return {
       kind: 'soft',
       manualDirtyLogProtect: true,
-      dirtyRingMaxEntries: 0,
+      dirtyRingMaxEntries: DIRTY_RING_MAX_ENTRIES,
       memoryFaultExit: true,
       userfaultfd: false,
       backings: ['anonymous', 'anonymous_thp', 'hugetlb'],

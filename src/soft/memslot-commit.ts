@@ -8,7 +8,8 @@
 // - delete / move: begin a memslot invalidation (faults on the slot retry), publish, wait out
 //   readers of the old generation, unmap the old gfn range under the exclusive MMU lock (the
 //   unmap flushes TLBs), end the invalidation. A move keeps the bitmap while logging.
-// - logging on: allocate the bitmap, publish, wait out old readers (no fault can still install
+// - logging on: allocate the bitmap (not on a VM with a dirty ring: faults push to their vCPU's
+//   ring then, dirty/dirty-ring.ts), publish, wait out old readers (no fault can still install
 //   a writable or huge mapping from a generation without the bitmap), then write-protect the
 //   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it.
 // - mmu notifier (host munmap): unmap the gfns the range backs, under the exclusive lock, flush
@@ -42,6 +43,8 @@ export class VmMemslots {
     ctl: Int32Array,
     vcpuCount: () => number,
     private readonly mmu: MemslotMmu,
+    /** False on a VM with a dirty ring: logging slots get no bitmap (kvm_use_dirty_bitmap). */
+    private readonly useBitmaps = true,
   ) {
     this.publisher = new SlotPublisher(ctl, vcpuCount);
   }
@@ -114,7 +117,7 @@ export class VmMemslots {
 
   /** Give the slot a dirty bitmap iff it logs (keeping an existing one, as KVM does on a move). */
   private syncBitmap(s: Memslot): void {
-    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) this.bitmaps.delete(s.id);
+    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0 || !this.useBitmaps) this.bitmaps.delete(s.id);
     else if (!this.bitmaps.has(s.id)) this.bitmaps.set(s.id, allocDirtyBitmap(s.npages));
   }
 
@@ -130,6 +133,7 @@ export class VmMemslots {
       npages: s.npages,
       hva: s.userspaceAddr,
       hostWritable: this.mmu.hostWritable(s.userspaceAddr),
+      logDirty: (s.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0,
       dirtyBitmap: this.bitmaps.get(s.id) ?? null,
     };
   }

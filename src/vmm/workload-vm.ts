@@ -16,6 +16,8 @@ export interface WorkloadVmParams {
   guestPageSize?: GuestPageSize;
   /** KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; default: where the engine supports it. */
   manualProtect?: boolean;
+  /** KVM_CAP_DIRTY_LOG_RING entries per vCPU; 0 (default): the memslot bitmap. */
+  dirtyRingEntries?: number;
 }
 
 export interface WorkloadVm {
@@ -31,6 +33,7 @@ export async function createWorkloadVm(engine: Engine, p: WorkloadVmParams): Pro
     manualDirtyLogProtect: (p.manualProtect ?? true) && caps.manualDirtyLogProtect,
     lock: p.lock ?? 'parallel',
     guestPageSize: p.guestPageSize ?? DEFAULT_GUEST_PAGE_SIZE,
+    dirtyRingEntries: p.dirtyRingEntries ?? 0,
   });
   try {
     const spec = workload(p.workload, p.bytesPerVcpu);
