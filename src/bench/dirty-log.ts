@@ -14,7 +14,7 @@ import { countBits } from '../vmm/dirty-bitmap.ts';
 import { DIRTY_RING_RSVD_ENTRIES } from '../vmm/dirty-ring.ts';
 import type { DirtyGfn } from '../vmm/engine.ts';
 import { createWorkloadVm } from '../vmm/workload-vm.ts';
-import type { WorkloadKind } from '../guest/workload.ts';
+import type { WorkloadKind, WorkloadSpec } from '../guest/workload.ts';
 import { formatSeconds, now, secondsSince } from './timing.ts';
 import { readThreadSched, schedSince } from '../util/thread-sched.ts';
 
@@ -27,6 +27,7 @@ export interface DirtyLogParams {
   manualProtect: boolean;
   guestPageSize: GuestPageSize;
   workload: WorkloadKind;
+  workloadOptions?: Partial<WorkloadSpec>;
   /** Dirty-ring entries per vCPU; 0 or absent: the memslot bitmap. */
   dirtyRing?: number;
 }

@@ -2,8 +2,8 @@
 import type { Command } from 'commander';
 import { runDirtyLogBench } from '../bench/dirty-log.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
-import { addCommonOptions, humanOut, parseDirtyRingEntries, parseIntList, parseLock, type CommonOptions } from './options.ts';
-import { openCheckedEngine, scalingVcpuCounts } from './validate.ts';
+import { addCommonOptions, humanOut, parseDirtyRingEntries, parseIntList, parseLock, workloadOptions, type CommonOptions } from './options.ts';
+import { engineForWorkload, openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
 
@@ -19,7 +19,7 @@ export function registerBench(program: Command): void {
     .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number }) => {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runDirtyLogBench(
         engine,
         {
@@ -31,6 +31,7 @@ export function registerBench(program: Command): void {
           manualProtect: opts.manualProtect,
           guestPageSize: opts.guestPageSize,
           workload: opts.workload,
+          workloadOptions: workloadOptions(opts, opts.vcpus),
           dirtyRing: opts.dirtyRing ?? 0,
         },
         out,
@@ -49,7 +50,7 @@ export function registerBench(program: Command): void {
       const out = humanOut(opts.json);
       const vcpuCounts = scalingVcpuCounts(opts, cmd);
       const demand = { vcpuCounts, vcpusFlag: opts.vcpuCounts ? '--vcpu-counts' : '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runScalingBench(
         engine,
         {

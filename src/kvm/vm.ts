@@ -145,6 +145,7 @@ export class KvmVm extends VmRunLoop implements Vm {
   async createVcpus(count: number, spec: WorkloadSpec): Promise<void> {
     if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
     if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
+    if (spec.kind === 'dirty-rate') throw new VmError('config', "createVcpus: the 'dirty-rate' workload runs on the soft engine only (the kvm guest has no clock to pace itself by)");
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));

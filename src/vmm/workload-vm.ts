@@ -12,6 +12,8 @@ export interface WorkloadVmParams {
   bytesPerVcpu: number;
   backing: Backing;
   workload: WorkloadKind;
+  /** The workload's knobs (seed, writePercent, dirty-rate fields); defaults: workload(). */
+  workloadOptions?: Partial<WorkloadSpec>;
   lock?: MmuLockMode;
   guestPageSize?: GuestPageSize;
   /** KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; default: where the engine supports it. */
@@ -36,7 +38,7 @@ export async function createWorkloadVm(engine: Engine, p: WorkloadVmParams): Pro
     dirtyRingEntries: p.dirtyRingEntries ?? 0,
   });
   try {
-    const spec = workload(p.workload, p.bytesPerVcpu);
+    const spec = workload(p.workload, p.bytesPerVcpu, p.workloadOptions);
     const bytes = p.vcpus * p.bytesPerVcpu;
     const host = vm.mapHostMemory(bytes, p.backing);
     const testRegion = { slot: TEST_MEM_SLOT, guestPhysAddr: spec.gpaBase, memorySize: bytes, userspaceAddr: host.hva };

@@ -30,6 +30,8 @@ import {
   G_FLUSH_WAITERS,
   G_PAUSE,
   G_EXIT,
+  G_KICK,
+  G_KICK_WAITERS,
   G_REQ,
   GuestMode_InGuest,
   GuestMode_OutsideGuest,
@@ -53,8 +55,9 @@ import { acknowledgeFlush } from './tlb-flush.ts';
 import { SoftTlb, TLB_R, TLB_W } from './soft-tlb.ts';
 import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
 import type { WorkloadSpec } from '../../guest/workload.ts';
-import { VcpuStats, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
+import { VcpuStats, S_GUEST_PAGES_WRITTEN, S_GUEST_TIMER_HALTS, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
 import type { SoftDirtyRingProducer } from '../dirty/dirty-ring.ts';
+import { GuestClock } from './guest-clock.ts';
 
 /** What the vCPU needs from the stage-2 MMU (implemented by mmu/vcpu-mmu.ts). */
 export interface VcpuMmu {
@@ -92,6 +95,10 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
   readonly interp: Interpreter;
   private reqSeen = 0;
   private flushSeen = 0;
+  /** The dirty-rate guest's timer (guest-clock.ts); haltUntil > 0: halt until then, outside the guest. */
+  private readonly clock: GuestClock;
+  private haltUntil = 0;
+  private written = 0;
   private windows: Int32Array[];
 
   constructor(
@@ -107,6 +114,7 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     this.base = vcpuBase(vcpu);
     this.windows = windows;
     this.interp = new Interpreter(spec, vcpu, this);
+    this.clock = new GuestClock(spec.kind === 'dirty-rate' ? spec.dirtyRate : 0);
     // A push reached the soft limit: make the next request check (at most 32 accesses away)
     // take the slow path, which sees the full ring and leaves the guest.
     if (ring !== null) ring.onSoftFull = () => {
@@ -142,6 +150,7 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       x.halted = i.halted;
     } else if (r !== PASS_EXIT) {
       x.reason = this.leaveReason();
+      if (this.haltUntil !== 0) this.haltForTimer();
     } else if (x.reason === EXIT_MMIO) {
       // translateSlow filled x. An MMIO access is the device's: it completes with the exit
       // (KVM finishes the instruction on re-entry), so re-entry continues after it.
@@ -209,6 +218,24 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     return false;
   }
 
+  /**
+   * The dirty-rate guest is ahead of its rate: wait outside the guest until its timer fires or
+   * the VMM kicks the vCPU (pause, stop: the wait never delays a request), then exit INTR so the
+   * loop head looks at the run-control words before re-entering.
+   */
+  private haltForTimer(): void {
+    const ctl = this.ctl;
+    const ms = this.haltUntil - performance.now();
+    this.haltUntil = 0;
+    this.stats.add(S_GUEST_TIMER_HALTS, 1);
+    if (ms <= 0) return;
+    const kick = Atomics.load(ctl, G_KICK);
+    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) return;
+    Atomics.add(ctl, G_KICK_WAITERS, 1);
+    Atomics.wait(ctl, G_KICK, kick, ms);
+    Atomics.sub(ctl, G_KICK_WAITERS, 1);
+  }
+
   /** Why a request check made the vCPU leave: a pause or stop (INTR) first, else its full ring. */
   private leaveReason(): number {
     const ctl = this.ctl;
@@ -249,6 +276,14 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
   }
 
   lastRead = 0;
+
+  /** The dirty-rate guest's clock check (interpreter.ts): count its writes, halt when ahead. */
+  pace(written: number): boolean {
+    this.stats.add(S_GUEST_PAGES_WRITTEN, written - this.written);
+    this.written = written;
+    this.haltUntil = this.clock.haltUntil(written);
+    return this.haltUntil !== 0;
+  }
 
   /**
    * TLB miss: walk; a write-protect fault on a 4 KiB leaf is fixed here without leaving guest
