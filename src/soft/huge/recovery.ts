@@ -31,7 +31,13 @@
 // - Teardown: cancel() (SoftVm.destroy, first thing) clears the work list and the pending
 //   setImmediate; no batch can be running then (same thread, batches are synchronous).
 // - Lock breaking: a batch holds the lock for at most `batchRegions` regions; between batches
-//   the lock is free and the VMM thread yields to its event loop.
+//   the lock is free and the VMM thread yields to its event loop. Releasing is not enough on
+//   its own: a vCPU asleep on the lock needs ~10-50 us to wake (more when it has to wait for a
+//   CPU), and the next batch would take the lock again first (the lock is not fair; the sleeper
+//   then sleeps again, up to the lock's 10 ms bound). So when threads slept on the lock as a
+//   batch released it, the next batch waits (yielding the VMM thread) until that many more
+//   fault-lock waits have been recorded (lock-stall.ts records a wait once the lock is taken:
+//   they got in), or LOCK_BREAK_MS passed (spin_needbreak / cond_resched_rwlock_write).
 import { KVM_MEM_LOG_DIRTY_PAGES } from '../../vmm/engine.ts';
 import type { HostAddressSpace } from '../hostmm/host-address-space.ts';
 import { GupResult } from '../hostmm/host-address-space.ts';
@@ -49,6 +55,8 @@ export type HugeRecoveryStrategy = (typeof HUGE_RECOVERY_STRATEGIES)[number];
 const REGION_PAGES = 512;
 /** Default lock break: regions per batch (each up to a 2 MiB zap or collapse with its TLB flush). */
 export const DEFAULT_RECOVERY_BATCH = 8;
+/** Longest the task defers its next batch for threads waiting on the MMU lock. */
+const LOCK_BREAK_MS = 2;
 /** A batch that keeps losing races (EAGAIN) is retried this often before its regions are skipped. */
 const MAX_BATCH_RETRIES = 64;
 
@@ -102,6 +110,10 @@ export class HugePageRecovery {
   private cancelled = false;
   private idleWaiters: (() => void)[] = [];
   private readonly gup = new GupResult();
+  /** Until then (performance.now()), the next batch waits for the lock's sleepers to get in... */
+  private breakUntil = 0;
+  /** ...that is, until the recorded fault-lock waits reach this many. */
+  private breakWaits = 0;
   /** Test hook: called before each batch of the background task (races with memslot changes). */
   beforeBatch: ((slot: number, cursor: number) => void) | undefined;
 
@@ -157,6 +169,10 @@ export class HugePageRecovery {
     if (this.pending !== null || this.cancelled || this.work.size === 0) return;
     this.pending = setImmediate(() => {
       this.pending = null;
+      if (performance.now() < this.breakUntil && (this.host.lock.stalls?.totalWaits() ?? Infinity) < this.breakWaits) {
+        this.schedule();
+        return;
+      }
       this.step();
       if (this.work.size === 0) this.wakeIdle();
       else this.schedule();
@@ -335,7 +351,11 @@ export class HugePageRecovery {
 
   private countHold(t0: number): void {
     this.stats.batches++;
-    const s = (performance.now() - t0) / 1000;
+    const t1 = performance.now();
+    const sleepers = this.host.lock.rw.rawState().waiters;
+    this.breakUntil = sleepers > 0 ? t1 + LOCK_BREAK_MS : 0;
+    this.breakWaits = sleepers > 0 ? (this.host.lock.stalls?.totalWaits() ?? 0) + sleepers : 0;
+    const s = (t1 - t0) / 1000;
     if (s > this.stats.maxHoldSeconds) this.stats.maxHoldSeconds = s;
   }
 }

@@ -89,6 +89,15 @@ export class LockStallRecorder {
     Atomics.add(this.hdr, 1, 1);
   }
 
+  /** Waits recorded since the last reset, all threads (cheap: one load per claimed row). */
+  totalWaits(): number {
+    const claimed = Math.min(Atomics.load(this.hdr, 0), MAX_ROWS);
+    const gen = Atomics.load(this.hdr, 1);
+    let n = 0;
+    for (let r = 0; r < claimed; r++) if (this.rows[r * ROW_WORDS] === gen) n += this.rows[r * ROW_WORDS + 1]!;
+    return n;
+  }
+
   summary(): StallSummary {
     const claimed = Math.min(Atomics.load(this.hdr, 0), MAX_ROWS);
     const gen = Atomics.load(this.hdr, 1);
