@@ -226,6 +226,10 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     return this.recovery;
   }
 
+  hugeRecoveryIdle(): Promise<void> {
+    return this.recovery?.idle() ?? Promise.resolve();
+  }
+
   /** How long vCPU faults waited for the MMU lock since the last reset (locking/lock-stall.ts). */
   lockStalls(): StallSummary {
     return this.lock.stalls!.summary();
