@@ -6,9 +6,11 @@ import { addCommonOptions, humanOut, parseDirtyRingEntries, parseIntList, parseL
 import { engineForWorkload, openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
+import { registerBenchCollapse } from './bench-collapse.ts';
 
 export function registerBench(program: Command): void {
-  const bench = program.command('bench').description('benchmarks (dirty-log, scaling)');
+  const bench = program.command('bench').description('benchmarks (dirty-log, scaling, collapse)');
+  registerBenchCollapse(bench);
 
   addCommonOptions(
     bench.command('dirty-log').description("like KVM's dirty_log_perf_test: populate, then dirty and harvest rounds"),

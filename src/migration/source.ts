@@ -44,6 +44,7 @@ import { checkSourceIntact } from './source-intact.ts';
 import { DirtyTracker } from './dirty-tracker.ts';
 import { PrecopyConvergence, type ConvergencePolicy } from './convergence.ts';
 import { createStateDigester } from './state-digest.ts';
+import { blockMappings, hugePagesReformed } from './huge-reform.ts';
 
 export interface PrecopyOptions {
   workload: WorkloadSpec;
@@ -125,6 +126,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let expectedDowntimeSeconds = 0;
   let bandwidth = 0; // bytes/s measured on the link
   let paused = false;
+  /** Failure: block mappings re-formed once logging stopped (huge-reform.ts). */
+  let reformed = 0;
   /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
   let committed = false;
   let endSent = false;
@@ -369,9 +372,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (!state.finished) state.set(cancelled ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
+    const blocksBefore = blockMappings(vm);
     if (dirty.logging) dirty.setLogging(false);
     if (committed) return finish(err.message, true, false); // paused for good: see the header
     if (paused) vm.resume();
+    reformed = await hugePagesReformed(vm, blocksBefore);
     const intact = await checkSourceIntact(vm, opts.workload);
     return finish(cancelled ? 'migration cancelled' : err.message, intact);
   } finally {
@@ -426,6 +431,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       stats.error = error;
       stats.sourceIntact = sourceIntact ?? false;
       stats.sourceRunning = sourceRunning;
+      stats.hugePagesReformed = reformed;
     } else if (!stats.verified) {
       stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
     }

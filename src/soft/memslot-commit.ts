@@ -11,7 +11,9 @@
 // - logging on: allocate the bitmap (not on a VM with a dirty ring: faults push to their vCPU's
 //   ring then, dirty/dirty-ring.ts), publish, wait out old readers (no fault can still install
 //   a writable or huge mapping from a generation without the bitmap), then write-protect the
-//   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it.
+//   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it,
+//   then hand the slot to huge-page recovery (huge/recovery.ts): no fault can still be logging
+//   it, so the 4 KiB leaves logging left can become blocks again.
 // - mmu notifier (host munmap): unmap the gfns the range backs, under the exclusive lock, flush
 //   included, before the host frees anything.
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type MemoryRegion } from '../vmm/engine.ts';
@@ -31,6 +33,8 @@ export interface MemslotMmu extends DirtyLogMmu {
   hostWritable(hva: number): boolean;
   /** Statistics: pages swept by a logging enable. */
   countWriteProtected(pages: number): void;
+  /** Logging stopped on the slot (old readers gone): re-form its huge mappings (huge/recovery.ts). */
+  loggingStopped?(slot: SlotDesc): void;
 }
 
 export class VmMemslots {
@@ -89,6 +93,7 @@ export class VmMemslots {
           // Huge mappings are write-protected whole; a write fault splits them (seed 000).
           mmu.countWriteProtected(writeProtectSlot(mmu, this.desc(nu.id)!));
         }
+        if (!logging && wasLogging && mmu.hasHost()) mmu.loggingStopped?.(this.desc(nu.id)!);
         return;
       }
     }

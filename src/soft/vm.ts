@@ -39,6 +39,8 @@ import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
 import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
+import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
+import type { StallSummary } from './locking/lock-stall.ts';
 
 export interface SoftVmOptions {
   /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
@@ -46,6 +48,8 @@ export interface SoftVmOptions {
   maxVcpus: number;
   /** Stage-2 walks check for freed table pages (slower; tests). */
   debug?: boolean;
+  /** How huge mappings are re-formed when dirty logging stops (huge/recovery.ts); default 'in-place'. */
+  recover?: HugeRecoveryStrategy;
 }
 
 const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
@@ -81,6 +85,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private readonly pendingRing: DirtyGfn[] = [];
   private ringResets = 0;
   private ringMaxBatch = 0;
+  private recovery: HugePageRecovery | null = null;
+  private recoverStrategy: HugeRecoveryStrategy;
 
   constructor(
     config: VmConfig,
@@ -100,6 +106,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
     this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
     this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this, this.rings === null);
+    this.recoverStrategy = opts.recover ?? 'in-place';
     if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
   }
 
@@ -129,6 +136,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     pgt.countWriteGrantsFrom(() => VcpuStats.total(this.statsSab, this.opts.maxVcpus + 1, S_FAST_RELAX));
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
+    const slots = this.slots;
+    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id) });
+    this.recovery.strategy = this.recoverStrategy;
     return this.host;
   }
 
@@ -193,6 +203,10 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.vmStats.add(S_WRITE_PROTECTED, pages);
   }
 
+  loggingStopped(slot: SlotDesc): void {
+    this.recovery?.loggingStopped(slot);
+  }
+
   unmapGfns(gfn: number, npages: number): void {
     const { pgt } = this.h;
     this.lock.exclusiveLock();
@@ -208,6 +222,37 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     if (this.destroyed || !this.host || this.host.pgt.destroyed) return;
     this.vmStats.add(S_NOTIFIER_INVALIDATIONS, 1);
     this.slots.onHostInvalidate(start, end);
+  }
+
+  // ---- huge pages and stalls ----
+
+  /** Choose how huge mappings are re-formed when logging stops (applies to later stops). */
+  setHugeRecovery(strategy: HugeRecoveryStrategy, batchRegions?: number): void {
+    this.recoverStrategy = strategy;
+    if (this.recovery) this.recovery.strategy = strategy;
+    if (batchRegions !== undefined) {
+      if (!Number.isInteger(batchRegions) || batchRegions < 1) throw new VmError('config', `recovery batch must be a positive number of 2 MiB regions, got ${batchRegions}`);
+      if (this.recovery) this.recovery.batchRegions = batchRegions;
+    }
+  }
+
+  /** The recovery machinery (tests, benchmarks: idle(), stats, pendingRegions). */
+  get hugeRecovery(): HugePageRecovery {
+    if (!this.recovery) throw new VmError('state', 'no host memory yet: call mapHostMemory first');
+    return this.recovery;
+  }
+
+  hugeRecoveryIdle(): Promise<void> {
+    return this.recovery?.idle() ?? Promise.resolve();
+  }
+
+  /** How long vCPU faults waited for the MMU lock since the last reset (locking/lock-stall.ts). */
+  lockStalls(): StallSummary {
+    return this.lock.stalls!.summary();
+  }
+
+  resetLockStalls(): void {
+    this.lock.stalls!.reset();
   }
 
   // ---- DirtyLogMmu ----
@@ -357,6 +402,17 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
       out.dirtyRingResets = this.ringResets;
       out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
     }
+    if (this.recovery) {
+      const r = this.recovery.stats;
+      out.hugeRecoveredInPlace = r.collapsedInPlace;
+      out.hugeRecoveryZapped = r.zapped;
+      out.hugeRecoveryBatches = r.batches;
+      out.hugeRecoveryPendingRegions = this.recovery.pendingRegions;
+    }
+    const st = this.lock.stalls!.summary();
+    out.lockStallWaits = st.waits;
+    out.lockStallMaxSeconds = st.maxSeconds;
+    out.lockStallSumSeconds = st.sumSeconds;
     return out;
   }
 
@@ -393,6 +449,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
+    // First: no recovery batch may start once teardown has begun.
+    this.recovery?.cancel();
     try {
       await this.runControl?.stop();
     } finally {
