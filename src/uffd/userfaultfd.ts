@@ -173,6 +173,11 @@ export class Userfaultfd {
     }
   }
 
+  /** The address of a buffer's first byte (a COPY source). */
+  static addressOf(a: ArrayBufferView, root?: string): number {
+    return uffdNative(root).addressOf(a);
+  }
+
   has(feature: bigint): boolean {
     return (this.features & feature) !== 0n;
   }
