@@ -19,6 +19,7 @@
 //                                buffer, aliasHva, alias }: register hva for MINOR, write via alias.
 //   madvise(a, n, advice)        'dontneed' | 'remove' | 'populate_write'.
 //   mincore(a, n)                Uint8Array, 1 per resident page.
+//   remapShared(a, n)            private anonymous memory -> memfd MAP_SHARED in place (MINOR).
 //   uffdHandlerStart(o) / uffdHandlerStop(id) / uffdHandlerWaits(id)   native reader threads, below.
 //
 // Native reader threads (uffdHandlerStart): `readers` pthreads per uffd poll it and read fault
@@ -38,6 +39,8 @@
 // handler's eventfd (every reader polls it), joins the readers, then releases the JS function.
 // The registry of handlers is used from the JS thread only.
 #include "common.h"
+
+#include <v8.h>
 
 #include <atomic>
 #include <cerrno>
@@ -235,10 +238,17 @@ Napi::Value Read(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// napi cannot give the data of a view over a SharedArrayBuffer (napi_invalid_arg): ask V8. A
+// napi_value is a v8::Local handle (the same reliance as kvm_addon.cc's FromV8).
 Napi::Value AddressOf(const Napi::CallbackInfo& info) {
-  Napi::TypedArray ta = info[0].As<Napi::TypedArray>();
-  uint8_t* p = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-  return Napi::Number::New(info.Env(), (double)(uintptr_t)p);
+  napi_value raw = info[0];
+  v8::Local<v8::Value> v;
+  static_assert(sizeof(raw) == sizeof(v), "napi_value must be a v8 handle");
+  memcpy(static_cast<void*>(&v), &raw, sizeof(raw));
+  if (!v->IsArrayBufferView()) return TypeErr(info.Env(), "addressOf: a typed array or DataView is required");
+  v8::Local<v8::ArrayBufferView> view = v.As<v8::ArrayBufferView>();
+  uint8_t* base = static_cast<uint8_t*>(view->Buffer()->GetBackingStore()->Data());
+  return Napi::Number::New(info.Env(), (double)(uintptr_t)(base + view->ByteOffset()));
 }
 
 Napi::Value MemfdMap(const Napi::CallbackInfo& info) {
@@ -296,6 +306,60 @@ Napi::Value Mincore(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// Replace private anonymous memory [hva, hva+bytes) by a memfd mapped MAP_SHARED at the same
+// address (MAP_FIXED), for MINOR faults on memory that was mapped anonymous. Every page of the
+// file is allocated (in the page cache, so a touch through hva is a MINOR fault); pages that were
+// resident keep their contents (copied through the alias first) and are mapped again at once
+// (MADV_POPULATE_WRITE) so they do not fault. Nothing may touch the range meanwhile (the caller's
+// vCPUs have not run). -> { aliasHva, alias, resident }: the second mapping and mincore's view.
+Napi::Value RemapShared(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t* p = (uint8_t*)(uintptr_t)U64(info[0]);
+  size_t bytes = (size_t)U64(info[1]);
+  size_t pages = bytes / 4096;
+  Napi::Uint8Array resident = Napi::Uint8Array::New(env, pages);
+  if (mincore(p, bytes, resident.Data()) < 0) return Throw(env, "mincore", errno);
+  int fd = memfd_create("stage2-guest-shared", MFD_CLOEXEC);
+  if (fd < 0) return Throw(env, "memfd_create", errno);
+  if (fallocate(fd, 0, 0, (off_t)bytes) < 0) {
+    int err = errno;
+    close(fd);
+    return Throw(env, "fallocate memfd", err);
+  }
+  uint8_t* alias = (uint8_t*)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (alias == MAP_FAILED) {
+    int err = errno;
+    close(fd);
+    return Throw(env, "mmap memfd alias", err);
+  }
+  for (size_t i = 0; i < pages; i++) {
+    resident[i] &= 1;
+    if (resident[i]) memcpy(alias + i * 4096, p + i * 4096, 4096);
+  }
+  void* q = mmap(p, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+  int err = errno;
+  close(fd);
+  if (q == MAP_FAILED) {
+    munmap(alias, bytes);
+    return Throw(env, "mmap MAP_FIXED memfd", err);
+  }
+  for (size_t i = 0; i < pages;) {
+    if (!resident[i]) {
+      i++;
+      continue;
+    }
+    size_t j = i;
+    while (j < pages && resident[j]) j++;
+    if (madvise(p + i * 4096, (j - i) * 4096, MADV_POPULATE_WRITE) < 0) return Throw(env, "madvise populate_write", errno);
+    i = j;
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("aliasHva", Napi::Number::New(env, (double)(uintptr_t)alias));
+  out.Set("alias", SharedBufferOver(env, alias, bytes, bytes));
+  out.Set("resident", resident);
+  return out;
+}
+
 // ---- native reader threads ----
 
 enum class Mode { Copy, Continue, Notify };
@@ -326,7 +390,7 @@ struct Handler {
   std::vector<Reader> readers;
   std::atomic<uint64_t> events{0}, resolved{0}, exists{0}, errors{0};
   std::mutex mu;  // guards the fields below
-  std::vector<double> waits;  // pairs (ptid, ns from event read to resolved)
+  std::vector<double> waits;  // triples (ptid, ns from event read to resolved, page address)
   std::string errOp;
   int errNo = 0;
   Napi::ThreadSafeFunction notify;
@@ -396,6 +460,7 @@ void Resolve(Handler* h, const struct uffd_msg& m) {
   std::lock_guard<std::mutex> g(h->mu);
   h->waits.push_back(m.arg.pagefault.feat.ptid);
   h->waits.push_back((double)dt);
+  h->waits.push_back((double)addr);
 }
 
 void* ReaderMain(void* arg) {
@@ -499,6 +564,21 @@ Napi::Value HandlerWaits(const Napi::CallbackInfo& info) {
   return Waits(h, info.Env());
 }
 
+Napi::Object Counters(Handler* h, Napi::Env env) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("events", Napi::Number::New(env, (double)h->events.load()));
+  out.Set("resolved", Napi::Number::New(env, (double)h->resolved.load()));
+  out.Set("exists", Napi::Number::New(env, (double)h->exists.load()));
+  out.Set("errors", Napi::Number::New(env, (double)h->errors.load()));
+  return out;
+}
+
+Napi::Value HandlerCounters(const Napi::CallbackInfo& info) {
+  Handler* h = FindHandler(info);
+  if (!h) return TypeErr(info.Env(), "uffdHandlerCounters: no such handler");
+  return Counters(h, info.Env());
+}
+
 Napi::Value HandlerStop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int id = info[0].As<Napi::Number>().Int32Value();
@@ -510,11 +590,7 @@ Napi::Value HandlerStop(const Napi::CallbackInfo& info) {
   for (Reader& r : h->readers) pthread_join(r.thread, nullptr);
   close(h->stopFd);
   if (h->hasNotify) h->notify.Release();
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("events", Napi::Number::New(env, (double)h->events.load()));
-  out.Set("resolved", Napi::Number::New(env, (double)h->resolved.load()));
-  out.Set("exists", Napi::Number::New(env, (double)h->exists.load()));
-  out.Set("errors", Napi::Number::New(env, (double)h->errors.load()));
+  Napi::Object out = Counters(h, env);
   out.Set("waits", Waits(h, env));
   if (h->errNo) {
     Napi::Object e = Napi::Object::New(env);
@@ -546,6 +622,8 @@ void RegisterUffd(Napi::Env env, Napi::Object exports) {
   exports.Set("uffdHandlerStart", Napi::Function::New(env, HandlerStart));
   exports.Set("uffdHandlerStop", Napi::Function::New(env, HandlerStop));
   exports.Set("uffdHandlerWaits", Napi::Function::New(env, HandlerWaits));
+  exports.Set("uffdHandlerCounters", Napi::Function::New(env, HandlerCounters));
+  exports.Set("remapShared", Napi::Function::New(env, RemapShared));
 }
 
 }  // namespace stage2

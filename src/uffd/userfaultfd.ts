@@ -80,7 +80,7 @@ export interface NativeHandlerStats {
   /** Faults whose page was there already (EEXIST; followed by WAKE). */
   exists: number;
   errors: number;
-  /** (ptid, ns from reading the event to resolving it) pairs, drained. */
+  /** (ptid, ns from reading the event to resolving it, page address) triples, drained. */
   waits: Float64Array;
   error?: { op: string; errno: number; code: string };
 }
@@ -103,6 +103,8 @@ export interface UffdNative {
   uffdHandlerStart(o: NativeHandlerOptions & { fd: number }): number;
   uffdHandlerStop(id: number): NativeHandlerStats;
   uffdHandlerWaits(id: number): Float64Array;
+  uffdHandlerCounters(id: number): Omit<NativeHandlerStats, 'waits' | 'error'>;
+  remapShared(hva: number, bytes: number): { aliasHva: number; alias: SharedArrayBuffer; resident: Uint8Array };
   close(fd: number): void;
   mmapGuest(bytes: number, backing: 'anonymous'): { hva: number; buffer: SharedArrayBuffer };
 }
@@ -248,9 +250,14 @@ export class NativeUffdHandler {
     readonly id: number,
   ) {}
 
-  /** (ptid, ns) pairs recorded since the last call. */
+  /** (ptid, ns, page address) triples recorded since the last call. */
   drainWaits(): Float64Array {
-    return this.native.uffdHandlerWaits(this.id);
+    return this.stopped ? new Float64Array(0) : this.native.uffdHandlerWaits(this.id);
+  }
+
+  /** Counters so far, without stopping. */
+  counters(): Omit<NativeHandlerStats, 'waits' | 'error'> {
+    return this.stopped ?? this.native.uffdHandlerCounters(this.id);
   }
 
   /** Stop and join the readers; throws UffdError if any of them failed (op + errno). */

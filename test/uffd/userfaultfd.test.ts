@@ -63,6 +63,16 @@ describe.skipIf(!probe.uffd)(`userfaultfd (addon) ${probe.reason}`, () => {
     expect(await t.done).toEqual([77, 77]);
   });
 
+  it('COPY from a view over a SharedArrayBuffer (a localSource) takes the right bytes', async () => {
+    const u = uffd();
+    const m = anonymousMemory(2 * PAGE);
+    u.register(m.hva, 2 * PAGE, ['missing']);
+    const sab = new SharedArrayBuffer(3 * PAGE);
+    new Uint8Array(sab).set(pagePattern(9), 2 * PAGE);
+    expect(u.copyFrom(m.hva + PAGE, new Uint8Array(sab, 2 * PAGE, PAGE))).toBe('installed');
+    expect(await touch(m.buffer, [1]).done).toEqual([9, 9]);
+  });
+
   it('ZEROPAGE resolves with zeros', async () => {
     const u = uffd();
     const m = anonymousMemory(4 * PAGE);
