@@ -67,7 +67,7 @@ export async function runHostUffdBench(o: HostUffdBenchOptions): Promise<HostUff
   const workers: Worker[] = [];
   try {
     const slices = o.sharedUffd ? [{ off: 0, len: bytes }] : Array.from({ length: o.vcpus }, (_, v) => ({ off: v * o.bytesPerVcpu, len: o.bytesPerVcpu }));
-    const srcAddr = uffdAddress(source);
+    const srcAddr = Userfaultfd.addressOf(source);
     for (const s of slices) {
       const u = Userfaultfd.open();
       uffds.push(u);
@@ -94,7 +94,7 @@ export async function runHostUffdBench(o: HostUffdBenchOptions): Promise<HostUff
     const t0 = process.hrtime.bigint();
     Atomics.store(start, 0, 1);
     Atomics.notify(start, 0);
-    await Promise.all(done);
+    await untilDoneOrReaderFails(done, handlers, uffds);
     const wall = Number(process.hrtime.bigint() - t0) / 1e9;
     let faults = 0;
     for (const h of handlers) faults += h.stop().resolved;
@@ -102,7 +102,9 @@ export async function runHostUffdBench(o: HostUffdBenchOptions): Promise<HostUff
     const times = new Float64Array(timing, 8, o.vcpus);
     const pages = bytes / PAGE;
     if (faults !== pages) throw new Error(`host-uffd: ${faults} pages resolved, expected ${pages} (every page faults exactly once)`);
-    verify(mem.buffer, pages);
+    // `source` is used here last: it must stay reachable (not collected and unmapped) for as
+    // long as the readers copy from its address.
+    verify(mem.buffer, srcWords, pages);
     const slowest = Math.max(...times) / 1e9;
     return {
       vcpus: o.vcpus,
@@ -121,14 +123,36 @@ export async function runHostUffdBench(o: HostUffdBenchOptions): Promise<HostUff
   }
 }
 
-function uffdAddress(a: Uint8Array): number {
-  return Userfaultfd.addressOf(a);
-}
-
 /** Every page came from the source (word 0) and kept the toucher's write (word 1). */
-function verify(buffer: SharedArrayBuffer, pages: number): void {
+function verify(buffer: SharedArrayBuffer, src: Int32Array, pages: number): void {
   const w = new Int32Array(buffer);
   for (let p = 0; p < pages; p++) {
-    if (w[p * 1024] !== p + 1 || w[p * 1024 + 1] !== p) throw new Error(`host-uffd: page ${p} is wrong after the run (words ${w[p * 1024]}, ${w[p * 1024 + 1]})`);
+    if (w[p * 1024] !== src[p * 1024] || w[p * 1024 + 1] !== p) throw new Error(`host-uffd: page ${p} is wrong after the run (words ${w[p * 1024]}, ${w[p * 1024 + 1]})`);
+  }
+}
+
+/**
+ * Wait for the touching threads; if a reader fails, its fault is never resolved and the thread
+ * that took it would sleep forever: close the uffds (which wakes every waiter, who then faults
+ * as if nothing was registered) and throw the reader's error (op + errno).
+ */
+async function untilDoneOrReaderFails(done: Promise<void>[], handlers: NativeUffdHandler[], uffds: Userfaultfd[]): Promise<void> {
+  const all = Promise.all(done);
+  for (;;) {
+    const finished = await Promise.race([all.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 100))]);
+    if (finished) return;
+    if (handlers.some((h) => h.counters().errors > 0)) {
+      const errs: unknown[] = [];
+      for (const h of handlers) {
+        try {
+          h.stop();
+        } catch (e) {
+          errs.push(e);
+        }
+      }
+      uffds.forEach((u) => u.close());
+      await all.catch(() => undefined);
+      throw errs[0];
+    }
   }
 }

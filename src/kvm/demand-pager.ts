@@ -357,7 +357,20 @@ export class KvmDemandPager implements DemandPager {
     return this.missingN;
   }
 
+  /** A native reader that failed leaves its vCPU waiting forever: say so instead. */
+  private checkReaders(): void {
+    if (this.handlers.some((h) => h.counters().errors > 0)) {
+      const h = this.handlers.find((x) => x.counters().errors > 0)!;
+      try {
+        h.stop();
+      } catch (e) {
+        throw new DemandPagingError(`kvm engine: a userfaultfd reader failed, its vCPU waits for a page that will not come: ${(e as Error).message}`);
+      }
+    }
+  }
+
   waits(): VcpuPageWaits[] {
+    this.checkReaders();
     this.drain();
     const out: VcpuPageWaits[] = [];
     for (let v = 0; v < this.host.vcpuCount; v++) {
@@ -369,6 +382,7 @@ export class KvmDemandPager implements DemandPager {
   }
 
   stats(): DemandPagingStats {
+    this.checkReaders();
     this.drain();
     if (!this.config.localSource) return { ...this.counts, missing: this.missingN };
     const c = this.handlers.map((h) => h.counters());

@@ -144,6 +144,21 @@ describe.skipIf(!probe.uffd)(`userfaultfd (addon) ${probe.reason}`, () => {
     expect(new Uint8Array(m.buffer).every((b, i) => b === src[i])).toBe(true);
   });
 
+  it('a reader that cannot resolve keeps the error (op + errno); closing the uffd frees its waiter', async () => {
+    const u = Userfaultfd.open();
+    const m = anonymousMemory(2 * PAGE);
+    u.register(m.hva, 2 * PAGE, ['missing']);
+    // A source address nothing is mapped at: UFFDIO_COPY fails with EFAULT.
+    const h = u.startHandler({ mode: 'copy', readers: 1, delayUs: 0, ranges: [{ dst: m.hva, len: 2 * PAGE, src: 4096 }] });
+    const t = touch(m.buffer, [0]);
+    for (let i = 0; i < 500 && h.counters().errors === 0; i++) await sleep(10);
+    expect(h.counters().errors).toBe(1);
+    expect(() => h.stop()).toThrow(expect.objectContaining({ name: 'UffdError', op: 'UFFDIO_COPY', code: 'EFAULT' }));
+    expect(t.progress()).toBe(0);
+    u.close(); // wakes the waiter; with nothing registered it faults in a zero page
+    expect(await t.done).toEqual([0, 0]);
+  });
+
   it('notify readers hand each fault to this thread, which resolves it', async () => {
     const u = uffd();
     const m = anonymousMemory(16 * PAGE);
