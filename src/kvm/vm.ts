@@ -25,6 +25,9 @@ import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
+import type { DemandPager, DemandPagingConfig } from '../vmm/demand-paging.ts';
+import { DemandPagingError } from '../vmm/demand-paging.ts';
+import { KvmDemandPager, startKvmDemandPaging } from './demand-pager.ts';
 
 interface Mapping extends HostMapping {
   buffer: SharedArrayBuffer;
@@ -46,6 +49,7 @@ export class KvmVm extends VmRunLoop implements Vm {
   private ringMaxBatch = 0;
   private ringResets = 0;
   private readonly stats_: BinaryStats | null;
+  private pager: KvmDemandPager | null = null;
 
   private constructor(
     private readonly kvm: KvmEngine,
@@ -216,11 +220,30 @@ export class KvmVm extends VmRunLoop implements Vm {
     return new Uint8Array(m.buffer, hva - m.hva, bytes);
   }
 
+  /** Demand paging on the host's real userfaultfd (demand-pager.ts); path 'exit' is refused there. */
+  startDemandPaging(config: DemandPagingConfig): DemandPager {
+    if (this.destroyed) throw new VmError('state', 'startDemandPaging: VM destroyed');
+    if (this.pager?.active) throw new DemandPagingError('startDemandPaging: demand paging is already on (finish() it first)');
+    if (this.vcpus.length === 0) throw new DemandPagingError('startDemandPaging: create the vCPUs first (readers name the vCPU that faulted by its thread)');
+    const slots = this.slots.list().filter((s) => !s.internal && s.memorySize > 0).map((s) => {
+      const m = this.mappingOf(s.userspaceAddr, s.memorySize)!;
+      return { slot: s.slot, gpa: s.guestPhysAddr, hva: s.userspaceAddr, bytes: s.memorySize, backing: m.backing };
+    });
+    const pager = startKvmDemandPaging(
+      { slots, vcpuCount: this.vcpus.length, vcpuThreadIds: () => this.vcpuThreadIds(), memoryFaultInfo: this.kvm.checkExtension(CAP.MEMORY_FAULT_INFO) > 0 },
+      config,
+    );
+    this.pager = pager;
+    return pager;
+  }
+
   readGuest(gpa: number, dst: Uint8Array): void {
+    if (this.pager?.active) this.pager.checkHostAccess(gpa, dst.length, 'readGuest');
     for (const g of guestSegments(this.slots.set, gpa, dst.length)) dst.set(this.hostView(g.hva, g.bytes), g.done);
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
+    if (this.pager?.active) this.pager.checkHostAccess(gpa, src.length, 'writeGuest');
     for (const g of guestSegments(this.slots.set, gpa, src.length)) this.hostView(g.hva, g.bytes).set(src.subarray(g.done, g.done + g.bytes));
   }
 
@@ -256,6 +279,14 @@ export class KvmVm extends VmRunLoop implements Vm {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
+    // Before stopping: closing the uffds wakes any vCPU still waiting for a page in KVM_RUN.
+    if (this.pager?.active) {
+      try {
+        this.pager.finish();
+      } catch {
+        /* the VM is going away; the pager's own failure is of no use now */
+      }
+    }
     await this.runControl?.stop();
     for (const vc of this.vcpus) this.addon.close(vc.fd);
     this.stats_?.close();
