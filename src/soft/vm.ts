@@ -99,7 +99,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
       const problem = dirtyRingSizeProblem(ringEntries, DIRTY_RING_MAX_ENTRIES);
       if (problem !== null) throw new VmError('config', problem);
       this.rings = SoftDirtyRings.create(opts.maxVcpus + 1, ringEntries);
-      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, this.rings.ringBase(line)));
+      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, line < opts.maxVcpus ? line : -1, this.rings.ringBase(line)));
     }
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
