@@ -219,6 +219,32 @@ export class HostPageWalker {
     return 0;
   }
 
+  /**
+   * UFFDIO_CONTINUE: map the page-cache frame `pfn` (a 4 KiB frame the caller holds a reference
+   * on, e.g. a shared-memory file's page) at the missing hva. The pte takes its own reference,
+   * with the same CAS as a first touch. Returns 0, EEXIST (the page is already mapped), EFAULT or
+   * EINVAL (pfnmap or hugetlb VMA, unaligned hva).
+   */
+  uffdContinue(hva: number, pfn: number): number {
+    if (!this.lookup(hva)) return EFAULT;
+    const kind = this.cKind;
+    if (kind === K_PFNMAP || kind === K_HUGETLB || hva % PAGE !== 0) return EINVAL;
+    const entry = this.cEntry;
+    const idx = Math.floor((hva - this.cStart) / PAGE);
+    if (kind === K_THP && Atomics.compareExchange(this.pmd, this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES), 0, PMD_SMALL) > 0) return EEXIST;
+    this.mem.getPage(pfn);
+    const slot = this.cPteBase + idx;
+    if (Atomics.compareExchange(this.pte, slot, 0, pfn + 1) !== 0) {
+      this.mem.putPage(pfn);
+      return EEXIST;
+    }
+    if (this.table.state(entry) !== VMA_LIVE) {
+      if (Atomics.compareExchange(this.pte, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
+      return EFAULT;
+    }
+    return 0;
+  }
+
   /** The frame behind an already-populated hva, without allocating or taking a reference; -1 if none. */
   lookupPfn(hva: number): number {
     if (!this.lookup(hva)) return -1;
