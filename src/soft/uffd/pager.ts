@@ -128,9 +128,20 @@ export class SoftDemandPager implements DemandPager {
     Atomics.store(this.uffd.pcache!, i, pfn + 1);
   }
 
+  /** Resolves once every reader thread runs (demand_paging_test starts its uffd threads before the vCPUs). */
+  ready(): Promise<void> {
+    return Promise.all(this.readersReady).then(() => {});
+  }
+
+  private readonly readersReady: Promise<void>[] = [];
+
   private startReader(q: number): Promise<void> {
     const data: UffdReaderData = { shared: this.uffd.sh, mem: this.vm.mem.shared, mm: this.vm.mm.shared, uffd: q };
     const w: Worker = startWorker(new URL('./reader-worker.ts', import.meta.url), data as unknown as Record<string, unknown>);
+    this.readersReady.push(new Promise<void>((resolve) => {
+      w.once('message', () => resolve());
+      w.once('exit', () => resolve());
+    }));
     return new Promise<void>((resolve) => {
       w.on('error', (e) => {
         this.requestError ??= e;

@@ -5,7 +5,7 @@
 //
 // Shared memory: the userfaultfd model's (userfaultfd.ts), the host memory and address space;
 // this thread owns nothing of its own there.
-import { workerData } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { HostMemory, type HostMemoryShared } from '../hostmem/host-memory.ts';
 import { HostAddressSpace, type HostAddressSpaceShared } from '../hostmm/host-address-space.ts';
 import { SoftUserfaultfd, type UffdShared } from './userfaultfd.ts';
@@ -22,6 +22,7 @@ const mem = HostMemory.attach(d.mem);
 const mm = HostAddressSpace.attach(d.mm, mem);
 const u = new SoftUserfaultfd(d.shared, mm, mem, null);
 const q = u.queues[d.uffd]!;
+parentPort?.postMessage('ready');
 for (;;) {
   const i = q.popWait();
   if (i < 0) break;
