@@ -16,7 +16,9 @@
 // - userfaultfd: a VMA registered MISSING makes a first touch return EAGAIN instead of
 //   allocating; uffdCopy fills a private frame, then installs it with the same CAS as a first
 //   touch (EEXIST if anyone populated the page first), so a racing fault or copy can never see a
-//   half-written page.
+//   half-written page. uffdContinue (MINOR mode: the soft/uffd/ model registers the VMA the same
+//   way and keeps the shared-memory file's page cache itself) installs a frame the caller holds,
+//   taking the pte's own reference first, with the same CAS and the same re-check.
 
 import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EAGAIN, EEXIST, EFAULT, EINVAL, ENOMEM, EPERM } from '../hostmem/errno.ts';
