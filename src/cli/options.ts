@@ -4,6 +4,7 @@ import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } fr
 import type { EngineChoice } from '../vmm/factory.ts';
 import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { DIRTY_PATTERNS, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
+import { FAULT_PATHS, UFFD_MODES, type FaultPath, type UffdMode } from '../vmm/demand-paging.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
@@ -140,6 +141,15 @@ export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'huget
 export const parseLock = oneOf<MmuLockMode>(MMU_LOCK_MODES);
 export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS);
 export const parsePattern = oneOf<DirtyPattern>(DIRTY_PATTERNS);
+
+/** demand_paging_test's -u: MISSING | MINOR (any case) -> 'missing' | 'minor'. */
+export function parseUffdMode(text: string): UffdMode {
+  const t = text.trim().toLowerCase();
+  if (!(UFFD_MODES as readonly string[]).includes(t)) throw new InvalidArgumentError(`must be MISSING or MINOR`);
+  return t as UffdMode;
+}
+
+export const parseFaultPath = oneOf<FaultPath>(FAULT_PATHS);
 
 export function parseGuestPageSize(text: string): GuestPageSize {
   const bytes = parseSize(text);

@@ -27,7 +27,9 @@ export class SoftEngine implements Engine {
       manualDirtyLogProtect: true,
       dirtyRingMaxEntries: DIRTY_RING_MAX_ENTRIES,
       memoryFaultExit: true,
-      userfaultfd: false,
+      // The host model's userfaultfd (soft/uffd/): both fault paths of demand paging.
+      userfaultfd: true,
+      demandPagingPaths: ['uffd', 'exit'],
       backings: ['anonymous', 'anonymous_thp', 'hugetlb'],
       maxVcpus: this.opts.maxVcpus ?? 64,
     };

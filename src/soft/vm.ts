@@ -41,6 +41,10 @@ import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from
 import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
 import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
 import type { StallSummary } from './locking/lock-stall.ts';
+import type { MessagePort } from 'node:worker_threads';
+import type { DemandPagingConfig } from '../vmm/demand-paging.ts';
+import { DemandPagingError } from '../vmm/demand-paging.ts';
+import { SoftDemandPager } from './uffd/pager.ts';
 
 export interface SoftVmOptions {
   /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
@@ -87,6 +91,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private ringMaxBatch = 0;
   private recovery: HugePageRecovery | null = null;
   private recoverStrategy: HugeRecoveryStrategy;
+  /** Demand paging (soft/uffd/): the pager while one runs, and each vCPU's attach port. */
+  private pager: SoftDemandPager | null = null;
+  private readonly uffdPorts: MessagePort[] = [];
 
   constructor(
     config: VmConfig,
@@ -326,11 +333,16 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   readGuest(gpa: number, dst: Uint8Array): void {
     const { mm } = this.h;
+    // A missing page is fetched (or waited for), never read as zeros.
+    if (this.pager?.active) this.pager.faultIn(gpa, dst.length);
     for (const g of guestSegments(this.slots.set, gpa, dst.length)) mm.read(g.hva, dst.subarray(g.done, g.done + g.bytes));
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
     const { mm } = this.h;
+    // The VMM's writes ignore the uffd registration: fault the page in first, or the rest of
+    // it would be zeros and its waiters never woken.
+    if (this.pager?.active) this.pager.faultIn(gpa, src.length);
     for (const g of guestSegments(this.slots.set, gpa, src.length)) mm.write(g.hva, src.subarray(g.done, g.done + g.bytes));
   }
 
@@ -357,9 +369,32 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         dirtyRings: this.rings ? { sab: this.rings.sab, lines: this.rings.lines, entries: this.rings.entries } : null,
       },
       this.slots.publisher,
+      { kick: () => this.pager?.kick(), uffdPorts: this.uffdPorts },
     );
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
     if (this.rings !== null) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+  }
+
+  // ---- demand paging (vmm/demand-paging.ts; the model is soft/uffd/) ----
+
+  startDemandPaging(config: DemandPagingConfig): SoftDemandPager {
+    this.checkAlive();
+    if (this.pager?.active) throw new DemandPagingError('demand paging is already running on this VM: finish() it first');
+    if (!this.runControl) throw new DemandPagingError('startDemandPaging needs the vCPUs: call createVcpus first');
+    const { mm, mem } = this.h;
+    this.pager = new SoftDemandPager(
+      {
+        mm,
+        mem,
+        vcpus: this.vcpuCount,
+        ports: this.uffdPorts,
+        memslots: () => this.memslots().filter((m) => !m.internal),
+        // Not this.setUserMemoryRegion: finish() also runs inside destroy().
+        setUserMemoryRegion: (r) => this.slots.apply(r),
+      },
+      config,
+    );
+    return this.pager;
   }
 
   saveVcpuState(vcpu: number): VcpuState {
@@ -454,6 +489,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     try {
       await this.runControl?.stop();
     } finally {
+      // After the vCPUs (a stop wakes those asleep on a page), before the memslots go.
+      await this.pager?.close();
+      for (const p of this.uffdPorts) p.close();
       this.slots.close();
       if (this.host) {
         const { mm, pgt } = this.host;
