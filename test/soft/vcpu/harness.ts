@@ -18,6 +18,8 @@ export interface TestVmOptions {
   vcpusNow?: boolean;
   /** Log to per-vCPU dirty rings of this many entries instead of the memslot bitmap. */
   dirtyRing?: number;
+  /** More workload knobs (writePercent, dirty-rate fields). */
+  workloadOptions?: Partial<WorkloadSpec>;
 }
 
 export interface TestVm {
@@ -33,7 +35,7 @@ export async function makeTestVm(o: TestVmOptions = {}): Promise<TestVm> {
   const bytesPerVcpu = o.bytesPerVcpu ?? 2 ** 20;
   const engine = new SoftEngine({ hostRamBytes: o.hostRamBytes ?? 64 * 2 ** 20, debug: true });
   const vm = engine.createSoftVm({ lock: o.lock ?? 'parallel', manualDirtyLogProtect: o.manualProtect ?? true, dirtyRingEntries: o.dirtyRing ?? 0 });
-  const spec = workload(o.kind ?? 'sequential', bytesPerVcpu, { seed: o.seed ?? 1 });
+  const spec = workload(o.kind ?? 'sequential', bytesPerVcpu, { seed: o.seed ?? 1, ...o.workloadOptions });
   const host = vm.mapHostMemory(vcpus * bytesPerVcpu, o.backing ?? 'anonymous');
   const region: MemoryRegion = { slot: 0, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: vcpus * bytesPerVcpu, userspaceAddr: host.hva };
   vm.setUserMemoryRegion(region);
