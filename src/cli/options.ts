@@ -38,6 +38,13 @@ export function parseMemorySize(text: string): number {
   return bytes;
 }
 
+/** --eager-split [CHUNK]: a power of two from 2M to 1G (a block size; KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE). */
+export function parseEagerSplitChunk(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < 2 ** 21 || bytes > 2 ** 30 || (bytes & (bytes - 1)) !== 0) throw new InvalidArgumentError(`must be a power of two from 2M to 1G (a block size), e.g. 2M`);
+  return bytes;
+}
+
 /** 1536 -> "1536", 65536 -> "64K", 3 * 2 ** 30 -> "3G": the largest unit that divides it. */
 export function formatBytes(bytes: number): string {
   for (const u of ['T', 'G', 'M', 'K'] as const) {
