@@ -152,7 +152,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
     const slots = this.slots;
-    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id) });
+    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id), flushRemoteTlbs: () => this.flushRemoteTlbs() });
     this.recovery.strategy = this.recoverStrategy;
     return this.host;
   }
