@@ -18,8 +18,9 @@ export interface DirtyLogTuning {
 }
 
 /**
- * 4096 pages (16 MiB) per hold: on this box a write-protect walk over 4 KiB leaves costs
- * ~25-40 ns a page, so a hold stays near 0.1-0.2 ms (MEASURED in the README's dirty-log section).
+ * 4096 pages (16 MiB) per hold: a clear of a fully dirty 1 GiB slot of 4 KiB leaves took
+ * 18-38 ms here (~70-150 ns a page, bench dirty-log -b 1G), so a hold is ~0.3-0.6 ms of work;
+ * longer holds seen on this shared box are the VMM thread waiting for a CPU.
  */
 export const DEFAULT_SWEEP_CHUNK_PAGES = 4096;
 /** `--eager-split` without a size: 2 MiB, the smallest block arm64 accepts as a chunk size. */
