@@ -1,9 +1,10 @@
 // `stage2 bench ...`: benchmarks that print the same figures as KVM's selftests, and --json.
 import type { Command } from 'commander';
-import { runDirtyLogBench } from '../bench/dirty-log.ts';
+import { compareEagerSplit, runDirtyLogBench } from '../bench/dirty-log.ts';
+import { DEFAULT_EAGER_SPLIT_CHUNK_BYTES } from '../soft/dirty/dirty-tuning.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
 import { demandPagingSvg, demandPagingTable, runDemandPagingBench, type DemandPagingResult, type HostUffdFigures } from '../bench/demand-paging.ts';
-import { addCommonOptions, humanOut, parseDirtyRingEntries, parseFaultPath, parseIntInRange, parseIntList, parseLock, parseNonNegativeInt, parseUffdMode, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, humanOut, parseDirtyRingEntries, parseEagerSplitChunk, parseFaultPath, parseIntInRange, parseIntList, parseLock, parseNonNegativeInt, parseUffdMode, workloadOptions, type CommonOptions } from './options.ts';
 import { UsageError, checkDemandPagingOptions, engineForWorkload, openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import type { FaultPath, UffdMode } from '../vmm/demand-paging.ts';
 import { writeFileSync } from 'node:fs';
@@ -20,10 +21,34 @@ export function registerBench(program: Command): void {
   )
     .option('--no-manual-protect', 'get dirty log clears and re-protects (no KVM_CLEAR_DIRTY_LOG)')
     .option('--dirty-ring <entries>', 'log to per-vCPU dirty rings of this many entries (256..65536, a power of two) instead of the bitmap', parseDirtyRingEntries)
-    .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number }) => {
+    .option('--eager-split [chunk]', `soft engine: run twice, lazy split then eager split of huge mappings when logging starts in chunks of CHUNK (2M..1G, default ${DEFAULT_EAGER_SPLIT_CHUNK_BYTES / 2 ** 20}M); prints enabling and iteration-1 dirty time side by side`, parseEagerSplitChunk)
+    .option('--initially-set', 'soft engine: KVM_DIRTY_LOG_INITIALLY_SET (enabling logging sets every bit and protects nothing; needs manual protect)')
+    .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number; eagerSplit?: number | true; initiallySet?: boolean }) => {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
       const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
+      if ((opts.eagerSplit !== undefined || opts.initiallySet) && engine.kind !== 'soft') {
+        throw new UsageError('--eager-split and --initially-set tune the soft engine; use --engine soft');
+      }
+      const params = {
+        vcpus: opts.vcpus,
+        bytesPerVcpu: opts.bytesPerVcpu,
+        backing: opts.backing,
+        iterations: opts.iterations,
+        lock: opts.lock,
+        manualProtect: opts.manualProtect,
+        guestPageSize: opts.guestPageSize,
+        workload: opts.workload,
+        workloadOptions: workloadOptions(opts, opts.vcpus),
+        dirtyRing: opts.dirtyRing ?? 0,
+        initiallySet: opts.initiallySet ?? false,
+      };
+      if (opts.eagerSplit !== undefined) {
+        const chunk = opts.eagerSplit === true ? DEFAULT_EAGER_SPLIT_CHUNK_BYTES : opts.eagerSplit;
+        const cmp = await compareEagerSplit(engine, { ...params, eagerSplitChunkBytes: chunk }, out);
+        if (opts.json) process.stdout.write(JSON.stringify(cmp) + '\n');
+        return;
+      }
       const result = await runDirtyLogBench(
         engine,
         {
@@ -37,6 +62,7 @@ export function registerBench(program: Command): void {
           workload: opts.workload,
           workloadOptions: workloadOptions(opts, opts.vcpus),
           dirtyRing: opts.dirtyRing ?? 0,
+          initiallySet: opts.initiallySet ?? false,
         },
         out,
       );

@@ -7,6 +7,7 @@
 // there; during it, it cancels (migrateVm: before GO the source resumes, after GO it stays paused
 // and says so); a --local receiver is told to stop (SIGTERM) and, being tied to this process by
 // its stdin (receive.ts), ends with it whatever happens. A second SIGINT exits at once.
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -22,7 +23,7 @@ import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
@@ -39,6 +40,8 @@ export interface MigrateOptions extends CommonOptions {
   destRunMs: number;
   destPrealloc: boolean;
   timeoutMs: number;
+  /** Soft engine: how the source re-forms huge mappings when logging stops (huge/recovery.ts). */
+  recover: HugeRecoveryStrategy;
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -86,7 +89,7 @@ interface LocalReceiver {
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
-    '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs),
+    '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs), '--recover', opts.recover,
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
   // stdin is a pipe from us that it watches (STAGE2_EXIT_WITH_STDIN): when this process ends,
@@ -174,7 +177,7 @@ async function runMigrateSignalled(
   spawned: (r: LocalReceiver) => void,
 ): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
-  const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`)));
+  const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`), { recover: opts.recover }));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
@@ -215,6 +218,9 @@ async function runMigrateSignalled(
         onProgress: bar.update,
         signal,
         timeoutMs,
+        // This command destroys the source itself (finally below): kept until then, it stops
+        // logging on completion too and reports the huge mappings it re-formed.
+        destroyOnComplete: false,
       });
     } finally {
       bar.done();
@@ -255,6 +261,7 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   out(`transferred: ${(s.transferredBytes / 2 ** 20).toFixed(1)} MiB of ${(s.ramBytes / 2 ** 20).toFixed(0)} MiB RAM; ${s.throughputMBps.toFixed(0)} MB/s, ${s.pagesPerSecond} pages/s`);
   out(`pages: ${s.normalPages} normal, ${s.zeroPages} zero; dirty syncs ${s.dirtySyncCount}, dirty rate ${s.dirtyPagesRate} pages/s, throttle ${s.throttlePercent}%`);
   for (const r of s.rounds) out(`  round ${r.round} ${r.kind.padEnd(13)} ${String(r.normalPages + r.zeroPages).padStart(8)} pages ${(r.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB ${(r.seconds * 1000).toFixed(1).padStart(8)} ms  throttle ${r.throttlePercent}%`);
+  if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
@@ -275,6 +282,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000)
     // Default: see migration/transport/liveness.ts (fits a 1 Gbit/s link with a wide margin).
+    .option('--recover <strategy>', `soft engine: how the source re-forms huge mappings when dirty logging stops (completed, failed or cancelled): ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--timeout-ms <ms>', 'fail when the destination makes no progress for this long while we wait on it (idle timeout per phase; also given to a --local receiver)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
 }
 

@@ -1,4 +1,5 @@
 // Parsing of the options every stage2 command shares (DESIGN.md "CLI").
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
@@ -36,6 +37,19 @@ export function parseMemorySize(text: string): number {
     const up = down + PAGE_BYTES;
     throw new InvalidArgumentError(`must be a multiple of 4 KiB (4096 bytes): use ${down > 0 ? `${formatBytes(down)} or ` : ''}${formatBytes(up)}`);
   }
+  return bytes;
+}
+
+/** --recover sync|async|in-place (huge/recovery.ts). */
+export function parseRecover(text: string): HugeRecoveryStrategy {
+  if (!(HUGE_RECOVERY_STRATEGIES as readonly string[]).includes(text)) throw new InvalidArgumentError(`must be one of ${HUGE_RECOVERY_STRATEGIES.join(', ')}`);
+  return text as HugeRecoveryStrategy;
+}
+
+/** --eager-split [CHUNK]: a power of two from 2M to 1G (a block size; KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE). */
+export function parseEagerSplitChunk(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < 2 ** 21 || bytes > 2 ** 30 || (bytes & (bytes - 1)) !== 0) throw new InvalidArgumentError(`must be a power of two from 2M to 1G (a block size), e.g. 2M`);
   return bytes;
 }
 

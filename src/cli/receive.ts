@@ -9,12 +9,13 @@
 // connection, during the migration (discards, exits 1), after COMPLETE waiting for GO (discards),
 // or running the guest after switchover (reports and exits). With STAGE2_EXIT_WITH_STDIN=1 (how
 // `migrate --local` starts us) the end of stdin counts as SIGTERM: the parent is gone.
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { Option, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
-import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt } from './options.ts';
+import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt, parseRecover } from './options.ts';
 import { machineRamAvailable, readMachineMemory } from './validate.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { sleepUnless } from '../util/sleep.ts';
@@ -43,6 +44,8 @@ interface ReceiveOptions {
   prealloc: boolean;
   json: boolean;
   timeoutMs: number;
+  /** Soft engine: how huge mappings come back when dirty logging stops on this VM. */
+  recover: HugeRecoveryStrategy;
 }
 
 
@@ -57,6 +60,7 @@ export function registerReceive(program: Command): void {
     .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): first-touch faults happen in setup, not while pages stream in', true)
     .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
+    .option('--recover <strategy>', `soft engine: how huge mappings are re-formed when dirty logging stops on this VM: ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
     .action(async (opts: ReceiveOptions) => {
@@ -101,7 +105,7 @@ export function registerReceive(program: Command): void {
         ]);
         listener.close();
         const r = await receiveMigration(link, {
-          openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine),
+          openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover }),
           limits: { maxRamBytes: opts.maxRam, availableRamBytes: () => machineRamAvailable(readMachineMemory()) },
           verifyRescan: opts.verifyRescan,
           preallocate: opts.prealloc,

@@ -4,6 +4,7 @@
 // parsing. Everything here runs at the top of a command's action, before any VM, receiver or
 // connection exists. A broken rule throws UsageError, whose message is one line that names the
 // option and says what to change; main.ts prints it and exits 1.
+import type { SoftEngineOptions } from '../soft/engine.ts';
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
 import type { Backing, Engine, EngineCapabilities } from '../vmm/engine.ts';
@@ -157,9 +158,9 @@ export function engineForWorkload(opts: { engine: EngineChoice; workload: Worklo
  * exists. The fallback note ("kvm unavailable; using soft") is reported only once the checks
  * pass, so a refused command line prints its one error line and nothing else.
  */
-export async function openCheckedEngine(choice: EngineChoice, demand: GuestDemand, onFallback: (why: string) => void): Promise<Engine> {
+export async function openCheckedEngine(choice: EngineChoice, demand: GuestDemand, onFallback: (why: string) => void, soft?: SoftEngineOptions): Promise<Engine> {
   let fallback: string | undefined;
-  const engine = await openEngine(choice, (why) => (fallback = why));
+  const engine = await openEngine(choice, (why) => (fallback = why), soft);
   checkGuestFits(engine.capabilities(), demand, readMachineMemory());
   if (fallback !== undefined) onFallback(fallback);
   return engine;

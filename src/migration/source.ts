@@ -126,8 +126,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let expectedDowntimeSeconds = 0;
   let bandwidth = 0; // bytes/s measured on the link
   let paused = false;
-  /** Failure: block mappings re-formed once logging stopped (huge-reform.ts). */
+  /** Failure, or completion with the source kept: block mappings re-formed once logging stopped (huge-reform.ts). */
   let reformed = 0;
+  let reformedOnComplete = false;
   /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
   let committed = false;
   let endSent = false;
@@ -365,6 +366,14 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     verifySeconds = secs(tv);
     link.close();
     if (opts.destroyOnComplete ?? true) await vm.destroy();
+    else {
+      // The source lives on (paused): logging stops here too, and the huge mappings it split
+      // are re-formed (huge-reform.ts), as QEMU's dirty-log stop does on completion.
+      const blocksBefore = blockMappings(vm);
+      if (dirty.logging) dirty.setLogging(false);
+      reformed = await hugePagesReformed(vm, blocksBefore);
+      reformedOnComplete = true;
+    }
   } catch (e) {
     const err = e as Error;
     const cancelled = !committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
@@ -435,6 +444,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     } else if (!stats.verified) {
       stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
     }
+    if (error === undefined && reformedOnComplete) stats.hugePagesReformed = reformed;
     return stats;
   }
 }

@@ -45,6 +45,8 @@ import type { MessagePort } from 'node:worker_threads';
 import type { DemandPagingConfig } from '../vmm/demand-paging.ts';
 import { DemandPagingError } from '../vmm/demand-paging.ts';
 import { SoftDemandPager } from './uffd/pager.ts';
+import { newSweepStats, type SweepStats } from './dirty/dirty-log.ts';
+import { checkSweepChunk, DEFAULT_DIRTY_TUNING, DirtyTuningError, eagerSplitChunkPages, type DirtyLogTuning } from './dirty/dirty-tuning.ts';
 
 export interface SoftVmOptions {
   /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
@@ -54,6 +56,15 @@ export interface SoftVmOptions {
   debug?: boolean;
   /** How huge mappings are re-formed when dirty logging stops (huge/recovery.ts); default 'in-place'. */
   recover?: HugeRecoveryStrategy;
+  /** Dirty-log sweeps: chunking, eager split, INITIALLY_SET (dirty/dirty-tuning.ts). */
+  dirtyLog?: DirtyLogTuningOptions;
+}
+
+/** What callers set (setDirtyLogTuning): the eager split chunk in BYTES (0: off). */
+export interface DirtyLogTuningOptions {
+  sweepChunkPages?: number;
+  eagerSplitChunkBytes?: number;
+  initiallySet?: boolean;
 }
 
 const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
@@ -94,6 +105,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   /** Demand paging (soft/uffd/): the pager while one runs, and each vCPU's attach port. */
   private pager: SoftDemandPager | null = null;
   private readonly uffdPorts: MessagePort[] = [];
+  /** Read by dirty/dirty-log.ts and dirty-ring.ts (DirtyLogMmu); replaced whole by setDirtyLogTuning. */
+  dirtyTuning: Readonly<DirtyLogTuning> = DEFAULT_DIRTY_TUNING;
+  readonly sweepStats: SweepStats = newSweepStats();
 
   constructor(
     config: VmConfig,
@@ -114,6 +128,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
     this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this, this.rings === null);
     this.recoverStrategy = opts.recover ?? 'in-place';
+    if (opts.dirtyLog) this.setDirtyLogTuning(opts.dirtyLog);
     if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
   }
 
@@ -144,7 +159,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
     const slots = this.slots;
-    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id) });
+    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id), flushRemoteTlbs: () => this.flushRemoteTlbs() });
     this.recovery.strategy = this.recoverStrategy;
     return this.host;
   }
@@ -262,7 +277,34 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.lock.stalls!.reset();
   }
 
+  /**
+   * Dirty-log sweeps (issue 11 parts 2-4): lock-dropping chunk, eager split when logging starts
+   * (chunk in bytes, 0 = off), KVM_DIRTY_LOG_INITIALLY_SET. Unset fields keep their value.
+   * Applies to later enables / harvests.
+   */
+  setDirtyLogTuning(o: DirtyLogTuningOptions): void {
+    const t = { ...this.dirtyTuning };
+    try {
+      if (o.sweepChunkPages !== undefined) t.sweepChunkPages = checkSweepChunk(o.sweepChunkPages);
+      if (o.eagerSplitChunkBytes !== undefined) t.eagerSplitChunkPages = o.eagerSplitChunkBytes === 0 ? 0 : eagerSplitChunkPages(o.eagerSplitChunkBytes);
+    } catch (e) {
+      if (e instanceof DirtyTuningError) throw new VmError('config', e.message);
+      throw e;
+    }
+    if (o.initiallySet !== undefined) {
+      // KVM: KVM_DIRTY_LOG_INITIALLY_SET is a flag of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, for bitmaps.
+      if (o.initiallySet && !this.config.manualDirtyLogProtect) throw new VmError('config', 'KVM_DIRTY_LOG_INITIALLY_SET needs manual dirty-log protect');
+      if (o.initiallySet && this.rings !== null) throw new VmError('config', 'KVM_DIRTY_LOG_INITIALLY_SET applies to dirty bitmaps; this VM logs to dirty rings');
+      t.initiallySet = o.initiallySet;
+    }
+    this.dirtyTuning = Object.freeze(t);
+  }
+
   // ---- DirtyLogMmu ----
+
+  splitHugePages(gfn: number, npages: number): number {
+    return this.h.pgt.splitHugePages(gfn, npages, false);
+  }
 
   writeProtect(gfn: number, npages: number): void {
     this.h.pgt.writeProtect(gfn, npages, false);
@@ -444,6 +486,11 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
       out.hugeRecoveryBatches = r.batches;
       out.hugeRecoveryPendingRegions = this.recovery.pendingRegions;
     }
+    const sw = this.sweepStats;
+    out.dirtySweepLockBreaks = sw.breaks;
+    out.dirtySweepMaxHoldSeconds = sw.maxHoldSeconds;
+    out.eagerSplitBlocks = sw.eagerSplitBlocks;
+    out.dirtyLogEnableSeconds = sw.lastEnableSeconds;
     const st = this.lock.stalls!.summary();
     out.lockStallWaits = st.waits;
     out.lockStallMaxSeconds = st.maxSeconds;
