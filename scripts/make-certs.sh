@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Test certificates for migration over TLS: a CA, a server certificate for `stage2 receive`
-# (valid for 127.0.0.1, localhost and every address given) and a client certificate for
+# (valid for 127.0.0.1, localhost and every address given; it also serves as the client
+# certificate of `migrate --local`, whose spawned receiver uses it) and a client certificate for
 # `stage2 migrate`, all signed by the CA. For tests and trials, not production: the keys are
 # written unencrypted.
 #
@@ -23,7 +24,7 @@ for who in server client; do
   openssl req "${curve[@]}" -keyout "$who.key" -out "$who.csr" -subj "/CN=stage2 $who" 2>/dev/null
   ext="$who.ext"
   if [ "$who" = server ]; then
-    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" > "$ext"
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$ext"
   else
     printf 'extendedKeyUsage=clientAuth\n' > "$ext"
   fi
