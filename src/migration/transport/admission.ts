@@ -8,6 +8,7 @@
 // 'data' events: node's TLS sockets cannot read into caller-provided buffers.
 
 import type { Socket } from 'node:net';
+import { MigrationTransportError } from './errors.ts';
 import { authenticateSource, authenticateToDestination } from './auth.ts';
 import { acceptTls, checkServerConfig, connectTls, type TlsClientConfig, type TlsServerConfig } from './tls.ts';
 
@@ -72,6 +73,10 @@ export async function secureOutgoing(socket: Socket, host: string, security: Cli
     s.on('error', () => undefined);
     s.destroy();
     socket.destroy();
+    // A destination that requires TLS drops a plain source unread: say what may be missing.
+    if (!security.tls && e instanceof MigrationTransportError && /closed the connection/.test(e.message)) {
+      throw new MigrationTransportError(e.code, `${e.message} (if the destination requires TLS, give --tls-ca; its log says why it refused)`);
+    }
     throw e;
   }
 }
