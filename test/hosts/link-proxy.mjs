@@ -8,7 +8,7 @@
 // bytes behind it arrive late, after a retransmission; so with probability LOSS (0..1) a chunk
 // is held back STALL_MS more, and everything behind it waits for it (head-of-line blocking),
 // which is what a lossy link does to a TCP stream. Backpressure: a direction with more than
-// 4 MiB queued stops reading, so the sender feels the link's rate, not the proxy's memory.
+// 1 MiB queued stops reading, so the sender feels the link's rate, not the proxy's memory.
 // Prints "proxy listening" once it accepts; exits on SIGTERM.
 import { createServer, connect } from 'node:net';
 
@@ -16,7 +16,7 @@ const [listenHost, listenPort, targetHost, targetPort, delayMs, loss = '0', stal
 const DELAY = Number(delayMs);
 const LOSS = Number(loss);
 const STALL = Number(stallMs);
-const HIGH_WATER = 4 << 20;
+const HIGH_WATER = 1 << 20;
 
 function pipe(from, to) {
   const queue = [];

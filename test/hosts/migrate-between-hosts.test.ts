@@ -66,10 +66,13 @@ describe.skipIf(why !== null)('migration between two hosts (network namespaces)'
       expect(report.memoryCheck).toBeNull();
       // 1 Gbit/s = 125 MB/s of frames; the stream's payload can only be below it.
       console.log(`1 Gbit/s + 1 ms: bulk ${bulkMBps(stats).toFixed(0)} MB/s, overall ${stats.throughputMBps.toFixed(0)} MB/s, downtime ${(stats.downtimeSeconds * 1000).toFixed(1)} ms`);
-      expect(bulkMBps(stats)).toBeLessThanOrEqual(125 * 1.03);
+      // The whole migration's rate (end to end, to COMPLETE): the bulk round's own figure
+      // counts bytes into the source's socket, and a few MiB of buffers on the way (socket
+      // buffers, the proxy) let it read up to ~10% above the link.
+      expect(stats.throughputMBps).toBeLessThanOrEqual(125 * 1.03);
       // Alone here it moves ~100 MB/s; under the whole suite on two shared cores ~60 (the CPU,
       // not the link, limits it then), so the floor only catches a link that stalls.
-      expect(bulkMBps(stats)).toBeGreaterThan(125 * 0.25);
+      expect(stats.throughputMBps).toBeGreaterThan(125 * 0.25);
     } finally {
       down(h);
     }
@@ -88,7 +91,7 @@ describe.skipIf(why !== null)('migration between two hosts (network namespaces)'
       expect(stats.status).toBe('completed');
       expect(stats.verified).toBe(true);
       console.log(`10 Gbit/s TLS: bulk ${bulkMBps(stats).toFixed(0)} MB/s, downtime ${(stats.downtimeSeconds * 1000).toFixed(1)} ms`);
-      expect(bulkMBps(stats)).toBeLessThanOrEqual(1250 * 1.03);
+      expect(stats.throughputMBps).toBeLessThanOrEqual(1250 * 1.03);
     } finally {
       down(h);
     }
