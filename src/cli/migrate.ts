@@ -27,8 +27,10 @@ import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativ
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { addMigrateSecurityOptions, loadClientSecurity, localReceiverArgs, type SecurityOptions } from './security-options.ts';
+import type { ClientSecurity } from '../migration/transport/admission.ts';
 
-export interface MigrateOptions extends CommonOptions {
+export interface MigrateOptions extends CommonOptions, SecurityOptions {
   to?: { host: string; port: number };
   local: boolean;
   maxBandwidth: number;
@@ -65,12 +67,12 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess): Promise<SourceLink> {
+async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess, security?: ClientSecurity): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
     if (signal.aborted) throw new MigrationCancelledError();
     try {
-      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal });
+      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal, security });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
@@ -90,6 +92,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
     '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs), '--recover', opts.recover,
+    ...localReceiverArgs(opts),
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
   // stdin is a pipe from us that it watches (STAGE2_EXIT_WITH_STDIN): when this process ends,
@@ -136,6 +139,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
  */
 export async function runMigrate(opts: MigrateOptions, log: (line: string) => void): Promise<MigrateResult> {
   if (!opts.local && !opts.to) throw new Error('migrate needs --to HOST:PORT or --local');
+  const security = loadClientSecurity(opts);
   const timeoutMs = opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   // SIGINT from the very start (see the header). `receiver` is set once spawned.
   let receiver: LocalReceiver | null = null;
@@ -162,7 +166,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     return Promise.race([p, new Promise<never>((_, reject) => ac.signal.addEventListener('abort', () => reject(new MigrationCancelledError('cancelled before the migration started')), { once: true }))]);
   };
   try {
-    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r));
+    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r), security);
   } finally {
     process.off('SIGINT', onSigint);
   }
@@ -175,6 +179,7 @@ async function runMigrateSignalled(
   signal: AbortSignal,
   unlessCancelled: <X>(p: Promise<X>) => Promise<X>,
   spawned: (r: LocalReceiver) => void,
+  security?: ClientSecurity,
 ): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
   const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`), { recover: opts.recover }));
@@ -200,7 +205,7 @@ async function runMigrateSignalled(
     // stats, not a crash. A long warm-up connects only near its end: the receiver's idle timeout
     // runs from the connection to CONFIG.
     const connectAfterMs = Math.max(0, opts.warmupMs - Math.min(3000, timeoutMs / 2));
-    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child));
+    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child, security));
     linkP.catch(() => undefined);
     await Promise.all([linkP.catch(() => undefined), sleepUnless(opts.warmupMs, signal)]);
     const link = lazyLink(opts.channels, () => linkP);
@@ -287,12 +292,13 @@ export function addMigrationOptions(cmd: Command): Command {
 }
 
 export function registerMigrate(program: Command): void {
-  addMigrationOptions(
+  addMigrateSecurityOptions(addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false),
-  ).action(async (opts: MigrateOptions, cmd: Command) => {
+  )).action(async (opts: MigrateOptions, cmd: Command) => {
     checkMigrateOptions(opts, cmd);
+    loadClientSecurity(opts); // its rules and files, before any VM starts
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

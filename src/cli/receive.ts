@@ -19,6 +19,7 @@ import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, 
 import { machineRamAvailable, readMachineMemory } from './validate.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { addReceiveSecurityOptions, checkListenAddress, describeServerSecurity, loadServerSecurity, type SecurityOptions } from './security-options.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -35,7 +36,7 @@ export interface ReceiveReport {
   memoryCheck: string | null;
 }
 
-interface ReceiveOptions {
+interface ReceiveOptions extends SecurityOptions {
   listen: { host: string; port: number };
   engine: EngineChoice;
   runMs: number;
@@ -50,7 +51,7 @@ interface ReceiveOptions {
 
 
 export function registerReceive(program: Command): void {
-  program
+  const cmd = program
     .command('receive')
     .description('receive a live migration: listen, build the VM, take the pages, run the guest')
     .addOption(new Option('--listen <host:port>', 'address to listen on').argParser(parseListenAddress).default(parseListenAddress('127.0.0.1:4444'), '127.0.0.1:4444'))
@@ -62,8 +63,11 @@ export function registerReceive(program: Command): void {
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--recover <strategy>', `soft engine: how huge mappings are re-formed when dirty logging stops on this VM: ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
-    .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
+    .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
+  addReceiveSecurityOptions(cmd)
     .action(async (opts: ReceiveOptions) => {
+      const security = loadServerSecurity(opts);
+      checkListenAddress(opts.listen.host, opts.listen.port, security);
       const log = (line: string) => process.stderr.write(`stage2 receive: ${line}\n`);
       const ac = new AbortController();
       const onSignal = (why: string) => {
@@ -91,13 +95,19 @@ export function registerReceive(program: Command): void {
       }
       // Listening (and saying so) only once the signals are ours: a signal right after the line
       // must cancel, not kill.
-      const listener = await listenLink({ ...opts.listen, timeoutMs: opts.timeoutMs }).catch((e: Error) => {
+      const listener = await listenLink({
+        ...opts.listen,
+        timeoutMs: opts.timeoutMs,
+        security,
+        // A refused connection never reaches the stream (admission.ts): say why, keep waiting.
+        onRefused: (peer, reason) => log(`refused ${peer}: ${reason}; still waiting for the source`),
+      }).catch((e: Error) => {
         process.off('SIGINT', onSigint);
         process.off('SIGTERM', onSigterm);
         if (lifeline) process.stdin.destroy();
         throw e;
       });
-      log(`listening on ${listener.host}:${listener.port}`);
+      log(`listening on ${listener.host}:${listener.port} (${describeServerSecurity(security)})`);
       try {
         const link = await Promise.race([
           listener.accept(),

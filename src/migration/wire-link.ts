@@ -23,6 +23,7 @@
 import type { VcpuState } from '../vmm/engine.ts';
 import { MigrationConnection } from './transport/connection.ts';
 import { MigrationListener, type IncomingMigration } from './transport/listener.ts';
+import type { ClientSecurity, ServerSecurity } from './transport/admission.ts';
 import type { MigrationRecord, StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
 import { formatMemoryHash } from './hash.ts';
@@ -202,10 +203,10 @@ class WireDestLink implements DestLink {
  * each connect and handshake answer, and is the link's idle timeout until setPhase says
  * otherwise (default DEFAULT_IDLE_TIMEOUT_MS).
  */
-export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal }): Promise<SourceLink> {
+export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal; security?: ClientSecurity }): Promise<SourceLink> {
   try {
     return new WireSourceLink(
-      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal }),
+      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal, security: opts.security }),
     );
   } catch (e) {
     throw new MigrationLinkError(`cannot connect to ${opts.host}:${opts.port}: ${(e as Error).message}`);
@@ -221,8 +222,8 @@ export interface LinkListener {
 }
 
 /** `timeoutMs`: each accepted link's handshake and idle timeout (default DEFAULT_IDLE_TIMEOUT_MS). */
-export async function listenLink(opts: { host: string; port: number; timeoutMs?: number }): Promise<LinkListener> {
-  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs });
+export async function listenLink(opts: { host: string; port: number; timeoutMs?: number; security?: ServerSecurity; onRefused?: (peer: string, reason: string) => void }): Promise<LinkListener> {
+  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, security: opts.security, onRefused: opts.onRefused });
   return {
     host: server.host,
     port: server.port,
