@@ -29,8 +29,15 @@ import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './val
 import { sleepUnless } from '../util/sleep.ts';
 import { addMigrateSecurityOptions, loadClientSecurity, localReceiverArgs, type SecurityOptions } from './security-options.ts';
 import type { ClientSecurity } from '../migration/transport/admission.ts';
+import { MigrationState } from '../migration/migration-state.ts';
+import { addDashboardOption, startDashboard, type DashboardOptions } from './dashboard-options.ts';
+import type { Dashboard } from '../dashboard/dashboard.ts';
+import { Timeline } from '../dashboard/timeline.ts';
+import { writeReport } from '../dashboard/report.ts';
 
-export interface MigrateOptions extends CommonOptions, SecurityOptions {
+export interface MigrateOptions extends CommonOptions, SecurityOptions, DashboardOptions {
+  /** migrate --report FILE.html: the charts and the JSON, in one offline file (dashboard/report.ts). */
+  report?: string;
   to?: { host: string; port: number };
   local: boolean;
   maxBandwidth: number;
@@ -165,10 +172,13 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     p.catch(() => undefined);
     return Promise.race([p, new Promise<never>((_, reject) => ac.signal.addEventListener('abort', () => reject(new MigrationCancelledError('cancelled before the migration started')), { once: true }))]);
   };
+  // --dashboard: listening (and its URL printed) before anything else starts.
+  const dash = await startDashboard(opts, `${opts.local ? 'migrate --local' : 'migrate'}: source`, 'source', log);
   try {
-    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r), security);
+    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r), security, dash);
   } finally {
     process.off('SIGINT', onSigint);
+    await dash?.close();
   }
 }
 
@@ -180,6 +190,7 @@ async function runMigrateSignalled(
   unlessCancelled: <X>(p: Promise<X>) => Promise<X>,
   spawned: (r: LocalReceiver) => void,
   security?: ClientSecurity,
+  dash: Dashboard | null = null,
 ): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
   const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`), { recover: opts.recover }));
@@ -190,6 +201,7 @@ async function runMigrateSignalled(
     createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, workloadOptions: workloadOptions(opts, opts.vcpus), lock: opts.lock, guestPageSize: opts.guestPageSize }),
   );
   let receiver: LocalReceiver | null = null;
+  dash?.attachVm(vm);
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
@@ -211,6 +223,11 @@ async function runMigrateSignalled(
     const link = lazyLink(opts.channels, () => linkP);
     log(`source: guest passes before migration [${vm.progress().map((p) => p.passesCompleted).join(', ')}]; migrating to ${host}:${port} over ${opts.channels} channel(s)`);
     const bar = progressBar();
+    // The dashboard and the report watch the migration through its state and its harvests.
+    const state = new MigrationState();
+    const timeline = dash?.timeline ?? (opts.report ? new Timeline() : null);
+    timeline?.watch(state);
+    const watch = dash?.attachMigration(vm, state);
     let stats: MigrationStats;
     try {
       stats = await migrateVm(vm, link, {
@@ -220,7 +237,9 @@ async function runMigrateSignalled(
         downtimeLimitMs: opts.downtimeLimit,
         maxRounds: opts.maxRounds,
         autoConverge: opts.autoConverge,
-        onProgress: bar.update,
+        onProgress: timeline ? (p) => (bar.update(p), timeline.progress(p)) : bar.update,
+        state,
+        ...(watch ? { onDirtyHarvest: watch.onDirtyHarvest } : {}),
         signal,
         timeoutMs,
         // This command destroys the source itself (finally below): kept until then, it stops
@@ -231,6 +250,7 @@ async function runMigrateSignalled(
       bar.done();
     }
     const result: MigrateResult = stats;
+    timeline?.finish(stats.rounds);
     if (stats.status !== 'completed') {
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
@@ -248,8 +268,13 @@ async function runMigrateSignalled(
       }
       result.destination = report ?? { error: 'the receiver did not end after the migration; killed' };
     }
+    if (opts.report) {
+      await writeReport(opts.report, { result: result as MigrateResult & Record<string, unknown>, dirtyRate: timeline?.dirtyRate ?? [], command: ['stage2', ...process.argv.slice(2)].join(' ') });
+      log(`report: ${opts.report}`);
+    }
     return result;
   } finally {
+    dash?.detachVm();
     await vm.destroy();
     if (receiver && receiver.child.exitCode === null) {
       if (!signal.aborted) await within(receiver.report, 2000);
@@ -275,7 +300,7 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
 const parseDestRunMs = parseIntInRange(1, Number.MAX_SAFE_INTEGER, 'must be a whole number of ms, at least 1: the --local receiver runs the guest this long, then exits');
 
 export function addMigrationOptions(cmd: Command): Command {
-  return cmd
+  return addDashboardOption(cmd)
     .option('--max-bandwidth <size>', 'bytes per second on the link (accepts 64M); 0 = unlimited', parseSize, 0)
     .option('--downtime-limit <ms>', 'largest acceptable downtime, ms (0: switch over only when nothing is left to copy, or at --max-rounds)', parseNonNegativeNumber, DEFAULT_DOWNTIME_LIMIT_MS)
     .option('--channels <n>', `TCP connections to spread pages over (1..${MAX_CHANNELS})`, parseIntInRange(1, MAX_CHANNELS), 1)
@@ -288,7 +313,8 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000)
     // Default: see migration/transport/liveness.ts (fits a 1 Gbit/s link with a wide margin).
     .option('--recover <strategy>', `soft engine: how the source re-forms huge mappings when dirty logging stops (completed, failed or cancelled): ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
-    .option('--timeout-ms <ms>', 'fail when the destination makes no progress for this long while we wait on it (idle timeout per phase; also given to a --local receiver)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
+    .option('--timeout-ms <ms>', 'fail when the destination makes no progress for this long while we wait on it (idle timeout per phase; also given to a --local receiver)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
+    .option('--report <file.html>', 'write one self-contained HTML file at the end: summary, rounds and dirty-rate charts, and the JSON they came from');
 }
 
 export function registerMigrate(program: Command): void {

@@ -38,6 +38,11 @@ export class DirtyTracker {
   constructor(
     private readonly vm: Vm,
     readonly slots: readonly MemslotInfo[],
+    /**
+     * Observer of each harvest (the dashboard's heatmap): a slot's newly dirty pages, before
+     * they join what is pending. Called synchronously; the bitmap is only lent for the call.
+     */
+    private readonly onHarvest?: (slot: MemslotInfo, newlyDirty: Uint32Array) => void,
   ) {}
 
   setLogging(on: boolean): void {
@@ -75,6 +80,7 @@ export class DirtyTracker {
       const shadow = this.shadows.get(s.slot);
       const log = shadow ? this.shadowDirtyLog(shadow) : this.vm.getDirtyLog(s.slot);
       const logEmpty = this.isEmpty(log);
+      if (this.onHarvest) this.onHarvest(s, log);
       if (!logEmpty) this.newlyDirty += countBits(log);
       const p = this.pending.get(s.slot);
       if (!p) this.pending.set(s.slot, log);

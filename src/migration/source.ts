@@ -73,6 +73,8 @@ export interface PrecopyOptions {
    * DEFAULT_IDLE_TIMEOUT_MS). READY and COMPLETE get an allowance per GiB on top (below).
    */
   timeoutMs?: number;
+  /** Observer of every dirty-log harvest (dirty-tracker.ts), e.g. the dashboard's heatmap. */
+  onDirtyHarvest?: (slot: MemslotInfo, newlyDirty: Uint32Array) => void;
 }
 
 /**
@@ -173,7 +175,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const el = secs(t0) - setupSeconds;
     opts.onProgress({ status: state.status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
-  const dirty = new DirtyTracker(vm, slots);
+  const dirty = new DirtyTracker(vm, slots, opts.onDirtyHarvest);
   const convergence: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
   // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
   // start the guest unless its own table agrees (catches a lost or corrupted page before

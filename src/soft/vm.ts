@@ -23,6 +23,7 @@ import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
 import { Stage2PageTable } from './pgtable/stage2.ts';
+import { fillMappingMap } from './pgtable/mapping-map.ts';
 import { clearDirtyLog, getDirtyLog, DirtyLogError } from './dirty/dirty-log.ts';
 import { VmMemslots, type MemslotMmu } from './memslot-commit.ts';
 import { FaultHandler, type SlotSource } from './mmu/fault.ts';
@@ -495,6 +496,14 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     out.lockStallWaits = st.waits;
     out.lockStallMaxSeconds = st.maxSeconds;
     out.lockStallSumSeconds = st.sumSeconds;
+    return out;
+  }
+
+  mappingMap(gpa: number, bytes: number): Uint8Array {
+    if (gpa % 2 ** 21 !== 0) throw new VmError('config', `mappingMap: gpa 0x${gpa.toString(16)} is not 2 MiB aligned`);
+    const out = new Uint8Array(Math.ceil(bytes / 2 ** 21));
+    // Before the first memslot there is no table: nothing is mapped.
+    if (this.host && !this.host.pgt.destroyed) fillMappingMap(this.host.pgt, gpa / 4096, out);
     return out;
   }
 

@@ -144,6 +144,14 @@ export interface VcpuState {
 /** Counters an engine exposes (KVM's binary stats: pages_4k, pages_2m, ...). Integers. */
 export type VmStats = Record<string, number>;
 
+/** Vm.mappingMap's values: how a 2 MiB of guest-physical memory is mapped in stage 2. */
+export const MAPPING_NONE = 0;
+/** A table of 4 KiB pages (some or none of them mapped yet). */
+export const MAPPING_4K = 1;
+export const MAPPING_2M = 2;
+/** Part of a 1 GiB block. */
+export const MAPPING_1G = 3;
+
 export interface Engine {
   readonly kind: EngineKind;
   /** KVM_CHECK_EXTENSION over what this engine needs. */
@@ -257,6 +265,13 @@ export interface Vm {
 
   /** Counters (faults, splits, TLB flushes, mapped page sizes, ...). */
   stats(): VmStats;
+
+  /**
+   * The stage-2 mapping size of each 2 MiB of guest-physical memory in [gpa, gpa + bytes) (gpa
+   * 2 MiB aligned): one MAPPING_* byte per 2 MiB. Read-only, never blocks a fault; for observers
+   * (the dashboard). Absent where the engine cannot see its tables (kvm: the host kernel's).
+   */
+  mappingMap?(gpa: number, bytes: number): Uint8Array;
 
   /**
    * Resolves once the huge mappings dirty logging split have been re-formed after logging
