@@ -79,12 +79,13 @@ export function checkCollapseParams(p: CollapseParams): void {
   if (p.backing === 'anonymous') throw new CollapseBenchError('--backing anonymous has no huge pages to re-form: use anonymous_thp or hugetlb');
 }
 
-export async function runCollapseBench(p: CollapseParams, log: (line: string) => void): Promise<CollapseResult> {
+/** `onVm`: told of each VM as it is created (the dashboard watches it). */
+export async function runCollapseBench(p: CollapseParams, log: (line: string) => void, onVm?: (vm: SoftVm) => void): Promise<CollapseResult> {
   checkCollapseParams(p);
   const rows: CollapseRow[] = [];
   for (const bytes of p.sizes) {
     for (const strategy of p.strategies) {
-      const row = await runOne(p, bytes, strategy);
+      const row = await runOne(p, bytes, strategy, onVm);
       rows.push(row);
       log(
         `${fmtSize(bytes)} ${strategy.padEnd(8)}: recovered ${row.blockMappingsAfter}/${row.eligibleRegions} blocks in ${row.recoverSeconds.toFixed(3)}s` +
@@ -96,9 +97,10 @@ export async function runCollapseBench(p: CollapseParams, log: (line: string) =>
   return { params: { engine: 'soft', ...p }, rows };
 }
 
-async function runOne(p: CollapseParams, bytes: number, strategy: HugeRecoveryStrategy): Promise<CollapseRow> {
+async function runOne(p: CollapseParams, bytes: number, strategy: HugeRecoveryStrategy, onVm?: (vm: SoftVm) => void): Promise<CollapseRow> {
   const engine = new SoftEngine({ hostRamBytes: bytes + 2 ** 28, maxVcpus: p.vcpus, recover: strategy });
   const vm: SoftVm = engine.createSoftVm({ lock: p.lock, manualDirtyLogProtect: true });
+  onVm?.(vm);
   try {
     vm.setHugeRecovery(strategy, p.batchRegions);
     vm.hugeRecovery.schedDiagnostics = true;

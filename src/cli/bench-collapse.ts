@@ -4,6 +4,7 @@ import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES } from '../vmm/engine.ts';
 import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { collapseSvg, collapseTable, runCollapseBench } from '../bench/collapse.ts';
+import { addDashboardOption, startDashboard } from './dashboard-options.ts';
 import { humanOut, parseBacking, parseLock, parseMemorySize, parsePositiveInt, parseEngine } from './options.ts';
 
 function parseSizes(text: string): number[] {
@@ -25,7 +26,7 @@ function parseStrategies(text: string): HugeRecoveryStrategy[] {
 }
 
 export function registerBenchCollapse(bench: Command): void {
-  bench
+  addDashboardOption(bench
     .command('collapse')
     .description('huge pages re-formed after dirty logging stops: time and vCPU stall for sync / async / in-place (seed 004)')
     .option('--engine <engine>', 'soft (the only engine whose recovery this project implements)', parseEngine, 'default')
@@ -38,13 +39,18 @@ export function registerBenchCollapse(bench: Command): void {
     .option('--batch <regions>', '2 MiB regions per MMU-lock hold for async / in-place', parsePositiveInt, 8)
     .option('--timeout <seconds>', 'give up waiting for a recovery after this long', parsePositiveInt, 300)
     .option('--svg <file>', 'write the plot here', 'collapse.svg')
-    .option('--json', 'print one JSON object on stdout and nothing else there', false)
+    .option('--json', 'print one JSON object on stdout and nothing else there', false))
     .action(async (opts: { engine: string; sizes: number[]; strategies: HugeRecoveryStrategy[]; vcpus: number; backing: 'anonymous' | 'anonymous_thp' | 'hugetlb'; lock: (typeof MMU_LOCK_MODES)[number]; running: boolean; batch: number; timeout: number; svg: string; json: boolean }) => {
       const out = humanOut(opts.json);
       if (opts.engine === 'kvm') throw new InvalidArgumentError('bench collapse runs on the soft engine only (on kvm the host kernel decides how huge pages come back): use --engine soft');
+      // --dashboard: watch each VM the benchmark creates (the mapping map shows huge pages come back).
+      const dash = await startDashboard(opts, 'bench collapse', 'bench', out);
+      dash?.server.unref();
+      if (dash) process.once('beforeExit', () => void dash.close());
       const result = await runCollapseBench(
         { sizes: opts.sizes, strategies: opts.strategies, vcpus: opts.vcpus, backing: opts.backing, lock: opts.lock, running: opts.running, batchRegions: opts.batch, timeoutSeconds: opts.timeout },
         out,
+        dash ? (vm) => dash.attachVm(vm) : undefined,
       );
       out('');
       out(collapseTable(result));

@@ -10,15 +10,16 @@ import type { FaultPath, UffdMode } from '../vmm/demand-paging.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
 import { registerBenchCollapse } from './bench-collapse.ts';
+import { addDashboardOption, benchDashboard } from './dashboard-options.ts';
 
 export function registerBench(program: Command): void {
   const bench = program.command('bench').description('benchmarks (dirty-log, scaling, collapse, demand-paging)');
   registerBenchCollapse(bench);
 
-  addCommonOptions(
+  addDashboardOption(addCommonOptions(
     bench.command('dirty-log').description("like KVM's dirty_log_perf_test: populate, then dirty and harvest rounds"),
     { bytesPerVcpu: '1G', vcpus: 1, iterations: 2 },
-  )
+  ))
     .option('--no-manual-protect', 'get dirty log clears and re-protects (no KVM_CLEAR_DIRTY_LOG)')
     .option('--dirty-ring <entries>', 'log to per-vCPU dirty rings of this many entries (256..65536, a power of two) instead of the bitmap', parseDirtyRingEntries)
     .option('--eager-split [chunk]', `soft engine: run twice, lazy split then eager split of huge mappings when logging starts in chunks of CHUNK (2M..1G, default ${DEFAULT_EAGER_SPLIT_CHUNK_BYTES / 2 ** 20}M); prints enabling and iteration-1 dirty time side by side`, parseEagerSplitChunk)
@@ -26,7 +27,7 @@ export function registerBench(program: Command): void {
     .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number; eagerSplit?: number | true; initiallySet?: boolean }) => {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await benchDashboard(opts, 'bench dirty-log', await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`)), out);
       if ((opts.eagerSplit !== undefined || opts.initiallySet) && engine.kind !== 'soft') {
         throw new UsageError('--eager-split and --initially-set tune the soft engine; use --engine soft');
       }
@@ -69,10 +70,10 @@ export function registerBench(program: Command): void {
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
     });
 
-  addCommonOptions(
+  addDashboardOption(addCommonOptions(
     bench.command('scaling').description('dirty-log over a list of vCPU counts, every lock mode; tables like seed 003, SVG plot'),
     { bytesPerVcpu: '256M', vcpus: 1, iterations: 3 },
-  )
+  ))
     .option('--vcpu-counts <list>', 'vCPU counts to run, e.g. 1,2,4,8 (default 1,2,4,8; -v N alone runs N only)', parseIntList)
     .option('--locks <list>', 'lock modes to compare', (t: string) => t.split(',').map((x) => parseLock(x.trim())), [...MMU_LOCK_MODES])
     .option('--svg <file>', 'write the plot here', 'scaling.svg')
@@ -80,7 +81,7 @@ export function registerBench(program: Command): void {
       const out = humanOut(opts.json);
       const vcpuCounts = scalingVcpuCounts(opts, cmd);
       const demand = { vcpuCounts, vcpusFlag: opts.vcpuCounts ? '--vcpu-counts' : '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await benchDashboard(opts, 'bench scaling', await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`)), out);
       const result = await runScalingBench(
         engine,
         {
@@ -102,10 +103,10 @@ export function registerBench(program: Command): void {
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
     });
 
-  addCommonOptions(
+  addDashboardOption(addCommonOptions(
     bench.command('demand-paging').description("like KVM's demand_paging_test: every vCPU faults in its slice through demand paging (uffd or memory-fault exits); table + SVG over --vcpu-counts"),
     { bytesPerVcpu: '128M', vcpus: 1 },
-  )
+  ))
     .option('--mode <path>', 'fault path: uffd (userfaultfd queue + reader threads) | exit (memory-fault exits, the vCPU fetches)', parseFaultPath, 'uffd' as FaultPath)
     .option('-u, --uffd-mode <mode>', 'MISSING (anonymous memory, COPY) | MINOR (shared memory, write + CONTINUE)', parseUffdMode, 'missing' as UffdMode)
     .option('-a, --shared-uffd', 'one uffd for every vCPU (default: one per vCPU slice)', false)
@@ -122,7 +123,7 @@ export function registerBench(program: Command): void {
         const out = humanOut(opts.json);
         const vcpuCounts = scalingVcpuCounts(opts, cmd, 'bench demand-paging', [opts.vcpus]);
         const demand = { vcpuCounts, vcpusFlag: opts.vcpuCounts ? '--vcpu-counts' : '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-        const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
+        const engine = await benchDashboard(opts, 'bench demand-paging', await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`)), out);
         checkDemandPagingOptions(engine.capabilities(), opts, cmd);
         const hostUffd = opts.hostUffd ? await loadHostUffdBench() : null;
         const result = await runDemandPagingBench(

@@ -5,16 +5,18 @@ import { DashboardAddressError, parseDashboardAddress } from '../dashboard/addre
 import { Dashboard } from '../dashboard/dashboard.ts';
 import type { ListenAddress } from '../dashboard/guard.ts';
 import type { DashboardMessage } from '../dashboard/sampler.ts';
+import type { Engine } from '../vmm/engine.ts';
 
 export interface DashboardOptions {
-  dashboard?: ListenAddress;
+  /** `true`: the flag alone (loopback, a free port). */
+  dashboard?: ListenAddress | true;
 }
 
 function parseDashboard(value: string): ListenAddress {
   try {
     return parseDashboardAddress(value);
   } catch (e) {
-    if (e instanceof DashboardAddressError) throw new InvalidArgumentError(e.message.replace(/^--dashboard [^:]*: /, ''));
+    if (e instanceof DashboardAddressError) throw new InvalidArgumentError(e.why);
     throw e;
   }
 }
@@ -28,12 +30,25 @@ export function addDashboardOption(cmd: Command): Command {
 }
 
 /** The flag alone gives `true`: loopback, a free port. */
-export function dashboardAddress(opts: { dashboard?: ListenAddress | true }): ListenAddress | undefined {
+export function dashboardAddress(options: object): ListenAddress | undefined {
+  const opts = options as DashboardOptions;
   return opts.dashboard === true ? parseDashboardAddress(true) : opts.dashboard;
 }
 
 /** Start the dashboard the options ask for, or none. */
-export async function startDashboard(opts: { dashboard?: ListenAddress | true }, title: string, role: DashboardMessage['role'], log: (line: string) => void): Promise<Dashboard | null> {
+export async function startDashboard(opts: object, title: string, role: DashboardMessage['role'], log: (line: string) => void): Promise<Dashboard | null> {
   const addr = dashboardAddress(opts);
   return addr ? Dashboard.start(addr, title, role, log) : null;
+}
+
+/**
+ * For a benchmark: the dashboard watches every VM the engine creates, does not keep the process
+ * alive, and sends its final message when the command's work is done (beforeExit).
+ */
+export async function benchDashboard<E extends Engine>(opts: object, title: string, engine: E, log: (line: string) => void): Promise<Engine> {
+  const dash = await startDashboard(opts, title, 'bench', log);
+  if (!dash) return engine;
+  dash.server.unref();
+  process.once('beforeExit', () => void dash.close());
+  return dash.observe(engine);
 }

@@ -20,6 +20,7 @@ import { machineRamAvailable, readMachineMemory } from './validate.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { sleepUnless } from '../util/sleep.ts';
 import { addReceiveSecurityOptions, checkListenAddress, describeServerSecurity, loadServerSecurity, type SecurityOptions } from './security-options.ts';
+import { addDashboardOption, startDashboard, type DashboardOptions } from './dashboard-options.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -36,7 +37,7 @@ export interface ReceiveReport {
   memoryCheck: string | null;
 }
 
-interface ReceiveOptions extends SecurityOptions {
+interface ReceiveOptions extends SecurityOptions, DashboardOptions {
   listen: { host: string; port: number };
   engine: EngineChoice;
   runMs: number;
@@ -64,7 +65,7 @@ export function registerReceive(program: Command): void {
     .option('--recover <strategy>', `soft engine: how huge mappings are re-formed when dirty logging stops on this VM: ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
-  addReceiveSecurityOptions(cmd)
+  addDashboardOption(addReceiveSecurityOptions(cmd))
     .action(async (opts: ReceiveOptions) => {
       const security = loadServerSecurity(opts);
       checkListenAddress(opts.listen.host, opts.listen.port, security);
@@ -108,6 +109,8 @@ export function registerReceive(program: Command): void {
         throw e;
       });
       log(`listening on ${listener.host}:${listener.port} (${describeServerSecurity(security)})`);
+      // --dashboard: the VM appears once CONFIG has built it (the engine reports it).
+      const dash = await startDashboard(opts, `receive on ${listener.host}:${listener.port}: destination`, 'destination', log);
       try {
         const link = await Promise.race([
           listener.accept(),
@@ -115,7 +118,10 @@ export function registerReceive(program: Command): void {
         ]);
         listener.close();
         const r = await receiveMigration(link, {
-          openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover }),
+          openEngine: async (kind) => {
+            const engine = await openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover });
+            return dash ? dash.observe(engine) : engine;
+          },
           limits: { maxRamBytes: opts.maxRam, availableRamBytes: () => machineRamAvailable(readMachineMemory()) },
           verifyRescan: opts.verifyRescan,
           preallocate: opts.prealloc,
@@ -132,6 +138,7 @@ export function registerReceive(program: Command): void {
         const passesAfter = r.vm.progress().map((p) => p.passesCompleted);
         const memoryCheck = checkWorkloadMemory(r.vm, r.config.workload, passesAfter);
         log(`after ${ranSeconds.toFixed(2)} s on this host: vCPU passes [${passesAfter.join(', ')}]; memory ${memoryCheck ?? 'consistent with the workload'}`);
+        dash?.detachVm();
         await r.vm.destroy();
         const report: ReceiveReport = {
           status: 'completed',
@@ -149,6 +156,8 @@ export function registerReceive(program: Command): void {
         if (opts.json) process.stdout.write(JSON.stringify(report) + '\n');
         if (memoryCheck) throw new Error(`guest memory inconsistent after migration: ${memoryCheck}`);
       } finally {
+        dash?.detachVm();
+        await dash?.close();
         listener.close();
         process.off('SIGINT', onSigint);
         process.off('SIGTERM', onSigterm);

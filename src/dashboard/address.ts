@@ -9,7 +9,10 @@ export const DEFAULT_DASHBOARD_HOST = '127.0.0.1';
 
 /** A --dashboard value that is not [HOST:]PORT (the CLI turns it into its one-line error). */
 export class DashboardAddressError extends Error {
-  constructor(value: string, why: string) {
+  constructor(
+    value: string,
+    readonly why: string,
+  ) {
     super(`--dashboard ${value}: ${why}`);
     this.name = 'DashboardAddressError';
   }

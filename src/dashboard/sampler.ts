@@ -79,7 +79,14 @@ export class Sampler {
 
   /** Take a last look, then stop reading the VM (it is about to be destroyed). */
   detachVm(): void {
-    if (this.vm) this.readVm();
+    try {
+      if (this.vm) this.readVm();
+    } finally {
+      this.detachGone();
+    }
+  }
+
+  private detachGone(): void {
     this.vm = null;
     this.lastVcpus = this.lastVcpus.map((v) => ({ ...v, state: v.state === 'halted' ? 'halted' : 'gone' }));
   }
@@ -102,7 +109,15 @@ export class Sampler {
       this.timeline.sample(q);
       migration = { ...q, currentMBps: this.timeline.currentMBps };
     }
-    if (this.vm) this.readVm();
+    if (this.vm) {
+      try {
+        this.readVm();
+      } catch {
+        // A VM being built (no vCPUs yet), or destroyed on a failure path without telling us:
+        // show the last look and try again next time.
+        this.lastVcpus = this.lastVcpus.map((v) => ({ ...v, state: v.state === 'halted' ? 'halted' : 'gone' }));
+      }
+    }
     return {
       seq: ++this.seq,
       t: this.timeline.now(),

@@ -74,6 +74,11 @@ export class DashboardServer {
     return `http://${h}:${this.port}/`;
   }
 
+  /** Never keep the process alive for the pages' sake (a command that ends on its own). */
+  unref(): void {
+    this.server.unref();
+  }
+
   get clientCount(): number {
     return this.clients.size;
   }
