@@ -117,7 +117,7 @@ export class DashboardServer {
     const now = performance.now();
     for (const [c, last] of this.clients) {
       // A page that just connected got its first message then: keep its rate too (the final one goes to all).
-      if (now - last < TICK_MS * 0.9 && !m.final) continue;
+      if (now - last < TICK_MS && !m.final) continue;
       this.clients.set(c, now);
       c.write(frame);
     }
