@@ -89,6 +89,10 @@ function drawDirtyRate(points) {
   const tMax = Math.max(1e-3, ...points.map((p) => p.t));
   const tMin = points.length ? points[0].t : 0;
   axes(svg, yMax, 'seconds');
+  if (points.length > 0) {
+    el(svg, 'text', { x: L, y: H - B + 11, 'text-anchor': 'start' }, tMin.toFixed(1));
+    el(svg, 'text', { x: W - R, y: H - B + 11, 'text-anchor': 'end' }, tMax.toFixed(1));
+  }
   const x = (t) => L + ((W - L - R) * (t - tMin)) / Math.max(tMax - tMin, 1e-3);
   const y = (v) => H - B - ((H - B - T) * v) / yMax;
   if (points.length === 0) el(svg, 'text', { x: (L + W) / 2, y: H / 2, 'text-anchor': 'middle' }, 'no harvests yet');
