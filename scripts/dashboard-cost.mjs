@@ -49,7 +49,8 @@ function run(withDashboard) {
     child.on('close', async (code) => {
       if (code !== 0) return reject(new Error(`migrate exited ${code}: ${err.slice(-500)}`));
       const r = JSON.parse(out.trim().split('\n').pop());
-      resolve({ mbps: r.throughputMBps, downtimeMs: r.downtimeSeconds * 1000, totalSeconds: r.totalSeconds, messages: await page });
+      const busy = /took ([\d.]+) ms of the main thread/.exec(err);
+      resolve({ mbps: r.throughputMBps, downtimeMs: r.downtimeSeconds * 1000, totalSeconds: r.totalSeconds, messages: await page, busyMs: busy ? Number(busy[1]) : 0 });
     });
   });
 }
@@ -64,7 +65,7 @@ for (let i = 0; i < n; i++) {
   for (const w of i % 2 ? [true, false] : [false, true]) {
     const r = await run(w);
     rows[w ? 'with' : 'without'].push(r);
-    console.log(`  run ${i + 1} ${w ? 'with   ' : 'without'}: ${r.mbps.toFixed(0)} MB/s, downtime ${r.downtimeMs.toFixed(2)} ms, total ${r.totalSeconds.toFixed(2)} s${w ? `, ${r.messages} feed messages` : ''}`);
+    console.log(`  run ${i + 1} ${w ? 'with   ' : 'without'}: ${r.mbps.toFixed(0)} MB/s, downtime ${r.downtimeMs.toFixed(2)} ms, total ${r.totalSeconds.toFixed(2)} s${w ? `, ${r.messages} feed messages, ${r.busyMs.toFixed(1)} ms of the main thread (${((r.busyMs / 1000 / r.totalSeconds) * 100).toFixed(2)}% of the run)` : ''}`);
   }
 }
 for (const k of ['without', 'with']) {

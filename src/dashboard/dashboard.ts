@@ -20,6 +20,7 @@ export class Dashboard {
   readonly sampler: Sampler;
   readonly server: DashboardServer;
   private heat: DirtyHeat | null = null;
+  private log: (line: string) => void = () => undefined;
 
   private constructor(title: string, role: DashboardMessage['role']) {
     this.sampler = new Sampler(title, role, this.timeline);
@@ -30,6 +31,7 @@ export class Dashboard {
   static async start(addr: ListenAddress, title: string, role: DashboardMessage['role'], log: (line: string) => void): Promise<Dashboard> {
     const d = new Dashboard(title, role);
     await d.server.listen(addr);
+    d.log = log;
     log(`dashboard: ${d.server.url}${isLoopback(addr.host) ? '' : ` (listening on ${addr.host}: reachable from other machines, read-only)`}`);
     return d;
   }
@@ -76,5 +78,6 @@ export class Dashboard {
 
   async close(): Promise<void> {
     await this.server.close();
+    this.log(`dashboard: closed after ${this.server.ticks} feed messages; sampling and sending them took ${this.server.busyMs.toFixed(1)} ms of the main thread`);
   }
 }

@@ -46,6 +46,8 @@ export class DashboardServer {
   private closed = false;
   /** Messages sent on /feed so far (each to every client). */
   ticks = 0;
+  /** Main-thread time spent sampling, serialising and writing messages, ms: the dashboard's cost. */
+  busyMs = 0;
   host = '';
   port = 0;
 
@@ -102,9 +104,11 @@ export class DashboardServer {
 
   private tick(): void {
     if (this.closed) return;
+    const t0 = performance.now();
     try {
       if (this.clients.size > 0 && !this.sampler.quiet) this.broadcast(this.sampler.sample());
     } finally {
+      this.busyMs += performance.now() - t0;
       this.arm();
     }
   }

@@ -501,6 +501,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   mappingMap(gpa: number, bytes: number): Uint8Array {
     if (gpa % 2 ** 21 !== 0) throw new VmError('config', `mappingMap: gpa 0x${gpa.toString(16)} is not 2 MiB aligned`);
+    if (!(bytes >= 0) || !Number.isSafeInteger(bytes)) throw new VmError('config', `mappingMap: ${bytes} is not a byte count`);
     const out = new Uint8Array(Math.ceil(bytes / 2 ** 21));
     // Before the first memslot there is no table: nothing is mapped.
     if (this.host && !this.host.pgt.destroyed) fillMappingMap(this.host.pgt, gpa / 4096, out);

@@ -63,7 +63,7 @@ describe.skipIf(!haveChromium)('dashboard in headless chromium', () => {
     expect(await page.textContent('#status')).toBe('active');
     // Reload mid-migration: the first message after it redraws everything.
     await page.reload();
-    await page.waitForFunction(() => Number(document.body.dataset.seq) > 0 && document.getElementById('status')!.dataset.status !== '', null, { timeout: 10_000 });
+    await page.waitForFunction("Number(document.body.dataset.seq) > 0 && document.getElementById('status').dataset.status !== ''", null, { timeout: 10_000 });
     expect(['active', 'device', 'completed']).toContain(await page.getAttribute('#status', 'data-status'));
     expect(await page.evaluate(paintedCells('heatmap'))).toEqual({ cells, painted: cells });
     expect(await page.evaluate(paintedCells('mapping'))).toEqual({ cells, painted: cells });
