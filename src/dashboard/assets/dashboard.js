@@ -41,6 +41,7 @@ function drawMigration(m, msg) {
   text('downtime', (m.expectedDowntimeSeconds * 1000).toFixed(1) + ' ms');
   text('dirty-rate', fmtNum(m.dirtyPagesRate) + ' pages/s');
   text('elapsed', m.totalSeconds.toFixed(1) + ' s');
+  text('postcopy', String(m.postcopyRequests));
   $('migration-note').textContent = m.error ? 'error: ' + m.error : '';
 }
 
