@@ -37,7 +37,7 @@ const HEADERS = {
 
 export class DashboardServer {
   private readonly server: Server;
-  /** Each connected page and when it was last sent a message (performance.now()). */
+  /** Each connected page and when the last message it was sent was sampled (m.t, in ms). */
   private readonly clients = new Map<ServerResponse, number>();
   private readonly assets = new Map<string, Buffer>();
   private allowed = new Set<string>();
@@ -118,11 +118,12 @@ export class DashboardServer {
     if (this.clients.size === 0) return;
     this.ticks++;
     const frame = `id: ${m.seq}\ndata: ${JSON.stringify(m)}\n\n`;
-    const now = performance.now();
+    // On the sampler's clock: two messages to one page are sampled at least TICK_MS apart.
+    const sampledMs = m.t * 1000;
     for (const [c, last] of this.clients) {
       // A page that just connected got its first message then: keep its rate too (the final one goes to all).
-      if (now - last < TICK_MS && !m.final) continue;
-      this.clients.set(c, now);
+      if (sampledMs - last < TICK_MS && !m.final) continue;
+      this.clients.set(c, sampledMs);
       c.write(frame);
     }
   }
@@ -157,7 +158,7 @@ export class DashboardServer {
       const m = this.latest && (this.sampler.quiet || this.sampler.final) ? this.latest : this.sampler.sample();
       this.latest = m;
       res.write(`id: ${m.seq}\ndata: ${JSON.stringify(m)}\n\n`);
-      this.clients.set(res, performance.now());
+      this.clients.set(res, m.t * 1000);
       req.on('close', () => this.clients.delete(res));
       return;
     }

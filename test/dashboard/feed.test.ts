@@ -65,14 +65,15 @@ describe('dashboard feed (no browser)', () => {
     // Logging split the THP blocks while the migration was active.
     expect(msgs.some((m) => m.msg.migration?.status === 'active' && 'cells' in m.msg.mapping && m.msg.mapping.cells.includes('t'))).toBe(true);
 
-    // Rate: messages at least 250 ms apart at the server (the final one excepted), so over the
-    // whole run, and in any second, at most 4 (arrival jitter allowed for).
+    // Rate: the server samples a page's messages at least 250 ms apart (the final one excepted):
+    // checked on the server's own clock (msg.t), since a busy test process may read two at
+    // once; and on arrival, over the whole run, at most 4 a second.
     const live = msgs.slice(0, -1);
     expect(live.length).toBeGreaterThanOrEqual(8);
+    for (let i = 1; i < live.length; i++) expect(live[i]!.msg.t - live[i - 1]!.msg.t).toBeGreaterThanOrEqual(0.249);
+    for (let i = 0; i + 4 < live.length; i++) expect(live[i + 4]!.msg.t - live[i]!.msg.t).toBeGreaterThanOrEqual(0.999);
     const span = (live.at(-1)!.at - live[0]!.at) / 1000;
     expect((live.length - 1) / span).toBeLessThanOrEqual(4.05);
-    for (let i = 1; i < live.length; i++) expect(live[i]!.at - live[i - 1]!.at).toBeGreaterThan(200);
-    for (const m of live) expect(live.filter((x) => x.at >= m.at && x.at < m.at + 1000).length).toBeLessThanOrEqual(4);
 
     // The page that came later got the rounds and dirty rate so far in its first message.
     const later = await second!;

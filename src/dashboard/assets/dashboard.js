@@ -134,13 +134,14 @@ function heatColour(level, window) {
   return `hsl(${Math.round(50 - 50 * f)}, 90%, ${Math.round(62 - 20 * f)}%)`;
 }
 
-function drawHeat(heat, memory) {
+function drawHeat(heat, memory, role) {
   const canvas = $('heatmap');
   if (!memory) return;
   const window = heat ? heat.window : 0;
   const cells = heat ? heat.cells : '0'.repeat(memory.cells);
   drawCells(canvas, cells, (ch) => heatColour(ch.charCodeAt(0) - 48, window));
-  text('heat-caption', heat ? `(one cell per 2 MiB; dirty in how many of the last ${window} harvests, ${heat.harvests} so far)` : '(one cell per 2 MiB; no harvest yet)');
+  const none = role === 'source' ? 'no harvest yet' : role === 'destination' ? 'the destination harvests nothing' : "this benchmark's own harvests are not shown";
+  text('heat-caption', heat ? `(one cell per 2 MiB; dirty in how many of the last ${window} harvests, ${heat.harvests} so far)` : `(one cell per 2 MiB; ${none})`);
   const legend = $('heat-legend');
   legend.textContent = '';
   for (let l = 0; l <= Math.max(window, 1); l++) {
@@ -232,7 +233,7 @@ function render(msg) {
   drawMigration(msg.migration, msg);
   drawRounds(msg.rounds);
   drawDirtyRate(msg.dirtyRate);
-  drawHeat(msg.heat, msg.memory);
+  drawHeat(msg.heat, msg.memory, msg.role);
   drawMapping(msg.mapping, msg.memory);
   drawVcpus(msg.vcpus);
   drawCounters(msg.counters);
