@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Dashboard } from '../../src/dashboard/dashboard.ts';
 import { parseDashboardAddress } from '../../src/dashboard/address.ts';
 import { allowedHostNames, refusal } from '../../src/dashboard/guard.ts';
+import { hostname } from 'node:os';
 import { get } from './sse.ts';
 
 describe('--dashboard [HOST:]PORT', () => {
@@ -32,6 +33,19 @@ describe('who may read it', () => {
     expect(refusal('GET', '127.0.0.1:5000', 'null', loop, 5000)).toMatch(/Origin/);
     expect(refusal('GET', undefined, undefined, loop, 5000)).toMatch(/no Host/);
     expect(refusal('POST', '127.0.0.1:5000', undefined, loop, 5000)).toMatch(/read-only/);
+  });
+});
+
+describe('told to listen beyond loopback', () => {
+  const all = allowedHostNames('0.0.0.0');
+  it("accepts the machine's own names and addresses, still nobody else's", () => {
+    expect(refusal('GET', `${hostname()}:8080`, undefined, all, 8080)).toBeNull();
+    expect(refusal('GET', '127.0.0.1:8080', 'http://127.0.0.1:8080', all, 8080)).toBeNull();
+    expect(refusal('GET', 'attacker.example:8080', undefined, all, 8080)).toMatch(/Host/);
+    expect(refusal('GET', `${hostname()}:8080`, 'https://attacker.example', all, 8080)).toMatch(/Origin/);
+  });
+  it('takes IPv6 loopback in brackets', () => {
+    expect(refusal('GET', '[::1]:8080', undefined, allowedHostNames('::1'), 8080)).toBeNull();
   });
 });
 
