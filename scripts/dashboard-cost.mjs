@@ -50,7 +50,8 @@ function run(withDashboard) {
       if (code !== 0) return reject(new Error(`migrate exited ${code}: ${err.slice(-500)}`));
       const r = JSON.parse(out.trim().split('\n').pop());
       const busy = /took ([\d.]+) ms of the main thread/.exec(err);
-      resolve({ mbps: r.throughputMBps, downtimeMs: r.downtimeSeconds * 1000, totalSeconds: r.totalSeconds, messages: await page, busyMs: busy ? Number(busy[1]) : 0 });
+      const tap = /harvest tap ([\d.]+) ms \(([\d.]+) ms of it in stop-and-copy\)/.exec(err);
+      resolve({ mbps: r.throughputMBps, downtimeMs: r.downtimeSeconds * 1000, totalSeconds: r.totalSeconds, messages: await page, busyMs: busy ? Number(busy[1]) : 0, tapStopAndCopyMs: tap ? Number(tap[2]) : 0, stopAndCopy: r.stopAndCopy });
     });
   });
 }
@@ -65,7 +66,8 @@ for (let i = 0; i < n; i++) {
   for (const w of i % 2 ? [true, false] : [false, true]) {
     const r = await run(w);
     rows[w ? 'with' : 'without'].push(r);
-    console.log(`  run ${i + 1} ${w ? 'with   ' : 'without'}: ${r.mbps.toFixed(0)} MB/s, downtime ${r.downtimeMs.toFixed(2)} ms, total ${r.totalSeconds.toFixed(2)} s${w ? `, ${r.messages} feed messages, ${r.busyMs.toFixed(1)} ms of the main thread (${((r.busyMs / 1000 / r.totalSeconds) * 100).toFixed(2)}% of the run)` : ''}`);
+    console.log(`  run ${i + 1} ${w ? 'with   ' : 'without'}: ${r.mbps.toFixed(0)} MB/s, downtime ${r.downtimeMs.toFixed(2)} ms, total ${r.totalSeconds.toFixed(2)} s${w ? `, ${r.messages} feed messages, ${r.busyMs.toFixed(1)} ms of the main thread (${((r.busyMs / 1000 / r.totalSeconds) * 100).toFixed(2)}% of the run), heat tap in stop-and-copy ${r.tapStopAndCopyMs.toFixed(3)} ms` : ''}`);
+    if (process.env.BREAKDOWN) console.log(`      stop-and-copy ms: ${Object.entries(r.stopAndCopy ?? {}).map(([k, v]) => `${k.replace('Seconds', '')} ${(v * 1000).toFixed(2)}`).join(', ')}`);
   }
 }
 for (const k of ['without', 'with']) {

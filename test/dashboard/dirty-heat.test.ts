@@ -41,4 +41,17 @@ describe('DirtyHeat', () => {
     expect(heat.encode()).toBe('000000');
     expect(heat.window).toBe(HEAT_WINDOW);
   });
+
+  it('while deferring (stop-and-copy) only copies the lent bitmap, and counts it later', () => {
+    let deferring = true;
+    const heat = new DirtyHeat(layoutCells([slots[0]!]), () => deferring);
+    const log = new Uint32Array(8 * 256 / 32);
+    log[0] = 1;
+    heat.tap(slots[0]!, log);
+    log.fill(0); // the harvest reuses its buffer: the copy is what counts
+    deferring = false;
+    expect(heat.harvests).toBe(1);
+    expect(heat.encode()).toBe('1000');
+    expect(heat.deferredTapMs).toBeGreaterThan(0);
+  });
 });
