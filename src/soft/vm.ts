@@ -37,8 +37,7 @@ import { VmError } from '../vmm/errors.ts';
 import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
-import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
-import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
+import { VmDirtyRings } from './dirty/vm-rings.ts';
 import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
 import type { StallSummary } from './locking/lock-stall.ts';
 import type { MessagePort } from 'node:worker_threads';
@@ -93,13 +92,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
-  /** KVM_CAP_DIRTY_LOG_RING: one ring per vCPU line plus the VMM thread's (line maxVcpus). */
-  private readonly rings: SoftDirtyRings | null = null;
-  private readonly ringCollectors: DirtyRingCollector[] = [];
-  /** Entries collected (by ring-full exits) and not yet returned by harvestDirtyRings. */
-  private readonly pendingRing: DirtyGfn[] = [];
-  private ringResets = 0;
-  private ringMaxBatch = 0;
+  /** KVM_CAP_DIRTY_LOG_RING (dirty/vm-rings.ts), or null: the VM logs to memslot bitmaps. */
+  private readonly rings: VmDirtyRings | null = null;
   private recovery: HugePageRecovery | null = null;
   private recoverStrategy: HugeRecoveryStrategy;
   /** Demand paging (soft/uffd/): the pager while one runs, and each vCPU's attach port. */
@@ -115,13 +109,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   ) {
     super();
     this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
-    const ringEntries = this.config.dirtyRingEntries;
-    if (ringEntries !== 0) {
-      const problem = dirtyRingSizeProblem(ringEntries, DIRTY_RING_MAX_ENTRIES);
-      if (problem !== null) throw new VmError('config', problem);
-      this.rings = SoftDirtyRings.create(opts.maxVcpus + 1, ringEntries);
-      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, line < opts.maxVcpus ? line : -1, this.rings.ringBase(line)));
-    }
+    if (this.config.dirtyRingEntries !== 0) this.rings = new VmDirtyRings(this.config.dirtyRingEntries, opts.maxVcpus);
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
@@ -349,26 +337,16 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   // ---- dirty rings ----
 
-  /**
-   * Collect every ring's published entries into pendingRing, then KVM_RESET_DIRTY_RINGS: the
-   * collected pages are write-protected again and their entries freed. Run for a vCPU's
-   * DIRTY_RING_FULL exit (it re-enters afterwards) and by harvestDirtyRings.
-   */
+  /** Collect + reset every ring (a DIRTY_RING_FULL exit's handler, and harvestDirtyRings). */
   private drainRings(): void {
-    const rings = this.rings!;
-    for (const c of this.ringCollectors) this.ringMaxBatch = Math.max(this.ringMaxBatch, c.collect(this.pendingRing));
-    if (this.host) {
-      const n = resetSoftDirtyRings(rings, rings.lines, (id) => this.slots.desc(id), this);
-      this.vmStats.add(S_WRITE_PROTECTED, n);
-    }
-    this.ringResets++;
+    this.vmStats.add(S_WRITE_PROTECTED, this.rings!.drain((id) => this.slots.desc(id), this.host ? this : null));
   }
 
   harvestDirtyRings(): DirtyGfn[] {
     this.checkAlive();
     if (this.rings === null) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
     this.drainRings();
-    return this.pendingRing.splice(0);
+    return this.rings.takePending();
   }
 
   // ---- guest memory through the VMM's mapping ----
@@ -408,7 +386,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         pgt: pgt.shared,
         lock: this.lock.shared,
         inval: this.slots.inval.sab,
-        dirtyRings: this.rings ? { sab: this.rings.sab, lines: this.rings.lines, entries: this.rings.entries } : null,
+        dirtyRings: this.rings?.shared() ?? null,
       },
       this.slots.publisher,
       { kick: () => this.pager?.kick(), uffdPorts: this.uffdPorts },
@@ -475,10 +453,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     }
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
     out.memslotGeneration = this.slots.publisher.current.gen;
-    if (this.rings !== null) {
-      out.dirtyRingResets = this.ringResets;
-      out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
-    }
+    this.rings?.addStats(out);
     if (this.recovery) {
       const r = this.recovery.stats;
       out.hugeRecoveredInPlace = r.collapsedInPlace;
@@ -517,7 +492,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         return lookup;
       },
     };
-    const sink = this.rings ? new SoftDirtyRingProducer(this.rings, this.opts.maxVcpus) : undefined;
+    const sink = this.rings?.vmmProducer();
     this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats, sink);
     return this.mainFaults;
   }
