@@ -177,7 +177,7 @@ export class KvmVm extends VmRunLoop implements Vm {
     saveArchState(a, this.vcpus[0]!.fd, this.features);
     this.runControl = await startKvmVcpus(a, this.vcpus, spec.kind === 'idle');
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
-    if (this.config.dirtyRingEntries > 0) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+    if (this.config.dirtyRingEntries > 0) this.runControl.onExit('dirtyRingFull', (x) => this.drainRings(x.vcpu));
   }
 
   private slotPages(slot: number): number {
@@ -197,8 +197,9 @@ export class KvmVm extends VmRunLoop implements Vm {
     this.addon.dirtyLog(this.vmFd, true, slot, firstPage, numPages, bitmap);
   }
 
-  private drainRings(): void {
-    for (const vc of this.vcpus) {
+  /** Collect every vCPU's ring (or only `onlyVcpu`'s, its DIRTY_RING_FULL exit), then reset. */
+  private drainRings(onlyVcpu?: number): void {
+    for (const vc of onlyVcpu === undefined ? this.vcpus : [this.vcpus[onlyVcpu]!]) {
       // KVM promises a vCPU exits once its ring holds soft_limit = size - 64 (or fewer)
       // entries; the largest batch seen shows whether the host kept that promise.
       const n = vc.ring?.collect(this.pendingRing) ?? 0;

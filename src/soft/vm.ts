@@ -337,9 +337,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   // ---- dirty rings ----
 
-  /** Collect + reset every ring (a DIRTY_RING_FULL exit's handler, and harvestDirtyRings). */
-  private drainRings(): void {
-    this.vmStats.add(S_WRITE_PROTECTED, this.rings!.drain((id) => this.slots.desc(id), this.host ? this : null));
+  /** Collect + reset every ring (harvestDirtyRings), or one vCPU's (its DIRTY_RING_FULL exit). */
+  private drainRings(onlyVcpu?: number): void {
+    this.vmStats.add(S_WRITE_PROTECTED, this.rings!.drain((id) => this.slots.desc(id), this.host ? this : null, onlyVcpu));
   }
 
   harvestDirtyRings(): DirtyGfn[] {
@@ -392,7 +392,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
       { kick: () => this.pager?.kick(), uffdPorts: this.uffdPorts },
     );
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
-    if (this.rings !== null) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+    if (this.rings !== null) this.runControl.onExit('dirtyRingFull', (x) => this.drainRings(x.vcpu));
   }
 
   // ---- demand paging (vmm/demand-paging.ts; the model is soft/uffd/) ----

@@ -38,13 +38,15 @@ export class VmDirtyRings {
   }
 
   /**
-   * Collect every ring's published entries into `pending`, then KVM_RESET_DIRTY_RINGS: the
-   * collected pages are write-protected again and their entries freed (mmu null: nothing is
-   * mapped yet, nothing to protect). Run for a vCPU's DIRTY_RING_FULL exit (it re-enters
-   * afterwards) and by harvest(). Returns the pages protected.
+   * Collect the published entries of every ring (or only `onlyVcpu`'s: its DIRTY_RING_FULL
+   * exit, so each vCPU's exits follow its own dirtying, which the dirty limit relies on) into
+   * `pending`, then KVM_RESET_DIRTY_RINGS: the collected pages are write-protected again and
+   * their entries freed (mmu null: nothing is mapped yet, nothing to protect). Returns the pages
+   * protected.
    */
-  drain(slotById: (id: number) => SlotDesc | undefined, mmu: RingResetMmu | null): number {
-    for (const c of this.collectors) this.maxBatch = Math.max(this.maxBatch, c.collect(this.pending));
+  drain(slotById: (id: number) => SlotDesc | undefined, mmu: RingResetMmu | null, onlyVcpu?: number): number {
+    if (onlyVcpu !== undefined) this.maxBatch = Math.max(this.maxBatch, this.collectors[onlyVcpu]!.collect(this.pending));
+    else for (const c of this.collectors) this.maxBatch = Math.max(this.maxBatch, c.collect(this.pending));
     const n = mmu ? resetSoftDirtyRings(this.rings, this.rings.lines, slotById, mmu) : 0;
     this.resets++;
     return n;
