@@ -45,12 +45,13 @@ for (const engine of engines) {
       expect(st['vcpu1.dirtyLimitSleepMs']).toBe(0);
       // Lifted: vCPU 0 runs as fast as vCPU 1 again.
       vm.setVcpuDirtyLimit(0);
-      // A sleep the lift cut short is counted when it ends (at once: the lift kicks).
-      await new Promise((r) => setTimeout(r, 100));
+      // A sleep the lift cut short is counted when it ends (at once: the lift kicks; but give a
+      // loaded machine time to run the thread); after that, no more sleeping.
+      await new Promise((r) => setTimeout(r, 300));
       const slept = vm.stats()['vcpu0.dirtyLimitSleepMs']!;
       const [after] = await pagesPerSecond(vm, pages, 500);
       expect(after!).toBeGreaterThan(3 * (limit / PAGE_SIZE));
-      expect(vm.stats()['vcpu0.dirtyLimitSleepMs']! - slept).toBeLessThan(200);
+      expect(vm.stats()['vcpu0.dirtyLimitSleepMs']! - slept).toBe(0);
       await vm.pause();
     });
 
