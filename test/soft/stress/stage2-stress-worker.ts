@@ -154,8 +154,10 @@ function runReader(): void {
   const checkShared = (gfn: number, level: number, pte: number): void => {
     if (leafPfn(pte) !== gfn + PFN_VARIANT[0]!) fail(`forEachLeaf: shared gfn ${gfn} level ${level} has pfn ${leafPfn(pte)}`);
   };
-  while (Atomics.load(ctl, 1) === 0) {
-    if (rand() < 0.2) {
+  // At least one batch even when the mutators were done before this thread got a CPU.
+  let batches = 0;
+  while (Atomics.load(ctl, 1) === 0 || batches === 0) {
+    if (batches > 0 && rand() < 0.2) {
       // A long walk (its own RCU section) through tables that collapses are unlinking.
       pgt.forEachLeaf(SHARED_BASE + randInt(G1 / M2) * M2, 16 * M2, checkShared);
       bump('readerWalks');
@@ -168,6 +170,7 @@ function runReader(): void {
     }
     pgt.rcuReadUnlock();
     bump('readerBatches');
+    batches++;
   }
 }
 
