@@ -2,7 +2,8 @@
 # Re-records the traces shipped in test/data/traces/ (README "Trace replay"). The inputs are
 # generated here, deterministically, so a recording can be repeated; the recordings themselves
 # vary a little with the installed program versions and the machine's native run time.
-# One valgrind run at a time: each takes 10-60 s of one core.
+# One valgrind run at a time: gzip takes under a minute of one core, xz -6 (193 M instructions)
+# about three minutes; lackey runs about 1 M instructions a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=test/data/traces
@@ -66,6 +67,8 @@ rec() { scripts/record-trace "$@"; }
 rec -o "$out/gzip.s2trace" --stdin "$tmp/text.txt" -- gzip -c -9
 rec -o "$out/xz.s2trace" --stdin "$tmp/text.txt" -- xz -c -6
 rec -o "$out/sqlite3.s2trace" --stdin "$tmp/orders.sql" -- sqlite3 :memory:
-rec -o "$out/python3.s2trace" -- python3 -S "$tmp/prog.py"
+# The interpreter binary itself, not a wrapper (a pyenv shim is a shell script).
+py=$(python3 -c 'import sys; print(sys.executable)')
+rec -o "$out/python3.s2trace" -- "$py" -S "$tmp/prog.py"
 cc1=$(gcc -print-prog-name=cc1)
 rec -o "$out/cc1.s2trace" -- "$cc1" -quiet -O2 "$tmp/small.c" -o /dev/null

@@ -11,7 +11,8 @@
 // Lackey is slow (about 1.5 M lines a second here) and verbose: keep recordings to inputs of
 // tens to hundreds of KB, well under a minute. Only the main process is traced (no children).
 import { spawn, spawnSync } from 'node:child_process';
-import { openSync, closeSync, writeFileSync } from 'node:fs';
+import { openSync, closeSync, readSync, writeFileSync, accessSync, constants } from 'node:fs';
+import { delimiter, join } from 'node:path';
 import { LackeyReducer } from '../src/guest/lackey-reducer.ts';
 import { encodeTrace } from '../src/guest/trace-format.ts';
 
@@ -43,6 +44,32 @@ for (; i < argv.length && argv[i] !== '--'; i++) {
 }
 const cmd = argv.slice(i + 1);
 if (out === '' || cmd.length === 0) usage('need -o OUT and -- PROG ARGS...');
+
+/** PROG's path as exec finds it (PATH search), or null. */
+function resolveProgram(prog: string): string | null {
+  const dirs = prog.includes('/') ? [''] : (process.env.PATH ?? '').split(delimiter);
+  for (const d of dirs) {
+    const p = d === '' ? prog : join(d, prog);
+    try {
+      accessSync(p, constants.X_OK);
+      return p;
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
+// valgrind does not follow exec (no --trace-children): a #! wrapper (a pyenv shim, say) would
+// be traced instead of the program it starts, giving a trace of a shell. Refuse it.
+const progPath = resolveProgram(cmd[0]!) ?? usage(`${cmd[0]}: not found or not executable`);
+{
+  const head = Buffer.alloc(2);
+  const pfd = openSync(progPath, 'r');
+  readSync(pfd, head, 0, 2, 0);
+  closeSync(pfd);
+  if (head.toString('latin1') === '#!') usage(`${progPath} is a script (#!): valgrind would trace its interpreter, not the program it starts; name the binary`);
+}
 
 function stdinFd(): number | 'ignore' {
   return stdinFile === null ? 'ignore' : openSync(stdinFile, 'r');
