@@ -150,6 +150,7 @@ export class KvmVm extends VmRunLoop implements Vm {
     if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
     if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
     if (spec.kind === 'dirty-rate') throw new VmError('config', "createVcpus: the 'dirty-rate' workload runs on the soft engine only (the kvm guest has no clock to pace itself by)");
+    if (spec.kind === 'trace') throw new VmError('config', "createVcpus: the 'trace' workload runs on the soft engine only (the kvm guest has no clock to pace epochs by, and no code generator for a data-driven page list yet)");
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));

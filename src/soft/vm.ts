@@ -18,7 +18,7 @@ import {
   type VmConfig,
   type VmStats,
 } from '../vmm/engine.ts';
-import type { WorkloadSpec } from '../guest/workload.ts';
+import { vcpuTrace, type WorkloadSpec } from '../guest/workload.ts';
 import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
@@ -372,6 +372,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.checkAlive();
     if (this.spec) throw new VmError('state', 'vCPUs were already created');
     if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new VmError('config', `vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
+    // A trace the workload replays must load here (its digest checked) before any thread does:
+    // a missing or different file is the caller's error, not a vCPU thread's crash.
+    if (workload.kind === 'trace') for (let v = 0; v < Math.min(count, workload.traces.length); v++) vcpuTrace(workload, v);
     const { mem, mm, pgt } = this.ensureHost(count * workload.bytesPerVcpu);
     this.spec = workload;
     this.runControl = await startSoftVcpus(
