@@ -10,11 +10,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { connectLink } from '../migration/wire-link.ts';
-import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
+import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS, type PostcopyOptions } from '../migration/source.ts';
 import { MigrationCancelledError } from '../migration/errors.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { progressBar } from '../migration/progress-bar.ts';
@@ -39,6 +39,27 @@ export interface MigrateOptions extends CommonOptions {
   destRunMs: number;
   destPrealloc: boolean;
   timeoutMs: number;
+  /** --postcopy [auto]: true = after the first round. */
+  postcopy?: boolean | 'auto';
+  postcopyAfter?: number;
+  onNoConvergence?: 'postcopy' | 'fail' | 'force';
+  postcopyRetry: number;
+  destPostcopy: boolean;
+}
+
+function parsePostcopy(v: string): 'auto' {
+  if (v !== 'auto') throw new InvalidArgumentError(`'${v}': --postcopy takes no value or 'auto'`);
+  return 'auto';
+}
+function parseOnNoConvergence(v: string): 'postcopy' | 'fail' | 'force' {
+  if (v !== 'postcopy' && v !== 'fail' && v !== 'force') throw new InvalidArgumentError(`'${v}': must be postcopy, fail or force`);
+  return v;
+}
+
+/** The post-copy policy the flags ask for (source.ts PostcopyOptions). */
+export function postcopyPolicy(opts: MigrateOptions): PostcopyOptions {
+  const switchAfter = opts.postcopyAfter !== undefined ? opts.postcopyAfter : opts.postcopy === 'auto' ? 'auto' : opts.postcopy ? 1 : null;
+  return { switchAfter, onNoConvergence: opts.onNoConvergence ?? 'postcopy', retries: opts.postcopyRetry ?? 0 };
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -87,6 +108,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
     '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs),
+    opts.destPostcopy === false ? '--no-postcopy' : '--postcopy',
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
   // stdin is a pipe from us that it watches (STAGE2_EXIT_WITH_STDIN): when this process ends,
@@ -215,6 +237,7 @@ async function runMigrateSignalled(
         onProgress: bar.update,
         signal,
         timeoutMs,
+        postcopy: postcopyPolicy(opts),
       });
     } finally {
       bar.done();
@@ -224,6 +247,8 @@ async function runMigrateSignalled(
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
+    if (stats.postcopy) log(`switched to post-copy ${stats.postcopy.switchedAtSeconds.toFixed(2)} s in, after round ${stats.postcopy.switchedAfterRound}: ${stats.postcopy.reason}`);
+    if (stats.downtimeExceeded) log(`DOWNTIME LIMIT EXCEEDED: ${stats.downtimeExceeded}`);
     if (receiver) {
       // After a completed migration the receiver runs the guest for --dest-run-ms, then reports.
       // Otherwise it has seen the failure and discards, or (a failure before it was reached)
@@ -255,6 +280,12 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   out(`transferred: ${(s.transferredBytes / 2 ** 20).toFixed(1)} MiB of ${(s.ramBytes / 2 ** 20).toFixed(0)} MiB RAM; ${s.throughputMBps.toFixed(0)} MB/s, ${s.pagesPerSecond} pages/s`);
   out(`pages: ${s.normalPages} normal, ${s.zeroPages} zero; dirty syncs ${s.dirtySyncCount}, dirty rate ${s.dirtyPagesRate} pages/s, throttle ${s.throttlePercent}%`);
   for (const r of s.rounds) out(`  round ${r.round} ${r.kind.padEnd(13)} ${String(r.normalPages + r.zeroPages).padStart(8)} pages ${(r.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB ${(r.seconds * 1000).toFixed(1).padStart(8)} ms  throttle ${r.throttlePercent}%`);
+  if (s.postcopy) {
+    const p = s.postcopy;
+    out(`post-copy: switched after round ${p.switchedAfterRound} at ${p.switchedAtSeconds.toFixed(2)} s (${p.reason}); ${p.pushedPages ?? 0} pages pushed, ${s.postcopyRequests} requests, ${p.recoveries ?? 0} recoveries`);
+    for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
+  }
+  if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
@@ -270,6 +301,11 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
+    .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto`: when the rounds stop shrinking', parsePostcopy)
+    .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round)', parsePositiveInt)
+    .option('--on-no-convergence <what>', 'when the rounds run out above --downtime-limit: postcopy (default; fails if the destination refuses it), fail, or force (stop-and-copy anyway, reported)', parseOnNoConvergence)
+    .option('--postcopy-retry <n>', 'reconnect up to n times when a post-copy connection drops (the guest waits on the destination meanwhile)', parseNonNegativeInt, 3)
+    .option('--no-dest-postcopy', '--local: the receiver refuses post-copy (receive --no-postcopy)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')

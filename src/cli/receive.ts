@@ -32,6 +32,8 @@ export interface ReceiveReport {
   ranSeconds: number;
   /** Null when guest memory matched the workload after running; else the first mismatch. */
   memoryCheck: string | null;
+  /** The post-copy phase, when the guest started by post-copy. */
+  postcopy?: import('../migration/destination.ts').DestinationPostcopyReport;
 }
 
 interface ReceiveOptions {
@@ -43,6 +45,7 @@ interface ReceiveOptions {
   prealloc: boolean;
   json: boolean;
   timeoutMs: number;
+  postcopy: boolean;
 }
 
 
@@ -58,6 +61,8 @@ export function registerReceive(program: Command): void {
     .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
+    .option('--postcopy', 'accept post-copy: the guest may start here before every page arrived, pages are then fetched on demand (default)', true)
+    .option('--no-postcopy', 'refuse post-copy (the source then fails when pre-copy does not converge, or forces the downtime with --on-no-convergence force)')
     .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
     .action(async (opts: ReceiveOptions) => {
       const log = (line: string) => process.stderr.write(`stage2 receive: ${line}\n`);
@@ -87,7 +92,7 @@ export function registerReceive(program: Command): void {
       }
       // Listening (and saying so) only once the signals are ours: a signal right after the line
       // must cancel, not kill.
-      const listener = await listenLink({ ...opts.listen, timeoutMs: opts.timeoutMs }).catch((e: Error) => {
+      const listener = await listenLink({ ...opts.listen, timeoutMs: opts.timeoutMs, postcopy: opts.postcopy }).catch((e: Error) => {
         process.off('SIGINT', onSigint);
         process.off('SIGTERM', onSigterm);
         if (lifeline) process.stdin.destroy();
@@ -107,8 +112,10 @@ export function registerReceive(program: Command): void {
           preallocate: opts.prealloc,
           signal: ac.signal,
           timeoutMs: opts.timeoutMs,
+          postcopyHost: opts.listen.host === '0.0.0.0' ? undefined : opts.listen.host,
           log,
         });
+        if (r.postcopy?.error) throw new Error(`post-copy failed: ${r.postcopy.error}`);
         log(`switchover done: guest resumed from vCPU passes [${r.passesAtSwitchover.join(', ')}] in ${(r.resumeSeconds * 1000).toFixed(2)} ms`);
         const t0 = performance.now();
         if (opts.runMs > 0) await sleepUnless(opts.runMs, ac.signal);
@@ -131,6 +138,7 @@ export function registerReceive(program: Command): void {
           passesAfter,
           ranSeconds,
           memoryCheck,
+          ...(r.postcopy ? { postcopy: r.postcopy } : {}),
         };
         if (opts.json) process.stdout.write(JSON.stringify(report) + '\n');
         if (memoryCheck) throw new Error(`guest memory inconsistent after migration: ${memoryCheck}`);

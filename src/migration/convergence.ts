@@ -30,9 +30,15 @@ export interface RoundReport {
 }
 
 export interface ConvergenceDecision {
-  action: 'iterate' | 'stop-and-copy';
+  /**
+   * iterate: another round; stop-and-copy: pause and send the rest (within the downtime limit,
+   * or forced: `reason` says so); postcopy: pause, send the vCPUs and run the guest on the
+   * destination, which pages the rest on demand; fail: give up (`reason` says why).
+   */
+  action: 'iterate' | 'stop-and-copy' | 'postcopy' | 'fail';
   /** pendingBytes at the bandwidth decide() assumed (query-migrate's expected-downtime). */
   expectedDowntimeSeconds: number;
+  reason?: string;
 }
 
 export interface ConvergencePolicy {
@@ -83,5 +89,72 @@ export class PrecopyConvergence implements ConvergencePolicy {
         this.highRounds = 0;
       }
     } else this.highRounds = 0;
+  }
+}
+
+/** What happens when the rounds run out above the downtime limit (--on-no-convergence). */
+export type OnNoConvergence = 'postcopy' | 'fail' | 'force';
+
+export interface PostcopyPolicyOptions {
+  downtimeLimitMs: number;
+  /** Switch after this many rounds (1 = right after the bulk round), 'auto', or null: only as the fallback. */
+  switchAfter: number | 'auto' | null;
+  onNoConvergence: OnNoConvergence;
+  /** Whether the destination accepted post-copy (known once the handshake is done). */
+  postcopyAllowed: () => boolean;
+}
+
+/**
+ * Post-copy as a policy around pre-copy's (QEMU's migrate_start_postcopy, and libvirt's
+ * --postcopy-after-precopy): converged rounds still end in stop-and-copy; otherwise switch to
+ * post-copy after N rounds, or ('auto') as soon as the rounds stop shrinking: the pending bytes
+ * at a harvest are above half of what the last round sent (the guest dirties faster than half
+ * the link: QEMU's throttle-trigger-threshold), or above the previous harvest's. When pre-copy
+ * gives up (its round limit), onNoConvergence decides: postcopy (when the destination allows
+ * it, else fail), fail, or force (stop-and-copy above the limit, reported as such).
+ */
+export class PostcopyConvergence implements ConvergencePolicy {
+  private lastPending = Infinity;
+  private lastSent = 0;
+
+  constructor(
+    private readonly precopy: ConvergencePolicy,
+    private readonly o: PostcopyPolicyOptions,
+  ) {}
+
+  /** Tell the policy what the bulk round sent (the first round has no afterRound()). */
+  bulkSent(bytes: number): void {
+    this.lastSent = bytes;
+  }
+
+  decide(r: HarvestReport): ConvergenceDecision {
+    const d = this.precopy.decide(r);
+    const within = d.expectedDowntimeSeconds * 1000 <= this.o.downtimeLimitMs;
+    const ms = (d.expectedDowntimeSeconds * 1000).toFixed(0);
+    const allowed = this.o.postcopyAllowed();
+    const rounds = r.iterativeRounds + 1;
+    if (d.action === 'stop-and-copy' && within) return { ...d, reason: `converged: expected downtime ${ms} ms within the ${this.o.downtimeLimitMs} ms limit` };
+    const sa = this.o.switchAfter;
+    if (allowed && typeof sa === 'number' && rounds >= sa) return { ...d, action: 'postcopy', reason: `--postcopy-after ${sa}: ${rounds} round(s) done, expected stop-and-copy downtime ${ms} ms` };
+    if (allowed && sa === 'auto') {
+      const mib = (x: number) => (x / 2 ** 20).toFixed(1);
+      if (this.lastSent > 0 && r.pendingBytes > this.lastSent * THROTTLE_TRIGGER) {
+        return { ...d, action: 'postcopy', reason: `--postcopy auto: rounds stopped shrinking (${mib(r.pendingBytes)} MiB dirty after round ${rounds}, which sent ${mib(this.lastSent)} MiB; expected stop-and-copy downtime ${ms} ms)` };
+      }
+      if (r.pendingBytes >= this.lastPending) return { ...d, action: 'postcopy', reason: `--postcopy auto: rounds stopped shrinking (${mib(r.pendingBytes)} MiB dirty after round ${rounds}, ${mib(this.lastPending)} MiB the round before)` };
+    }
+    this.lastPending = r.pendingBytes;
+    if (d.action === 'iterate') return d;
+    // Pre-copy gave up above the limit.
+    const why = `pre-copy did not converge in ${rounds} round(s): expected downtime ${ms} ms, limit ${this.o.downtimeLimitMs} ms`;
+    if (this.o.onNoConvergence === 'postcopy' && allowed) return { ...d, action: 'postcopy', reason: `${why}; switching to post-copy` };
+    if (this.o.onNoConvergence === 'force') return { ...d, action: 'stop-and-copy', reason: `${why}; --on-no-convergence force: stopping the guest anyway` };
+    const hint = this.o.onNoConvergence === 'postcopy' ? ' and the destination does not allow post-copy' : ' (--on-no-convergence fail)';
+    return { ...d, action: 'fail', reason: `${why}${hint}; the source keeps running` };
+  }
+
+  afterRound(r: RoundReport): void {
+    this.lastSent = r.sentBytes;
+    this.precopy.afterRound(r);
   }
 }

@@ -26,6 +26,10 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
+import { postcopyPaging, type PostcopyPaging } from './postcopy/interim-exit-pager.ts';
+import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
+import type { FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
+import { randomBytes } from 'node:crypto';
 
 export interface ReceiveOptions {
   openEngine: (kind: EngineKind) => Promise<Engine>;
@@ -41,6 +45,20 @@ export interface ReceiveOptions {
   log?: (line: string) => void;
   /** Idle timeout of every wait on the source, ms (default: the link's, DEFAULT_IDLE_TIMEOUT_MS). */
   timeoutMs?: number;
+  /** Post-copy: where the post-copy listener binds (default 127.0.0.1 / the listen host). */
+  postcopyHost?: string;
+  /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
+  postcopyRecoverTimeoutMs?: number;
+}
+
+/** The post-copy phase as the destination saw it. */
+export interface DestinationPostcopyReport {
+  faultPath: FaultPath;
+  /** Pages missing when the guest started. */
+  missingAtStart: number;
+  waits: VcpuPageWaits[];
+  result?: PostcopyDestinationResult;
+  error?: string;
 }
 
 export interface ReceiveResult {
@@ -60,6 +78,8 @@ export interface ReceiveResult {
   resumeSeconds: number;
   /** First vCPU-state record received -> guest started, seconds. */
   switchoverSeconds: number;
+  /** Present when the guest started by post-copy (hash is then the one at the end of it). */
+  postcopy?: DestinationPostcopyReport;
 }
 
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
@@ -112,6 +132,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let tFirstVcpu: bigint | null = null;
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
+  // Post-copy (only when the handshake accepted it): pre-copy pages go through paging.vm; pages
+  // the source says are stale or never sent are marked in `discarded` (dense page index).
+  let paging: PostcopyPaging | null = null;
+  let discarded = new Uint8Array(0);
+  let pc: PostcopyDestination | null = null;
+  let pcReport: DestinationPostcopyReport | null = null;
 
   const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`, ErrorCode.BAD_STREAM);
 
@@ -130,7 +156,13 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     configDigest = digester.config(raw);
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
     // Preallocation overlaps the vCPU threads' start-up.
-    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c, opts.signal) : undefined);
+    // The interim pager cannot drop populated pages: no preallocation when it may be used.
+    const interim = link.postcopyAllowed && (engine.capabilities().demandPagingPaths ?? []).length === 0;
+    vm = await buildDestinationVm(c, engine, opts.preallocate && !interim ? (v) => preallocate(v, c, opts.signal) : undefined);
+    if (link.postcopyAllowed) {
+      paging = postcopyPaging(vm);
+      vm = paging.vm;
+    }
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
@@ -142,6 +174,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     table = new PageHashTable(slotMap.layout);
     lastRound = new Uint32Array(slotMap.totalPages);
     internalPage = new Uint8Array(slotMap.totalPages);
+    discarded = new Uint8Array(slotMap.totalPages);
     for (const s of c.memslots) {
       if (!s.internal) continue;
       const { index } = slotMap.locatePages(s.slot, 0, s.pages)!;
@@ -248,10 +281,86 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'complete', hash: held, pagesReceived });
   };
 
+  // POSTCOPY_DISCARD: remember which pages are stale here (applied at POSTCOPY_RUN).
+  const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
+    if (!paging) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
+    const { index } = locate(slotId, firstPage, count);
+    for (let i = 0; i < count; i++) {
+      if (!(bitmap[i >> 3]! & (1 << (i & 7)))) continue;
+      if (internalPage[index + i]) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i}: engine-internal memory is sent before the switch, never paged on demand`);
+      discarded[index + i] = 1;
+    }
+  };
+
+  // END{postcopy} (POSTCOPY_RUN): check what we keep, start demand paging, answer COMPLETE with
+  // where the post-copy connections go; the guest starts on GO, as after END.
+  const postcopySwitchover = async (missingPages: number) => {
+    phase = 'switchover';
+    tEnd = process.hrtime.bigint();
+    const e = end!;
+    if (!paging) throw protocol('POSTCOPY_RUN, but post-copy was not negotiated');
+    if (vcpuStates.length !== cfg!.vcpus || e.vcpuStates !== cfg!.vcpus) throw protocol(`POSTCOPY_RUN after ${vcpuStates.length} vCPU states, the source sent ${e.vcpuStates}, CONFIG has ${cfg!.vcpus} vCPUs`);
+    if (e.configDigest !== configDigest) throw new VerificationError(`CONFIG differs from what the source sent (digest ${formatDigest(configDigest)} here, ${formatDigest(e.configDigest)} in POSTCOPY_RUN); the guest is not started`);
+    if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in POSTCOPY_RUN); the guest is not started`);
+    const sm = slotMap!;
+    const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
+    let missing = 0;
+    const present = new Uint8Array(sm.totalPages);
+    for (const s of ramSlots) {
+      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
+      for (let i = index; i < index + s.pages; i++) {
+        if (discarded[i]) table!.setZero(s.slot, i - index, 1);
+        if (lastRound[i]! > 0 && !discarded[i]) present[i] = 1;
+        else missing++;
+      }
+    }
+    held = formatMemoryHash(table!.total());
+    if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
+    if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
+    const paths = (await opts.openEngine(cfg!.engine)).capabilities().demandPagingPaths ?? [];
+    const faultPath: FaultPath = paths.length === 0 || paths.includes('exit') ? 'exit' : 'uffd';
+    const pager = paging.start({ path: faultPath, mode: 'missing', sharedUffd: true, readers: 1 });
+    for (const s of ramSlots) {
+      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
+      const pages: number[] = [];
+      for (let i = 0; i < s.pages; i++) if (discarded[index + i] && !pager.isMissing(s.slot, i)) pages.push(i);
+      if (pages.length) pager.discard(s.slot, pages);
+    }
+    const p = paging;
+    const buf = new Uint8Array(PAGE_SIZE);
+    const heldPage = (slot: number, page: number): Uint8Array | null => {
+      const at = sm.locatePages(slot, page, 1);
+      if (!at || !present[at.index]) return null;
+      return p.heldPage(at.gpa, buf) ? buf.slice() : zeroPage;
+    };
+    const token = randomBytes(8).readBigUInt64LE();
+    pc = await PostcopyDestination.listen({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, host: opts.postcopyHost ?? '127.0.0.1', token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 });
+    pcReport = { faultPath, missingAtStart: missing, waits: [] };
+    const pcDone = pc.done;
+    pcDone.then(
+      (r) => {
+        pcReport!.result = r;
+        pcReport!.waits = pager.waits();
+        p.release();
+      },
+      (err: Error) => {
+        pcReport!.error = err.message;
+        pcReport!.waits = pager.waits();
+      },
+    );
+    vm!.allowPasses(Infinity);
+    phase = 'committing';
+    await link.send({ type: 'complete', hash: held, pagesReceived, details: { postcopyPort: pc.port, token: token.toString(16) } });
+  };
+
   // GO: the source will never run the guest again; run it here.
   const start = async () => {
     const v = vm!;
     v.resume();
+    if (pc) {
+      pc.startBackground();
+      log(`guest running here on demand paging (${pcReport!.faultPath} path), ${pcReport!.missingAtStart} pages missing`);
+    }
     phase = 'running';
     const t = process.hrtime.bigint();
     const resumeSeconds = Number(t - tEnd) / 1e9;
@@ -261,11 +370,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     // after GO stays paused, so the guest never runs twice.
     await link.send({ type: 'started' }).catch(() => undefined);
     log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
+    if (pc) {
+      const r = await pc.done.catch(() => null);
+      result.postcopy = pcReport!;
+      if (r) {
+        result.hash = r.hash;
+        log(`post-copy complete: ${r.pagesFromSource} pages from the source, ${r.remoteRequests} requested, ${r.duplicates} duplicates, memory hash ${r.hash}`);
+      } else log(`post-copy FAILED: ${pcReport!.error}`);
+    }
     switched();
   };
 
   const maybeSwitchover = (): Promise<void> | void => {
-    if (end && syncs.every((r) => r >= end!.finalRound)) return switchover();
+    if (end && syncs.every((r) => r >= end!.finalRound)) return end.postcopy ? postcopySwitchover(end.postcopy.missingPages) : switchover();
   };
 
   const onRecord = (r: SourceRecord, channel: number): void | Promise<void> => {
@@ -300,6 +417,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         if (channel !== 0) throw protocol('END on a data channel');
         end = r;
         return maybeSwitchover();
+      case 'discard':
+        return onDiscard(r.slot, r.firstPage, r.count, r.bitmap);
       case 'config':
         throw protocol('a second CONFIG');
       case 'go':

@@ -42,8 +42,31 @@ import type { MigrationProgress, MigrationStats, RoundStats } from './stats.ts';
 import { MigrationState } from './migration-state.ts';
 import { checkSourceIntact } from './source-intact.ts';
 import { DirtyTracker } from './dirty-tracker.ts';
-import { PrecopyConvergence, type ConvergencePolicy } from './convergence.ts';
+import { PostcopyConvergence, PrecopyConvergence, type ConvergencePolicy, type OnNoConvergence } from './convergence.ts';
 import { createStateDigester } from './state-digest.ts';
+import { MAX_DISCARD_PAGES } from './stream/format.ts';
+import { runPostcopySource, type PostcopySourceOptions, type PostcopySourceResult } from './postcopy/source-postcopy.ts';
+
+/** Pre-copy gave up above the downtime limit and the policy says fail (--on-no-convergence). */
+export class NoConvergenceError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'NoConvergenceError';
+  }
+}
+
+export interface PostcopyOptions {
+  /** Rounds before switching (1: after the bulk round), 'auto', or null: only when pre-copy gives up. */
+  switchAfter: number | 'auto' | null;
+  onNoConvergence: OnNoConvergence;
+  /** Reconnections after a dropped post-copy connection (--postcopy-retry). */
+  retries: number;
+  retryDelayMs?: number;
+  /** Test hooks (postcopy/source-postcopy.ts). */
+  onConnected?: PostcopySourceOptions['onConnected'];
+  onPushed?: PostcopySourceOptions['onPushed'];
+  /** Test hook: rewrite each POSTCOPY_REQUEST before it is answered? No: the destination side is real; see tests. */
+}
 
 export interface PrecopyOptions {
   workload: WorkloadSpec;
@@ -60,6 +83,8 @@ export interface PrecopyOptions {
   onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
   /** When to stop iterating and how to make the guest converge (default: PrecopyConvergence). */
   convergence?: ConvergencePolicy;
+  /** Post-copy (wraps the convergence policy in PostcopyConvergence). Absent: pre-copy only. */
+  postcopy?: PostcopyOptions;
   /** Destroy the source VM after a completed migration (default true). */
   destroyOnComplete?: boolean;
   /**
@@ -170,7 +195,15 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     opts.onProgress({ status: state.status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
   };
   const dirty = new DirtyTracker(vm, slots);
-  const convergence: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
+  const precopyPolicy: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
+  const pcPolicy = opts.postcopy ? new PostcopyConvergence(precopyPolicy, { downtimeLimitMs, switchAfter: opts.postcopy.switchAfter, onNoConvergence: opts.postcopy.onNoConvergence, postcopyAllowed: () => link.postcopyAllowed ?? false }) : null;
+  const convergence: ConvergencePolicy = pcPolicy ?? precopyPolicy;
+  let switchReason: string | null = null;
+  let switchedAtSeconds = 0;
+  let switchedAfterRound = 0;
+  let postcopyResult: PostcopySourceResult | null = null;
+  let postcopyBytes = 0;
+  let downtimeExceeded: string | null = null;
   // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
   // start the guest unless its own table agrees (catches a lost or corrupted page before
   // switchover).
@@ -186,6 +219,10 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     dirty.recordSent(slot, page, data, pages);
   };
   const manual = vm.config.manualDirtyLogProtect;
+  let endRoundRef: (kind: RoundStats['kind'], dirtyPages: number) => unknown = () => undefined;
+  let nextReplyAfterGo: () => Promise<DestRecord> = () => Promise.reject(new Error('no link'));
+  let finalReply: Promise<DestRecord> = Promise.reject(new Error('no link'));
+  finalReply.catch(() => undefined);
 
   try {
     // ---- setup
@@ -215,7 +252,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
         return r;
       }
     };
-    const finalReply = nextReply();
+    nextReplyAfterGo = nextReply;
+    finalReply = nextReply();
     finalReply.catch((e: Error) => {
       destFailure ??= e;
       for (const w of ackWaiters.splice(0)) w();
@@ -245,13 +283,14 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       bytesBefore = link.bytesSent();
       return { bytes, seconds };
     };
+    endRoundRef = endRound;
     for (const s of slots) {
       await sender.sendSlot(s, round);
       progress(round);
     }
     syncedRound = round;
     await sender.syncAll(round);
-    endRound('bulk', totalPages);
+    pcPolicy?.bulkSent(endRound('bulk', totalPages).bytes);
 
     // ---- active: iterative rounds
     opts.onPhase?.('iterative', link);
@@ -268,7 +307,15 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       expectedDowntimeSeconds = decision.expectedDowntimeSeconds;
       state.update({ remainingBytes, dirtySyncCount: dirty.syncCount, dirtyPagesRate, expectedDowntimeSeconds });
       progress(round, true);
-      if (decision.action === 'stop-and-copy') break;
+      if (decision.action === 'fail') throw new NoConvergenceError(`${decision.reason}`);
+      if (decision.action === 'postcopy') {
+        switchReason = decision.reason ?? 'post-copy';
+        break;
+      }
+      if (decision.action === 'stop-and-copy') {
+        if (decision.expectedDowntimeSeconds * 1000 > downtimeLimitMs) downtimeExceeded = decision.reason ?? `stop-and-copy forced with expected downtime ${(decision.expectedDowntimeSeconds * 1000).toFixed(0)} ms over the ${downtimeLimitMs} ms limit`;
+        break;
+      }
       round++;
       state.update({ round });
       phase(`during active (round ${round})`);
@@ -279,6 +326,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       await sender.syncAll(round);
       const { bytes } = endRound('iterative', sent);
       convergence.afterRound({ round, sentBytes: bytes, dirtiedBytes: dirty.newlyDirty * PAGE_SIZE });
+    }
+
+    if (switchReason !== null) {
+      await postcopySwitchover(round);
+      return finish();
     }
 
     // ---- device: stop-and-copy
@@ -379,6 +431,135 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   }
   return finish();
 
+  /**
+   * Post-copy switchover (stream/format.ts, "Post-copy"): pause, vCPU states, the engine-internal
+   * slots' last pages (never paged on demand), POSTCOPY_DISCARD for every guest RAM page still
+   * pending, POSTCOPY_RUN; COMPLETE -> GO -> STARTED as in stop-and-copy; then the post-copy
+   * phase pushes and answers requests until the destination holds everything.
+   */
+  async function postcopySwitchover(lastRound: number): Promise<void> {
+    state.set('postcopy-active');
+    switchedAtSeconds = secs(t0);
+    switchedAfterRound = lastRound;
+    opts.onPhase?.('stop-and-copy', link);
+    sender.check();
+    phase(`during postcopy-active (waiting for SYNC_ACK of round ${lastRound})`, true, drainAllowanceMs());
+    if (link.acksRounds) await caughtUp(lastRound);
+    phase('during postcopy-active (switchover)');
+    const tPause = now();
+    paused = true;
+    await throttle.stop(true);
+    await vm.pause();
+    const tVcpu = now();
+    passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
+    const vcpuStates = Array.from({ length: vm.vcpuCount }, (_, v) => vm.saveVcpuState(v));
+    for (const st of vcpuStates) await link.send({ type: 'vcpu', state: st });
+    const flushed = link.flush();
+    flushed.catch(() => undefined);
+    const vcpuStateDigest = digester.vcpuStates(vcpuStates);
+    const tHarvestFinal = now();
+    dirty.harvest();
+    await flushed;
+    const round = lastRound + 1;
+    state.update({ round, dirtySyncCount: dirty.syncCount });
+    const tSend = now();
+    let finalPages = 0;
+    for (const s of slots) {
+      const pending = dirty.pendingOf(s.slot);
+      if (s.internal && pending) finalPages += await sender.sendPending(s, pending, round, false);
+    }
+    sender.check();
+    syncedRound = round;
+    for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
+    // The discard list: pending guest RAM pages, whose entries leave the sent table (the
+    // destination drops its copies too); what stays is what END's hash vouches for.
+    const ramSlots = slots.filter((s) => !s.internal);
+    const pendingCopy = new Map<number, Uint32Array>();
+    let missingPages = 0;
+    for (const s of ramSlots) {
+      const p = dirty.pendingOf(s.slot);
+      const copy = new Uint32Array(Math.ceil(s.pages / 32));
+      if (p) copy.set(p.subarray(0, copy.length));
+      pendingCopy.set(s.slot, copy);
+      for (let first = 0; first < s.pages; first += MAX_DISCARD_PAGES) {
+        const count = Math.min(MAX_DISCARD_PAGES, s.pages - first);
+        const bitmap = new Uint8Array(Math.ceil(count / 8));
+        let any = false;
+        for (let i = 0; i < count; i++) {
+          const pg = first + i;
+          if ((copy[pg >>> 5]! >>> (pg & 31)) & 1) {
+            bitmap[i >> 3]! |= 1 << (i & 7);
+            sentTable.setZero(s.slot, pg, 1);
+            missingPages++;
+            any = true;
+          }
+        }
+        if (any) await link.send({ type: 'discard', slot: s.slot, firstPage: first, count, bitmap });
+      }
+    }
+    remainingBytes = missingPages * PAGE_SIZE;
+    const keptHash = formatMemoryHash(sentTable.total());
+    endSent = true;
+    await link.send({ type: 'end', finalRound: round, pagesSent: sender.counters.zeroPages + sender.counters.normalPages, hash: keptHash, configDigest, vcpuStateDigest, vcpuStates: vcpuStates.length, postcopy: { missingPages } });
+    const tEnd = now();
+    phase('waiting for COMPLETE (post-copy)', true, ramGiB * COMPLETE_ALLOWANCE_MS_PER_GIB + drainAllowanceMs());
+    const reply = await finalReply;
+    if (destFailure) throw destFailure;
+    if (reply.type === 'error') throw new DestinationError(reply.message);
+    if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
+    if (reply.hash !== keptHash) throw new VerificationError(`the destination's COMPLETE reports memory hash ${reply.hash} for the pages it keeps, the source sent ${keptHash}; not committing`);
+    const pcPort = reply.details?.postcopyPort;
+    const pcToken = reply.details?.token;
+    if (typeof pcPort !== 'number' || typeof pcToken !== 'string' || !/^[0-9a-f]{1,16}$/.test(pcToken)) throw new DestinationError('COMPLETE for post-copy without a post-copy port and token');
+    sender.check();
+    committed = true;
+    try {
+      phase('waiting for STARTED after GO', true);
+      await link.send({ type: 'go' });
+      const r = await nextReplyAfterGo();
+      phase('after STARTED');
+      if (r.type !== 'started') throw new DestinationError(r.type === 'error' ? r.message : `expected STARTED, got ${r.type}`);
+    } catch (e) {
+      throw new SwitchoverOutcomeUnknownError((e as Error).message);
+    }
+    downtimeSeconds = secs(tPause);
+    stopAndCopy = { pauseSeconds: secs(tPause, tVcpu), vcpuStateSeconds: secs(tVcpu, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tEnd), waitCompleteSeconds: secs(tEnd) };
+    endRoundRef('stop-and-copy', finalPages);
+    // ---- post-copy: the guest runs on the destination.
+    const pc = opts.postcopy!;
+    postcopyResult = await runPostcopySource({
+      vm,
+      slots: ramSlots,
+      pending: pendingCopy,
+      host: link.peerHost ?? '127.0.0.1',
+      port: pcPort,
+      token: BigInt(`0x${pcToken}`),
+      hasher,
+      sentTable,
+      limiter,
+      retries: pc.retries,
+      retryDelayMs: pc.retryDelayMs,
+      timeoutMs: idleMs,
+      signal: opts.signal,
+      onStatus: (st) => state.set(st),
+      onRequestCount: (n) => state.update({ postcopyRequests: n }),
+      onConnected: pc.onConnected,
+      onPushed: pc.onPushed,
+    });
+    postcopyBytes = postcopyResult.bytesSent;
+    activeSeconds = secs(t0);
+    destinationHash = postcopyResult.destinationHash;
+    const sentHash = formatMemoryHash(sentTable.total());
+    if (destinationHash !== sentHash) throw new VerificationError(`post-copy: the destination installed memory hash ${destinationHash}, the source sent ${sentHash}`);
+    state.update({ remainingBytes: 0, postcopyRequests: postcopyResult.requests });
+    state.set('completed');
+    const tv = now();
+    sourceHash = hashVmMemory(hasher, vm, slotMap);
+    verifySeconds = secs(tv);
+    link.close();
+    if (opts.destroyOnComplete ?? true) await vm.destroy();
+  }
+
   async function sendAllPending(round: number, clearLog = manual, deadlineMs = Infinity): Promise<number> {
     let n = 0;
     for (const s of slots) {
@@ -392,7 +573,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
 
   function finish(error?: string, sourceIntact?: boolean, sourceRunning = true): MigrationStats {
     const totalSeconds = activeSeconds || secs(t0);
-    const transferredBytes = link.bytesSent();
+    const transferredBytes = link.bytesSent() + postcopyBytes;
     const { zeroPages, normalPages } = sender.counters;
     const active = Math.max(totalSeconds - setupSeconds, 1e-9);
     const stats: MigrationStats = {
@@ -412,7 +593,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       dirtyPagesRate,
       throughputMBps: transferredBytes / active / 1e6,
       pagesPerSecond: Math.round((zeroPages + normalPages) / active),
-      postcopyRequests: 0,
+      postcopyRequests: postcopyResult?.requests ?? state.counters.postcopyRequests,
       throttlePercent: throttle.percent,
       expectedDowntimeSeconds,
       rounds,
@@ -422,6 +603,16 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       stopAndCopy,
       params: { vcpus: cfg.vcpus, ramBytes: cfg.ramBytes, channels: link.channels, maxBandwidth, downtimeLimitMs, maxRounds, autoConverge, workload: opts.workload.kind },
     };
+    if (switchReason !== null) {
+      const r = postcopyResult;
+      stats.postcopy = {
+        reason: switchReason,
+        switchedAtSeconds,
+        switchedAfterRound,
+        ...(r ? { seconds: r.seconds, pushedPages: r.pushedPages, requestedPages: r.requestedPages, recoveries: r.recoveries, vcpuPageWaits: r.waits ?? [], destination: r.destination ?? {} } : {}),
+      };
+    }
+    if (downtimeExceeded) stats.downtimeExceeded = `${downtimeExceeded}: actual downtime ${(downtimeSeconds * 1000).toFixed(1)} ms against the ${downtimeLimitMs} ms limit`;
     if (error !== undefined) {
       stats.error = error;
       stats.sourceIntact = sourceIntact ?? false;
