@@ -17,7 +17,7 @@ import type { MigrationStatus } from './stats.ts';
 const NEXT: Record<MigrationStatus, readonly MigrationStatus[]> = {
   setup: ['active', 'failed', 'cancelled'],
   active: ['device', 'postcopy-active', 'failed', 'cancelled'],
-  'postcopy-active': ['completed', 'failed', 'cancelled', 'postcopy-paused'],
+  'postcopy-active': ['completed', 'failed', 'postcopy-paused'],
   'postcopy-paused': ['postcopy-recover', 'failed'],
   'postcopy-recover': ['postcopy-active', 'postcopy-paused', 'failed'],
   device: ['completed', 'failed', 'cancelled'],

@@ -418,7 +418,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     const err = e as Error;
     const cancelled = !committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
     // (Completed already only if the verification read after STARTED failed: that stays.)
-    if (!state.finished) state.set(cancelled ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
+    // (post-copy states end only in failed: a cancel before GO still resumes the guest below.)
+    if (!state.finished) state.set(cancelled && !state.status.startsWith('postcopy') ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
     if (dirty.logging) dirty.setLogging(false);

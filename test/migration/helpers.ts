@@ -23,12 +23,14 @@ export async function migrateInProcess(
     preallocate?: boolean;
     wrapLink?: (l: SourceLink) => SourceLink;
     wrapDestLink?: (l: DestLink) => DestLink;
+    /** Post-copy: how long the destination waits for the source to reconnect (default 60 s). */
+    postcopyRecoverTimeoutMs?: number;
   },
 ): Promise<PairResult> {
   const listener = await listenLink({ host: '127.0.0.1', port: 0 });
   try {
     const accepted = listener.accept().then((link) =>
-      receiveMigration(opts.wrapDestLink ? opts.wrapDestLink(link) : link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }),
+      receiveMigration(opts.wrapDestLink ? opts.wrapDestLink(link) : link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false, postcopyRecoverTimeoutMs: opts.postcopyRecoverTimeoutMs }),
     );
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),

@@ -215,7 +215,7 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
         recoveries++;
         o.log?.(`post-copy: reconnected (attempt ${attempt}); pushing what the destination still misses`);
       }
-      o.onStatus?.('postcopy-active');
+      if (attempt > 0) o.onStatus?.('postcopy-active');
       o.onConnected?.({ push, preempt, attempt });
       let lastEvent = Date.now();
       while (!complete) {

@@ -1,0 +1,100 @@
+// Post-copy on the soft engine, end to end over loopback TCP: the guest starts on the destination
+// with pages missing, the source pushes and answers requests, both sides agree on the memory hash
+// of the source at switchover; connections dropped at several points recover to a verified
+// finish; with no retries left the source says so and stays paused with its memory intact.
+import { describe, expect, it } from 'vitest';
+import { openEngine } from '../../../src/vmm/factory.ts';
+import { createSourceVm } from '../../../src/migration/source-vm.ts';
+import { checkSequentialMemory, migrateInProcess } from '../helpers.ts';
+import type { PostcopyOptions } from '../../../src/migration/source.ts';
+
+const engine = await openEngine('soft');
+
+async function postcopyRun(postcopy: PostcopyOptions, postcopyRecoverTimeoutMs?: number) {
+  const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 8 << 20, backing: 'anonymous', workload: 'sequential' });
+  const r = await migrateInProcess(vm, engine, { workload: spec, postcopy, destroyOnComplete: false, downtimeLimitMs: 0, postcopyRecoverTimeoutMs });
+  return { ...r, vm, spec };
+}
+
+describe('post-copy (soft engine)', () => {
+  it('switches after the bulk round, runs the guest at once and verifies by hash', async () => {
+    const { stats, dest, destError, vm, spec } = await postcopyRun({ switchAfter: 1, onNoConvergence: 'postcopy', retries: 0 });
+    try {
+      expect(destError).toBeNull();
+      expect(stats.error).toBeUndefined();
+      expect(stats.status).toBe('completed');
+      expect(stats.verified).toBe(true);
+      expect(stats.postcopy?.switchedAfterRound).toBe(1);
+      expect(dest!.hash).toBe(stats.sourceHash);
+      expect(dest!.postcopy?.result?.hash).toBe(stats.sourceHash);
+      // Every missing page came from the source exactly once into guest RAM.
+      const pager = (stats.postcopy!.destination as { pager: { installed: number; missing: number } }).pager;
+      expect(pager.missing).toBe(0);
+      expect(pager.installed).toBe(dest!.postcopy!.missingAtStart);
+      expect(stats.postcopyRequests).toBe(dest!.postcopy!.result!.remoteRequests);
+      // The guest ran on the destination on demand paging and its memory is the workload's.
+      await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 2, 20_000);
+      await dest!.vm.pause();
+      expect(checkSequentialMemory(dest!.vm, spec, 2, dest!.vm.progress().map((p) => p.passesCompleted))).toBeNull();
+    } finally {
+      await dest?.vm.destroy();
+      await vm.destroy();
+    }
+  }, 60_000);
+
+  for (const dropAfterPages of [1, 1500, 3000]) {
+    it(`recovers from a post-copy connection dropped after ${dropAfterPages} pushed pages`, async () => {
+      let dropped = 0;
+      const { stats, dest, destError, vm } = await postcopyRun({
+        switchAfter: 1,
+        onNoConvergence: 'postcopy',
+        retries: 3,
+        retryDelayMs: 20,
+        onPushed: (n, conns) => {
+          if (dropped === 0 && n >= dropAfterPages) {
+            dropped++;
+            (dropAfterPages % 2 ? conns.preempt : conns.push).socket.destroy();
+          }
+        },
+      });
+      try {
+        expect(dropped).toBe(1);
+        expect(destError).toBeNull();
+        expect(stats.error).toBeUndefined();
+        expect(stats.status).toBe('completed');
+        expect(stats.verified).toBe(true);
+        expect(stats.postcopy?.recoveries).toBe(1);
+        expect(dest!.hash).toBe(stats.sourceHash);
+      } finally {
+        await dest?.vm.destroy();
+        await vm.destroy();
+      }
+    }, 60_000);
+  }
+
+  it('without retries a dropped connection fails plainly and the source stays paused, memory intact', async () => {
+    const { stats, dest, vm } = await postcopyRun({
+      switchAfter: 1,
+      onNoConvergence: 'postcopy',
+      retries: 0,
+      onPushed: (n, conns) => {
+        if (n >= 500) conns.push.socket.destroy();
+      },
+    }, 500);
+    try {
+      // The destination gave up waiting for the source: its guest cannot finish.
+      expect(dest!.postcopy!.error).toMatch(/no source connection for 500 ms with \d+ pages missing/);
+      expect(stats.status).toBe('failed');
+      expect(stats.sourceRunning).toBe(false);
+      expect(stats.sourceIntact).toBe(true);
+      expect(stats.error).toMatch(/post-copy connection lost.*source stays paused/);
+      // Paused for good: no vCPU progresses.
+      const before = vm.progress().map((p) => p.passesCompleted);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(vm.progress().map((p) => p.passesCompleted)).toEqual(before);
+    } finally {
+      await dest?.vm.destroy();
+      await vm.destroy();
+    }
+  }, 60_000);
+});
