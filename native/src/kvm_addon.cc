@@ -21,6 +21,7 @@
 //   threadSelf()               pthread id of the calling thread (a vCPU worker), as a BigInt, with
 //                              the kick signal unblocked in that thread.
 //   kick(tid)                  pthread_kill(tid, KICK_SIGNAL): makes a blocked KVM_RUN return EINTR.
+//   uffd*                      userfaultfd: see uffd.cc.
 //
 // SharedArrayBuffers are made with V8's API (napi's external ArrayBuffer is not shared and
 // postMessage would copy it), which ties this file to the V8 of the Node it is built for.
@@ -29,6 +30,8 @@
 // is installed once at load. Any thread may call any function; the kernel serialises the rest.
 #include <napi.h>
 #include <v8.h>
+
+#include "common.h"
 
 #include <cerrno>
 #include <csignal>
@@ -95,6 +98,11 @@ const IoctlDef kIoctls[] = {
 };
 #undef DEF
 
+}  // namespace
+
+// Shared with uffd.cc (common.h).
+namespace stage2 {
+
 Napi::Error SysError(Napi::Env env, const std::string& what, int err) {
   const char* ename = strerrordesc_np(err) ? strerrorname_np(err) : nullptr;
   std::string code = ename ? ename : ("E" + std::to_string(err));
@@ -105,6 +113,11 @@ Napi::Error SysError(Napi::Env env, const std::string& what, int err) {
   e.Set("syscall", Napi::String::New(env, what));
   return e;
 }
+
+}  // namespace stage2
+
+namespace {
+using stage2::SysError;
 
 Napi::Value Throw(Napi::Env env, const std::string& what, int err) {
   SysError(env, what, err).ThrowAsJavaScriptException();
@@ -123,6 +136,10 @@ uint64_t ToU64(const Napi::Value& v) {
   }
   return (uint64_t)v.As<Napi::Number>().DoubleValue();
 }
+
+}  // namespace
+
+namespace stage2 {
 
 // napi_value and v8::Local<v8::Value> are the same pointer-sized handle (as in Node's
 // v8impl::JsValueFromV8LocalValue); this is the one place that relies on it.
@@ -147,6 +164,11 @@ Napi::Value SharedBufferOver(Napi::Env env, void* ptr, size_t len, size_t mapLen
       v8::SharedArrayBuffer::New(isolate, std::shared_ptr<v8::BackingStore>(std::move(store)));
   return Napi::Value(env, FromV8(sab));
 }
+
+}  // namespace stage2
+
+namespace {
+using stage2::SharedBufferOver;
 
 Napi::Value Open(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>();
@@ -331,6 +353,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("threadSelf", Napi::Function::New(env, ThreadSelf));
   exports.Set("kick", Napi::Function::New(env, Kick));
   exports.Set("kickSignal", Napi::Number::New(env, KickSignal()));
+  stage2::RegisterUffd(env, exports);
   return exports;
 }
 

@@ -4,11 +4,17 @@
 // create a VM with one test memslot, populate memory (first pass of the sequential guest),
 // enable dirty logging, then for each iteration let every vCPU dirty its whole slice, get the
 // dirty log and (with manual protect) clear it, and finally disable logging.
+// With `dirtyRing` > 0 the VM logs to per-vCPU dirty rings of that many entries instead
+// (dirty_log_test's dirty-ring mode): each iteration harvests the rings (collect + reset, timed
+// as "get dirty log"; entries collected at DIRTY_RING_FULL exits during the pass are included)
+// and counts the ring-full exits the pass took.
 
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type Backing, type Engine, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import { countBits } from '../vmm/dirty-bitmap.ts';
+import { DIRTY_RING_RSVD_ENTRIES } from '../vmm/dirty-ring.ts';
+import type { DirtyGfn } from '../vmm/engine.ts';
 import { createWorkloadVm } from '../vmm/workload-vm.ts';
-import type { WorkloadKind } from '../guest/workload.ts';
+import type { WorkloadKind, WorkloadSpec } from '../guest/workload.ts';
 import { formatSeconds, now, secondsSince } from './timing.ts';
 import { readThreadSched, schedSince } from '../util/thread-sched.ts';
 
@@ -21,6 +27,9 @@ export interface DirtyLogParams {
   manualProtect: boolean;
   guestPageSize: GuestPageSize;
   workload: WorkloadKind;
+  workloadOptions?: Partial<WorkloadSpec>;
+  /** Dirty-ring entries per vCPU; 0 or absent: the memslot bitmap. */
+  dirtyRing?: number;
 }
 
 export interface DirtyLogRound {
@@ -28,6 +37,8 @@ export interface DirtyLogRound {
   getDirtyLogSeconds: number;
   clearDirtyLogSeconds: number;
   dirtyPages: number;
+  /** DIRTY_RING_FULL exits during this iteration's dirty pass (dirty-ring mode; else 0). */
+  ringFullExits: number;
   /** Summed over the vCPU threads during the dirty phase (Linux schedstat): time on a CPU... */
   vcpuOnCpuSeconds: number;
   /** ...and time runnable but waiting for one. Wall time beyond on-CPU time is this, or blocking. */
@@ -47,12 +58,14 @@ export interface DirtyLogResult {
 /** Run the benchmark; `log` gets the selftest's lines as they happen. */
 export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (line: string) => void): Promise<DirtyLogResult> {
   if (p.bytesPerVcpu % PAGE_SIZE !== 0) throw new Error(`--bytes-per-vcpu must be a multiple of ${PAGE_SIZE}`);
-  const { vm, testRegion } = await createWorkloadVm(engine, p);
+  const ring = p.dirtyRing ?? 0;
+  const { vm, testRegion } = await createWorkloadVm(engine, { ...p, dirtyRingEntries: ring });
   const { slot, guestPhysAddr: gpa, memorySize: bytes } = testRegion;
   const manual = vm.config.manualDirtyLogProtect;
   const region = (flags: number) => ({ ...testRegion, flags });
   try {
     log(`Testing guest mode: PA-bits:ANY, VA-bits:48, ${p.guestPageSize / 1024}K pages (engine ${engine.kind})`);
+    if (ring > 0) log(`Dirty ring: ${ring} entries per vCPU (soft limit ${ring - DIRTY_RING_RSVD_ENTRIES})`);
     log(`guest physical test memory: [0x${gpa.toString(16)}, 0x${(gpa + bytes).toString(16)})`);
 
     // Populate: the first pass faults every page in.
@@ -72,20 +85,23 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
     for (let i = 1; i <= p.iterations; i++) {
       const tids = vm.vcpuThreadIds();
       const sched0 = tids.map(readThreadSched);
+      const fullExits0 = vm.stats().exitsDirtyRingFull ?? 0;
       t0 = now();
       vm.allowPasses(1 + i);
       await vm.waitForPasses(1 + i);
       const dirtyMemorySeconds = secondsSince(t0);
       const sched = schedSince(tids, sched0);
       log(`Iteration ${i} dirty memory time: ${formatSeconds(dirtyMemorySeconds)}`);
+      const ringFullExits = (vm.stats().exitsDirtyRingFull ?? 0) - fullExits0;
 
       t0 = now();
-      const bitmap = vm.getDirtyLog(slot);
+      const bitmap = ring > 0 ? ringBitmap(vm.harvestDirtyRings!(), slot, pages) : vm.getDirtyLog(slot);
       const getDirtyLogSeconds = secondsSince(t0);
       log(`Iteration ${i} get dirty log time: ${formatSeconds(getDirtyLogSeconds)}`);
+      if (ring > 0) log(`Iteration ${i} dirty ring full exits: ${ringFullExits}`);
 
       let clearDirtyLogSeconds = 0;
-      if (manual) {
+      if (manual && ring === 0) {
         t0 = now();
         vm.clearDirtyLog(slot, 0, pages, bitmap);
         clearDirtyLogSeconds = secondsSince(t0);
@@ -96,6 +112,7 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
         getDirtyLogSeconds,
         clearDirtyLogSeconds,
         dirtyPages: countBits(bitmap),
+        ringFullExits,
         vcpuOnCpuSeconds: sched.onCpuNs / 1e9,
         vcpuRunQueueSeconds: sched.runQueueNs / 1e9,
       });
@@ -109,12 +126,12 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
     const sum = (k: keyof DirtyLogRound) => rounds.reduce((a, r) => a + r[k], 0);
     const n = rounds.length;
     log(`Get dirty log over ${n} iterations took ${formatSeconds(sum('getDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('getDirtyLogSeconds') / n)}/iteration)`);
-    if (manual) log(`Clear dirty log over ${n} iterations took ${formatSeconds(sum('clearDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('clearDirtyLogSeconds') / n)}/iteration)`);
+    if (manual && ring === 0) log(`Clear dirty log over ${n} iterations took ${formatSeconds(sum('clearDirtyLogSeconds'))}. (Avg ${formatSeconds(sum('clearDirtyLogSeconds') / n)}/iteration)`);
     // Not a selftest line: where the vCPU threads' dirty-phase time went (all vCPUs summed).
     log(`vCPU threads while dirtying: on a CPU ${formatSeconds(sum('vcpuOnCpuSeconds'))}, waiting for a CPU ${formatSeconds(sum('vcpuRunQueueSeconds'))}`);
 
     return {
-      params: { engine: engine.kind, ...p, manualProtect: manual },
+      params: { engine: engine.kind, ...p, manualProtect: manual, dirtyRing: ring },
       pagesPerVcpu: p.bytesPerVcpu / PAGE_SIZE,
       populateSeconds,
       enableDirtyLoggingSeconds,
@@ -125,4 +142,11 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
   } finally {
     await vm.destroy();
   }
+}
+
+/** The distinct pages of `slot` among harvested ring entries, as a bitmap (KVM layout). */
+function ringBitmap(entries: DirtyGfn[], slot: number, pages: number): Uint32Array {
+  const bm = new Uint32Array(Math.ceil(pages / 32));
+  for (const e of entries) if (e.slot === slot && e.offset < pages) bm[e.offset >>> 5]! |= 1 << (e.offset & 31);
+  return bm;
 }

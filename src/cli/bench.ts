@@ -2,23 +2,26 @@
 import type { Command } from 'commander';
 import { runDirtyLogBench } from '../bench/dirty-log.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
-import { addCommonOptions, humanOut, parseIntList, parseLock, type CommonOptions } from './options.ts';
-import { openCheckedEngine, scalingVcpuCounts } from './validate.ts';
+import { addCommonOptions, humanOut, parseDirtyRingEntries, parseIntList, parseLock, workloadOptions, type CommonOptions } from './options.ts';
+import { engineForWorkload, openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
+import { registerBenchCollapse } from './bench-collapse.ts';
 
 export function registerBench(program: Command): void {
-  const bench = program.command('bench').description('benchmarks (dirty-log, scaling)');
+  const bench = program.command('bench').description('benchmarks (dirty-log, scaling, collapse)');
+  registerBenchCollapse(bench);
 
   addCommonOptions(
     bench.command('dirty-log').description("like KVM's dirty_log_perf_test: populate, then dirty and harvest rounds"),
     { bytesPerVcpu: '1G', vcpus: 1, iterations: 2 },
   )
     .option('--no-manual-protect', 'get dirty log clears and re-protects (no KVM_CLEAR_DIRTY_LOG)')
-    .action(async (opts: CommonOptions & { manualProtect: boolean }) => {
+    .option('--dirty-ring <entries>', 'log to per-vCPU dirty rings of this many entries (256..65536, a power of two) instead of the bitmap', parseDirtyRingEntries)
+    .action(async (opts: CommonOptions & { manualProtect: boolean; dirtyRing?: number }) => {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runDirtyLogBench(
         engine,
         {
@@ -30,6 +33,8 @@ export function registerBench(program: Command): void {
           manualProtect: opts.manualProtect,
           guestPageSize: opts.guestPageSize,
           workload: opts.workload,
+          workloadOptions: workloadOptions(opts, opts.vcpus),
+          dirtyRing: opts.dirtyRing ?? 0,
         },
         out,
       );
@@ -47,7 +52,7 @@ export function registerBench(program: Command): void {
       const out = humanOut(opts.json);
       const vcpuCounts = scalingVcpuCounts(opts, cmd);
       const demand = { vcpuCounts, vcpusFlag: opts.vcpuCounts ? '--vcpu-counts' : '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
-      const engine = await openCheckedEngine(opts.engine, demand, (why) => out(`engine: ${why}; using soft`));
+      const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
       const result = await runScalingBench(
         engine,
         {

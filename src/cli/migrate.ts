@@ -22,9 +22,9 @@ import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
-import { checkMigrateOptions, openCheckedEngine } from './validate.ts';
+import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
 
 export interface MigrateOptions extends CommonOptions {
@@ -196,12 +196,12 @@ async function runMigrateSignalled(
   spawned: (r: LocalReceiver) => void,
 ): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
-  const engine = await unlessCancelled(openCheckedEngine(opts.engine, demand, (why) => log(`engine: ${why}; using soft`)));
+  const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`)));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
   const { vm, spec } = await unlessCancelled(
-    createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, lock: opts.lock, guestPageSize: opts.guestPageSize }),
+    createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, workloadOptions: workloadOptions(opts, opts.vcpus), lock: opts.lock, guestPageSize: opts.guestPageSize }),
   );
   let receiver: LocalReceiver | null = null;
   try {

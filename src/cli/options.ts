@@ -2,7 +2,8 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
-import { WORKLOAD_KINDS, type WorkloadKind } from '../guest/workload.ts';
+import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
+import { DIRTY_PATTERNS, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
@@ -83,6 +84,14 @@ export function parseNonNegativeNumber(text: string): number {
   return n;
 }
 
+/** Dirty-ring entries per vCPU: a power of two KVM accepts (256 .. 65536). */
+export function parseDirtyRingEntries(text: string): number {
+  const n = wholeNumber(text, 'must be a power of two from 256 to 65536 (entries per vCPU)');
+  const problem = dirtyRingSizeProblem(n, DIRTY_RING_MAX_ENTRIES);
+  if (problem !== null) throw new InvalidArgumentError(`must be a power of two from 256 to 65536 (entries per vCPU), got ${n}`);
+  return n;
+}
+
 /** "1,2,4" -> [1, 2, 4]: a non-empty list of positive whole numbers. */
 export function parseIntList(text: string): number[] {
   const items = text.split(',').map((t) => t.trim());
@@ -130,6 +139,7 @@ export const parseEngine = oneOf<EngineChoice>(['soft', 'kvm', 'default']);
 export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'hugetlb']);
 export const parseLock = oneOf<MmuLockMode>(MMU_LOCK_MODES);
 export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS);
+export const parsePattern = oneOf<DirtyPattern>(DIRTY_PATTERNS);
 
 export function parseGuestPageSize(text: string): GuestPageSize {
   const bytes = parseSize(text);
@@ -144,6 +154,13 @@ export interface CommonOptions {
   backing: Backing;
   iterations: number;
   workload: WorkloadKind;
+  seed: number;
+  writePercent: number;
+  /** dirty-rate: bytes per second the whole guest dirties (split evenly over the vCPUs). */
+  dirtyRate?: number;
+  /** dirty-rate: bytes of guest RAM written (split evenly over the vCPUs); default: all of it. */
+  workingSet?: number;
+  pattern: DirtyPattern;
   lock: MmuLockMode;
   guestPageSize: GuestPageSize;
   json: boolean;
@@ -160,7 +177,12 @@ export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string;
     .option('-v, --vcpus <n>', 'number of vCPUs', parsePositiveInt, defaults.vcpus)
     .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU, a multiple of 4 KiB (accepts 512M, 1G)', parseMemorySize, parseMemorySize(defaults.bytesPerVcpu))
     .option('-s, --backing <backing>', 'anonymous | anonymous_thp | hugetlb', parseBacking, 'anonymous')
-    .option('--workload <kind>', 'sequential | random | idle | rwmix', parseWorkload, 'sequential')
+    .option('--workload <kind>', WORKLOAD_KINDS.join(' | '), parseWorkload, 'sequential')
+    .option('--seed <n>', 'seed of the random and rwmix generators', parseIntInRange(0, 0xffff_ffff), 1)
+    .option('--write-percent <n>', 'rwmix: percentage of accesses that write', parseIntInRange(0, 100), 50)
+    .option('--dirty-rate <size>', 'dirty-rate: bytes per second the guest dirties, all vCPUs together (e.g. 200M)', parseMemorySize)
+    .option('--working-set <size>', 'dirty-rate: bytes of guest RAM it writes, all vCPUs together (default: all; the rest stays zero)', parseMemorySize)
+    .option('--pattern <order>', 'dirty-rate: sequential | random', parsePattern, 'sequential' as DirtyPattern)
     .option('--lock <mode>', `soft engine MMU lock: ${MMU_LOCK_MODES.join(' | ')}`, parseLock, 'parallel')
     .option('--guest-page-size <size>', 'kvm guest page size: 4K | 2M', parseGuestPageSize, 2097152 as GuestPageSize)
     .option('--json', 'print one JSON object on stdout and nothing else there', false);
@@ -169,4 +191,16 @@ export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string;
 /** Human output: stderr when --json owns stdout, else stdout. */
 export function humanOut(json: boolean): (line: string) => void {
   return json ? (line) => process.stderr.write(line + '\n') : (line) => process.stdout.write(line + '\n');
+}
+
+/**
+ * The workload's per-vCPU knobs from the command line: --dirty-rate and --working-set are for
+ * the whole guest (what a user measures and asks for), split evenly over `vcpus` (the working
+ * set in whole pages; at least one page per vCPU).
+ */
+export function workloadOptions(opts: CommonOptions, vcpus: number): Partial<WorkloadSpec> {
+  const out: Partial<WorkloadSpec> = { seed: opts.seed, writePercent: opts.writePercent, pattern: opts.pattern };
+  if (opts.dirtyRate !== undefined) out.dirtyRate = opts.dirtyRate / vcpus;
+  if (opts.workingSet !== undefined) out.workingSetBytes = Math.max(PAGE_BYTES, Math.floor(opts.workingSet / vcpus / PAGE_BYTES) * PAGE_BYTES);
+  return out;
 }

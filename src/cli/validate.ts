@@ -9,6 +9,7 @@ import type { Command } from 'commander';
 import type { Backing, Engine, EngineCapabilities } from '../vmm/engine.ts';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { formatAmount, formatBytes } from './options.ts';
+import type { WorkloadKind } from '../guest/workload.ts';
 
 /** A command line this build refuses; the message is one line for the user. */
 export class UsageError extends Error {
@@ -125,6 +126,16 @@ export function checkGuestFits(caps: EngineCapabilities, d: GuestDemand, machine
     const swap = machine.swapFreeBytes > 0 ? ` (MemAvailable ${formatAmount(machine.memAvailableBytes)} + free swap ${formatAmount(machine.swapFreeBytes)})` : ' (MemAvailable; no free swap)';
     throw new UsageError(`guest RAM ${asked} is more than this machine can provide: ${formatAmount(available)} available${swap}; lower -v or -b`);
   }
+}
+
+/**
+ * The engine a workload can run on: the dirty-rate guest paces itself by a clock only the soft
+ * engine's guest has, so it picks soft unless the user named kvm, which is refused.
+ */
+export function engineForWorkload(opts: { engine: EngineChoice; workload: WorkloadKind }): EngineChoice {
+  if (opts.workload !== 'dirty-rate') return opts.engine;
+  if (opts.engine === 'kvm') throw new UsageError('--workload dirty-rate runs on the soft engine only (the kvm guest has no clock to pace itself by); use --engine soft');
+  return 'soft';
 }
 
 /**

@@ -11,7 +11,14 @@
 //   random:     pagesPerVcpu pages drawn with the vCPU's xorshift64 generator (repeats allowed);
 //   idle:       like sequential once, then the vCPU halts (memory populated and non-zero);
 //   rwmix:      every page in order, written when the generator's next draw % 100 <
-//               writePercent, read otherwise.
+//               writePercent, read otherwise;
+//   dirty-rate: the memory dirtier QEMU developers use: a pass writes the vCPU's working set
+//               (its first workingSetPages pages; the rest of the slice stays untouched, so
+//               zero pages occur) once, in order (pattern sequential) or as that many draws
+//               (pattern random), paced to dirtyRate bytes per second per vCPU by the guest's
+//               own clock: ahead of schedule it halts until its timer (0 = unpaced). Timing
+//               never changes which page gets which value, so the pass-by-pass model holds;
+//               only the soft engine runs it (the kvm guest has no clock to pace itself by).
 // Each write stores one little-endian 64-bit word at offset 0 of the page:
 //   guestWriteValue(vcpu, pass) = (vcpu + 1) * 2^32 + pass, with pass counted from 1.
 // After each pass the vCPU reports to the VMM (soft: a shared counter; kvm: `out` to
@@ -19,7 +26,10 @@
 
 import { PAGE_SIZE } from '../vmm/engine.ts';
 
-export type WorkloadKind = 'sequential' | 'random' | 'idle' | 'rwmix';
+export type WorkloadKind = 'sequential' | 'random' | 'idle' | 'rwmix' | 'dirty-rate';
+
+export type DirtyPattern = 'sequential' | 'random';
+export const DIRTY_PATTERNS: readonly DirtyPattern[] = ['sequential', 'random'];
 
 export interface WorkloadSpec {
   kind: WorkloadKind;
@@ -31,6 +41,12 @@ export interface WorkloadSpec {
   seed: number;
   /** rwmix: percentage of accesses that are writes (0..100). */
   writePercent: number;
+  /** dirty-rate: bytes each vCPU dirties per second (0: as fast as it can). */
+  dirtyRate: number;
+  /** dirty-rate: bytes of its slice each vCPU writes (a multiple of 4 KiB, at most bytesPerVcpu). */
+  workingSetBytes: number;
+  /** dirty-rate: the order of the working set's writes. */
+  pattern: DirtyPattern;
 }
 
 /** I/O port the kvm guest writes after every pass (the value written is the pass number). */
@@ -39,14 +55,28 @@ export const SYNC_PORT = 0x5c2;
 /** Where the VMM puts test memory by default: at 4 GiB, clear of the kvm engine's own slot. */
 export const DEFAULT_TEST_MEM_GPA = 2 ** 32;
 
-export const WORKLOAD_KINDS: readonly WorkloadKind[] = ['sequential', 'random', 'idle', 'rwmix'];
+export const WORKLOAD_KINDS: readonly WorkloadKind[] = ['sequential', 'random', 'idle', 'rwmix', 'dirty-rate'];
 
 export function workload(kind: WorkloadKind, bytesPerVcpu: number, opts: Partial<WorkloadSpec> = {}): WorkloadSpec {
-  return { kind, gpaBase: opts.gpaBase ?? DEFAULT_TEST_MEM_GPA, bytesPerVcpu, seed: opts.seed ?? 1, writePercent: opts.writePercent ?? 50 };
+  return {
+    kind,
+    gpaBase: opts.gpaBase ?? DEFAULT_TEST_MEM_GPA,
+    bytesPerVcpu,
+    seed: opts.seed ?? 1,
+    writePercent: opts.writePercent ?? 50,
+    dirtyRate: opts.dirtyRate ?? 0,
+    workingSetBytes: Math.min(opts.workingSetBytes ?? bytesPerVcpu, bytesPerVcpu),
+    pattern: opts.pattern ?? 'sequential',
+  };
 }
 
 export function pagesPerVcpu(spec: WorkloadSpec): number {
   return Math.floor(spec.bytesPerVcpu / PAGE_SIZE);
+}
+
+/** Pages a dirty-rate pass writes (or draws) per vCPU: its working set. */
+export function workingSetPages(spec: WorkloadSpec): number {
+  return Math.floor(spec.workingSetBytes / PAGE_SIZE);
 }
 
 /** The 64-bit value vCPU `vcpu` writes during pass `pass` (1-based), as hi/lo 32-bit halves. */
@@ -115,6 +145,12 @@ export function pagesWrittenInPass(spec: WorkloadSpec, rng: { hi: number; lo: nu
     case 'rwmix':
       for (let p = 0; p < pages; p++) if (xorshift64Step(rng) % 100 < spec.writePercent) out.push(p);
       break;
+    case 'dirty-rate': {
+      const ws = workingSetPages(spec);
+      if (spec.pattern === 'sequential') for (let p = 0; p < ws; p++) out.push(p);
+      else for (let i = 0; i < ws; i++) out.push(randomPageIndex(xorshift64Step(rng), ws));
+      break;
+    }
   }
   return out;
 }

@@ -49,11 +49,8 @@ export function exitName(reason: number): string {
 }
 
 export const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1;
-export const KVM_DIRTY_GFN_F_DIRTY = 1;
-export const KVM_DIRTY_GFN_F_RESET = 2;
 /** The dirty ring lives at this page offset of the vCPU fd (asm/kvm.h on x86). */
 export const KVM_DIRTY_LOG_PAGE_OFFSET = 64;
-export const DIRTY_GFN_BYTES = 16;
 
 /** struct kvm_run offsets (the fields this engine reads). */
 export const RUN = {

@@ -14,6 +14,7 @@ import { projectRoot } from '../util/worker.ts';
 import { isSysError, loadAddon, type KvmAddon } from './addon.ts';
 import { CAP, KVM_API_VERSION } from './abi.ts';
 import { KvmVm } from './vm.ts';
+import { Userfaultfd } from '../uffd/userfaultfd.ts';
 import type { GuestCpl } from './guest-setup.ts';
 
 /** Capabilities without which the engine cannot run its guests at all. */
@@ -40,6 +41,19 @@ function thpAvailable(): boolean {
   } catch {
     return false;
   }
+}
+
+let uffdOpensCache: boolean | undefined;
+function uffdOpens(root: string): boolean {
+  if (uffdOpensCache === undefined) {
+    try {
+      Userfaultfd.open({ root }).close();
+      uffdOpensCache = true;
+    } catch {
+      uffdOpensCache = false;
+    }
+  }
+  return uffdOpensCache;
 }
 
 export interface KvmEngineOptions {
@@ -109,6 +123,9 @@ export class KvmEngine implements Engine {
       // KVM reports the largest ring in bytes; entries are 16-byte struct kvm_dirty_gfn.
       dirtyRingMaxEntries: Math.max(this.checkExtension(CAP.DIRTY_LOG_RING_ACQ_REL), this.checkExtension(CAP.DIRTY_LOG_RING)) / 16,
       memoryFaultExit: this.checkExtension(CAP.MEMORY_FAULT_INFO) > 0,
+      // 'uffd' where the addon's userfaultfd opens; never 'exit' (KVM_MEM_EXIT_ON_MISSING was
+      // never merged upstream: kvm/demand-pager.ts says so when asked).
+      demandPagingPaths: uffdOpens(this.root) ? ['uffd'] : [],
       userfaultfd,
       backings,
       maxVcpus: this.checkExtension(CAP.MAX_VCPUS),

@@ -10,12 +10,12 @@ import {
 import { newBitmap } from '../vmm/dirty-bitmap.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../guest/workload.ts';
 import { isSysError, type AddonBacking, type KvmAddon } from './addon.ts';
-import { CAP, DIRTY_GFN_BYTES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
+import { CAP, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET, encodeEnableCap, encodeMemoryRegion } from './abi.ts';
 import { kvmRunMicros } from './control.ts';
 import { startKvmVcpus, type RunnerVcpu } from './vcpu-runner.ts';
 import { VmRunLoop } from '../vmm/run/vm-run.ts';
 import { BinaryStats } from './binary-stats.ts';
-import { DirtyRing } from './dirty-ring.ts';
+import { DIRTY_GFN_BYTES, DIRTY_GFN_WORDS, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { INTERNAL_SLOT } from './guest/layout.ts';
 import { setUpGuest } from './guest-setup.ts';
 import { checkKvmArchState, loadArchState, probeMsrs, saveArchState, type VcpuStateFeatures } from './vcpu-state.ts';
@@ -25,13 +25,16 @@ import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { MemslotTable } from './memslot-table.ts';
 import type { KvmEngine } from './engine.ts';
+import type { DemandPager, DemandPagingConfig } from '../vmm/demand-paging.ts';
+import { DemandPagingError } from '../vmm/demand-paging.ts';
+import { KvmDemandPager, startKvmDemandPaging } from './demand-pager.ts';
 
 interface Mapping extends HostMapping {
   buffer: SharedArrayBuffer;
 }
 
 interface Vcpu extends RunnerVcpu {
-  ring: DirtyRing | null;
+  ring: DirtyRingCollector | null;
 }
 
 export class KvmVm extends VmRunLoop implements Vm {
@@ -46,6 +49,7 @@ export class KvmVm extends VmRunLoop implements Vm {
   private ringMaxBatch = 0;
   private ringResets = 0;
   private readonly stats_: BinaryStats | null;
+  private pager: KvmDemandPager | null = null;
 
   private constructor(
     private readonly kvm: KvmEngine,
@@ -70,9 +74,8 @@ export class KvmVm extends VmRunLoop implements Vm {
     const full = resolveVmConfig(config, caps);
     if (full.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new VmError('config', 'KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 missing on this host');
     const ringEntries = full.dirtyRingEntries;
-    if (ringEntries > 0 && (ringEntries > caps.dirtyRingMaxEntries || (ringEntries & (ringEntries - 1)) !== 0)) {
-      throw new VmError('config', `dirtyRingEntries ${ringEntries}: must be a power of two <= ${caps.dirtyRingMaxEntries} (KVM_CAP_DIRTY_LOG_RING)`);
-    }
+    const ringProblem = ringEntries > 0 ? dirtyRingSizeProblem(ringEntries, caps.dirtyRingMaxEntries) : null;
+    if (ringProblem !== null) throw new VmError('config', ringProblem);
     const a = kvm.addon;
     const vmFd = a.ioctl(kvm.kvmFd, 'KVM_CREATE_VM', 0);
     try {
@@ -146,6 +149,7 @@ export class KvmVm extends VmRunLoop implements Vm {
   async createVcpus(count: number, spec: WorkloadSpec): Promise<void> {
     if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
     if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
+    if (spec.kind === 'dirty-rate') throw new VmError('config', "createVcpus: the 'dirty-rate' workload runs on the soft engine only (the kvm guest has no clock to pace itself by)");
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
@@ -156,7 +160,7 @@ export class KvmVm extends VmRunLoop implements Vm {
       const fd = a.ioctl(this.vmFd, 'KVM_CREATE_VCPU', v);
       const run = a.mmapFd(fd, 0, runBytes);
       const ringMap = this.config.dirtyRingEntries > 0 ? a.mmapFd(fd, KVM_DIRTY_LOG_PAGE_OFFSET, this.config.dirtyRingEntries * DIRTY_GFN_BYTES) : null;
-      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRing(ringMap) : null });
+      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRingCollector(new Int32Array(ringMap), ringMap.byteLength / (DIRTY_GFN_WORDS * 4)) : null });
       a.ioctl(fd, 'KVM_SET_CPUID2', cpuid);
       guest.initVcpu(a, fd, v);
     }
@@ -216,11 +220,30 @@ export class KvmVm extends VmRunLoop implements Vm {
     return new Uint8Array(m.buffer, hva - m.hva, bytes);
   }
 
+  /** Demand paging on the host's real userfaultfd (demand-pager.ts); path 'exit' is refused there. */
+  startDemandPaging(config: DemandPagingConfig): DemandPager {
+    if (this.destroyed) throw new VmError('state', 'startDemandPaging: VM destroyed');
+    if (this.pager?.active) throw new DemandPagingError('startDemandPaging: demand paging is already on (finish() it first)');
+    if (this.vcpus.length === 0) throw new DemandPagingError('startDemandPaging: create the vCPUs first (readers name the vCPU that faulted by its thread)');
+    const slots = this.slots.list().filter((s) => !s.internal && s.memorySize > 0).map((s) => {
+      const m = this.mappingOf(s.userspaceAddr, s.memorySize)!;
+      return { slot: s.slot, gpa: s.guestPhysAddr, hva: s.userspaceAddr, bytes: s.memorySize, backing: m.backing };
+    });
+    const pager = startKvmDemandPaging(
+      { slots, vcpuCount: this.vcpus.length, vcpuThreadIds: () => this.vcpuThreadIds(), memoryFaultInfo: this.kvm.checkExtension(CAP.MEMORY_FAULT_INFO) > 0 },
+      config,
+    );
+    this.pager = pager;
+    return pager;
+  }
+
   readGuest(gpa: number, dst: Uint8Array): void {
+    if (this.pager?.active) this.pager.checkHostAccess(gpa, dst.length, 'readGuest');
     for (const g of guestSegments(this.slots.set, gpa, dst.length)) dst.set(this.hostView(g.hva, g.bytes), g.done);
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
+    if (this.pager?.active) this.pager.checkHostAccess(gpa, src.length, 'writeGuest');
     for (const g of guestSegments(this.slots.set, gpa, src.length)) this.hostView(g.hva, g.bytes).set(src.subarray(g.done, g.done + g.bytes));
   }
 
@@ -256,6 +279,14 @@ export class KvmVm extends VmRunLoop implements Vm {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
+    // Before stopping: closing the uffds wakes any vCPU still waiting for a page in KVM_RUN.
+    if (this.pager?.active) {
+      try {
+        this.pager.finish();
+      } catch {
+        /* the VM is going away; the pager's own failure is of no use now */
+      }
+    }
     await this.runControl?.stop();
     for (const vc of this.vcpus) this.addon.close(vc.fd);
     this.stats_?.close();

@@ -16,7 +16,7 @@
 //
 // Concurrency: pure functions, main thread.
 import { KVM_MEM_READONLY, PAGE_SIZE, type Backing, type EngineKind, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
-import { WORKLOAD_KINDS } from '../guest/workload.ts';
+import { DIRTY_PATTERNS, WORKLOAD_KINDS } from '../guest/workload.ts';
 import { CONFIG_VERSION, type MigrationConfig, type MigrationSlot } from './config.ts';
 import { describeValue } from '../util/describe-value.ts';
 
@@ -125,13 +125,19 @@ export function validateConfig(raw: unknown, lockModes: readonly MmuLockMode[]):
   const vcpus = int(o.vcpus, 'vcpus', 1, MAX_VCPUS);
 
   const w = object(o.workload, 'workload');
-  onlyKeys(w, 'workload', ['kind', 'gpaBase', 'bytesPerVcpu', 'seed', 'writePercent']);
+  onlyKeys(w, 'workload', ['kind', 'gpaBase', 'bytesPerVcpu', 'seed', 'writePercent', 'dirtyRate', 'workingSetBytes', 'pattern']);
+  const bytesPerVcpu = pageMultiple(w.bytesPerVcpu, 'workload.bytesPerVcpu', PAGE_SIZE, MAX_GPA);
   const workload = {
     kind: oneOf(w.kind, 'workload.kind', WORKLOAD_KINDS),
     gpaBase: pageMultiple(w.gpaBase, 'workload.gpaBase', 0, MAX_GPA - PAGE_SIZE),
-    bytesPerVcpu: pageMultiple(w.bytesPerVcpu, 'workload.bytesPerVcpu', PAGE_SIZE, MAX_GPA),
+    bytesPerVcpu,
     seed: int(w.seed, 'workload.seed', 0, 0xffff_ffff),
     writePercent: int(w.writePercent, 'workload.writePercent', 0, 100),
+    // The dirty-rate fields came after the other workload fields: absent, they take the
+    // defaults workload() gives (no pacing, the whole slice, in order).
+    dirtyRate: w.dirtyRate === undefined ? 0 : int(w.dirtyRate, 'workload.dirtyRate', 0, MAX_GPA),
+    workingSetBytes: w.workingSetBytes === undefined ? bytesPerVcpu : pageMultiple(w.workingSetBytes, 'workload.workingSetBytes', PAGE_SIZE, bytesPerVcpu),
+    pattern: w.pattern === undefined ? ('sequential' as const) : oneOf(w.pattern, 'workload.pattern', DIRTY_PATTERNS),
   };
 
   if (!Array.isArray(o.memslots)) throw new ConfigFieldError('memslots', `must be an array, got ${describeValue(o.memslots)}`);

@@ -67,6 +67,7 @@ export interface PostcopyOptions {
   onPushed?: PostcopySourceOptions['onPushed'];
   /** Test hook: rewrite each POSTCOPY_REQUEST before it is answered? No: the destination side is real; see tests. */
 }
+import { blockMappings, hugePagesReformed } from './huge-reform.ts';
 
 export interface PrecopyOptions {
   workload: WorkloadSpec;
@@ -150,6 +151,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let expectedDowntimeSeconds = 0;
   let bandwidth = 0; // bytes/s measured on the link
   let paused = false;
+  /** Failure: block mappings re-formed once logging stopped (huge-reform.ts). */
+  let reformed = 0;
   /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
   let committed = false;
   let endSent = false;
@@ -422,9 +425,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (!state.finished) state.set(cancelled && !state.status.startsWith('postcopy') ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
+    const blocksBefore = blockMappings(vm);
     if (dirty.logging) dirty.setLogging(false);
     if (committed) return finish(err.message, true, false); // paused for good: see the header
     if (paused) vm.resume();
+    reformed = await hugePagesReformed(vm, blocksBefore);
     const intact = await checkSourceIntact(vm, opts.workload);
     return finish(cancelled ? 'migration cancelled' : err.message, intact);
   } finally {
@@ -618,6 +623,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       stats.error = error;
       stats.sourceIntact = sourceIntact ?? false;
       stats.sourceRunning = sourceRunning;
+      stats.hugePagesReformed = reformed;
     } else if (!stats.verified) {
       stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
     }

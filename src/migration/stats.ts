@@ -77,6 +77,8 @@ export interface MigrationStats {
   error?: string;
   /** On failure: the source VM and its memory are as before the migration (logging off). */
   sourceIntact?: boolean;
+  /** On failure: 2 MiB block mappings the source re-formed once logging stopped (migration/huge-reform.ts). */
+  hugePagesReformed?: number;
   /**
    * On failure: the source guest runs again. False only when the link broke after the source
    * committed (sent GO): the destination may run the guest, so the source stays paused.

@@ -2,6 +2,8 @@
 // createVm builds an independent SoftVm.
 import type { Engine, EngineCapabilities, Vm, VmConfig } from '../vmm/engine.ts';
 import { SoftVm } from './vm.ts';
+import { DIRTY_RING_MAX_ENTRIES } from '../vmm/dirty-ring.ts';
+import type { HugeRecoveryStrategy } from './huge/recovery.ts';
 
 export interface SoftEngineOptions {
   /** Host RAM each VM models (default: sized from the VM's first mapHostMemory). */
@@ -10,6 +12,8 @@ export interface SoftEngineOptions {
   maxVcpus?: number;
   /** Stage-2 walks check for freed table pages (slower). */
   debug?: boolean;
+  /** How huge mappings are re-formed when dirty logging stops (default 'in-place'). */
+  recover?: HugeRecoveryStrategy;
 }
 
 export class SoftEngine implements Engine {
@@ -21,7 +25,7 @@ export class SoftEngine implements Engine {
     return {
       kind: 'soft',
       manualDirtyLogProtect: true,
-      dirtyRingMaxEntries: 0,
+      dirtyRingMaxEntries: DIRTY_RING_MAX_ENTRIES,
       memoryFaultExit: true,
       userfaultfd: false,
       backings: ['anonymous', 'anonymous_thp', 'hugetlb'],
@@ -38,6 +42,7 @@ export class SoftEngine implements Engine {
     const vmOpts: ConstructorParameters<typeof SoftVm>[1] = { maxVcpus: this.opts.maxVcpus ?? 64 };
     if (this.opts.hostRamBytes !== undefined) vmOpts.hostRamBytes = this.opts.hostRamBytes;
     if (this.opts.debug !== undefined) vmOpts.debug = this.opts.debug;
+    if (this.opts.recover !== undefined) vmOpts.recover = this.opts.recover;
     return new SoftVm(config, vmOpts);
   }
 }

@@ -8,9 +8,12 @@
 // - delete / move: begin a memslot invalidation (faults on the slot retry), publish, wait out
 //   readers of the old generation, unmap the old gfn range under the exclusive MMU lock (the
 //   unmap flushes TLBs), end the invalidation. A move keeps the bitmap while logging.
-// - logging on: allocate the bitmap, publish, wait out old readers (no fault can still install
+// - logging on: allocate the bitmap (not on a VM with a dirty ring: faults push to their vCPU's
+//   ring then, dirty/dirty-ring.ts), publish, wait out old readers (no fault can still install
 //   a writable or huge mapping from a generation without the bitmap), then write-protect the
-//   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it.
+//   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it,
+//   then hand the slot to huge-page recovery (huge/recovery.ts): no fault can still be logging
+//   it, so the 4 KiB leaves logging left can become blocks again.
 // - mmu notifier (host munmap): unmap the gfns the range backs, under the exclusive lock, flush
 //   included, before the host frees anything.
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type MemoryRegion } from '../vmm/engine.ts';
@@ -30,6 +33,8 @@ export interface MemslotMmu extends DirtyLogMmu {
   hostWritable(hva: number): boolean;
   /** Statistics: pages swept by a logging enable. */
   countWriteProtected(pages: number): void;
+  /** Logging stopped on the slot (old readers gone): re-form its huge mappings (huge/recovery.ts). */
+  loggingStopped?(slot: SlotDesc): void;
 }
 
 export class VmMemslots {
@@ -42,6 +47,8 @@ export class VmMemslots {
     ctl: Int32Array,
     vcpuCount: () => number,
     private readonly mmu: MemslotMmu,
+    /** False on a VM with a dirty ring: logging slots get no bitmap (kvm_use_dirty_bitmap). */
+    private readonly useBitmaps = true,
   ) {
     this.publisher = new SlotPublisher(ctl, vcpuCount);
   }
@@ -86,6 +93,7 @@ export class VmMemslots {
           // Huge mappings are write-protected whole; a write fault splits them (seed 000).
           mmu.countWriteProtected(writeProtectSlot(mmu, this.desc(nu.id)!));
         }
+        if (!logging && wasLogging && mmu.hasHost()) mmu.loggingStopped?.(this.desc(nu.id)!);
         return;
       }
     }
@@ -114,7 +122,7 @@ export class VmMemslots {
 
   /** Give the slot a dirty bitmap iff it logs (keeping an existing one, as KVM does on a move). */
   private syncBitmap(s: Memslot): void {
-    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) this.bitmaps.delete(s.id);
+    if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0 || !this.useBitmaps) this.bitmaps.delete(s.id);
     else if (!this.bitmaps.has(s.id)) this.bitmaps.set(s.id, allocDirtyBitmap(s.npages));
   }
 
@@ -130,6 +138,7 @@ export class VmMemslots {
       npages: s.npages,
       hva: s.userspaceAddr,
       hostWritable: this.mmu.hostWritable(s.userspaceAddr),
+      logDirty: (s.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0,
       dirtyBitmap: this.bitmaps.get(s.id) ?? null,
     };
   }

@@ -9,6 +9,7 @@
 
 import {
   type Backing,
+  type DirtyGfn,
   type HostMapping,
   type MemoryRegion,
   type MemslotInfo,
@@ -36,6 +37,10 @@ import { VmError } from '../vmm/errors.ts';
 import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
+import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
+import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
+import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
+import type { StallSummary } from './locking/lock-stall.ts';
 
 export interface SoftVmOptions {
   /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
@@ -43,6 +48,8 @@ export interface SoftVmOptions {
   maxVcpus: number;
   /** Stage-2 walks check for freed table pages (slower; tests). */
   debug?: boolean;
+  /** How huge mappings are re-formed when dirty logging stops (huge/recovery.ts); default 'in-place'. */
+  recover?: HugeRecoveryStrategy;
 }
 
 const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
@@ -71,6 +78,15 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
+  /** KVM_CAP_DIRTY_LOG_RING: one ring per vCPU line plus the VMM thread's (line maxVcpus). */
+  private readonly rings: SoftDirtyRings | null = null;
+  private readonly ringCollectors: DirtyRingCollector[] = [];
+  /** Entries collected (by ring-full exits) and not yet returned by harvestDirtyRings. */
+  private readonly pendingRing: DirtyGfn[] = [];
+  private ringResets = 0;
+  private ringMaxBatch = 0;
+  private recovery: HugePageRecovery | null = null;
+  private recoverStrategy: HugeRecoveryStrategy;
 
   constructor(
     config: VmConfig,
@@ -78,12 +94,19 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   ) {
     super();
     this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
-    if (this.config.dirtyRingEntries !== 0) throw new VmError('config', 'the soft engine has no dirty ring yet (dirtyRingEntries must be 0)');
+    const ringEntries = this.config.dirtyRingEntries;
+    if (ringEntries !== 0) {
+      const problem = dirtyRingSizeProblem(ringEntries, DIRTY_RING_MAX_ENTRIES);
+      if (problem !== null) throw new VmError('config', problem);
+      this.rings = SoftDirtyRings.create(opts.maxVcpus + 1, ringEntries);
+      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, this.rings.ringBase(line)));
+    }
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
     this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
-    this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this);
+    this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this, this.rings === null);
+    this.recoverStrategy = opts.recover ?? 'in-place';
     if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
   }
 
@@ -113,6 +136,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     pgt.countWriteGrantsFrom(() => VcpuStats.total(this.statsSab, this.opts.maxVcpus + 1, S_FAST_RELAX));
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
+    const slots = this.slots;
+    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id) });
+    this.recovery.strategy = this.recoverStrategy;
     return this.host;
   }
 
@@ -177,6 +203,10 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.vmStats.add(S_WRITE_PROTECTED, pages);
   }
 
+  loggingStopped(slot: SlotDesc): void {
+    this.recovery?.loggingStopped(slot);
+  }
+
   unmapGfns(gfn: number, npages: number): void {
     const { pgt } = this.h;
     this.lock.exclusiveLock();
@@ -192,6 +222,37 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     if (this.destroyed || !this.host || this.host.pgt.destroyed) return;
     this.vmStats.add(S_NOTIFIER_INVALIDATIONS, 1);
     this.slots.onHostInvalidate(start, end);
+  }
+
+  // ---- huge pages and stalls ----
+
+  /** Choose how huge mappings are re-formed when logging stops (applies to later stops). */
+  setHugeRecovery(strategy: HugeRecoveryStrategy, batchRegions?: number): void {
+    this.recoverStrategy = strategy;
+    if (this.recovery) this.recovery.strategy = strategy;
+    if (batchRegions !== undefined) {
+      if (!Number.isInteger(batchRegions) || batchRegions < 1) throw new VmError('config', `recovery batch must be a positive number of 2 MiB regions, got ${batchRegions}`);
+      if (this.recovery) this.recovery.batchRegions = batchRegions;
+    }
+  }
+
+  /** The recovery machinery (tests, benchmarks: idle(), stats, pendingRegions). */
+  get hugeRecovery(): HugePageRecovery {
+    if (!this.recovery) throw new VmError('state', 'no host memory yet: call mapHostMemory first');
+    return this.recovery;
+  }
+
+  hugeRecoveryIdle(): Promise<void> {
+    return this.recovery?.idle() ?? Promise.resolve();
+  }
+
+  /** How long vCPU faults waited for the MMU lock since the last reset (locking/lock-stall.ts). */
+  lockStalls(): StallSummary {
+    return this.lock.stalls!.summary();
+  }
+
+  resetLockStalls(): void {
+    this.lock.stalls!.reset();
   }
 
   // ---- DirtyLogMmu ----
@@ -213,8 +274,14 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     return d;
   }
 
+  /** With a dirty ring there is no bitmap to get or clear (kvm_use_dirty_bitmap: ENXIO). */
+  private requireBitmaps(call: string): void {
+    if (this.rings !== null) throw new DirtyLogError('ENXIO', `${call}: this VM logs dirty pages to its dirty rings (harvestDirtyRings), not to bitmaps`);
+  }
+
   getDirtyLog(slot: number): Uint32Array {
     this.checkAlive();
+    this.requireBitmaps('KVM_GET_DIRTY_LOG');
     const d = this.loggingSlot(slot);
     if (!this.host) return new Uint32Array(0);
     const r = getDirtyLog(this, d, this.config.manualDirtyLogProtect);
@@ -224,10 +291,35 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap: Uint32Array): void {
     this.checkAlive();
+    this.requireBitmaps('KVM_CLEAR_DIRTY_LOG');
     if (!this.config.manualDirtyLogProtect) throw new DirtyLogError('EINVAL', 'KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2');
     const d = this.loggingSlot(slot);
     const n = clearDirtyLog(this, d, firstPage, numPages, bitmap);
     this.vmStats.add(S_WRITE_PROTECTED, n);
+  }
+
+  // ---- dirty rings ----
+
+  /**
+   * Collect every ring's published entries into pendingRing, then KVM_RESET_DIRTY_RINGS: the
+   * collected pages are write-protected again and their entries freed. Run for a vCPU's
+   * DIRTY_RING_FULL exit (it re-enters afterwards) and by harvestDirtyRings.
+   */
+  private drainRings(): void {
+    const rings = this.rings!;
+    for (const c of this.ringCollectors) this.ringMaxBatch = Math.max(this.ringMaxBatch, c.collect(this.pendingRing));
+    if (this.host) {
+      const n = resetSoftDirtyRings(rings, rings.lines, (id) => this.slots.desc(id), this);
+      this.vmStats.add(S_WRITE_PROTECTED, n);
+    }
+    this.ringResets++;
+  }
+
+  harvestDirtyRings(): DirtyGfn[] {
+    this.checkAlive();
+    if (this.rings === null) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
+    this.drainRings();
+    return this.pendingRing.splice(0);
   }
 
   // ---- guest memory through the VMM's mapping ----
@@ -262,9 +354,12 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         pgt: pgt.shared,
         lock: this.lock.shared,
         inval: this.slots.inval.sab,
+        dirtyRings: this.rings ? { sab: this.rings.sab, lines: this.rings.lines, entries: this.rings.entries } : null,
       },
       this.slots.publisher,
     );
+    // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
+    if (this.rings !== null) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
   }
 
   saveVcpuState(vcpu: number): VcpuState {
@@ -303,6 +398,21 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     }
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
     out.memslotGeneration = this.slots.publisher.current.gen;
+    if (this.rings !== null) {
+      out.dirtyRingResets = this.ringResets;
+      out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
+    }
+    if (this.recovery) {
+      const r = this.recovery.stats;
+      out.hugeRecoveredInPlace = r.collapsedInPlace;
+      out.hugeRecoveryZapped = r.zapped;
+      out.hugeRecoveryBatches = r.batches;
+      out.hugeRecoveryPendingRegions = this.recovery.pendingRegions;
+    }
+    const st = this.lock.stalls!.summary();
+    out.lockStallWaits = st.waits;
+    out.lockStallMaxSeconds = st.maxSeconds;
+    out.lockStallSumSeconds = st.sumSeconds;
     return out;
   }
 
@@ -325,7 +435,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         return lookup;
       },
     };
-    this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats);
+    const sink = this.rings ? new SoftDirtyRingProducer(this.rings, this.opts.maxVcpus) : undefined;
+    this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats, sink);
     return this.mainFaults;
   }
 
@@ -338,6 +449,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
+    // First: no recovery batch may start once teardown has begun.
+    this.recovery?.cancel();
     try {
       await this.runControl?.stop();
     } finally {

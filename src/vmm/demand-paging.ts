@@ -35,7 +35,11 @@ export const UFFD_MODES: readonly UffdMode[] = ['missing', 'minor'];
 
 /** Pages served from memory every resolving thread can read (demand_paging_test's source buffer). */
 export interface LocalPageSource {
-  /** Guest RAM's contents in guest-physical order (page i of the VM = bytes [i*4096, (i+1)*4096)). */
+  /**
+   * Guest RAM's contents: the VMM's memslots (not the engine's internal ones) back to back in
+   * guest-physical order, so page i of that sequence is bytes [i*4096, (i+1)*4096). (Test
+   * memory starts at 4 GiB: a buffer indexed by gpa would be mostly hole.)
+   */
   buffer: SharedArrayBuffer;
   /** Delay per fetch, microseconds (demand_paging_test -d). */
   delayUs: number;

@@ -256,6 +256,12 @@ export interface Vm {
   /** Counters (faults, splits, TLB flushes, mapped page sizes, ...). */
   stats(): VmStats;
 
+  /**
+   * Resolves once the huge mappings dirty logging split have been re-formed after logging
+   * stopped (soft engine: huge/recovery.ts). Absent where the host kernel does it (kvm).
+   */
+  hugeRecoveryIdle?(): Promise<void>;
+
   /** Stop vCPU threads, unmap everything, close the VM. Idempotent. */
   destroy(): Promise<void>;
 }

@@ -12,10 +12,14 @@ export interface WorkloadVmParams {
   bytesPerVcpu: number;
   backing: Backing;
   workload: WorkloadKind;
+  /** The workload's knobs (seed, writePercent, dirty-rate fields); defaults: workload(). */
+  workloadOptions?: Partial<WorkloadSpec>;
   lock?: MmuLockMode;
   guestPageSize?: GuestPageSize;
   /** KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2; default: where the engine supports it. */
   manualProtect?: boolean;
+  /** KVM_CAP_DIRTY_LOG_RING entries per vCPU; 0 (default): the memslot bitmap. */
+  dirtyRingEntries?: number;
 }
 
 export interface WorkloadVm {
@@ -31,9 +35,10 @@ export async function createWorkloadVm(engine: Engine, p: WorkloadVmParams): Pro
     manualDirtyLogProtect: (p.manualProtect ?? true) && caps.manualDirtyLogProtect,
     lock: p.lock ?? 'parallel',
     guestPageSize: p.guestPageSize ?? DEFAULT_GUEST_PAGE_SIZE,
+    dirtyRingEntries: p.dirtyRingEntries ?? 0,
   });
   try {
-    const spec = workload(p.workload, p.bytesPerVcpu);
+    const spec = workload(p.workload, p.bytesPerVcpu, p.workloadOptions);
     const bytes = p.vcpus * p.bytesPerVcpu;
     const host = vm.mapHostMemory(bytes, p.backing);
     const testRegion = { slot: TEST_MEM_SLOT, guestPhysAddr: spec.gpaBase, memorySize: bytes, userspaceAddr: host.hva };

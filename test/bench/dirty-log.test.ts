@@ -56,6 +56,20 @@ describe('stage2 bench dirty-log --json', () => {
     expect(r.params).toMatchObject({ engine: 'soft', vcpus: 1, bytesPerVcpu: 2 * MiB, backing: 'anonymous', iterations: 2, lock: 'parallel', manualProtect: true, guestPageSize: 2097152 });
     expect(r.pagesPerVcpu).toBe(512);
     for (const k of ['populateSeconds', 'enableDirtyLoggingSeconds', 'disableDirtyLoggingSeconds']) expect(typeof r[k]).toBe('number');
-    expect(Object.keys(r.rounds[0]).sort()).toEqual(['clearDirtyLogSeconds', 'dirtyMemorySeconds', 'dirtyPages', 'getDirtyLogSeconds', 'vcpuOnCpuSeconds', 'vcpuRunQueueSeconds']);
+    expect(Object.keys(r.rounds[0]).sort()).toEqual(['clearDirtyLogSeconds', 'dirtyMemorySeconds', 'dirtyPages', 'getDirtyLogSeconds', 'ringFullExits', 'vcpuOnCpuSeconds', 'vcpuRunQueueSeconds']);
+  });
+
+  it('--dirty-ring N: every page dirty in every round, ring-full exits counted per round', async () => {
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, ['bin/stage2.mjs', 'bench', 'dirty-log', '--engine', 'soft', '-v', '2', '-b', '4M', '-i', '3', '--dirty-ring', '256', '--json'], { timeout: 60_000 });
+    const r = JSON.parse(stdout.trim());
+    expect(r.params).toMatchObject({ engine: 'soft', dirtyRing: 256 });
+    expect(r.rounds).toHaveLength(3);
+    for (const round of r.rounds) {
+      expect(round.dirtyPages).toBe(2 * 1024);
+      // 1024 pages per vCPU into a 256-entry ring (soft limit 192): at least 5 exits each.
+      expect(round.ringFullExits).toBeGreaterThanOrEqual(2 * 5);
+      expect(round.clearDirtyLogSeconds).toBe(0);
+    }
+    expect(stderr).toMatch(/Iteration 3 dirty ring full exits: \d+/);
   });
 });

@@ -156,7 +156,7 @@ for (const engine of engines) {
 
     it('DIRTY_RING_FULL: a full ring exits, the VMM harvests, the vCPU re-enters', async (ctx) => {
       const max = engine.capabilities().dirtyRingMaxEntries;
-      if (max === 0) return ctx.skip(); // no dirty ring on this engine yet (the soft ring is issue 9 part 4)
+      if (max === 0) return ctx.skip(); // the host's KVM has no KVM_CAP_DIRTY_LOG_RING
       const spec = workload('sequential', 1024 * PAGE_SIZE);
       const vm = await vmFor(engine, 1, spec, { config: { dirtyRingEntries: Math.min(max, 256) }, flags: 1 });
       vm.allowPasses(2);

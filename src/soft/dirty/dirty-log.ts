@@ -27,7 +27,7 @@ export interface DirtyLogMmu {
 
 export class DirtyLogError extends Error {
   constructor(
-    readonly errno: 'ENOENT' | 'EINVAL',
+    readonly errno: 'ENOENT' | 'EINVAL' | 'ENXIO',
     message: string,
   ) {
     super(message);

@@ -26,6 +26,7 @@
 
 import type { MmuLockMode } from '../../vmm/engine.ts';
 import { RwLock, type RwLockShared } from './rwlock.ts';
+import { LockStallRecorder } from './lock-stall.ts';
 
 export type { MmuLockMode };
 
@@ -33,6 +34,8 @@ export interface MmuLockShared {
   lock: RwLockShared;
   /** Word 0 of modeSab: the mode's index in MODE_CODES. */
   modeSab: SharedArrayBuffer;
+  /** Fault-side lock waits (lock-stall.ts); absent in handles made before it existed. */
+  stallSab?: SharedArrayBuffer;
 }
 
 const MODE_CODES: readonly MmuLockMode[] = ['global', 'parallel', 'global-write'];
@@ -46,6 +49,11 @@ export class MmuLock {
   readonly rw: RwLock;
   /** Called after exclusiveUnlock() (e.g. epoch reclaim). */
   onExclusiveUnlock: (() => void) | undefined;
+  /**
+   * How long this thread's faults waited for the lock, recorded only when the try failed
+   * (lock-stall.ts); every thread's handle writes its own row of the shared buffer.
+   */
+  readonly stalls: LockStallRecorder | null;
 
   private constructor(readonly shared: MmuLockShared) {
     this.rw = RwLock.attach(shared.lock);
@@ -54,6 +62,7 @@ export class MmuLock {
     this.mode = mode;
     this.faultShared = mode === 'parallel';
     this.relaxShared = mode !== 'global-write';
+    this.stalls = shared.stallSab ? new LockStallRecorder(shared.stallSab) : null;
   }
 
   static create(mode: MmuLockMode): MmuLock {
@@ -63,7 +72,7 @@ export class MmuLock {
     const code = MODE_CODES.indexOf(mode);
     if (code < 0) throw new Error(`MmuLock: unknown mode '${mode}'`);
     Atomics.store(new Int32Array(modeSab), 0, code);
-    return new MmuLock({ lock: { sab, offset: 0 }, modeSab });
+    return new MmuLock({ lock: { sab, offset: 0 }, modeSab, stallSab: LockStallRecorder.newBuffer() });
   }
 
   static attach(shared: MmuLockShared): MmuLock {
@@ -72,8 +81,17 @@ export class MmuLock {
 
   /** Taken around a MAP fault: the read lock in 'parallel' mode, the write lock otherwise. */
   faultLock(): void {
-    if (this.faultShared) this.rw.readLock();
+    // Try first: only a failed try reads the clock (the contended path, lock-stall.ts).
+    if (this.faultShared ? this.rw.tryReadLock() : this.rw.tryWriteLock()) return;
+    this.waitTimed(this.faultShared);
+  }
+
+  /** The contended half of faultLock / relaxLock: block, and record how long. */
+  private waitTimed(read: boolean): void {
+    const t0 = performance.now();
+    if (read) this.rw.readLock();
     else this.rw.writeLock();
+    this.stalls?.record((performance.now() - t0) * 1e6);
   }
 
   faultUnlock(): void {
@@ -86,8 +104,8 @@ export class MmuLock {
    * mode, the read lock otherwise (in 'parallel' mode the vCPU's fast path skips even that).
    */
   relaxLock(): void {
-    if (this.relaxShared) this.rw.readLock();
-    else this.rw.writeLock();
+    if (this.relaxShared ? this.rw.tryReadLock() : this.rw.tryWriteLock()) return;
+    this.waitTimed(this.relaxShared);
   }
 
   /** relaxLock() if the lock is free right now; false (nothing taken) otherwise. Never waits. */

@@ -22,6 +22,12 @@
 //            write lock excludes), the read lock in 'parallel' mode (cmpxchg / break-before-make
 //            inside Stage2PageTable, which returns EAGAIN on a lost race: the fault is simply
 //            retried).
+// - Dirty logging goes through this thread's DirtySink (dirty/dirty-sink.ts): the memslot's
+//   bitmap, or the vCPU's dirty ring (dirty/dirty-ring.ts, where the same argument is made for
+//   ring entries). Below, "bit" is the bitmap's word; a ring entry is pushed at the same points.
+//   The two vCPU fast paths (fastWriteLockless, fastWriteLocked) write the bitmap sink out
+//   inline and call the sink only for a ring: one more call level there cost ~25% per
+//   write-protect fault in bench dirty-log (V8's inlining budget, as for translateSlow).
 // - Dirty logging, locked paths (every MAP, and RELAX in 'global-write' / 'global' mode): the
 //   page's bit is set (Atomics.or) BEFORE a writable PTE for it is stored, and under the MMU
 //   lock, read or write side; a harvester clears bits under the exclusive lock and then
@@ -59,6 +65,7 @@ import { GupResult, type HostAddressSpace } from '../hostmm/host-address-space.t
 import type { MmuLock } from '../locking/mmu-lock.ts';
 import { LAST_LEVEL, PROT_DEVICE, PROT_R, PROT_RW, leafPfn, leafWithWrite, pteIsWriteProtectedRam } from '../pgtable/pte.ts';
 import { EAGAIN, OK, newLeafLookup, type Stage2PageTable } from '../pgtable/stage2.ts';
+import { bitmapDirtySink, type DirtySink } from '../dirty/dirty-sink.ts';
 import { markPageDirty } from '../dirty/dirty-bitmap.ts';
 import type { SlotDesc, SlotLookup } from './slot-table.ts';
 import { chooseMappingLevel } from './mapping-size.ts';
@@ -127,6 +134,8 @@ export class FaultHandler {
     readonly slots: SlotSource,
     private readonly inval: MemslotInvalidation,
     private readonly stats: VcpuStats,
+    /** Where this thread marks pages dirty: the memslot bitmap, or its vCPU's dirty ring. */
+    private readonly sink: DirtySink = bitmapDirtySink,
   ) {
     this.words = pgt.pool.words;
   }
@@ -164,7 +173,7 @@ export class FaultHandler {
       this.lastError = slot === null ? `no memslot for gfn ${gfn}` : `write to read-only memslot ${slot.slot} at gfn ${gfn}`;
       return FAULT_MMIO;
     }
-    const logging = slot.dirtyBitmap !== null;
+    const logging = slot.logDirty;
     if (write && hintPte !== 0) {
       const r = this.tryFastPath(slot, gfn);
       if (r !== FAULT_RETRY) return r;
@@ -189,8 +198,8 @@ export class FaultHandler {
     lock.relaxLock();
     let r: number;
     try {
-      if (slot.dirtyBitmap !== null) {
-        markPageDirty(slot.dirtyBitmap, gfn - slot.baseGfn);
+      if (slot.logDirty) {
+        this.sink.mark(slot, gfn - slot.baseGfn);
         this.stats.add(S_DIRTY_MARKS, 1);
       }
       r = pgt.relaxPerms(gfn, PROT_RW, lock.relaxShared);
@@ -261,9 +270,13 @@ export class FaultHandler {
       if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
       this.hooks.betweenRelaxAndMark?.(gfn);
       if (this.pgt.debug) this.widenRaceWindow();
+      // The bitmap sink written out (file header); a ring VM's slots have no bitmap.
       const bm = slot.dirtyBitmap;
       if (bm !== null) {
         markPageDirty(bm, gfn - slot.baseGfn);
+        st.add(S_DIRTY_MARKS, 1);
+      } else if (slot.logDirty) {
+        this.sink.mark(slot, gfn - slot.baseGfn);
         st.add(S_DIRTY_MARKS, 1);
       }
     } finally {
@@ -282,6 +295,9 @@ export class FaultHandler {
     const bm = slot.dirtyBitmap;
     if (bm !== null) {
       markPageDirty(bm, gfn - slot.baseGfn);
+      st.add(S_DIRTY_MARKS, 1);
+    } else if (slot.logDirty) {
+      this.sink.mark(slot, gfn - slot.baseGfn);
       st.add(S_DIRTY_MARKS, 1);
     }
     if (Atomics.compareExchange(this.words, ptep, pte, leafWithWrite(pte)) !== pte) return -1;
@@ -369,7 +385,7 @@ export class FaultHandler {
         r = EAGAIN;
       } else {
         if (writable && logging) {
-          markPageDirty(slot.dirtyBitmap!, gfn - slot.baseGfn);
+          this.sink.mark(slot, gfn - slot.baseGfn);
           this.stats.add(S_DIRTY_MARKS, 1);
         }
         r = this.pgt.map(mapGfn, level as 1 | 2 | 3, mapPfn, prot, lock.faultShared);

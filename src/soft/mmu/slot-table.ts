@@ -1,7 +1,7 @@
 // Memslot generations published to vCPU threads (kvm->memslots under SRCU).
 //
 // The VMM thread owns the MemslotSet. Each change produces a new immutable generation: an array
-// of SlotDesc (with the slot's shared dirty bitmap, if logging) numbered by a counter starting
+// of SlotDesc (with the slot's shared dirty bitmap, if logging to one) numbered by a counter starting
 // at 1. Concurrency rules:
 // - Publisher (VMM thread only): post the new generation to every vCPU's MessagePort, THEN store
 //   its number in G_SLOTS_GEN. synchronize() then waits until no vCPU's reader word
@@ -32,7 +32,12 @@ export interface SlotDesc {
   hva: number;
   /** The host VMA behind the slot allows writes (gates the fast path's relaxing of W). */
   hostWritable: boolean;
-  /** Dirty bitmap (KVM layout, shared) while KVM_MEM_LOG_DIRTY_PAGES is set, else null. */
+  /** KVM_MEM_LOG_DIRTY_PAGES is set: faults mark pages dirty through their DirtySink. */
+  logDirty: boolean;
+  /**
+   * Dirty bitmap (KVM layout, shared) while logging on a VM without a dirty ring, else null
+   * (kvm_use_dirty_bitmap).
+   */
   dirtyBitmap: Uint32Array | null;
 }
 

@@ -5,7 +5,7 @@
 // are copied to and from the shared control block by runner.ts whenever the vCPU stops.
 // The loops below are the hot path: no allocation, one shape per call site.
 
-import { pagesPerVcpu, guestWriteValue, initialRngState, randomPageIndex, xorshift64Step, type WorkloadSpec } from '../../guest/workload.ts';
+import { pagesPerVcpu, workingSetPages, guestWriteValue, initialRngState, randomPageIndex, xorshift64Step, type WorkloadSpec } from '../../guest/workload.ts';
 import { PAGE_SHIFT } from '../../vmm/engine.ts';
 
 /** What the interpreter needs from its vCPU: request checks and guest memory accesses. */
@@ -16,6 +16,11 @@ export interface GuestAccess {
   write64(gfn: number, lo: number, hi: number): boolean;
   /** Guest load at offset 0 of page gfn; false = the vCPU exits. */
   read32(gfn: number): boolean;
+  /**
+   * The dirty-rate guest's clock: it has written `written` pages in all. True when it is ahead
+   * of its rate and must halt until its timer before the next write.
+   */
+  pace(written: number): boolean;
 }
 
 export const PASS_DONE = 0;
@@ -34,6 +39,7 @@ const KIND_SEQUENTIAL = 0;
 const KIND_RANDOM = 1;
 const KIND_IDLE = 2;
 const KIND_RWMIX = 3;
+const KIND_DIRTY_RATE = 4;
 
 export class Interpreter {
   /** Registers. */
@@ -47,13 +53,19 @@ export class Interpreter {
   private readonly baseGfn: number;
   private readonly hi: number;
   private readonly writePercent: number;
+  private readonly workingSet: number;
+  private readonly randomPattern: boolean;
+  /** dirty-rate: pages written since the vCPU started (the guest's own counter, for its clock). */
+  private written = 0;
 
   constructor(
     spec: WorkloadSpec,
     readonly vcpu: number,
     private readonly access: GuestAccess,
   ) {
-    this.kind = { sequential: KIND_SEQUENTIAL, random: KIND_RANDOM, idle: KIND_IDLE, rwmix: KIND_RWMIX }[spec.kind];
+    this.kind = { sequential: KIND_SEQUENTIAL, random: KIND_RANDOM, idle: KIND_IDLE, rwmix: KIND_RWMIX, 'dirty-rate': KIND_DIRTY_RATE }[spec.kind];
+    this.workingSet = workingSetPages(spec);
+    this.randomPattern = spec.pattern === 'random';
     this.pages = pagesPerVcpu(spec);
     this.baseGfn = (spec.gpaBase + vcpu * spec.bytesPerVcpu) / 2 ** PAGE_SHIFT;
     if (!Number.isInteger(this.baseGfn) || this.baseGfn + this.pages >= 2 ** 31) {
@@ -79,6 +91,9 @@ export class Interpreter {
         break;
       case KIND_RANDOM:
         r = this.random(lo);
+        break;
+      case KIND_DIRTY_RATE:
+        r = this.dirtyRate(lo);
         break;
       default:
         r = this.rwmix(lo);
@@ -150,11 +165,36 @@ export class Interpreter {
   }
 
   /**
+   * dirty-rate: the working set once (in order or as draws); before every 32nd write the guest
+   * looks at its clock (pace) as well as at requests, and halts when ahead of its rate.
+   */
+  private dirtyRate(lo: number): number {
+    const a = this.access;
+    const base = this.baseGfn;
+    const hi = this.hi;
+    const ws = this.workingSet;
+    const rng = this.rng;
+    const random = this.randomPattern;
+    for (let p = this.pos; p < ws; p++) {
+      if ((p & REQUEST_CHECK_MASK) === 0 && (a.checkRequests() || a.pace(this.written))) {
+        this.pos = p;
+        return PASS_INTERRUPTED;
+      }
+      const rhi = rng.hi;
+      const rlo = rng.lo;
+      const page = random ? randomPageIndex(xorshift64Step(rng), ws) : p;
+      if (!a.write64(base + page, lo, hi)) return this.exitAt(p, rhi, rlo);
+      this.written++;
+    }
+    return PASS_DONE;
+  }
+
+  /**
    * The access at pos was completed outside the guest (an MMIO exit: as KVM completes the
    * emulated instruction on the next KVM_RUN, it is not repeated): step past it.
    */
   skipAccess(): void {
-    if (this.kind === KIND_RANDOM || this.kind === KIND_RWMIX) xorshift64Step(this.rng);
+    if (this.kind === KIND_RANDOM || this.kind === KIND_RWMIX || (this.kind === KIND_DIRTY_RATE && this.randomPattern)) xorshift64Step(this.rng);
     this.pos++;
   }
 

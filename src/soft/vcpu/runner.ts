@@ -13,6 +13,9 @@
 //   IO            the interpreter finished a pass (the pass report)
 //   HLT           the idle workload has written its slice: the guest has nothing left to do
 //   INTR          a request (pause, stop, allowance) interrupted the pass, or came before entry
+//   DIRTY_RING_FULL  the vCPU's dirty ring reached its soft limit (dirty/dirty-ring.ts): noticed
+//                 at the next request check after the push, and again at every entry until the
+//                 VMM has reset the ring (kvm_dirty_ring_check_request)
 //   MMIO          a fault at no memslot, or a write to a read-only one (the access counts as done
 //                 by the device: re-entry continues after it, as after KVM_EXIT_MMIO)
 //   MEMORY_FAULT  a fault the handler cannot resolve: the host has no page there (EFAULT), or the
@@ -27,6 +30,8 @@ import {
   G_FLUSH_WAITERS,
   G_PAUSE,
   G_EXIT,
+  G_KICK,
+  G_KICK_WAITERS,
   G_REQ,
   GuestMode_InGuest,
   GuestMode_OutsideGuest,
@@ -42,7 +47,7 @@ import {
   V_PASSES,
   vcpuBase,
 } from './control.ts';
-import { EXIT_HLT, EXIT_INTR, EXIT_IO, EXIT_MEMORY_FAULT, EXIT_MMIO, MEMORY_FAULT_FLAG_MISSING, MEMORY_FAULT_FLAG_WRITE, VcpuExit } from '../../vmm/run/exits.ts';
+import { EXIT_DIRTY_RING_FULL, EXIT_HLT, EXIT_INTR, EXIT_IO, EXIT_MEMORY_FAULT, EXIT_MMIO, MEMORY_FAULT_FLAG_MISSING, MEMORY_FAULT_FLAG_WRITE, VcpuExit } from '../../vmm/run/exits.ts';
 import type { GuestEntry } from '../../vmm/run/vcpu-loop.ts';
 import { PAGE_SIZE } from '../../vmm/engine.ts';
 import { FAULT_MISSING, FAULT_MMIO } from '../mmu/fault.ts';
@@ -50,7 +55,9 @@ import { acknowledgeFlush } from './tlb-flush.ts';
 import { SoftTlb, TLB_R, TLB_W } from './soft-tlb.ts';
 import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
 import type { WorkloadSpec } from '../../guest/workload.ts';
-import { VcpuStats, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
+import { VcpuStats, S_GUEST_PAGES_WRITTEN, S_GUEST_TIMER_HALTS, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
+import type { SoftDirtyRingProducer } from '../dirty/dirty-ring.ts';
+import { GuestClock } from './guest-clock.ts';
 
 /** What the vCPU needs from the stage-2 MMU (implemented by mmu/vcpu-mmu.ts). */
 export interface VcpuMmu {
@@ -88,6 +95,10 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
   readonly interp: Interpreter;
   private reqSeen = 0;
   private flushSeen = 0;
+  /** The dirty-rate guest's timer (guest-clock.ts); haltUntil > 0: halt until then, outside the guest. */
+  private readonly clock: GuestClock;
+  private haltUntil = 0;
+  private written = 0;
   private windows: Int32Array[];
 
   constructor(
@@ -97,10 +108,18 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     windows: Int32Array[],
     readonly mmu: VcpuMmu,
     readonly stats: VcpuStats,
+    /** This vCPU's dirty ring, when the VM has one (its fault handler pushes to it). */
+    private readonly ring: SoftDirtyRingProducer | null = null,
   ) {
     this.base = vcpuBase(vcpu);
     this.windows = windows;
     this.interp = new Interpreter(spec, vcpu, this);
+    this.clock = new GuestClock(spec.kind === 'dirty-rate' ? spec.dirtyRate : 0);
+    // A push reached the soft limit: make the next request check (at most 32 accesses away)
+    // take the slow path, which sees the full ring and leaves the guest.
+    if (ring !== null) ring.onSoftFull = () => {
+      this.reqSeen = (this.reqSeen + 0x40000000) | 0;
+    };
   }
 
   /** The exit record of the current enter() (the loop's, reused). */
@@ -114,8 +133,13 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       x.reason = EXIT_HLT;
       return;
     }
+    // KVM_REQ_DIRTY_RING_SOFT_FULL: no guest entry until the VMM has reset the ring.
+    if (this.ring !== null && this.ring.softFull()) {
+      x.reason = EXIT_DIRTY_RING_FULL;
+      return;
+    }
     if (!this.enterGuest()) {
-      x.reason = EXIT_INTR;
+      x.reason = this.leaveReason();
       return;
     }
     const r = i.runPass();
@@ -125,7 +149,8 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       x.pass = i.passes;
       x.halted = i.halted;
     } else if (r !== PASS_EXIT) {
-      x.reason = EXIT_INTR;
+      x.reason = this.leaveReason();
+      if (this.haltUntil !== 0) this.haltForTimer();
     } else if (x.reason === EXIT_MMIO) {
       // translateSlow filled x. An MMIO access is the device's: it completes with the exit
       // (KVM finishes the instruction on re-entry), so re-entry continues after it.
@@ -184,13 +209,38 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       this.mmu.enterGuest();
     }
     if (flush) acknowledgeFlush(ctl, this.base, gen);
-    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) {
+    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0 || (this.ring !== null && this.ring.softFull())) {
       // Keep reqSeen stale so the next access check comes back here until we stop.
       this.reqSeen = (req + 0x40000000) | 0;
       return true;
     }
     this.reqSeen = req;
     return false;
+  }
+
+  /**
+   * The dirty-rate guest is ahead of its rate: wait outside the guest until its timer fires or
+   * the VMM kicks the vCPU (pause, stop: the wait never delays a request), then exit INTR so the
+   * loop head looks at the run-control words before re-entering.
+   */
+  private haltForTimer(): void {
+    const ctl = this.ctl;
+    const ms = this.haltUntil - performance.now();
+    this.haltUntil = 0;
+    this.stats.add(S_GUEST_TIMER_HALTS, 1);
+    if (ms <= 0) return;
+    const kick = Atomics.load(ctl, G_KICK);
+    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) return;
+    Atomics.add(ctl, G_KICK_WAITERS, 1);
+    Atomics.wait(ctl, G_KICK, kick, ms);
+    Atomics.sub(ctl, G_KICK_WAITERS, 1);
+  }
+
+  /** Why a request check made the vCPU leave: a pause or stop (INTR) first, else its full ring. */
+  private leaveReason(): number {
+    const ctl = this.ctl;
+    if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) return EXIT_INTR;
+    return this.ring !== null && this.ring.softFull() ? EXIT_DIRTY_RING_FULL : EXIT_INTR;
   }
 
   // ---- GuestAccess: what the interpreter calls for each guest access ----
@@ -226,6 +276,14 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
   }
 
   lastRead = 0;
+
+  /** The dirty-rate guest's clock check (interpreter.ts): count its writes, halt when ahead. */
+  pace(written: number): boolean {
+    this.stats.add(S_GUEST_PAGES_WRITTEN, written - this.written);
+    this.written = written;
+    this.haltUntil = this.clock.haltUntil(written);
+    return this.haltUntil !== 0;
+  }
 
   /**
    * TLB miss: walk; a write-protect fault on a 4 KiB leaf is fixed here without leaving guest

@@ -21,7 +21,9 @@ export const S_DIRTY_MARKS = 12; // mark_page_dirty calls
 export const S_DEVICE_MAPS = 13; // leaves installed with the device attribute
 export const S_NOTIFIER_INVALIDATIONS = 14; // mmu-notifier invalidations handled (VMM line)
 export const S_WRITE_PROTECTED = 15; // pages write-protected by dirty logging (VMM line)
-export const STATS_STRIDE = 16;
+export const S_GUEST_PAGES_WRITTEN = 16; // pages the dirty-rate guest wrote (its own count, reported as it paces)
+export const S_GUEST_TIMER_HALTS = 17; // times the dirty-rate guest halted until its timer (ahead of its rate)
+export const STATS_STRIDE = 32;
 
 export const STAT_NAMES: readonly string[] = [
   'tlbMisses',
@@ -40,6 +42,8 @@ export const STAT_NAMES: readonly string[] = [
   'deviceMappings',
   'notifierInvalidations',
   'pagesWriteProtected',
+  'guestPagesWritten',
+  'guestTimerHalts',
 ];
 
 export class VcpuStats {

@@ -31,6 +31,8 @@ export interface VcpuWorkerData {
   pgt: Stage2Shared;
   lock: MmuLockShared;
   inval: SharedArrayBuffer;
+  /** The VM's dirty rings (dirty/dirty-ring.ts), or null when it logs to bitmaps. */
+  dirtyRings: { sab: SharedArrayBuffer; lines: number; entries: number } | null;
   slots: SlotGeneration;
   port: MessagePort;
 }

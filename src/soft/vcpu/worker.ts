@@ -15,6 +15,8 @@ import { MemslotInvalidation } from '../mmu/memslot-inval.ts';
 import { SlotReader } from '../mmu/slot-table.ts';
 import { VcpuStage2 } from '../mmu/vcpu-mmu.ts';
 import { VcpuRunner } from './runner.ts';
+import { SoftDirtyRingProducer, SoftDirtyRings } from '../dirty/dirty-ring.ts';
+import { bitmapDirtySink } from '../dirty/dirty-sink.ts';
 import { VcpuStats, S_REMOTE_FLUSHES } from './stats.ts';
 import { flushRemoteTlbs } from './tlb-flush.ts';
 import type { VcpuWorkerData } from './threads.ts';
@@ -39,8 +41,10 @@ lock.onExclusiveUnlock = () => {
   pgt.reclaim();
 };
 const slots = new SlotReader(ctl, d.vcpu, d.port, d.slots);
-const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats);
-const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats);
+const r = d.dirtyRings;
+const ring = r ? new SoftDirtyRingProducer(new SoftDirtyRings(r.sab, r.lines, r.entries), d.vcpu) : null;
+const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats, ring ?? bitmapDirtySink);
+const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats, ring);
 try {
   new VcpuLoop(ctl, d.vcpu, runner, (cause) => parentPort?.postMessage({ type: 'vcpu-cause', vcpu: d.vcpu, cause })).run();
 } finally {

@@ -54,7 +54,7 @@ describe.each(MMU_LOCK_MODES)('huge mappings and dirty logging (lock %s)', (lock
     expect(snapshotWords(t).every((w, p) => w === (Math.floor(p / (t.pages / 2)) + 1) * 2 ** 32 + 2)).toBe(true);
   });
 
-  it('installs no huge mapping while the slot logs, and huge ones again for new faults once it stops', async () => {
+  it('installs no huge mapping while the slot logs; once it stops, new faults map huge and the split region is re-formed', async () => {
     const t = (current = await makeTestVm({ lock, backing: 'anonymous_thp', bytesPerVcpu: 4 * 2 ** 21, vcpusNow: false }));
     t.setLogging(true);
     const fh = t.vm.mainThreadFaultHandler();
@@ -69,8 +69,18 @@ describe.each(MMU_LOCK_MODES)('huge mappings and dirty logging (lock %s)', (lock
     t.setLogging(false);
     expect(fh.handle(base + 512 + 7, false)).toBe(FAULT_OK);
     st = t.vm.stats();
-    expect(st.pages_2m).toBe(1);
     expect(leafAt(t, base + 512 + 7).level).toBe(2);
+    // Logging off also re-forms the region logging split (huge/recovery.ts, default in place):
+    // one block, read-only since some of its leaves were.
+    await t.vm.hugeRecovery.idle();
+    st = t.vm.stats();
+    expect(st.pages_2m).toBe(2);
+    expect(st.pages_4k).toBe(0);
+    expect(leafAt(t, base + 1).level).toBe(2);
+    expect(leafWritable(leafAt(t, base + 1).pte)).toBe(false);
+    expect(fh.handle(base + 1, true)).toBe(FAULT_OK);
+    expect(leafWritable(leafAt(t, base + 1).pte)).toBe(true);
+    expect(leafAt(t, base + 1).level).toBe(2);
   });
 
   it('maps 4 KiB only for plain anonymous memory or a memslot not 2 MiB-congruent with its hva', async () => {

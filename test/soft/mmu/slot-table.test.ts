@@ -6,7 +6,7 @@ import { SlotPublisher, SlotReader, type SlotDesc } from '../../../src/soft/mmu/
 import { G_REQ, newControlBlock } from '../../../src/soft/vcpu/control.ts';
 
 function slot(id: number, baseGfn: number, npages: number): SlotDesc {
-  return { slot: id, flags: 0, baseGfn, npages, hva: 0x7f00_0000_0000 + baseGfn * 4096, hostWritable: true, dirtyBitmap: null };
+  return { slot: id, flags: 0, baseGfn, npages, hva: 0x7f00_0000_0000 + baseGfn * 4096, hostWritable: true, logDirty: false, dirtyBitmap: null };
 }
 
 /** One vCPU's reader on a fresh publisher (vCPU 0 of 1). */

@@ -16,6 +16,8 @@ export interface TestVmOptions {
   hostRamBytes?: number;
   /** Create the vCPUs (default true). */
   vcpusNow?: boolean;
+  /** Log to per-vCPU dirty rings of this many entries instead of the memslot bitmap. */
+  dirtyRing?: number;
 }
 
 export interface TestVm {
@@ -30,7 +32,7 @@ export async function makeTestVm(o: TestVmOptions = {}): Promise<TestVm> {
   const vcpus = o.vcpus ?? 1;
   const bytesPerVcpu = o.bytesPerVcpu ?? 2 ** 20;
   const engine = new SoftEngine({ hostRamBytes: o.hostRamBytes ?? 64 * 2 ** 20, debug: true });
-  const vm = engine.createSoftVm({ lock: o.lock ?? 'parallel', manualDirtyLogProtect: o.manualProtect ?? true });
+  const vm = engine.createSoftVm({ lock: o.lock ?? 'parallel', manualDirtyLogProtect: o.manualProtect ?? true, dirtyRingEntries: o.dirtyRing ?? 0 });
   const spec = workload(o.kind ?? 'sequential', bytesPerVcpu, { seed: o.seed ?? 1 });
   const host = vm.mapHostMemory(vcpus * bytesPerVcpu, o.backing ?? 'anonymous');
   const region: MemoryRegion = { slot: 0, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: vcpus * bytesPerVcpu, userspaceAddr: host.hva };
@@ -111,8 +113,19 @@ export function bitmapPages(bitmap: Uint32Array, pages: number): Set<number> {
   return out;
 }
 
-/** get (and with manual protect, clear) the test slot's dirty log: one harvest. */
+/**
+ * One harvest of the test slot, as a bitmap: get (and with manual protect, clear) its dirty log,
+ * or on a VM with dirty rings collect + reset them.
+ */
 export function harvest(t: TestVm): Uint32Array {
+  if (t.vm.config.dirtyRingEntries > 0) {
+    const bm = new Uint32Array(Math.ceil(t.pages / 32));
+    for (const e of t.vm.harvestDirtyRings()) {
+      if (e.slot !== 0 || e.offset >= t.pages) throw new Error(`dirty ring entry outside the test slot: slot ${e.slot} offset ${e.offset}`);
+      bm[e.offset >>> 5]! |= 1 << (e.offset & 31);
+    }
+    return bm;
+  }
   const bm = t.vm.getDirtyLog(0);
   if (t.vm.config.manualDirtyLogProtect) t.vm.clearDirtyLog(0, 0, t.pages, bm);
   return bm;
