@@ -26,9 +26,9 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
-import { postcopyPaging, type PostcopyPaging } from './postcopy/interim-exit-pager.ts';
+import { startPostcopyPaging } from './postcopy/interim-exit-pager.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
-import type { FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
+import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
 import { randomBytes } from 'node:crypto';
 
 export interface ReceiveOptions {
@@ -47,6 +47,8 @@ export interface ReceiveOptions {
   timeoutMs?: number;
   /** Post-copy: where the post-copy listener binds (default 127.0.0.1 / the listen host). */
   postcopyHost?: string;
+  /** Post-copy: the fault path to page on (default: 'exit' where the engine has it, else 'uffd'). */
+  postcopyFaultPath?: FaultPath;
   /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
   postcopyRecoverTimeoutMs?: number;
 }
@@ -132,9 +134,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let tFirstVcpu: bigint | null = null;
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
-  // Post-copy (only when the handshake accepted it): pre-copy pages go through paging.vm; pages
-  // the source says are stale or never sent are marked in `discarded` (dense page index).
-  let paging: PostcopyPaging | null = null;
+  // Post-copy (only when the handshake accepted it): pages the source says are stale are marked
+  // in `discarded` (dense page index).
   let discarded = new Uint8Array(0);
   let pc: PostcopyDestination | null = null;
   let pcReport: DestinationPostcopyReport | null = null;
@@ -156,13 +157,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     configDigest = digester.config(raw);
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
     // Preallocation overlaps the vCPU threads' start-up.
-    // The interim pager cannot drop populated pages: no preallocation when it may be used.
-    const interim = link.postcopyAllowed && (engine.capabilities().demandPagingPaths ?? []).length === 0;
-    vm = await buildDestinationVm(c, engine, opts.preallocate && !interim ? (v) => preallocate(v, c, opts.signal) : undefined);
-    if (link.postcopyAllowed) {
-      paging = postcopyPaging(vm);
-      vm = paging.vm;
-    }
+    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c, opts.signal) : undefined);
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
@@ -283,7 +278,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
 
   // POSTCOPY_DISCARD: remember which pages are stale here (applied at POSTCOPY_RUN).
   const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
-    if (!paging) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
+    if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
     const { index } = locate(slotId, firstPage, count);
     for (let i = 0; i < count; i++) {
       if (!(bitmap[i >> 3]! & (1 << (i & 7)))) continue;
@@ -298,40 +293,56 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     phase = 'switchover';
     tEnd = process.hrtime.bigint();
     const e = end!;
-    if (!paging) throw protocol('POSTCOPY_RUN, but post-copy was not negotiated');
+    if (!link.postcopyAllowed) throw protocol('POSTCOPY_RUN, but post-copy was not negotiated');
     if (vcpuStates.length !== cfg!.vcpus || e.vcpuStates !== cfg!.vcpus) throw protocol(`POSTCOPY_RUN after ${vcpuStates.length} vCPU states, the source sent ${e.vcpuStates}, CONFIG has ${cfg!.vcpus} vCPUs`);
     if (e.configDigest !== configDigest) throw new VerificationError(`CONFIG differs from what the source sent (digest ${formatDigest(configDigest)} here, ${formatDigest(e.configDigest)} in POSTCOPY_RUN); the guest is not started`);
     if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in POSTCOPY_RUN); the guest is not started`);
     const sm = slotMap!;
     const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
+    // present: the page this side holds is the source's at switchover. Everything else (never
+    // sent, or discarded as dirtied after it was sent) comes from the source, hashed as it lands.
     let missing = 0;
     const present = new Uint8Array(sm.totalPages);
     for (const s of ramSlots) {
       const { index } = sm.locatePages(s.slot, 0, s.pages)!;
-      for (let i = index; i < index + s.pages; i++) {
-        if (discarded[i]) table!.setZero(s.slot, i - index, 1);
-        if (lastRound[i]! > 0 && !discarded[i]) present[i] = 1;
-        else missing++;
+      for (let i = 0; i < s.pages; ) {
+        const stale = discarded[index + i] === 1;
+        let j = i + 1;
+        while (j < s.pages && (discarded[index + j] === 1) === stale) j++;
+        if (stale) table!.setZero(s.slot, i, j - i);
+        for (let k = index + i; k < index + j; k++) {
+          if (lastRound[k]! > 0 && !stale) present[k] = 1;
+          else missing++;
+        }
+        i = j;
       }
     }
     held = formatMemoryHash(table!.total());
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
     if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
-    const paths = (await opts.openEngine(cfg!.engine)).capabilities().demandPagingPaths ?? [];
-    const faultPath: FaultPath = paths.length === 0 || paths.includes('exit') ? 'exit' : 'uffd';
-    const pager = paging.start({ path: faultPath, mode: 'missing', sharedUffd: true, readers: 1 });
+    const v = vm!;
+    const offered = (await opts.openEngine(cfg!.engine)).capabilities().demandPagingPaths ?? [];
+    // The interim pager (no engine pager yet) has the exit path only.
+    const faultPath: FaultPath = opts.postcopyFaultPath ?? (!v.startDemandPaging || offered.includes('exit') ? 'exit' : 'uffd');
+    let pager: DemandPager;
+    try {
+      pager = startPostcopyPaging(v, { path: faultPath, mode: 'missing', sharedUffd: true, readers: 1 });
+    } catch (err) {
+      throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
+    }
+    // Drop what this side holds but must not keep: stale pages, and pages never sent that are
+    // populated anyway (preallocation): the guest must fault on them, not read zeros.
     for (const s of ramSlots) {
       const { index } = sm.locatePages(s.slot, 0, s.pages)!;
       const pages: number[] = [];
-      for (let i = 0; i < s.pages; i++) if (discarded[index + i] && !pager.isMissing(s.slot, i)) pages.push(i);
+      for (let i = 0; i < s.pages; i++) if (!present[index + i] && !pager.isMissing(s.slot, i)) pages.push(i);
       if (pages.length) pager.discard(s.slot, pages);
     }
-    const p = paging;
-    const buf = new Uint8Array(PAGE_SIZE);
+    // A present page the pager still calls missing was received as ZERO and never written
+    // (fresh RAM is zero): installed from here, no request to the source.
     const heldPage = (slot: number, page: number): Uint8Array | null => {
       const at = sm.locatePages(slot, page, 1);
-      if (!at || !present[at.index]) return null;
-      return p.heldPage(at.gpa, buf) ? buf.slice() : zeroPage;
+      return at && present[at.index] ? zeroPage : null;
     };
     const token = randomBytes(8).readBigUInt64LE();
     pc = await PostcopyDestination.listen({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, host: opts.postcopyHost ?? '127.0.0.1', token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 });
@@ -341,7 +352,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       (r) => {
         pcReport!.result = r;
         pcReport!.waits = pager.waits();
-        p.release();
       },
       (err: Error) => {
         pcReport!.error = err.message;

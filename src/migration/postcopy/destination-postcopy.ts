@@ -4,7 +4,7 @@
 // answer COMPLETE once nothing is missing.
 //
 //   - A page request (DemandPager.onRequest) for a page this side already holds (received in
-//     pre-copy as ZERO, or held in the interim staging) is installed at once from here; any other
+//     pre-copy as ZERO and never written, so not populated) is installed at once from here; any other
 //     goes to the source as POSTCOPY_REQUEST on the preempt connection. Requests made while no
 //     connection is up wait and are sent again on the next preempt connection.
 //   - Pages held here are also installed in the background, a chunk per event-loop turn.

@@ -1,106 +1,64 @@
-// INTERIM (to be replaced by the engines' own Vm.startDemandPaging at merge): a DemandPager
-// (vmm/demand-paging.ts) with fault path 'exit' only, built over what the Vm interface offers
-// today:
+// INTERIM (to be replaced by the soft engine's own Vm.startDemandPaging at merge): a DemandPager
+// (vmm/demand-paging.ts) with fault path 'exit' only, for an engine whose Vm has no
+// startDemandPaging yet but exposes its modelled host address space (the soft engine's
+// `hostAddressSpace`, a debug accessor):
 //   - guest RAM memslots get stage2's KVM_MEM_EXIT_ON_MISSING: a vCPU touching a host page that
-//     is not populated leaves the guest with MEMORY_FAULT (the soft engine does this; kvm never
-//     got exit-on-missing upstream, so this adapter is soft-only in practice);
+//     is not populated leaves the guest with MEMORY_FAULT;
 //   - vm.onExit('memoryFault') handles the exit on the main thread: one request per page (the
 //     first toucher's), every other toucher waits on the same promise;
-//   - install() is vm.writeGuest, which populates the host page.
+//   - discard() is the host's MADV_DONTNEED (zapRange: the mmu notifier unmaps stage-2 first);
+//   - install() is the host's UFFDIO_COPY (uffdCopy): the page is written into a fresh frame and
+//     only then published, so no vCPU ever sees it half written, and a populated page is never
+//     overwritten (EEXIST).
 //
-// What it cannot do: make a populated page missing again (MADV_DONTNEED): the Vm interface has
-// no call that drops a host page. So discard() refuses populated pages, and postcopyPaging()
-// below keeps the destination's pre-copy pages OUT of guest RAM until post-copy starts: they go
-// to a staging copy (heldPage() serves them back to the destination, which installs them like
-// any other page). With an engine pager, pre-copy pages go straight into guest RAM and discard()
-// drops the stale ones.
+// Pre-copy pages go straight into guest RAM. (An earlier version kept them in a staging copy
+// until post-copy started, because it could not drop a page: a migration that then completed by
+// pre-copy started the guest on empty RAM while readGuest still served the staging copy, so the
+// guest's writes were invisible and the hash "verified" the stale copy. Nothing is staged now.)
 //
-// Known gap (an engine pager does not have it): writeGuest populates the host page before it
-// has copied all 4096 bytes, so a vCPU that touches the very page being installed in that
-// window (microseconds, on another thread) may see it partly written. UFFDIO_COPY installs a
-// fully written page atomically; the engines' pagers do.
+// Missing = not populated in the host at start() (after the destination's discards). Nothing
+// else populates guest RAM meanwhile: the exit path never allocates (it exits first), and the
+// destination writes guest RAM only through install().
 //
 // Concurrency: main thread only. vCPU threads reach it only through MEMORY_FAULT exits, which
 // the run loop hands to this thread (vm.onExit); the missing bitmap is a plain array read and
-// written here alone.
+// written here alone. The host page tables it changes are shared with the vCPU threads and are
+// changed only by their own atomic operations (zapRange under the mmu notifier, uffdCopy's cmpxchg).
 import { KVM_MEM_EXIT_ON_MISSING, PAGE_SIZE, type MemslotInfo, type Vm } from '../../vmm/engine.ts';
 import { DemandPagingError, type DemandPager, type DemandPagingConfig, type DemandPagingStats, type InstallResult, type PageRequest, type VcpuPageWaits } from '../../vmm/demand-paging.ts';
 import type { PostedExit } from '../../vmm/run/exits.ts';
 
-/** What the post-copy destination uses: the only place that chooses between engine and interim. */
-export interface PostcopyPaging {
-  /** Write pre-copy pages through this (interim: a staging copy outside guest RAM). */
-  readonly vm: Vm;
-  start(config: DemandPagingConfig): DemandPager;
-  /** Copy the page the destination holds outside guest RAM into dst; false when none is held. */
-  heldPage(gpa: number, dst: Uint8Array): boolean;
-  /** Free what heldPage served from. */
-  release(): void;
+/** The modelled host's calls this pager needs (soft engine, hostmm/host-address-space.ts). */
+interface HostPages {
+  lookupPfn(hva: number): number;
+  zapRange(hva: number, bytes: number): void;
+  uffdCopy(hva: number, src: Uint8Array): number;
 }
 
-export function postcopyPaging(vm: Vm): PostcopyPaging {
-  if (vm.startDemandPaging) return { vm, start: (c) => vm.startDemandPaging!(c), heldPage: () => false, release: () => undefined };
-  return new InterimStaging(vm);
+const EEXIST = -17;
+
+function hostPagesOf(vm: Vm): HostPages | null {
+  let h: unknown;
+  try {
+    h = (vm as unknown as { hostAddressSpace?: unknown }).hostAddressSpace;
+  } catch {
+    return null; // no host memory yet
+  }
+  const c = h as Partial<HostPages> | undefined;
+  return c && typeof c.lookupPfn === 'function' && typeof c.zapRange === 'function' && typeof c.uffdCopy === 'function' ? (c as HostPages) : null;
 }
 
-interface Staged {
-  slot: MemslotInfo;
-  bytes: Uint8Array;
+/** Whether a destination can page this VM on demand (the engine's pager, or the interim one). */
+export function canPageOnDemand(vm: Vm): boolean {
+  return typeof vm.startDemandPaging === 'function' || hostPagesOf(vm) !== null;
 }
 
-/** The Vm the destination writes pre-copy pages through, with guest RAM diverted to staging. */
-class InterimStaging implements PostcopyPaging {
-  readonly vm: Vm;
-  private staged: Staged[] | null;
-
-  constructor(private readonly real: Vm) {
-    this.staged = real.memslots().filter((s) => !s.internal).map((slot) => ({ slot, bytes: new Uint8Array(slot.memorySize) }));
-    const find = (gpa: number, len: number): { s: Staged; off: number } | null => {
-      for (const s of this.staged ?? []) {
-        const off = gpa - s.slot.guestPhysAddr;
-        if (off >= 0 && off + len <= s.slot.memorySize) return { s, off };
-      }
-      return null;
-    };
-    // Every member of the real Vm, bound, except the two guest-RAM accessors.
-    const proxy = Object.create(null) as Record<string, unknown>;
-    for (let o: object | null = real; o && o !== Object.prototype; o = Object.getPrototypeOf(o)) {
-      for (const k of Object.getOwnPropertyNames(o)) {
-        if (k in proxy || k === 'constructor' || k === 'writeGuest' || k === 'readGuest') continue;
-        Object.defineProperty(proxy, k, { get: () => { const v = (real as unknown as Record<string, unknown>)[k]; return typeof v === 'function' ? v.bind(real) : v; } });
-      }
-    }
-    proxy.writeGuest = (gpa: number, src: Uint8Array) => {
-      const at = find(gpa, src.length);
-      if (at) at.s.bytes.set(src, at.off);
-      else real.writeGuest(gpa, src);
-    };
-    proxy.readGuest = (gpa: number, dst: Uint8Array) => {
-      const at = find(gpa, dst.length);
-      if (at) dst.set(at.s.bytes.subarray(at.off, at.off + dst.length));
-      else real.readGuest(gpa, dst);
-    };
-    this.vm = proxy as unknown as Vm;
-  }
-
-  heldPage(gpa: number, dst: Uint8Array): boolean {
-    for (const s of this.staged ?? []) {
-      const off = gpa - s.slot.guestPhysAddr;
-      if (off >= 0 && off + PAGE_SIZE <= s.slot.memorySize) {
-        dst.set(s.bytes.subarray(off, off + PAGE_SIZE));
-        return true;
-      }
-    }
-    return false;
-  }
-
-  release(): void {
-    this.staged = null;
-  }
-
-  start(config: DemandPagingConfig): DemandPager {
-    return new InterimExitPager(this.real, config);
-  }
+/** The post-copy destination's pager: the engine's own, else the interim exit pager. */
+export function startPostcopyPaging(vm: Vm, config: DemandPagingConfig): DemandPager {
+  if (vm.startDemandPaging) return vm.startDemandPaging(config);
+  const host = hostPagesOf(vm);
+  if (!host) throw new DemandPagingError('this engine cannot page guest RAM on demand (no Vm.startDemandPaging): post-copy is impossible here');
+  return new InterimExitPager(vm, host, config);
 }
 
 const percentile = (sorted: number[], q: number) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]! : 0);
@@ -118,16 +76,23 @@ class InterimExitPager implements DemandPager {
 
   constructor(
     private readonly vm: Vm,
+    private readonly host: HostPages,
     config: DemandPagingConfig,
   ) {
     if (config.path !== 'exit') throw new DemandPagingError(`the interim pager (migration/postcopy/interim-exit-pager.ts) has fault path 'exit' only, not '${config.path}'`);
+    if (config.mode !== 'missing') throw new DemandPagingError(`the interim pager resolves MISSING faults only, not '${config.mode}'`);
     if (config.localSource) throw new DemandPagingError('the interim pager serves post-copy only (no localSource)');
     this.config = { ...config };
     this.slots = vm.memslots().filter((s) => !s.internal);
-    // The staging above kept every guest RAM page unpopulated: all of them are missing.
     for (const s of this.slots) {
-      this.missing.set(s.slot, new Uint8Array(s.pages).fill(1));
-      this.missingPages += s.pages;
+      const m = new Uint8Array(s.pages);
+      for (let p = 0; p < s.pages; p++) {
+        if (host.lookupPfn(s.userspaceAddr + p * PAGE_SIZE) < 0) {
+          m[p] = 1;
+          this.missingPages++;
+        }
+      }
+      this.missing.set(s.slot, m);
       vm.setUserMemoryRegion({ slot: s.slot, flags: s.flags | KVM_MEM_EXIT_ON_MISSING, guestPhysAddr: s.guestPhysAddr, memorySize: s.memorySize, userspaceAddr: s.userspaceAddr });
     }
     vm.onExit('memoryFault', (x) => this.onFault(x));
@@ -139,6 +104,13 @@ class InterimExitPager implements DemandPager {
       if (off >= 0 && off < slot.memorySize) return { slot, page: Math.floor(off / PAGE_SIZE) };
     }
     return null;
+  }
+
+  private slotOf(slot: number, what: string): { info: MemslotInfo; m: Uint8Array } {
+    const m = this.missing.get(slot);
+    const info = this.slots.find((x) => x.slot === slot);
+    if (!m || !info) throw new DemandPagingError(`${what}: memslot ${slot} is not guest RAM under demand paging`);
+    return { info, m };
   }
 
   private key(slot: number, page: number): number {
@@ -168,13 +140,29 @@ class InterimExitPager implements DemandPager {
     this.waitSeconds.set(x.vcpu, list);
   }
 
+  /** Before the vCPUs run: drop populated pages (MADV_DONTNEED), in runs of adjacent pages. */
   discard(slot: number, pages: Iterable<number>): void {
-    const m = this.missing.get(slot);
-    if (!m) throw new DemandPagingError(`discard: memslot ${slot} is not guest RAM under demand paging`);
+    const { info, m } = this.slotOf(slot, 'discard');
+    let runStart = -1;
+    let runEnd = -1;
+    const flush = () => {
+      if (runStart >= 0) this.host.zapRange(info.userspaceAddr + runStart * PAGE_SIZE, (runEnd - runStart) * PAGE_SIZE);
+      runStart = -1;
+    };
     for (const p of pages) {
       if (!Number.isInteger(p) || p < 0 || p >= m.length) throw new DemandPagingError(`discard: page ${p} outside memslot ${slot} (${m.length} pages)`);
-      if (!m[p]) throw new DemandPagingError(`discard: memslot ${slot} page ${p} is populated and the interim pager cannot drop a page (no MADV_DONTNEED through the Vm interface)`);
+      if (!m[p]) {
+        m[p] = 1;
+        this.missingPages++;
+      }
+      if (p === runEnd) runEnd++;
+      else {
+        flush();
+        runStart = p;
+        runEnd = p + 1;
+      }
     }
+    flush();
   }
 
   onRequest(handler: (req: PageRequest) => void): void {
@@ -182,15 +170,18 @@ class InterimExitPager implements DemandPager {
   }
 
   install(slot: number, page: number, data: Uint8Array): InstallResult {
-    const m = this.missing.get(slot);
-    if (!m || page < 0 || page >= m.length) throw new DemandPagingError(`install: memslot ${slot} page ${page} is not guest RAM under demand paging`);
+    const { info, m } = this.slotOf(slot, 'install');
+    if (page < 0 || page >= m.length) throw new DemandPagingError(`install: memslot ${slot} page ${page} is outside it (${m.length} pages)`);
     if (data.length !== PAGE_SIZE) throw new DemandPagingError(`install: ${data.length} bytes, a page is ${PAGE_SIZE}`);
     if (!m[page] || this.finished) {
       this.s.duplicates++;
       return 'exists';
     }
-    const s = this.slots.find((x) => x.slot === slot)!;
-    this.vm.writeGuest(s.guestPhysAddr + page * PAGE_SIZE, data);
+    const r = this.host.uffdCopy(info.userspaceAddr + page * PAGE_SIZE, data);
+    // Only install() populates a missing page here: EEXIST would mean someone else wrote guest
+    // RAM under demand paging, and that write would now be lost or kept by chance.
+    if (r === EEXIST) throw new DemandPagingError(`install: memslot ${slot} page ${page} was populated behind the pager's back`);
+    if (r !== 0) throw new DemandPagingError(`install: UFFDIO_COPY of memslot ${slot} page ${page} failed (errno ${-r})`);
     m[page] = 0;
     this.missingPages--;
     this.s.installed++;

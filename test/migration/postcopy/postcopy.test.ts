@@ -10,9 +10,9 @@ import type { PostcopyOptions } from '../../../src/migration/source.ts';
 
 const engine = await openEngine('soft');
 
-async function postcopyRun(postcopy: PostcopyOptions, postcopyRecoverTimeoutMs?: number) {
+async function postcopyRun(postcopy: PostcopyOptions, postcopyRecoverTimeoutMs?: number, o: { downtimeLimitMs?: number } = {}) {
   const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 8 << 20, backing: 'anonymous', workload: 'sequential' });
-  const r = await migrateInProcess(vm, engine, { workload: spec, postcopy, destroyOnComplete: false, downtimeLimitMs: 0, postcopyRecoverTimeoutMs });
+  const r = await migrateInProcess(vm, engine, { workload: spec, postcopy, destroyOnComplete: false, downtimeLimitMs: o.downtimeLimitMs ?? 0, postcopyRecoverTimeoutMs });
   return { ...r, vm, spec };
 }
 
@@ -36,6 +36,28 @@ describe('post-copy (soft engine)', () => {
       await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 2, 20_000);
       await dest!.vm.pause();
       expect(checkSequentialMemory(dest!.vm, spec, 2, dest!.vm.progress().map((p) => p.passesCompleted))).toBeNull();
+    } finally {
+      await dest?.vm.destroy();
+      await vm.destroy();
+    }
+  }, 60_000);
+
+  // Regression: with post-copy negotiated, the interim pager once kept pre-copy pages in a staging
+  // copy outside guest RAM; a migration that then completed by pre-copy ran the guest on empty RAM
+  // while readGuest (and the verification rescan) served the frozen copy.
+  it('a migration that completes by pre-copy with post-copy negotiated runs the guest on the pages it received', async () => {
+    const { stats, dest, destError, vm, spec } = await postcopyRun({ switchAfter: null, onNoConvergence: 'postcopy', retries: 0 }, undefined, { downtimeLimitMs: 60_000 });
+    try {
+      expect(destError).toBeNull();
+      expect(stats.status).toBe('completed');
+      expect(stats.postcopy).toBeUndefined();
+      expect(dest!.rescanHash).toBe(stats.sourceHash);
+      // The guest stamps every page once per pass: after a few passes here, memory must show them.
+      await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 3, 20_000);
+      await dest!.vm.pause();
+      const passes = dest!.vm.progress().map((p) => p.passesCompleted);
+      expect(Math.min(...passes)).toBeGreaterThan(Math.max(...dest!.passesAtSwitchover));
+      expect(checkSequentialMemory(dest!.vm, spec, 2, passes)).toBeNull();
     } finally {
       await dest?.vm.destroy();
       await vm.destroy();
