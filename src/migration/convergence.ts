@@ -97,7 +97,11 @@ export type OnNoConvergence = 'postcopy' | 'fail' | 'force';
 
 export interface PostcopyPolicyOptions {
   downtimeLimitMs: number;
-  /** Switch after this many rounds (1 = right after the bulk round), 'auto', or null: only as the fallback. */
+  /**
+   * Switch after this many rounds (1 = right after the bulk round, 0 = before it), 'auto' (part-way
+   * through the bulk round when the guest re-dirties what was sent, or when the rounds stop
+   * shrinking), or null: only as the fallback.
+   */
   switchAfter: number | 'auto' | null;
   onNoConvergence: OnNoConvergence;
   /** Whether the destination accepted post-copy (known once the handshake is done). */
@@ -113,6 +117,15 @@ export interface PostcopyPolicyOptions {
  * gives up (its round limit), onNoConvergence decides: postcopy (when the destination allows
  * it, else fail), fail, or force (stop-and-copy above the limit, reported as such).
  */
+/** What the bulk round has done when it is probed (PostcopyConvergence.decideInBulk). */
+export interface BulkProbe {
+  /** Guest RAM pages sent so far in the bulk round. */
+  sentPages: number;
+  /** Of those, pages the guest wrote again since (dirty log harvested at the probe). */
+  dirtiedPages: number;
+  ramPages: number;
+}
+
 export class PostcopyConvergence implements ConvergencePolicy {
   private lastPending = Infinity;
   private lastSent = 0;
@@ -121,6 +134,27 @@ export class PostcopyConvergence implements ConvergencePolicy {
     private readonly precopy: ConvergencePolicy,
     private readonly o: PostcopyPolicyOptions,
   ) {}
+
+  /** Whether the bulk round should be probed (harvested part-way) for an early switch. */
+  get probesBulk(): boolean {
+    return this.o.switchAfter === 0 || this.o.switchAfter === 'auto';
+  }
+
+  /**
+   * A probe during the bulk round (--postcopy-after 0: before its first page; auto: every so
+   * often): of the guest RAM pages sent so far, how many the guest dirtied again. Switching here
+   * costs at most what was sent so far on top of one copy of RAM (unsent pages are simply
+   * missing), where finishing the bulk round of a guest that re-dirties everything costs two.
+   * Returns the reason to switch now, or null.
+   */
+  decideInBulk(b: BulkProbe): string | null {
+    if (!this.o.postcopyAllowed()) return null;
+    if (this.o.switchAfter === 0) return '--postcopy-after 0: switching before any pre-copy round';
+    if (this.o.switchAfter !== 'auto' || b.sentPages === 0) return null;
+    if (b.dirtiedPages <= b.sentPages * THROTTLE_TRIGGER) return null;
+    const mib = (x: number) => ((x * 4096) / 2 ** 20).toFixed(1);
+    return `--postcopy auto: the guest re-dirtied ${mib(b.dirtiedPages)} MiB of the ${mib(b.sentPages)} MiB the bulk round sent so far (of ${mib(b.ramPages)} MiB): pre-copy rounds would not shrink`;
+  }
 
   /** Tell the policy what the bulk round sent (the first round has no afterRound()). */
   bulkSent(bytes: number): void {

@@ -62,7 +62,7 @@ export interface MigrationStats {
     reason: string;
     /** Seconds since the migration started. */
     switchedAtSeconds: number;
-    /** The last pre-copy round before the switch (1 = the bulk round). */
+    /** The last pre-copy round completed before the switch (1 = the bulk round; 0: the switch came before or part-way through it). */
     switchedAfterRound: number;
     seconds?: number;
     pushedPages?: number;
