@@ -24,7 +24,7 @@ import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
-import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
+import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
 
 export interface MigrateOptions extends CommonOptions {
@@ -39,7 +39,7 @@ export interface MigrateOptions extends CommonOptions {
   destRunMs: number;
   destPrealloc: boolean;
   timeoutMs: number;
-  /** --postcopy [auto]: true = after the first round. */
+  /** --postcopy [auto]: true = after the first round; false: --no-postcopy (pure pre-copy). */
   postcopy?: boolean | 'auto';
   postcopyAfter?: number;
   onNoConvergence?: 'postcopy' | 'fail' | 'force';
@@ -56,10 +56,23 @@ function parseOnNoConvergence(v: string): 'postcopy' | 'fail' | 'force' {
   return v;
 }
 
-/** The post-copy policy the flags ask for (source.ts PostcopyOptions). */
+/**
+ * The post-copy policy the flags ask for (source.ts PostcopyOptions). Without any post-copy flag
+ * it is `auto`: pre-copy while it can converge, post-copy once the guest re-dirties what the bulk
+ * round sent or the rounds stop shrinking (iterating further would only resend). Pure pre-copy is
+ * asked for with --no-postcopy (the rounds running out then fail, or --on-no-convergence force),
+ * or with --on-no-convergence fail|force alone (post-copy is then never used).
+ */
 export function postcopyPolicy(opts: MigrateOptions): PostcopyOptions {
-  const switchAfter = opts.postcopyAfter !== undefined ? opts.postcopyAfter : opts.postcopy === 'auto' ? 'auto' : opts.postcopy ? 1 : null;
-  return { switchAfter, onNoConvergence: opts.onNoConvergence ?? 'postcopy', retries: opts.postcopyRetry ?? 0 };
+  const retries = opts.postcopyRetry ?? 0;
+  if (opts.postcopy === false) {
+    if (opts.postcopyAfter !== undefined) throw new UsageError('--no-postcopy and --postcopy-after exclude each other');
+    if (opts.onNoConvergence === 'postcopy') throw new UsageError('--no-postcopy and --on-no-convergence postcopy exclude each other');
+    return { switchAfter: null, onNoConvergence: opts.onNoConvergence ?? 'fail', retries };
+  }
+  const onNoConvergence = opts.onNoConvergence ?? 'postcopy';
+  const preferred = opts.postcopy === 'auto' ? 'auto' : opts.postcopy === true ? 1 : onNoConvergence === 'postcopy' ? 'auto' : null;
+  return { switchAfter: opts.postcopyAfter ?? preferred, onNoConvergence, retries };
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -301,8 +314,9 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
-    .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto`: when the rounds stop shrinking', parsePostcopy)
-    .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round)', parsePositiveInt)
+    .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
+    .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
+    .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
     .option('--on-no-convergence <what>', 'when the rounds run out above --downtime-limit: postcopy (default; fails if the destination refuses it), fail, or force (stop-and-copy anyway, reported)', parseOnNoConvergence)
     .option('--postcopy-retry <n>', 'reconnect up to n times when a post-copy connection drops (the guest waits on the destination meanwhile)', parseNonNegativeInt, 3)
     .option('--no-dest-postcopy', '--local: the receiver refuses post-copy (receive --no-postcopy)')
@@ -321,6 +335,7 @@ export function registerMigrate(program: Command): void {
       .option('--local', 'spawn the receiver on loopback', false),
   ).action(async (opts: MigrateOptions, cmd: Command) => {
     checkMigrateOptions(opts, cmd);
+    postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

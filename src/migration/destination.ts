@@ -30,6 +30,7 @@ import { startPostcopyPaging } from './postcopy/interim-exit-pager.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
 import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
 import { randomBytes } from 'node:crypto';
+import type { Server } from 'node:net';
 
 export interface ReceiveOptions {
   openEngine: (kind: EngineKind) => Promise<Engine>;
@@ -135,8 +136,15 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
   // Post-copy (only when the handshake accepted it): pages the source says are stale are marked
-  // in `discarded` (dense page index).
+  // in `discarded` (dense page index); `staleHeld` lists, per slot, the discarded pages this side
+  // had received (populated: the pager must drop them). Guest RAM pages received at least once
+  // are counted as they come, so the switchover needs no pass over every page.
   let discarded = new Uint8Array(0);
+  let anyDiscard = false;
+  const staleHeld = new Map<number, number[]>();
+  let ramPages = 0;
+  let ramReceived = 0;
+  let pcServer: Server | null = null;
   let pc: PostcopyDestination | null = null;
   let pcReport: DestinationPostcopyReport | null = null;
 
@@ -156,8 +164,14 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
     configDigest = digester.config(raw);
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
-    // Preallocation overlaps the vCPU threads' start-up.
-    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c, opts.signal) : undefined);
+    // Preallocation overlaps the vCPU threads' start-up. Not with post-copy negotiated (QEMU's
+    // postcopy discards all of RAM when it starts listening, for the same reason): every page the
+    // source never sent would have to be dropped again at the switch, on the downtime path.
+    const prealloc = opts.preallocate && !link.postcopyAllowed;
+    if (opts.preallocate && !prealloc) log('not preallocating guest RAM: post-copy is negotiated, and pages never sent must stay missing');
+    vm = await buildDestinationVm(c, engine, prealloc ? (v) => preallocate(v, c, opts.signal) : undefined);
+    // The post-copy listener now, off the downtime path (it serves only after POSTCOPY_RUN).
+    if (link.postcopyAllowed) pcServer = await PostcopyDestination.openServer(opts.postcopyHost ?? '127.0.0.1');
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
@@ -171,7 +185,10 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     internalPage = new Uint8Array(slotMap.totalPages);
     discarded = new Uint8Array(slotMap.totalPages);
     for (const s of c.memslots) {
-      if (!s.internal) continue;
+      if (!s.internal) {
+        ramPages += s.pages;
+        continue;
+      }
       const { index } = slotMap.locatePages(s.slot, 0, s.pages)!;
       internalPage.fill(1, index, index + s.pages);
     }
@@ -204,9 +221,16 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const data = aligned(raw);
     const pages = data.length / PAGE_SIZE;
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
+    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     let all = true;
-    for (let i = 0; i < pages; i++) if (lastRound[idx + i]! > round) all = false;
+    let fresh = 0;
+    for (let i = 0; i < pages; i++) {
+      const prev = lastRound[idx + i]!;
+      if (prev > round) all = false;
+      else if (prev === 0) fresh++;
+    }
+    if (!internalPage[idx]) ramReceived += fresh;
     if (all) {
       vm!.writeGuest(gpa, data);
       lastRound.fill(round, idx, idx + pages);
@@ -222,12 +246,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
+  /** Pages of a slot after its POSTCOPY_DISCARD: the source sends none (they would be dropped). */
+  const checkNotDiscarded = (slotId: number, firstPage: number, idx: number, pages: number) => {
+    for (let i = 0; i < pages; i++) if (discarded[idx + i]) throw protocol(`page ${firstPage + i} of memslot ${slotId} arrived after POSTCOPY_DISCARD listed it`);
+  };
+
   const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
+    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
       if (prev > round) continue;
+      if (prev === 0 && !internalPage[idx + i]) ramReceived++;
       // Fresh guest RAM is already zero; only a page written before (or engine-internal memory
       // that createVcpus filled) needs clearing.
       if (prev > 0 || internalPage[idx + i]) vm!.writeGuest(gpa + i * PAGE_SIZE, zeroPage);
@@ -276,14 +307,31 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'complete', hash: held, pagesReceived });
   };
 
-  // POSTCOPY_DISCARD: remember which pages are stale here (applied at POSTCOPY_RUN).
+  // POSTCOPY_DISCARD: these pages are stale here (or were never sent). A page this side holds
+  // leaves the hash table now (what stays is what POSTCOPY_RUN's hash vouches for) and is listed
+  // for the pager to drop.
   const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
     if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
     const { index } = locate(slotId, firstPage, count);
-    for (let i = 0; i < count; i++) {
-      if (!(bitmap[i >> 3]! & (1 << (i & 7)))) continue;
-      if (internalPage[index + i]) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i}: engine-internal memory is sent before the switch, never paged on demand`);
-      discarded[index + i] = 1;
+    anyDiscard = true;
+    let held = staleHeld.get(slotId);
+    for (let b = 0; b < bitmap.length; b++) {
+      const byte = bitmap[b]!;
+      if (byte === 0) continue;
+      for (let k = 0; k < 8; k++) {
+        if (!(byte & (1 << k))) continue;
+        const i = b * 8 + k;
+        if (i >= count) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} sets bit ${i} past its ${count} pages`);
+        const at = index + i;
+        if (internalPage[at]) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i}: engine-internal memory is sent before the switch, never paged on demand`);
+        if (discarded[at]) continue;
+        discarded[at] = 1;
+        if (lastRound[at]! > 0) {
+          table!.setZero(slotId, firstPage + i, 1);
+          if (!held) staleHeld.set(slotId, (held = []));
+          held.push(firstPage + i);
+        }
+      }
     }
   };
 
@@ -299,24 +347,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in POSTCOPY_RUN); the guest is not started`);
     const sm = slotMap!;
     const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
-    // present: the page this side holds is the source's at switchover. Everything else (never
-    // sent, or discarded as dirtied after it was sent) comes from the source, hashed as it lands.
-    let missing = 0;
-    const present = new Uint8Array(sm.totalPages);
-    for (const s of ramSlots) {
-      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
-      for (let i = 0; i < s.pages; ) {
-        const stale = discarded[index + i] === 1;
-        let j = i + 1;
-        while (j < s.pages && (discarded[index + j] === 1) === stale) j++;
-        if (stale) table!.setZero(s.slot, i, j - i);
-        for (let k = index + i; k < index + j; k++) {
-          if (lastRound[k]! > 0 && !stale) present[k] = 1;
-          else missing++;
-        }
-        i = j;
-      }
-    }
+    // Missing: never received, or received and discarded. Everything else this side holds is the
+    // source's page at switchover; missing pages come from the source, hashed as they land.
+    let staleCount = 0;
+    for (const l of staleHeld.values()) staleCount += l.length;
+    const missing = ramPages - ramReceived + staleCount;
     held = formatMemoryHash(table!.total());
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
     if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
@@ -330,22 +365,18 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     } catch (err) {
       throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
     }
-    // Drop what this side holds but must not keep: stale pages, and pages never sent that are
-    // populated anyway (preallocation): the guest must fault on them, not read zeros.
-    for (const s of ramSlots) {
-      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
-      const pages: number[] = [];
-      for (let i = 0; i < s.pages; i++) if (!present[index + i] && !pager.isMissing(s.slot, i)) pages.push(i);
-      if (pages.length) pager.discard(s.slot, pages);
-    }
-    // A present page the pager still calls missing was received as ZERO and never written
-    // (fresh RAM is zero): installed from here, no request to the source.
+    // Drop the stale pages this side holds. (Pages never received are not populated: nothing
+    // preallocates guest RAM when post-copy is negotiated.)
+    for (const [slot, pages] of staleHeld) pager.discard(slot, pages.sort((a, b) => a - b));
+    // A held page the pager still calls missing was received as ZERO and never written (fresh
+    // RAM is zero): installed from here, no request to the source.
     const heldPage = (slot: number, page: number): Uint8Array | null => {
       const at = sm.locatePages(slot, page, 1);
-      return at && present[at.index] ? zeroPage : null;
+      return at && lastRound[at.index]! > 0 && !discarded[at.index] ? zeroPage : null;
     };
     const token = randomBytes(8).readBigUInt64LE();
-    pc = await PostcopyDestination.listen({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, host: opts.postcopyHost ?? '127.0.0.1', token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 });
+    pc = new PostcopyDestination({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 }, pcServer!);
+    pcServer = null;
     pcReport = { faultPath, missingAtStart: missing, waits: [] };
     const pcDone = pc.done;
     pcDone.then(
@@ -367,6 +398,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   const start = async () => {
     const v = vm!;
     v.resume();
+    pcServer?.close(); // pre-copy completed: no post-copy connection will come
+    pcServer = null;
     if (pc) {
       pc.startBackground();
       log(`guest running here on demand paging (${pcReport!.faultPath} path), ${pcReport!.missingAtStart} pages missing`);
@@ -466,6 +499,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'error', message: err.message, code: rejectionCode(err) }).catch(() => undefined);
     link.close();
     const v = vm as Vm | null;
+    (pcServer as Server | null)?.close();
     if (v) await v.destroy();
     throw new MigrationLinkError(`incoming migration failed during ${phase}: ${err.message}; nothing was kept`);
   } finally {

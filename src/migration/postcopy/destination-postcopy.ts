@@ -35,7 +35,6 @@ export interface PostcopyDestinationOptions {
   ramSlots: readonly { slot: number; pages: number }[];
   /** The page's contents when this side holds it already (no request needed), else null. */
   heldPage: (slot: number, page: number) => Uint8Array | null;
-  host: string;
   token: bigint;
   log: (line: string) => void;
   /** No source connection for this long while pages are missing: give up (the guest keeps waiting). */
@@ -73,7 +72,8 @@ export class PostcopyDestination {
   private readonly t0 = process.hrtime.bigint();
   private lostTimer: NodeJS.Timeout | null = null;
 
-  private constructor(private readonly o: PostcopyDestinationOptions, server: Server) {
+  /** o: the post-copy phase's inputs; server: from openServer() (listening already, off the downtime path). */
+  constructor(private readonly o: PostcopyDestinationOptions, server: Server) {
     this.server = server;
     this.layout = new StreamLayout([...o.ramSlots]);
     this.done = new Promise((resolve, reject) => (this.settle = { resolve, reject }));
@@ -83,13 +83,18 @@ export class PostcopyDestination {
     this.armLostTimer();
   }
 
-  static async listen(o: PostcopyDestinationOptions): Promise<PostcopyDestination> {
+  /** The listener for the source's push and preempt connections (opened at CONFIG time). */
+  static async openServer(host: string): Promise<Server> {
     const server = createServer({ noDelay: true });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(0, o.host, () => resolve());
+      server.listen(0, host, () => resolve());
     });
-    return new PostcopyDestination(o, server);
+    // Connections before POSTCOPY_RUN have nobody to talk to (the constructor adds the handler).
+    server.on('connection', (s) => {
+      if (server.listenerCount('connection') === 1) s.destroy();
+    });
+    return server;
   }
 
   get port(): number {

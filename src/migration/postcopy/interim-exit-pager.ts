@@ -218,7 +218,9 @@ class InterimExitPager implements DemandPager {
   finish(): void {
     if (this.finished) return;
     this.finished = true;
-    this.vm.onExit('memoryFault', undefined);
+    // The memoryFault handler stays: a vCPU may have exited for a page that was installed (the
+    // last one) before its exit reached this thread; onFault then finds it present and the vCPU
+    // re-enters. Without exit-on-missing no new such exit comes.
     for (const s of this.slots) {
       const now = this.vm.memslots().find((x) => x.slot === s.slot);
       if (now) this.vm.setUserMemoryRegion({ slot: s.slot, flags: now.flags & ~KVM_MEM_EXIT_ON_MISSING, guestPhysAddr: now.guestPhysAddr, memorySize: now.memorySize, userspaceAddr: now.userspaceAddr });
