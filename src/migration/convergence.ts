@@ -124,6 +124,8 @@ export interface BulkProbe {
   /** Of those, pages the guest wrote again since (dirty log harvested at the probe). */
   dirtiedPages: number;
   ramPages: number;
+  /** Bytes/s the link carried so far (or the assumed bandwidth). */
+  bandwidth: number;
 }
 
 export class PostcopyConvergence implements ConvergencePolicy {
@@ -151,9 +153,15 @@ export class PostcopyConvergence implements ConvergencePolicy {
     if (!this.o.postcopyAllowed()) return null;
     if (this.o.switchAfter === 0) return '--postcopy-after 0: switching before any pre-copy round';
     if (this.o.switchAfter !== 'auto' || b.sentPages === 0) return null;
-    if (b.dirtiedPages <= b.sentPages * THROTTLE_TRIGGER) return null;
+    const f = b.dirtiedPages / b.sentPages;
+    if (f <= THROTTLE_TRIGGER) return null;
+    // Rounds would not shrink (the guest dirties faster than half the link). Whether they could
+    // still end within the limit depends on how much it dirties in all: assume the rest of RAM
+    // is written like the part sent so far.
+    const projectedMs = ((f * b.ramPages * 4096) / b.bandwidth) * 1000;
+    if (projectedMs <= this.o.downtimeLimitMs) return null;
     const mib = (x: number) => ((x * 4096) / 2 ** 20).toFixed(1);
-    return `--postcopy auto: the guest re-dirtied ${mib(b.dirtiedPages)} MiB of the ${mib(b.sentPages)} MiB the bulk round sent so far (of ${mib(b.ramPages)} MiB): pre-copy rounds would not shrink`;
+    return `--postcopy auto: the guest re-dirtied ${mib(b.dirtiedPages)} MiB of the ${mib(b.sentPages)} MiB the bulk round sent so far (of ${mib(b.ramPages)} MiB); at that rate the rounds would not shrink and the dirty set would take ~${projectedMs.toFixed(0)} ms to copy, over the ${this.o.downtimeLimitMs} ms limit`;
   }
 
   /** Tell the policy what the bulk round sent (the first round has no afterRound()). */

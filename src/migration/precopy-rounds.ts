@@ -24,10 +24,16 @@ import { now, secs, type SourceRun } from './source-run.ts';
  * between steps, like QEMU's periodic bitmap sync.
  */
 const ROUND_MAX_MS = 1000;
-/** Probes of the bulk round (--postcopy auto): one per this fraction of guest RAM. */
+/**
+ * Probes of the bulk round (--postcopy auto): after the first BULK_PROBE_FIRST_PAGES (4 MiB),
+ * then each time what was sent doubled, at most 1/BULK_PROBES of guest RAM apart. Early probes
+ * make a switch cheap (a guest re-dirtying everything leaves few stale pages to drop on the
+ * destination, on the downtime path); later ones catch a guest that dirties less densely.
+ */
 const BULK_PROBES = 16;
-/** ... but not more often than every this many pages (4 MiB). */
-const BULK_PROBE_MIN_PAGES = 1024;
+const BULK_PROBE_FIRST_PAGES = 1024;
+/** Assumed before the link was measured, without --max-bandwidth: 1 GB/s (as convergence.ts). */
+const DEFAULT_BANDWIDTH = 1e9;
 
 export type RoundsOutcome =
   | { action: 'stop-and-copy'; /** Set when forced above the downtime limit. */ downtimeExceeded: string | null }
@@ -94,21 +100,28 @@ async function bulkRound(run: SourceRun, probe: PostcopyConvergence | null): Pro
     run.progress();
   }
   const ramPages = ram.reduce((a, s) => a + s.pages, 0);
-  const every = Math.max(BULK_PROBE_MIN_PAGES, Math.ceil(ramPages / BULK_PROBES));
+  const every = Math.max(BULK_PROBE_FIRST_PAGES, Math.ceil(ramPages / BULK_PROBES));
   let sentRam = 0;
   let nextProbe = 0;
+  const t0 = now();
+  const bytes0 = run.link.bytesSent();
+  const bandwidth = () => {
+    const s = secs(t0);
+    const b = run.link.bytesSent() - bytes0;
+    return b >= 1 << 20 && s > 0 ? b / s : (run.opts.maxBandwidth ?? 0) > 0 ? run.opts.maxBandwidth! : DEFAULT_BANDWIDTH;
+  };
   for (let si = 0; si < ram.length; si++) {
     const s = ram[si]!;
     for (let p = 0; p < s.pages; p += RUN_PAGES) {
       if (probe && sentRam >= nextProbe) {
-        nextProbe = sentRam + every;
+        nextProbe = Math.max(BULK_PROBE_FIRST_PAGES, Math.min(sentRam * 2, sentRam + every));
         dirty.harvest();
         let dirtied = dirty.pendingBelow(s.slot, p);
         for (let j = 0; j < si; j++) dirtied += dirty.pendingBelow(ram[j]!.slot, ram[j]!.pages + 31);
         // Pages not sent yet go out in this round anyway: only re-dirtied sent ones stay pending.
         dirty.setPendingFrom(s, p, false);
         for (let j = si + 1; j < ram.length; j++) dirty.setPendingFrom(ram[j]!, 0, false);
-        const reason = probe.decideInBulk({ sentPages: sentRam, dirtiedPages: dirtied, ramPages });
+        const reason = probe.decideInBulk({ sentPages: sentRam, dirtiedPages: dirtied, ramPages, bandwidth: bandwidth() });
         if (reason !== null) {
           // The destination misses what was never sent.
           dirty.setPendingFrom(s, p, true);
