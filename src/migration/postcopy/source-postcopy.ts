@@ -189,8 +189,11 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
         const s = bySlot.get(rec.slot);
         if (!s || rec.page + rec.count > s.pages) {
           const msg = `the destination requested pages [${rec.page}, +${rec.count}) of memslot ${rec.slot}, which is not guest RAM (${o.slots.map((x) => `memslot ${x.slot}: ${x.pages} pages`).join(', ')})`;
+          // The failure first: abort() closes the connection, and a close alone reads as a
+          // drop that a reconnection would recover from.
+          fail(new PostcopyRequestError(msg));
           preempt!.abort(ErrorCode.BAD_STREAM, msg);
-          throw new PostcopyRequestError(msg);
+          return;
         }
         requests++;
         o.onRequestCount?.(requests);
