@@ -42,6 +42,31 @@ describe('post-copy (soft engine)', () => {
     }
   }, 60_000);
 
+  for (const [what, switchAfter] of [['--postcopy-after 0: before any pre-copy round', 0], ['--postcopy auto: part-way through the bulk round of a guest that re-dirties everything', 'auto']] as const) {
+    it(`${what}; memory matches the workload after the guest ran on`, async () => {
+      const { stats, dest, destError, vm, spec } = await postcopyRun({ switchAfter, onNoConvergence: 'postcopy', retries: 0 }, undefined, { downtimeLimitMs: 1 });
+      try {
+        expect(destError).toBeNull();
+        expect(stats.error).toBeUndefined();
+        expect(stats.status).toBe('completed');
+        expect(stats.verified).toBe(true);
+        expect(stats.postcopy?.switchedAfterRound).toBe(0);
+        expect(stats.postcopy?.reason).toMatch(switchAfter === 0 ? /--postcopy-after 0/ : /re-dirtied .* of the .* the bulk round sent so far/);
+        // The bulk round was cut short: no page went twice except the few re-dirtied ones.
+        expect(stats.rounds[0]!.kind).toBe('bulk');
+        if (switchAfter === 0) expect(stats.rounds[0]!.zeroPages + stats.rounds[0]!.normalPages).toBeLessThan(stats.ramBytes / 4096 / 8);
+        expect(stats.transferredBytes).toBeLessThanOrEqual(1.5 * stats.ramBytes);
+        expect(dest!.postcopy!.result!.hash).toBe(stats.sourceHash);
+        await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 3, 20_000);
+        await dest!.vm.pause();
+        expect(checkSequentialMemory(dest!.vm, spec, 2, dest!.vm.progress().map((p) => p.passesCompleted))).toBeNull();
+      } finally {
+        await dest?.vm.destroy();
+        await vm.destroy();
+      }
+    }, 60_000);
+  }
+
   // Regression: with post-copy negotiated, the interim pager once kept pre-copy pages in a staging
   // copy outside guest RAM; a migration that then completed by pre-copy ran the guest on empty RAM
   // while readGuest (and the verification rescan) served the frozen copy.
@@ -67,7 +92,7 @@ describe('post-copy (soft engine)', () => {
   for (const dropAfterPages of [1, 1500, 3000]) {
     it(`recovers from a post-copy connection dropped after ${dropAfterPages} pushed pages`, async () => {
       let dropped = 0;
-      const { stats, dest, destError, vm } = await postcopyRun({
+      const { stats, dest, destError, vm, spec } = await postcopyRun({
         switchAfter: 1,
         onNoConvergence: 'postcopy',
         retries: 3,
@@ -87,6 +112,10 @@ describe('post-copy (soft engine)', () => {
         expect(stats.verified).toBe(true);
         expect(stats.postcopy?.recoveries).toBe(1);
         expect(dest!.hash).toBe(stats.sourceHash);
+        // Nothing lost across the drop: the guest ran on and its memory is the workload's.
+        await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 2, 20_000);
+        await dest!.vm.pause();
+        expect(checkSequentialMemory(dest!.vm, spec, 2, dest!.vm.progress().map((p) => p.passesCompleted))).toBeNull();
       } finally {
         await dest?.vm.destroy();
         await vm.destroy();
