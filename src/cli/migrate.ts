@@ -26,6 +26,7 @@ import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativ
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { resumePausedMigration, waitForManualResume } from './postcopy-resume.ts';
 
 export interface MigrateOptions extends CommonOptions {
   to?: { host: string; port: number };
@@ -44,6 +45,10 @@ export interface MigrateOptions extends CommonOptions {
   postcopyAfter?: number;
   onNoConvergence?: 'postcopy' | 'fail' | 'force';
   postcopyRetry: number;
+  /** How long a paused post-copy waits for `migrate --resume`, ms (0: fail at once). */
+  postcopyResumeWait: number;
+  /** migrate --resume PID: resume that paused migration instead of starting one. */
+  resume?: number;
   destPostcopy: boolean;
 }
 
@@ -250,7 +255,8 @@ async function runMigrateSignalled(
         onProgress: bar.update,
         signal,
         timeoutMs,
-        postcopy: postcopyPolicy(opts),
+        postcopy: { ...postcopyPolicy(opts), waitForResume: (why) => waitForManualResume(why, opts.postcopyResumeWait ?? 0, log, signal) },
+        log,
       });
     } finally {
       bar.done();
@@ -319,6 +325,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
     .option('--on-no-convergence <what>', 'when the rounds run out above --downtime-limit: postcopy (default; fails if the destination refuses it), fail, or force (stop-and-copy anyway, reported)', parseOnNoConvergence)
     .option('--postcopy-retry <n>', 'reconnect up to n times when a post-copy connection drops (the guest waits on the destination meanwhile)', parseNonNegativeInt, 3)
+    .option('--postcopy-resume-wait <ms>', 'after the reconnections are used up, wait this long for `migrate --resume PID` before failing (0: fail at once)', parseNonNegativeInt, 60_000)
     .option('--no-dest-postcopy', '--local: the receiver refuses post-copy (receive --no-postcopy)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
@@ -332,8 +339,13 @@ export function registerMigrate(program: Command): void {
   addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
-      .option('--local', 'spawn the receiver on loopback', false),
+      .option('--local', 'spawn the receiver on loopback', false)
+      .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
   ).action(async (opts: MigrateOptions, cmd: Command) => {
+    if (opts.resume !== undefined) {
+      process.stdout.write(resumePausedMigration(opts.resume) + '\n');
+      return;
+    }
     checkMigrateOptions(opts, cmd);
     postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');

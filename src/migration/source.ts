@@ -64,6 +64,8 @@ export interface PostcopyOptions {
   /** Test hooks (postcopy/source-postcopy.ts). */
   onConnected?: PostcopySourceOptions['onConnected'];
   onPushed?: PostcopySourceOptions['onPushed'];
+  /** Manual recovery once the reconnections are used up (postcopy/source-postcopy.ts). */
+  waitForResume?: PostcopySourceOptions['waitForResume'];
 }
 
 export interface PrecopyOptions {

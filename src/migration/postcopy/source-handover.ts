@@ -83,6 +83,7 @@ export async function postcopyHandover(run: SourceRun, pc: PostcopyOptions, onSw
     onRequestCount: (n) => state.update({ postcopyRequests: n }),
     onConnected: pc.onConnected,
     onPushed: pc.onPushed,
+    waitForResume: pc.waitForResume,
   });
   run.result.destinationHash = post.destinationHash;
   const sentHash = formatMemoryHash(run.sentTable.total());

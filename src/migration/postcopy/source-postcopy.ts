@@ -58,6 +58,12 @@ export interface PostcopySourceOptions {
   /** Status changes: 'postcopy-paused' when a connection drops, 'postcopy-recover' while reconnecting, 'postcopy-active' again. */
   onStatus?: (s: 'postcopy-paused' | 'postcopy-recover' | 'postcopy-active') => void;
   onRequestCount?: (n: number) => void;
+  /**
+   * Manual recovery (migrate --resume): called once the automatic reconnections are used up,
+   * with why the connection is gone; resolves true to try again (then with `retries` more
+   * automatic ones), false to give up. Absent: give up at once.
+   */
+  waitForResume?: (why: string) => Promise<boolean>;
   /** Test hook: each connection pair once it is up (may destroy either to inject a drop). */
   onConnected?: (conns: { push: RecordSocket; preempt: RecordSocket; attempt: number }) => void;
   /** Test hook: after each pushed run. */
@@ -143,6 +149,8 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
     return null;
   };
 
+  /** The last attempt allowed before asking for a manual resume (or giving up). */
+  let lastAttempt = o.retries;
   for (let attempt = 0; ; attempt++) {
     if (o.signal?.aborted) throw new PostcopyUnrecoverableError('post-copy cancelled: the guest runs on the destination, which still misses pages; the source stays paused');
     let push: RecordSocket | null = null;
@@ -262,12 +270,21 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
       if (e instanceof PostcopyRequestError) throw e;
       // Pages in flight when it dropped: the destination's bitmap on reconnect says which.
       o.onStatus?.('postcopy-paused');
-      if (attempt >= o.retries) {
+      if (attempt >= lastAttempt && o.waitForResume) {
+        const why = `post-copy connection lost (${(e as Error).message})`;
+        o.log?.(`${why}: postcopy-paused; the guest waits on the destination, this source keeps its pages`);
+        if (await o.waitForResume(why)) {
+          lastAttempt = attempt + 1 + o.retries;
+          o.log?.('post-copy: resuming (manual recovery)');
+          continue;
+        }
+      }
+      if (attempt >= lastAttempt) {
         throw new PostcopyUnrecoverableError(
-          `post-copy connection lost (${(e as Error).message})${o.retries > 0 ? ` and ${o.retries} reconnection(s) failed` : ''}: the guest runs on the destination and waits for pages only this source has; the source stays paused with its memory intact (rerun with --postcopy-retry N to reconnect)`,
+          `post-copy connection lost (${(e as Error).message})${o.retries > 0 ? ` and ${o.retries} reconnection(s) failed` : ''}: the guest runs on the destination and waits for pages only this source has; the source stays paused with its memory intact (--postcopy-retry N reconnects automatically; migrate --resume PID by hand while the source waits)`,
         );
       }
-      o.log?.(`post-copy: connection lost (${(e as Error).message}); postcopy-paused, reconnecting (${attempt + 1}/${o.retries})`);
+      o.log?.(`post-copy: connection lost (${(e as Error).message}); postcopy-paused, reconnecting (attempt ${attempt + 1})`);
       await new Promise((r) => setTimeout(r, o.retryDelayMs ?? 200));
     }
   }

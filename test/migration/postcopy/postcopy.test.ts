@@ -7,11 +7,13 @@ import { openEngine } from '../../../src/vmm/factory.ts';
 import { createSourceVm } from '../../../src/migration/source-vm.ts';
 import { checkSequentialMemory, migrateInProcess } from '../helpers.ts';
 import type { PostcopyOptions } from '../../../src/migration/source.ts';
+import type { Vm } from '../../../src/vmm/engine.ts';
 
 const engine = await openEngine('soft');
 
-async function postcopyRun(postcopy: PostcopyOptions, postcopyRecoverTimeoutMs?: number, o: { downtimeLimitMs?: number } = {}) {
+async function postcopyRun(postcopy: PostcopyOptions, postcopyRecoverTimeoutMs?: number, o: { downtimeLimitMs?: number; source?: { vm?: Vm } } = {}) {
   const { vm, spec } = await createSourceVm(engine, { vcpus: 2, bytesPerVcpu: 8 << 20, backing: 'anonymous', workload: 'sequential' });
+  if (o.source) o.source.vm = vm;
   const r = await migrateInProcess(vm, engine, { workload: spec, postcopy, destroyOnComplete: false, downtimeLimitMs: o.downtimeLimitMs ?? 0, postcopyRecoverTimeoutMs });
   return { ...r, vm, spec };
 }
@@ -122,6 +124,47 @@ describe('post-copy (soft engine)', () => {
       }
     }, 60_000);
   }
+
+  it('manual resume (migrate --resume): with no reconnections left the source waits paused, then resumes to a verified finish', async () => {
+    let dropped = false;
+    const asked: string[] = [];
+    let pausedWhileAsked = false;
+    const source: { vm?: Vm } = {};
+    const { stats, dest, destError, vm, spec } = await postcopyRun({
+      switchAfter: 1,
+      onNoConvergence: 'postcopy',
+      retries: 0,
+      onPushed: (n, conns) => {
+        if (!dropped && n >= 700) {
+          dropped = true;
+          conns.push.socket.destroy();
+        }
+      },
+      waitForResume: async (why) => {
+        asked.push(why);
+        const before = source.vm!.progress().map((p) => p.passesCompleted);
+        await new Promise((r) => setTimeout(r, 150));
+        pausedWhileAsked = JSON.stringify(source.vm!.progress().map((p) => p.passesCompleted)) === JSON.stringify(before);
+        return true;
+      },
+    }, undefined, { source });
+    try {
+      expect(asked).toHaveLength(1);
+      expect(asked[0]).toMatch(/post-copy connection lost/);
+      expect(pausedWhileAsked).toBe(true);
+      expect(destError).toBeNull();
+      expect(stats.error).toBeUndefined();
+      expect(stats.status).toBe('completed');
+      expect(stats.verified).toBe(true);
+      expect(stats.postcopy?.recoveries).toBe(1);
+      await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 2, 20_000);
+      await dest!.vm.pause();
+      expect(checkSequentialMemory(dest!.vm, spec, 2, dest!.vm.progress().map((p) => p.passesCompleted))).toBeNull();
+    } finally {
+      await dest?.vm.destroy();
+      await vm.destroy();
+    }
+  }, 60_000);
 
   it('without retries a dropped connection fails plainly and the source stays paused, memory intact', async () => {
     const { stats, dest, vm } = await postcopyRun({
