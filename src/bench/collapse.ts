@@ -44,6 +44,14 @@ export interface CollapseRow {
   stallWaits: number;
   /** Longest single MMU-lock hold by the recovery. */
   maxLockHoldSeconds: number;
+  /**
+   * Lock holds longer than 1 ms, their total, and what the VMM thread did during them (Linux
+   * schedstat): on a CPU (work, JIT) vs runnable but waiting for a CPU (preempted mid-hold).
+   */
+  longHolds: number;
+  longHoldSeconds: number;
+  longHoldOnCpuSeconds: number;
+  longHoldRunQueueSeconds: number;
   /** The logging-disable call itself (sync does all its work in it). */
   disableSeconds: number;
   blockMappingsBefore: number;
@@ -80,7 +88,8 @@ export async function runCollapseBench(p: CollapseParams, log: (line: string) =>
       rows.push(row);
       log(
         `${fmtSize(bytes)} ${strategy.padEnd(8)}: recovered ${row.blockMappingsAfter}/${row.eligibleRegions} blocks in ${row.recoverSeconds.toFixed(3)}s` +
-          ` (disable call ${row.disableSeconds.toFixed(3)}s, longest lock hold ${ms(row.maxLockHoldSeconds)}); vCPU lock stall max ${ms(row.stallMaxSeconds)} p99 ${ms(row.stallP99Seconds)} sum ${ms(row.stallSumSeconds)} over ${row.stallWaits} waits`,
+          ` (disable call ${row.disableSeconds.toFixed(3)}s, longest lock hold ${ms(row.maxLockHoldSeconds)}); vCPU lock stall max ${ms(row.stallMaxSeconds)} p99 ${ms(row.stallP99Seconds)} sum ${ms(row.stallSumSeconds)} over ${row.stallWaits} waits` +
+          `; ${row.longHolds} holds over 1 ms (${ms(row.longHoldSeconds)}: VMM thread on a CPU ${ms(row.longHoldOnCpuSeconds)}, waiting for a CPU ${ms(row.longHoldRunQueueSeconds)})`,
       );
     }
   }
@@ -92,6 +101,7 @@ async function runOne(p: CollapseParams, bytes: number, strategy: HugeRecoverySt
   const vm: SoftVm = engine.createSoftVm({ lock: p.lock, manualDirtyLogProtect: true });
   try {
     vm.setHugeRecovery(strategy, p.batchRegions);
+    vm.hugeRecovery.schedDiagnostics = true;
     const spec = workload('sequential', bytes / p.vcpus);
     const host = vm.mapHostMemory(bytes, p.backing);
     const region = { slot: 0, guestPhysAddr: spec.gpaBase, memorySize: bytes, userspaceAddr: host.hva };
@@ -130,6 +140,10 @@ async function runOne(p: CollapseParams, bytes: number, strategy: HugeRecoverySt
       stallWaits: stall.waits,
       disableSeconds,
       maxLockHoldSeconds: rec.stats.maxHoldSeconds,
+      longHolds: rec.stats.longHolds,
+      longHoldSeconds: rec.stats.longHoldSeconds,
+      longHoldOnCpuSeconds: rec.stats.longHoldOnCpuSeconds,
+      longHoldRunQueueSeconds: rec.stats.longHoldRunQueueSeconds,
       blockMappingsBefore,
       blockMappingsAfter: vm.stats().pages_2m ?? 0,
       eligibleRegions,

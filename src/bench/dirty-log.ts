@@ -8,6 +8,9 @@
 // (dirty_log_test's dirty-ring mode): each iteration harvests the rings (collect + reset, timed
 // as "get dirty log"; entries collected at DIRTY_RING_FULL exits during the pass are included)
 // and counts the ring-full exits the pass took.
+// Soft engine only: `eagerSplitChunkBytes` > 0 splits every huge mapping when logging is enabled
+// (issue 11 part 2; the selftest's x86 counterpart is the eager_page_split module parameter),
+// `initiallySet` is KVM_DIRTY_LOG_INITIALLY_SET; compareEagerSplit runs the bench both ways.
 
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type Backing, type Engine, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import { countBits } from '../vmm/dirty-bitmap.ts';
@@ -30,6 +33,15 @@ export interface DirtyLogParams {
   workloadOptions?: Partial<WorkloadSpec>;
   /** Dirty-ring entries per vCPU; 0 or absent: the memslot bitmap. */
   dirtyRing?: number;
+  /** Soft engine: eager split chunk when logging is enabled (bytes; 0 or absent: lazy split). */
+  eagerSplitChunkBytes?: number;
+  /** Soft engine: KVM_DIRTY_LOG_INITIALLY_SET (with manual protect). */
+  initiallySet?: boolean;
+}
+
+/** The part of a soft VM the tuning goes through (SoftVm.setDirtyLogTuning). */
+interface DirtyTunable {
+  setDirtyLogTuning(o: { eagerSplitChunkBytes?: number; initiallySet?: boolean }): void;
 }
 
 export interface DirtyLogRound {
@@ -64,6 +76,12 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
   const manual = vm.config.manualDirtyLogProtect;
   const region = (flags: number) => ({ ...testRegion, flags });
   try {
+    const eager = p.eagerSplitChunkBytes ?? 0;
+    if (eager > 0 || p.initiallySet) {
+      if (!('setDirtyLogTuning' in vm)) throw new Error('--eager-split and --initially-set tune the soft engine\'s MMU; the kvm engine\'s host kernel decides (x86: the eager_page_split module parameter)');
+      (vm as unknown as DirtyTunable).setDirtyLogTuning({ eagerSplitChunkBytes: eager, initiallySet: p.initiallySet ?? false });
+      log(`Eager split: ${eager > 0 ? `${eager / 2 ** 20} MiB chunks` : 'off'}; KVM_DIRTY_LOG_INITIALLY_SET: ${p.initiallySet ? 'on' : 'off'}`);
+    }
     log(`Testing guest mode: PA-bits:ANY, VA-bits:48, ${p.guestPageSize / 1024}K pages (engine ${engine.kind})`);
     if (ring > 0) log(`Dirty ring: ${ring} entries per vCPU (soft limit ${ring - DIRTY_RING_RSVD_ENTRIES})`);
     log(`guest physical test memory: [0x${gpa.toString(16)}, 0x${(gpa + bytes).toString(16)})`);
@@ -79,6 +97,8 @@ export async function runDirtyLogBench(engine: Engine, p: DirtyLogParams, log: (
     vm.setUserMemoryRegion(region(KVM_MEM_LOG_DIRTY_PAGES));
     const enableDirtyLoggingSeconds = secondsSince(t0);
     log(`Enabling dirty logging time: ${formatSeconds(enableDirtyLoggingSeconds)}`);
+    const split0 = vm.stats();
+    if (split0.eagerSplitBlocks !== undefined && (p.eagerSplitChunkBytes ?? 0) > 0) log(`Eagerly split ${split0.eagerSplitBlocks} huge mappings, ${split0.dirtySweepLockBreaks} lock breaks, longest hold ${formatSeconds(split0.dirtySweepMaxHoldSeconds ?? 0)}`);
 
     const rounds: DirtyLogRound[] = [];
     const pages = bytes / PAGE_SIZE;
@@ -149,4 +169,31 @@ function ringBitmap(entries: DirtyGfn[], slot: number, pages: number): Uint32Arr
   const bm = new Uint32Array(Math.ceil(pages / 32));
   for (const e of entries) if (e.slot === slot && e.offset < pages) bm[e.offset >>> 5]! |= 1 << (e.offset & 31);
   return bm;
+}
+
+export interface EagerSplitComparison {
+  lazy: DirtyLogResult;
+  eager: DirtyLogResult;
+  /** Side by side: enabling time and iteration-1 dirty time, lazy vs eager. */
+  rows: { mode: 'lazy' | 'eager'; enableSeconds: number; iteration1DirtySeconds: number; hugePageSplitsOnFault: number; eagerSplitBlocks: number }[];
+}
+
+/** Run the bench with lazy split, then with eager split (chunk `eagerSplitChunkBytes`), one VM each. */
+export async function compareEagerSplit(engine: Engine, p: DirtyLogParams & { eagerSplitChunkBytes: number }, log: (line: string) => void): Promise<EagerSplitComparison> {
+  log('== lazy split (split on the first write fault) ==');
+  const lazy = await runDirtyLogBench(engine, { ...p, eagerSplitChunkBytes: 0 }, log);
+  log(`== eager split (${p.eagerSplitChunkBytes / 2 ** 20} MiB chunks) ==`);
+  const eager = await runDirtyLogBench(engine, p, log);
+  const row = (mode: 'lazy' | 'eager', r: DirtyLogResult) => ({
+    mode,
+    enableSeconds: r.enableDirtyLoggingSeconds,
+    iteration1DirtySeconds: r.rounds[0]?.dirtyMemorySeconds ?? 0,
+    hugePageSplitsOnFault: r.stats.hugePageSplits ?? 0,
+    eagerSplitBlocks: r.stats.eagerSplitBlocks ?? 0,
+  });
+  const rows = [row('lazy', lazy), row('eager', eager)];
+  log('');
+  log('mode   enable logging   iteration 1 dirty   splits on fault   eager splits');
+  for (const r of rows) log(`${r.mode.padEnd(6)} ${formatSeconds(r.enableSeconds).padStart(14)}   ${formatSeconds(r.iteration1DirtySeconds).padStart(17)}   ${String(r.hugePageSplitsOnFault).padStart(15)}   ${String(r.eagerSplitBlocks).padStart(12)}`);
+  return { lazy, eager, rows };
 }

@@ -1,6 +1,7 @@
 // stage2's command line: parse, call, print. Each command lives in its own file.
 import { Command, CommanderError } from 'commander';
 import { registerBench } from './bench.ts';
+import { registerCalcDirtyRate } from './calc-dirty-rate.ts';
 import { registerDemo } from './demo.ts';
 import { registerMigrate } from './migrate.ts';
 import { registerReceive } from './receive.ts';
@@ -30,6 +31,7 @@ export function buildProgram(): Command {
   registerBench(program);
   registerMigrate(program);
   registerReceive(program);
+  registerCalcDirtyRate(program);
   return program;
 }
 

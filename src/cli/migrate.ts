@@ -7,6 +7,7 @@
 // there; during it, it cancels (migrateVm: before GO the source resumes, after GO it stays paused
 // and says so); a --local receiver is told to stop (SIGTERM) and, being tied to this process by
 // its stdin (receive.ts), ends with it whatever happens. A second SIGINT exits at once.
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -22,13 +23,15 @@ import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseSize, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
 import { resumePausedMigration, waitForManualResume } from './postcopy-resume.ts';
+import { addMigrateSecurityOptions, loadClientSecurity, localReceiverArgs, type SecurityOptions } from './security-options.ts';
+import type { ClientSecurity } from '../migration/transport/admission.ts';
 
-export interface MigrateOptions extends CommonOptions {
+export interface MigrateOptions extends CommonOptions, SecurityOptions {
   to?: { host: string; port: number };
   local: boolean;
   maxBandwidth: number;
@@ -50,6 +53,8 @@ export interface MigrateOptions extends CommonOptions {
   /** migrate --resume PID: resume that paused migration instead of starting one. */
   resume?: number;
   destPostcopy: boolean;
+  /** Soft engine: how the source re-forms huge mappings when logging stops (huge/recovery.ts). */
+  recover: HugeRecoveryStrategy;
 }
 
 function parsePostcopy(v: string): 'auto' {
@@ -101,12 +106,12 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess): Promise<SourceLink> {
+async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess, security?: ClientSecurity): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
     if (signal.aborted) throw new MigrationCancelledError();
     try {
-      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal });
+      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal, security });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
@@ -125,8 +130,9 @@ interface LocalReceiver {
 function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineKind: string, log: (line: string) => void): LocalReceiver {
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
-    '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs),
+    '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs), '--recover', opts.recover,
     opts.destPostcopy === false ? '--no-postcopy' : '--postcopy',
+    ...localReceiverArgs(opts),
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
   // stdin is a pipe from us that it watches (STAGE2_EXIT_WITH_STDIN): when this process ends,
@@ -173,6 +179,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
  */
 export async function runMigrate(opts: MigrateOptions, log: (line: string) => void): Promise<MigrateResult> {
   if (!opts.local && !opts.to) throw new Error('migrate needs --to HOST:PORT or --local');
+  const security = loadClientSecurity(opts);
   const timeoutMs = opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   // SIGINT from the very start (see the header). `receiver` is set once spawned.
   let receiver: LocalReceiver | null = null;
@@ -199,7 +206,7 @@ export async function runMigrate(opts: MigrateOptions, log: (line: string) => vo
     return Promise.race([p, new Promise<never>((_, reject) => ac.signal.addEventListener('abort', () => reject(new MigrationCancelledError('cancelled before the migration started')), { once: true }))]);
   };
   try {
-    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r));
+    return await runMigrateSignalled(opts, timeoutMs, log, ac.signal, unlessCancelled, (r) => (receiver = r), security);
   } finally {
     process.off('SIGINT', onSigint);
   }
@@ -212,9 +219,10 @@ async function runMigrateSignalled(
   signal: AbortSignal,
   unlessCancelled: <X>(p: Promise<X>) => Promise<X>,
   spawned: (r: LocalReceiver) => void,
+  security?: ClientSecurity,
 ): Promise<MigrateResult> {
   const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: opts.local ? 2 : 1 } as const;
-  const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`)));
+  const engine = await unlessCancelled(openCheckedEngine(engineForWorkload(opts), demand, (why) => log(`engine: ${why}; using soft`), { recover: opts.recover }));
   const ramMiB = (opts.vcpus * opts.bytesPerVcpu) / 2 ** 20;
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
@@ -237,7 +245,7 @@ async function runMigrateSignalled(
     // stats, not a crash. A long warm-up connects only near its end: the receiver's idle timeout
     // runs from the connection to CONFIG.
     const connectAfterMs = Math.max(0, opts.warmupMs - Math.min(3000, timeoutMs / 2));
-    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child));
+    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child, security));
     linkP.catch(() => undefined);
     await Promise.all([linkP.catch(() => undefined), sleepUnless(opts.warmupMs, signal)]);
     const link = lazyLink(opts.channels, () => linkP);
@@ -257,6 +265,9 @@ async function runMigrateSignalled(
         timeoutMs,
         postcopy: { ...postcopyPolicy(opts), waitForResume: (why) => waitForManualResume(why, opts.postcopyResumeWait ?? 0, log, signal) },
         log,
+        // This command destroys the source itself (finally below): kept until then, it stops
+        // logging on completion too and reports the huge mappings it re-formed.
+        destroyOnComplete: false,
       });
     } finally {
       bar.done();
@@ -305,6 +316,7 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
     for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
   }
   if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
+  if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
 
@@ -332,21 +344,23 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
     .option('--dest-run-ms <ms>', '--local: how long the destination runs the guest after switchover (at least 1)', parseDestRunMs, 1000)
     // Default: see migration/transport/liveness.ts (fits a 1 Gbit/s link with a wide margin).
+    .option('--recover <strategy>', `soft engine: how the source re-forms huge mappings when dirty logging stops (completed, failed or cancelled): ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--timeout-ms <ms>', 'fail when the destination makes no progress for this long while we wait on it (idle timeout per phase; also given to a --local receiver)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
 }
 
 export function registerMigrate(program: Command): void {
-  addMigrationOptions(
+  addMigrateSecurityOptions(addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false)
       .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
-  ).action(async (opts: MigrateOptions, cmd: Command) => {
+  )).action(async (opts: MigrateOptions, cmd: Command) => {
     if (opts.resume !== undefined) {
       process.stdout.write(resumePausedMigration(opts.resume) + '\n');
       return;
     }
     checkMigrateOptions(opts, cmd);
+    loadClientSecurity(opts); // its rules and files, before any VM starts
     postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);

@@ -1,9 +1,11 @@
 // Parsing of the options every stage2 command shares (DESIGN.md "CLI").
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
 import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { DIRTY_PATTERNS, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
+import { FAULT_PATHS, UFFD_MODES, type FaultPath, type UffdMode } from '../vmm/demand-paging.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
@@ -35,6 +37,19 @@ export function parseMemorySize(text: string): number {
     const up = down + PAGE_BYTES;
     throw new InvalidArgumentError(`must be a multiple of 4 KiB (4096 bytes): use ${down > 0 ? `${formatBytes(down)} or ` : ''}${formatBytes(up)}`);
   }
+  return bytes;
+}
+
+/** --recover sync|async|in-place (huge/recovery.ts). */
+export function parseRecover(text: string): HugeRecoveryStrategy {
+  if (!(HUGE_RECOVERY_STRATEGIES as readonly string[]).includes(text)) throw new InvalidArgumentError(`must be one of ${HUGE_RECOVERY_STRATEGIES.join(', ')}`);
+  return text as HugeRecoveryStrategy;
+}
+
+/** --eager-split [CHUNK]: a power of two from 2M to 1G (a block size; KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE). */
+export function parseEagerSplitChunk(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < 2 ** 21 || bytes > 2 ** 30 || (bytes & (bytes - 1)) !== 0) throw new InvalidArgumentError(`must be a power of two from 2M to 1G (a block size), e.g. 2M`);
   return bytes;
 }
 
@@ -140,6 +155,15 @@ export const parseBacking = oneOf<Backing>(['anonymous', 'anonymous_thp', 'huget
 export const parseLock = oneOf<MmuLockMode>(MMU_LOCK_MODES);
 export const parseWorkload = oneOf<WorkloadKind>(WORKLOAD_KINDS);
 export const parsePattern = oneOf<DirtyPattern>(DIRTY_PATTERNS);
+
+/** demand_paging_test's -u: MISSING | MINOR (any case) -> 'missing' | 'minor'. */
+export function parseUffdMode(text: string): UffdMode {
+  const t = text.trim().toLowerCase();
+  if (!(UFFD_MODES as readonly string[]).includes(t)) throw new InvalidArgumentError(`must be MISSING or MINOR`);
+  return t as UffdMode;
+}
+
+export const parseFaultPath = oneOf<FaultPath>(FAULT_PATHS);
 
 export function parseGuestPageSize(text: string): GuestPageSize {
   const bytes = parseSize(text);

@@ -9,15 +9,17 @@
 // connection, during the migration (discards, exits 1), after COMPLETE waiting for GO (discards),
 // or running the guest after switchover (reports and exits). With STAGE2_EXIT_WITH_STDIN=1 (how
 // `migrate --local` starts us) the end of stdin counts as SIGTERM: the parent is gone.
+import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/huge/recovery.ts';
 import { Option, type Command } from 'commander';
 import { openEngine, type EngineChoice } from '../vmm/factory.ts';
 import { listenLink } from '../migration/wire-link.ts';
 import { receiveMigration, DEFAULT_MAX_RAM_BYTES } from '../migration/destination.ts';
 import { checkWorkloadMemory } from '../migration/workload-check.ts';
-import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt } from './options.ts';
+import { parseEngine, parseListenAddress, parseMemorySize, parseNonNegativeInt, parsePositiveInt, parseRecover } from './options.ts';
 import { machineRamAvailable, readMachineMemory } from './validate.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { addReceiveSecurityOptions, checkListenAddress, describeServerSecurity, loadServerSecurity, type SecurityOptions } from './security-options.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -36,7 +38,7 @@ export interface ReceiveReport {
   postcopy?: import('../migration/destination.ts').DestinationPostcopyReport;
 }
 
-interface ReceiveOptions {
+interface ReceiveOptions extends SecurityOptions {
   listen: { host: string; port: number };
   engine: EngineChoice;
   runMs: number;
@@ -46,11 +48,13 @@ interface ReceiveOptions {
   json: boolean;
   timeoutMs: number;
   postcopy: boolean;
+  /** Soft engine: how huge mappings come back when dirty logging stops on this VM. */
+  recover: HugeRecoveryStrategy;
 }
 
 
 export function registerReceive(program: Command): void {
-  program
+  const cmd = program
     .command('receive')
     .description('receive a live migration: listen, build the VM, take the pages, run the guest')
     .addOption(new Option('--listen <host:port>', 'address to listen on').argParser(parseListenAddress).default(parseListenAddress('127.0.0.1:4444'), '127.0.0.1:4444'))
@@ -60,11 +64,15 @@ export function registerReceive(program: Command): void {
     .option('--prealloc', 'touch all guest RAM before accepting pages (like QEMU -mem-prealloc): first-touch faults happen in setup, not while pages stream in', true)
     .option('--no-prealloc', 'fault guest RAM in as pages arrive (shorter setup, slower transfer)')
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
+    .option('--recover <strategy>', `soft engine: how huge mappings are re-formed when dirty logging stops on this VM: ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
     .option('--postcopy', 'accept post-copy: the guest may start here before every page arrived, pages are then fetched on demand (default)', true)
     .option('--no-postcopy', 'refuse post-copy (the source then fails when pre-copy does not converge, or forces the downtime with --on-no-convergence force)')
-    .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS)
+    .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
+  addReceiveSecurityOptions(cmd)
     .action(async (opts: ReceiveOptions) => {
+      const security = loadServerSecurity(opts);
+      checkListenAddress(opts.listen.host, opts.listen.port, security);
       const log = (line: string) => process.stderr.write(`stage2 receive: ${line}\n`);
       const ac = new AbortController();
       const onSignal = (why: string) => {
@@ -92,13 +100,20 @@ export function registerReceive(program: Command): void {
       }
       // Listening (and saying so) only once the signals are ours: a signal right after the line
       // must cancel, not kill.
-      const listener = await listenLink({ ...opts.listen, timeoutMs: opts.timeoutMs, postcopy: opts.postcopy }).catch((e: Error) => {
+      const listener = await listenLink({
+        ...opts.listen,
+        timeoutMs: opts.timeoutMs,
+        security,
+        postcopy: opts.postcopy,
+        // A refused connection never reaches the stream (admission.ts): say why, keep waiting.
+        onRefused: (peer, reason) => log(`refused ${peer}: ${reason}; still waiting for the source`),
+      }).catch((e: Error) => {
         process.off('SIGINT', onSigint);
         process.off('SIGTERM', onSigterm);
         if (lifeline) process.stdin.destroy();
         throw e;
       });
-      log(`listening on ${listener.host}:${listener.port}`);
+      log(`listening on ${listener.host}:${listener.port} (${describeServerSecurity(security)})`);
       try {
         const link = await Promise.race([
           listener.accept(),
@@ -106,7 +121,7 @@ export function registerReceive(program: Command): void {
         ]);
         listener.close();
         const r = await receiveMigration(link, {
-          openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine),
+          openEngine: (kind) => openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover }),
           limits: { maxRamBytes: opts.maxRam, availableRamBytes: () => machineRamAvailable(readMachineMemory()) },
           verifyRescan: opts.verifyRescan,
           preallocate: opts.prealloc,

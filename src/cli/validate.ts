@@ -4,6 +4,7 @@
 // parsing. Everything here runs at the top of a command's action, before any VM, receiver or
 // connection exists. A broken rule throws UsageError, whose message is one line that names the
 // option and says what to change; main.ts prints it and exits 1.
+import type { SoftEngineOptions } from '../soft/engine.ts';
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
 import type { Backing, Engine, EngineCapabilities } from '../vmm/engine.ts';
@@ -36,10 +37,24 @@ export function checkMigrateOptions(opts: { local: boolean; to?: unknown }, cmd?
 }
 
 /** `bench scaling`: the vCPU counts to run. `-v N` alone runs [N]; with --vcpu-counts it is refused. */
-export function scalingVcpuCounts(opts: { vcpus: number; vcpuCounts?: number[] }, cmd?: Command): number[] {
-  if (opts.vcpuCounts && given(cmd, 'vcpus')) throw new UsageError('-v/--vcpus and --vcpu-counts exclude each other in bench scaling: give the list with --vcpu-counts, e.g. --vcpu-counts 1,2,4');
+export function scalingVcpuCounts(opts: { vcpus: number; vcpuCounts?: number[] }, cmd?: Command, command = 'bench scaling', byDefault: number[] = [1, 2, 4, 8]): number[] {
+  if (opts.vcpuCounts && given(cmd, 'vcpus')) throw new UsageError(`-v/--vcpus and --vcpu-counts exclude each other in ${command}: give the list with --vcpu-counts, e.g. --vcpu-counts 1,2,4`);
   if (opts.vcpuCounts) return opts.vcpuCounts;
-  return given(cmd, 'vcpus') ? [opts.vcpus] : [1, 2, 4, 8];
+  return given(cmd, 'vcpus') ? [opts.vcpus] : byDefault;
+}
+
+/**
+ * `bench demand-paging`: the engine must page on demand by the fault path asked for (its
+ * capabilities' demandPagingPaths), the soft model pages 4 KiB pages (no hugetlb), and every
+ * vCPU touches each page of its slice once (the sequential workload, as demand_paging_test).
+ */
+export function checkDemandPagingOptions(caps: EngineCapabilities, opts: { mode: string; backing: Backing; workload: string }, cmd?: Command): void {
+  const paths = caps.demandPagingPaths ?? [];
+  if (!paths.includes(opts.mode as never)) {
+    throw new UsageError(`--mode ${opts.mode}: the ${caps.kind} engine ${paths.length ? `pages on demand only by ${paths.join(' or ')} here; use --mode ${paths[0]}` : 'cannot page guest memory on demand in this build; use --engine soft'}`);
+  }
+  if (caps.kind === 'soft' && opts.backing === 'hugetlb') throw new UsageError('-s hugetlb: the soft userfaultfd model pages 4 KiB pages; use -s anonymous or anonymous_thp');
+  if (given(cmd, 'workload') && opts.workload !== 'sequential') throw new UsageError(`--workload ${opts.workload}: bench demand-paging touches every page of each vCPU's slice once (sequential), like demand_paging_test; leave --workload out`);
 }
 
 /** What this machine can give a new guest, from /proc/meminfo and sysfs. */
@@ -143,9 +158,9 @@ export function engineForWorkload(opts: { engine: EngineChoice; workload: Worklo
  * exists. The fallback note ("kvm unavailable; using soft") is reported only once the checks
  * pass, so a refused command line prints its one error line and nothing else.
  */
-export async function openCheckedEngine(choice: EngineChoice, demand: GuestDemand, onFallback: (why: string) => void): Promise<Engine> {
+export async function openCheckedEngine(choice: EngineChoice, demand: GuestDemand, onFallback: (why: string) => void, soft?: SoftEngineOptions): Promise<Engine> {
   let fallback: string | undefined;
-  const engine = await openEngine(choice, (why) => (fallback = why));
+  const engine = await openEngine(choice, (why) => (fallback = why), soft);
   checkGuestFits(engine.capabilities(), demand, readMachineMemory());
   if (fallback !== undefined) onFallback(fallback);
   return engine;

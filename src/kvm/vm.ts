@@ -160,7 +160,7 @@ export class KvmVm extends VmRunLoop implements Vm {
       const fd = a.ioctl(this.vmFd, 'KVM_CREATE_VCPU', v);
       const run = a.mmapFd(fd, 0, runBytes);
       const ringMap = this.config.dirtyRingEntries > 0 ? a.mmapFd(fd, KVM_DIRTY_LOG_PAGE_OFFSET, this.config.dirtyRingEntries * DIRTY_GFN_BYTES) : null;
-      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRingCollector(new Int32Array(ringMap), ringMap.byteLength / (DIRTY_GFN_WORDS * 4)) : null });
+      this.vcpus.push({ fd, run, ring: ringMap ? new DirtyRingCollector(new Int32Array(ringMap), ringMap.byteLength / (DIRTY_GFN_WORDS * 4), this.vcpus.length) : null });
       a.ioctl(fd, 'KVM_SET_CPUID2', cpuid);
       guest.initVcpu(a, fd, v);
     }

@@ -153,8 +153,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   let switchedAfterRound = 0;
   let postcopyResult: PostcopySourceResult | null = null;
   let downtimeExceeded: string | null = null;
-  /** Failure: block mappings re-formed once logging stopped (huge-reform.ts). */
+  /** Failure, or completion with the source kept: block mappings re-formed once logging stopped (huge-reform.ts). */
   let reformed = 0;
+  let reformedOnComplete = false;
   sender.onSent = (slot, page, data, pages) => {
     if (data) run.hasher.hashInto(run.sentTable, slot, page, pages, data);
     else run.sentTable.setZero(slot, page, pages);
@@ -191,7 +192,11 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       downtimeExceeded = outcome.downtimeExceeded;
       await stopAndCopy(run);
     }
-    await verifyAndRelease(run);
+    const kept = await verifyAndRelease(run);
+    if (kept !== null) {
+      reformed = kept;
+      reformedOnComplete = true;
+    }
     return finish();
   } catch (e) {
     const err = e as Error;
@@ -265,6 +270,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     } else if (!stats.verified) {
       stats.error = `verification failed: source memory ${sourceHash}, destination ${destinationHash}`;
     }
+    if (error === undefined && reformedOnComplete) stats.hugePagesReformed = reformed;
     return stats;
   }
 }

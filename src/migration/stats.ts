@@ -77,7 +77,7 @@ export interface MigrationStats {
   error?: string;
   /** On failure: the source VM and its memory are as before the migration (logging off). */
   sourceIntact?: boolean;
-  /** On failure: 2 MiB block mappings the source re-formed once logging stopped (migration/huge-reform.ts). */
+  /** On failure, or on completion when the source is kept (destroyOnComplete false): 2 MiB block mappings the source re-formed once logging stopped (migration/huge-reform.ts). */
   hugePagesReformed?: number;
   /**
    * On failure: the source guest runs again. False only when the link broke after the source

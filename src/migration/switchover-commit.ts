@@ -13,6 +13,7 @@ import { formatMemoryHash, hashVmMemory } from './hash.ts';
 import type { DestRecord, SourceRecord } from './link.ts';
 import type { MigrationStats } from './stats.ts';
 import { now, secs, type SourceRun } from './source-run.ts';
+import { blockMappings, hugePagesReformed } from './huge-reform.ts';
 
 /** READY/COMPLETE allowance per GiB: the destination may re-hash all memory (--verify-rescan, ~7 GiB/s). */
 export const COMPLETE_ALLOWANCE_MS_PER_GIB = 1_000;
@@ -137,13 +138,23 @@ export async function stopAndCopy(run: SourceRun): Promise<void> {
   run.remainingBytes = 0;
 }
 
-/** Completed: hash the paused source memory off the downtime path, then let it go. */
-export async function verifyAndRelease(run: SourceRun): Promise<void> {
+/**
+ * Completed: hash the paused source memory off the downtime path, then let it go. A source kept
+ * (destroyOnComplete false) stops logging too, and its huge mappings are re-formed
+ * (huge-reform.ts), as QEMU's dirty-log stop does on completion; returns how many.
+ */
+export async function verifyAndRelease(run: SourceRun): Promise<number | null> {
   run.result.totalSeconds = secs(run.t0);
   run.state.set('completed');
   const tv = now();
   run.result.sourceHash = hashVmMemory(run.hasher, run.vm, run.slotMap);
   run.result.verifySeconds = secs(tv);
   run.link.close();
-  if (run.opts.destroyOnComplete ?? true) await run.vm.destroy();
+  if (run.opts.destroyOnComplete ?? true) {
+    await run.vm.destroy();
+    return null;
+  }
+  const blocksBefore = blockMappings(run.vm);
+  if (run.dirty.logging) run.dirty.setLogging(false);
+  return hugePagesReformed(run.vm, blocksBefore);
 }

@@ -23,6 +23,7 @@
 import type { VcpuState } from '../vmm/engine.ts';
 import { MigrationConnection } from './transport/connection.ts';
 import { MigrationListener, type IncomingMigration } from './transport/listener.ts';
+import type { ClientSecurity, ServerSecurity } from './transport/admission.ts';
 import { CAP_LZ4, CAP_MULTICHANNEL, CAP_POSTCOPY, type MigrationRecord, type StreamConfig } from './stream/format.ts';
 import type { MigrationConfig } from './config.ts';
 import { formatMemoryHash } from './hash.ts';
@@ -223,10 +224,10 @@ class WireDestLink implements DestLink {
  * each connect and handshake answer, and is the link's idle timeout until setPhase says
  * otherwise (default DEFAULT_IDLE_TIMEOUT_MS).
  */
-export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal; postcopy?: boolean }): Promise<SourceLink> {
+export async function connectLink(opts: { host: string; port: number; channels: number; timeoutMs?: number; signal?: AbortSignal; postcopy?: boolean; security?: ClientSecurity }): Promise<SourceLink> {
   try {
     return new WireSourceLink(
-      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal, caps: opts.postcopy === false ? 0 : CAP_POSTCOPY }),
+      await MigrationConnection.connect({ host: opts.host, port: opts.port, channels: opts.channels, compress: false, timeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, signal: opts.signal, caps: opts.postcopy === false ? 0 : CAP_POSTCOPY, security: opts.security }),
       opts.host,
     );
   } catch (e) {
@@ -243,9 +244,9 @@ export interface LinkListener {
 }
 
 /** `timeoutMs`: each accepted link's handshake and idle timeout (default DEFAULT_IDLE_TIMEOUT_MS). */
-export async function listenLink(opts: { host: string; port: number; timeoutMs?: number; postcopy?: boolean }): Promise<LinkListener> {
+export async function listenLink(opts: { host: string; port: number; timeoutMs?: number; postcopy?: boolean; security?: ServerSecurity; onRefused?: (peer: string, reason: string) => void }): Promise<LinkListener> {
   const acceptCaps = CAP_LZ4 | CAP_MULTICHANNEL | (opts.postcopy === false ? 0 : CAP_POSTCOPY);
-  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, acceptCaps });
+  const server = await MigrationListener.listen({ host: opts.host, port: opts.port, handshakeTimeoutMs: opts.timeoutMs, idleTimeoutMs: opts.timeoutMs, acceptCaps, security: opts.security, onRefused: opts.onRefused });
   return {
     host: server.host,
     port: server.port,

@@ -4,6 +4,7 @@ import type { Engine, EngineCapabilities, Vm, VmConfig } from '../vmm/engine.ts'
 import { SoftVm } from './vm.ts';
 import { DIRTY_RING_MAX_ENTRIES } from '../vmm/dirty-ring.ts';
 import type { HugeRecoveryStrategy } from './huge/recovery.ts';
+import type { DirtyLogTuningOptions } from './vm.ts';
 
 export interface SoftEngineOptions {
   /** Host RAM each VM models (default: sized from the VM's first mapHostMemory). */
@@ -14,6 +15,8 @@ export interface SoftEngineOptions {
   debug?: boolean;
   /** How huge mappings are re-formed when dirty logging stops (default 'in-place'). */
   recover?: HugeRecoveryStrategy;
+  /** Dirty-log sweeps: lock-dropping chunk, eager split, INITIALLY_SET (dirty/dirty-tuning.ts). */
+  dirtyLog?: DirtyLogTuningOptions;
 }
 
 export class SoftEngine implements Engine {
@@ -27,7 +30,9 @@ export class SoftEngine implements Engine {
       manualDirtyLogProtect: true,
       dirtyRingMaxEntries: DIRTY_RING_MAX_ENTRIES,
       memoryFaultExit: true,
-      userfaultfd: false,
+      // The host model's userfaultfd (soft/uffd/): both fault paths of demand paging.
+      userfaultfd: true,
+      demandPagingPaths: ['uffd', 'exit'],
       backings: ['anonymous', 'anonymous_thp', 'hugetlb'],
       maxVcpus: this.opts.maxVcpus ?? 64,
     };
@@ -43,6 +48,7 @@ export class SoftEngine implements Engine {
     if (this.opts.hostRamBytes !== undefined) vmOpts.hostRamBytes = this.opts.hostRamBytes;
     if (this.opts.debug !== undefined) vmOpts.debug = this.opts.debug;
     if (this.opts.recover !== undefined) vmOpts.recover = this.opts.recover;
+    if (this.opts.dirtyLog !== undefined) vmOpts.dirtyLog = this.opts.dirtyLog;
     return new SoftVm(config, vmOpts);
   }
 }

@@ -9,17 +9,18 @@
 //   readers of the old generation, unmap the old gfn range under the exclusive MMU lock (the
 //   unmap flushes TLBs), end the invalidation. A move keeps the bitmap while logging.
 // - logging on: allocate the bitmap (not on a VM with a dirty ring: faults push to their vCPU's
-//   ring then, dirty/dirty-ring.ts), publish, wait out old readers (no fault can still install
-//   a writable or huge mapping from a generation without the bitmap), then write-protect the
-//   slot and flush. Logging off: publish without the bitmap, wait out old readers, drop it,
+//   ring then, dirty/dirty-ring.ts), every bit set with INITIALLY_SET, publish, wait out old
+//   readers (no fault can still install a writable or huge mapping from a generation without
+//   the bitmap), then write-protect the slot in lock-dropping chunks, eagerly splitting its
+//   blocks if asked, and flush (dirty/dirty-log.ts startLogging; nothing with INITIALLY_SET). Logging off: publish without the bitmap, wait out old readers, drop it,
 //   then hand the slot to huge-page recovery (huge/recovery.ts): no fault can still be logging
 //   it, so the 4 KiB leaves logging left can become blocks again.
 // - mmu notifier (host munmap): unmap the gfns the range backs, under the exclusive lock, flush
 //   included, before the host frees anything.
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, type MemoryRegion } from '../vmm/engine.ts';
 import { MemslotSet, type Memslot } from '../vmm/memslots.ts';
-import { allocDirtyBitmap } from './dirty/dirty-bitmap.ts';
-import { writeProtectSlot, type DirtyLogMmu } from './dirty/dirty-log.ts';
+import { allocDirtyBitmap, setAllDirty } from './dirty/dirty-bitmap.ts';
+import { startLogging, type DirtyLogMmu } from './dirty/dirty-log.ts';
 import { MemslotInvalidation } from './mmu/memslot-inval.ts';
 import { SlotPublisher, type SlotDesc } from './mmu/slot-table.ts';
 
@@ -90,8 +91,9 @@ export class VmMemslots {
         this.publish();
         this.publisher.synchronize();
         if (logging && !wasLogging && mmu.hasHost()) {
-          // Huge mappings are write-protected whole; a write fault splits them (seed 000).
-          mmu.countWriteProtected(writeProtectSlot(mmu, this.desc(nu.id)!));
+          // Without eager split, huge mappings are write-protected whole; a write fault splits
+          // them (seed 000).
+          mmu.countWriteProtected(startLogging(mmu, this.desc(nu.id)!));
         }
         if (!logging && wasLogging && mmu.hasHost()) mmu.loggingStopped?.(this.desc(nu.id)!);
         return;
@@ -123,7 +125,12 @@ export class VmMemslots {
   /** Give the slot a dirty bitmap iff it logs (keeping an existing one, as KVM does on a move). */
   private syncBitmap(s: Memslot): void {
     if ((s.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0 || !this.useBitmaps) this.bitmaps.delete(s.id);
-    else if (!this.bitmaps.has(s.id)) this.bitmaps.set(s.id, allocDirtyBitmap(s.npages));
+    else if (!this.bitmaps.has(s.id)) {
+      const bm = allocDirtyBitmap(s.npages);
+      // KVM_DIRTY_LOG_INITIALLY_SET: set before the bitmap is published (kvm_prepare_memory_region).
+      if (this.mmu.dirtyTuning?.initiallySet) setAllDirty(bm, s.npages);
+      this.bitmaps.set(s.id, bm);
+    }
   }
 
   private publish(): void {

@@ -37,10 +37,15 @@ import { VmError } from '../vmm/errors.ts';
 import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
-import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
-import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
+import { VmDirtyRings } from './dirty/vm-rings.ts';
 import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
 import type { StallSummary } from './locking/lock-stall.ts';
+import type { MessagePort } from 'node:worker_threads';
+import type { DemandPagingConfig } from '../vmm/demand-paging.ts';
+import { DemandPagingError } from '../vmm/demand-paging.ts';
+import { SoftDemandPager } from './uffd/pager.ts';
+import { newSweepStats, type SweepStats } from './dirty/dirty-log.ts';
+import { checkSweepChunk, DEFAULT_DIRTY_TUNING, DirtyTuningError, eagerSplitChunkPages, type DirtyLogTuning } from './dirty/dirty-tuning.ts';
 
 export interface SoftVmOptions {
   /** Host RAM to model; default: sized at the first mapHostMemory (2x its size, at least 1 GiB). */
@@ -50,6 +55,15 @@ export interface SoftVmOptions {
   debug?: boolean;
   /** How huge mappings are re-formed when dirty logging stops (huge/recovery.ts); default 'in-place'. */
   recover?: HugeRecoveryStrategy;
+  /** Dirty-log sweeps: chunking, eager split, INITIALLY_SET (dirty/dirty-tuning.ts). */
+  dirtyLog?: DirtyLogTuningOptions;
+}
+
+/** What callers set (setDirtyLogTuning): the eager split chunk in BYTES (0: off). */
+export interface DirtyLogTuningOptions {
+  sweepChunkPages?: number;
+  eagerSplitChunkBytes?: number;
+  initiallySet?: boolean;
 }
 
 const BACKING_VMA = { anonymous: 'anonymous', anonymous_thp: 'anonymous_thp', hugetlb: 'hugetlb' } as const;
@@ -78,15 +92,16 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
-  /** KVM_CAP_DIRTY_LOG_RING: one ring per vCPU line plus the VMM thread's (line maxVcpus). */
-  private readonly rings: SoftDirtyRings | null = null;
-  private readonly ringCollectors: DirtyRingCollector[] = [];
-  /** Entries collected (by ring-full exits) and not yet returned by harvestDirtyRings. */
-  private readonly pendingRing: DirtyGfn[] = [];
-  private ringResets = 0;
-  private ringMaxBatch = 0;
+  /** KVM_CAP_DIRTY_LOG_RING (dirty/vm-rings.ts), or null: the VM logs to memslot bitmaps. */
+  private readonly rings: VmDirtyRings | null = null;
   private recovery: HugePageRecovery | null = null;
   private recoverStrategy: HugeRecoveryStrategy;
+  /** Demand paging (soft/uffd/): the pager while one runs, and each vCPU's attach port. */
+  private pager: SoftDemandPager | null = null;
+  private readonly uffdPorts: MessagePort[] = [];
+  /** Read by dirty/dirty-log.ts and dirty-ring.ts (DirtyLogMmu); replaced whole by setDirtyLogTuning. */
+  dirtyTuning: Readonly<DirtyLogTuning> = DEFAULT_DIRTY_TUNING;
+  readonly sweepStats: SweepStats = newSweepStats();
 
   constructor(
     config: VmConfig,
@@ -94,19 +109,14 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   ) {
     super();
     this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
-    const ringEntries = this.config.dirtyRingEntries;
-    if (ringEntries !== 0) {
-      const problem = dirtyRingSizeProblem(ringEntries, DIRTY_RING_MAX_ENTRIES);
-      if (problem !== null) throw new VmError('config', problem);
-      this.rings = SoftDirtyRings.create(opts.maxVcpus + 1, ringEntries);
-      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, this.rings.ringBase(line)));
-    }
+    if (this.config.dirtyRingEntries !== 0) this.rings = new VmDirtyRings(this.config.dirtyRingEntries, opts.maxVcpus);
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
     this.vmStats = new VcpuStats(this.statsSab, opts.maxVcpus);
     this.slots = new VmMemslots(this.ctl, () => this.vcpuCount, this, this.rings === null);
     this.recoverStrategy = opts.recover ?? 'in-place';
+    if (opts.dirtyLog) this.setDirtyLogTuning(opts.dirtyLog);
     if (opts.hostRamBytes !== undefined) this.ensureHost(opts.hostRamBytes);
   }
 
@@ -137,7 +147,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     mm.addInvalidateNotifier((start, end) => this.onHostInvalidate(start, end));
     this.host = { mem, mm, pgt };
     const slots = this.slots;
-    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id) });
+    this.recovery = new HugePageRecovery({ lock: this.lock, pgt, mm, mem, inval: slots.inval, currentSlot: (id) => slots.desc(id), flushRemoteTlbs: () => this.flushRemoteTlbs() });
     this.recovery.strategy = this.recoverStrategy;
     return this.host;
   }
@@ -255,7 +265,34 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.lock.stalls!.reset();
   }
 
+  /**
+   * Dirty-log sweeps (issue 11 parts 2-4): lock-dropping chunk, eager split when logging starts
+   * (chunk in bytes, 0 = off), KVM_DIRTY_LOG_INITIALLY_SET. Unset fields keep their value.
+   * Applies to later enables / harvests.
+   */
+  setDirtyLogTuning(o: DirtyLogTuningOptions): void {
+    const t = { ...this.dirtyTuning };
+    try {
+      if (o.sweepChunkPages !== undefined) t.sweepChunkPages = checkSweepChunk(o.sweepChunkPages);
+      if (o.eagerSplitChunkBytes !== undefined) t.eagerSplitChunkPages = o.eagerSplitChunkBytes === 0 ? 0 : eagerSplitChunkPages(o.eagerSplitChunkBytes);
+    } catch (e) {
+      if (e instanceof DirtyTuningError) throw new VmError('config', e.message);
+      throw e;
+    }
+    if (o.initiallySet !== undefined) {
+      // KVM: KVM_DIRTY_LOG_INITIALLY_SET is a flag of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, for bitmaps.
+      if (o.initiallySet && !this.config.manualDirtyLogProtect) throw new VmError('config', 'KVM_DIRTY_LOG_INITIALLY_SET needs manual dirty-log protect');
+      if (o.initiallySet && this.rings !== null) throw new VmError('config', 'KVM_DIRTY_LOG_INITIALLY_SET applies to dirty bitmaps; this VM logs to dirty rings');
+      t.initiallySet = o.initiallySet;
+    }
+    this.dirtyTuning = Object.freeze(t);
+  }
+
   // ---- DirtyLogMmu ----
+
+  splitHugePages(gfn: number, npages: number): number {
+    return this.h.pgt.splitHugePages(gfn, npages, false);
+  }
 
   writeProtect(gfn: number, npages: number): void {
     this.h.pgt.writeProtect(gfn, npages, false);
@@ -300,37 +337,32 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   // ---- dirty rings ----
 
-  /**
-   * Collect every ring's published entries into pendingRing, then KVM_RESET_DIRTY_RINGS: the
-   * collected pages are write-protected again and their entries freed. Run for a vCPU's
-   * DIRTY_RING_FULL exit (it re-enters afterwards) and by harvestDirtyRings.
-   */
+  /** Collect + reset every ring (a DIRTY_RING_FULL exit's handler, and harvestDirtyRings). */
   private drainRings(): void {
-    const rings = this.rings!;
-    for (const c of this.ringCollectors) this.ringMaxBatch = Math.max(this.ringMaxBatch, c.collect(this.pendingRing));
-    if (this.host) {
-      const n = resetSoftDirtyRings(rings, rings.lines, (id) => this.slots.desc(id), this);
-      this.vmStats.add(S_WRITE_PROTECTED, n);
-    }
-    this.ringResets++;
+    this.vmStats.add(S_WRITE_PROTECTED, this.rings!.drain((id) => this.slots.desc(id), this.host ? this : null));
   }
 
   harvestDirtyRings(): DirtyGfn[] {
     this.checkAlive();
     if (this.rings === null) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
     this.drainRings();
-    return this.pendingRing.splice(0);
+    return this.rings.takePending();
   }
 
   // ---- guest memory through the VMM's mapping ----
 
   readGuest(gpa: number, dst: Uint8Array): void {
     const { mm } = this.h;
+    // A missing page is fetched (or waited for), never read as zeros.
+    if (this.pager?.active) this.pager.faultIn(gpa, dst.length);
     for (const g of guestSegments(this.slots.set, gpa, dst.length)) mm.read(g.hva, dst.subarray(g.done, g.done + g.bytes));
   }
 
   writeGuest(gpa: number, src: Uint8Array): void {
     const { mm } = this.h;
+    // The VMM's writes ignore the uffd registration: fault the page in first, or the rest of
+    // it would be zeros and its waiters never woken.
+    if (this.pager?.active) this.pager.faultIn(gpa, src.length);
     for (const g of guestSegments(this.slots.set, gpa, src.length)) mm.write(g.hva, src.subarray(g.done, g.done + g.bytes));
   }
 
@@ -354,12 +386,35 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         pgt: pgt.shared,
         lock: this.lock.shared,
         inval: this.slots.inval.sab,
-        dirtyRings: this.rings ? { sab: this.rings.sab, lines: this.rings.lines, entries: this.rings.entries } : null,
+        dirtyRings: this.rings?.shared() ?? null,
       },
       this.slots.publisher,
+      { kick: () => this.pager?.kick(), uffdPorts: this.uffdPorts },
     );
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
     if (this.rings !== null) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+  }
+
+  // ---- demand paging (vmm/demand-paging.ts; the model is soft/uffd/) ----
+
+  startDemandPaging(config: DemandPagingConfig): SoftDemandPager {
+    this.checkAlive();
+    if (this.pager?.active) throw new DemandPagingError('demand paging is already running on this VM: finish() it first');
+    if (!this.runControl) throw new DemandPagingError('startDemandPaging needs the vCPUs: call createVcpus first');
+    const { mm, mem } = this.h;
+    this.pager = new SoftDemandPager(
+      {
+        mm,
+        mem,
+        vcpus: this.vcpuCount,
+        ports: this.uffdPorts,
+        memslots: () => this.memslots().filter((m) => !m.internal),
+        // Not this.setUserMemoryRegion: finish() also runs inside destroy().
+        setUserMemoryRegion: (r) => this.slots.apply(r),
+      },
+      config,
+    );
+    return this.pager;
   }
 
   saveVcpuState(vcpu: number): VcpuState {
@@ -398,10 +453,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     }
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
     out.memslotGeneration = this.slots.publisher.current.gen;
-    if (this.rings !== null) {
-      out.dirtyRingResets = this.ringResets;
-      out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
-    }
+    this.rings?.addStats(out);
     if (this.recovery) {
       const r = this.recovery.stats;
       out.hugeRecoveredInPlace = r.collapsedInPlace;
@@ -409,6 +461,11 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
       out.hugeRecoveryBatches = r.batches;
       out.hugeRecoveryPendingRegions = this.recovery.pendingRegions;
     }
+    const sw = this.sweepStats;
+    out.dirtySweepLockBreaks = sw.breaks;
+    out.dirtySweepMaxHoldSeconds = sw.maxHoldSeconds;
+    out.eagerSplitBlocks = sw.eagerSplitBlocks;
+    out.dirtyLogEnableSeconds = sw.lastEnableSeconds;
     const st = this.lock.stalls!.summary();
     out.lockStallWaits = st.waits;
     out.lockStallMaxSeconds = st.maxSeconds;
@@ -435,7 +492,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         return lookup;
       },
     };
-    const sink = this.rings ? new SoftDirtyRingProducer(this.rings, this.opts.maxVcpus) : undefined;
+    const sink = this.rings?.vmmProducer();
     this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats, sink);
     return this.mainFaults;
   }
@@ -454,6 +511,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     try {
       await this.runControl?.stop();
     } finally {
+      // After the vCPUs (a stop wakes those asleep on a page), before the memslots go.
+      await this.pager?.close();
+      for (const p of this.uffdPorts) p.close();
       this.slots.close();
       if (this.host) {
         const { mm, pgt } = this.host;

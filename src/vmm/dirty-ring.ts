@@ -50,6 +50,8 @@ export class DirtyRingCollector {
   constructor(
     private readonly words: Int32Array,
     private readonly entries: number,
+    /** The vCPU this ring belongs to (-1: none), named in every entry collected. */
+    private readonly vcpu: number,
     private readonly base = 0,
   ) {}
 
@@ -63,7 +65,7 @@ export class DirtyRingCollector {
       if ((flags & KVM_DIRTY_GFN_F_DIRTY) === 0) break;
       const slot = words[w + 1]! >>> 0;
       const offset = (words[w + 2]! >>> 0) + (words[w + 3]! >>> 0) * 2 ** 32;
-      out.push({ slot: slot & 0xffff, offset });
+      out.push({ slot: slot & 0xffff, offset, vcpu: this.vcpu });
       Atomics.store(words, w, KVM_DIRTY_GFN_F_RESET);
       this.fetchIndex++;
       n++;

@@ -114,6 +114,8 @@ export interface MemslotInfo extends MemoryRegion {
 export interface DirtyGfn {
   slot: number;
   offset: number;
+  /** The vCPU whose ring held the entry (-1: a VMM thread's own fault, soft engine tests). */
+  vcpu: number;
 }
 
 /**

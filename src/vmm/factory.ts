@@ -1,6 +1,7 @@
 // The one place that names both engines. Everything else asks for an engine by kind.
 // Engines are imported lazily so that a missing native addon never breaks the soft engine.
 import { EngineUnavailableError, type Engine, type EngineKind } from './engine.ts';
+import type { SoftEngineOptions } from '../soft/engine.ts';
 
 export type EngineChoice = EngineKind | 'default';
 
@@ -10,25 +11,25 @@ async function openKvm(): Promise<Engine> {
   return KvmEngine.open();
 }
 
-async function openSoft(): Promise<Engine> {
+async function openSoft(soft: SoftEngineOptions = {}): Promise<Engine> {
   const { SoftEngine } = await import('../soft/engine.ts');
-  return new SoftEngine();
+  return new SoftEngine(soft);
 }
 
 /**
  * `soft` and `kvm` open that engine (kvm throws EngineUnavailableError when it cannot run here);
  * `default` is kvm when /dev/kvm works, else soft (DESIGN.md). `onFallback` hears why kvm was
- * not used.
+ * not used. `soft` configures the soft engine if that is what opens (e.g. --recover).
  */
-export async function openEngine(choice: EngineChoice = 'default', onFallback?: (why: string) => void): Promise<Engine> {
-  if (choice === 'soft') return openSoft();
+export async function openEngine(choice: EngineChoice = 'default', onFallback?: (why: string) => void, soft?: SoftEngineOptions): Promise<Engine> {
+  if (choice === 'soft') return openSoft(soft);
   if (choice === 'kvm') return openKvm();
   try {
     return await openKvm();
   } catch (e) {
     if (!(e instanceof EngineUnavailableError)) throw e;
     onFallback?.(e.message);
-    return openSoft();
+    return openSoft(soft);
   }
 }
 

@@ -27,7 +27,7 @@ class WatchedEngine extends SoftEngine {
 describe('soft engine', () => {
   it('reports its capabilities', () => {
     const caps = new SoftEngine().capabilities();
-    expect(caps).toMatchObject({ kind: 'soft', manualDirtyLogProtect: true, dirtyRingMaxEntries: 65536, memoryFaultExit: true, userfaultfd: false });
+    expect(caps).toMatchObject({ kind: 'soft', manualDirtyLogProtect: true, dirtyRingMaxEntries: 65536, memoryFaultExit: true, userfaultfd: true, demandPagingPaths: ['uffd', 'exit'] }); // the host model's userfaultfd (soft/uffd/)
     expect(caps.backings).toEqual(['anonymous', 'anonymous_thp', 'hugetlb']);
   });
 

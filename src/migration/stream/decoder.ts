@@ -368,7 +368,9 @@ export class StreamDecoder {
 
   private checkVersion(name: string, version: number): void {
     if (version !== STREAM_VERSION) {
-      this.fail('bad-version', `${name} version ${version}: this side speaks version ${STREAM_VERSION} only`);
+      // Name both versions and both roles: the operator must know which side to upgrade.
+      const [peer, self] = this.direction === 'to-destination' ? ['source', 'destination'] : ['destination', 'source'];
+      this.fail('bad-version', `incompatible peer: the ${peer} speaks stream version ${version} (${name}), this ${self} speaks version ${STREAM_VERSION} only`);
     }
   }
 

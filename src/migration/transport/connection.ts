@@ -52,6 +52,7 @@ import {
 import { isZeroPage } from '../hash.ts';
 import { Channel } from './channel.ts';
 import { Signal, connectSocket } from './connect.ts';
+import { secureOutgoing, type ClientSecurity } from './admission.ts';
 import { MigrationTransportError } from './errors.ts';
 import { RateLimiter } from './rate-limiter.ts';
 import { IdleWatch, type LinkPhase } from './liveness.ts';
@@ -75,6 +76,8 @@ export interface ConnectOptions {
   maxBatchesInFlight?: number;
   /** Compress RAM records with lz4 when the destination accepted CAP_LZ4 (default: when offered). */
   compress?: boolean;
+  /** TLS and/or the auth token, for every channel before its HELLO (admission.ts). */
+  security?: ClientSecurity;
 }
 
 export interface PageSendOptions {
@@ -126,7 +129,12 @@ export class MigrationConnection {
     };
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const control = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: 0 });
+      // Connected and, where asked, secured and authenticated (admission.ts): then the stream.
+      const open = async () => {
+        const socket = await connectSocket(opts.host, opts.port, timeoutMs, signal);
+        return opts.security ? await secureOutgoing(socket, opts.host, opts.security, peer, timeoutMs) : socket;
+      };
+      const control = new Channel(await open(), { ...channelOpts, index: 0 });
       conn.channels.push(control);
       const offered = (opts.caps ?? 0) | (want > 1 ? CAP_MULTICHANNEL : 0);
       await control.send({ kind: 'hello', version: STREAM_VERSION, channels: want, caps: offered, sessionId: conn.sessionId });
@@ -137,7 +145,7 @@ export class MigrationConnection {
       const channels = Math.min(want, ack.channels, conn.caps & CAP_MULTICHANNEL ? MAX_CHANNELS : 1);
       const extra = await Promise.all(
         Array.from({ length: channels - 1 }, async (_, i) => {
-          const ch = new Channel(await connectSocket(opts.host, opts.port, timeoutMs, signal), { ...channelOpts, index: i + 1 });
+          const ch = new Channel(await open(), { ...channelOpts, index: i + 1 });
           conn.channels.push(ch); // so a failure below still closes it
           await ch.send({ kind: 'channel-hello', version: STREAM_VERSION, channelIndex: i + 1, sessionId: conn.sessionId });
           await ch.flush();
@@ -154,7 +162,11 @@ export class MigrationConnection {
     } catch (e) {
       for (const ch of conn.channels) ch.destroy();
       if (signal?.aborted) throw new MigrationTransportError('closed', `connecting to ${peer} was cancelled`);
-      if (e instanceof MigrationTransportError && e.code === 'connection-lost') throw new MigrationTransportError(e.code, `${e.message}, during the handshake`);
+      if (e instanceof MigrationTransportError && e.code === 'connection-lost') {
+        // A destination that requires TLS or an auth token drops a source without them unread.
+        const hint = opts.security?.tls ? '' : ' (if the destination requires TLS, give --tls-ca; its log says why it refused)';
+        throw new MigrationTransportError(e.code, `${e.message}, during the handshake${hint}`);
+      }
       throw e;
     } finally {
       signal?.removeEventListener('abort', onAbort);

@@ -34,6 +34,7 @@ import { Channel } from './channel.ts';
 import { Signal } from './connect.ts';
 import { MigrationTransportError } from './errors.ts';
 import { IncomingMigration } from './incoming.ts';
+import { Admission, type ServerSecurity } from './admission.ts';
 
 export { IncomingMigration };
 
@@ -54,6 +55,13 @@ export interface ListenOptions {
    * record is requested. Pass false to keep data views valid indefinitely.
    */
   recycleReadBuffers?: boolean;
+  /** TLS and/or an auth token every connection must pass before its HELLO (admission.ts). */
+  security?: ServerSecurity;
+  /**
+   * Told about every connection turned away (failed TLS or authentication, a bad HELLO): the
+   * listener keeps waiting for the right source, and the operator should see why.
+   */
+  onRefused?: (peer: string, reason: string) => void;
 }
 
 interface PendingSession {
@@ -69,10 +77,14 @@ export class MigrationListener {
   private readonly ready: IncomingMigration[] = [];
   private readonly arrived = new Signal();
   private closed = false;
+  private readonly admission: Admission | undefined;
+  /** Connections still in admission: close() must not wait for their timeouts. */
+  private readonly admitting = new Set<Socket>();
 
   private constructor(server: Server, opts: ListenOptions) {
     this.server = server;
     this.opts = opts;
+    this.admission = opts.security ? new Admission(opts.security) : undefined;
   }
 
   static async listen(opts: ListenOptions): Promise<MigrationListener> {
@@ -119,12 +131,35 @@ export class MigrationListener {
     this.closed = true;
     for (const s of this.pending.values()) for (const ch of s.channels) ch?.destroy();
     this.pending.clear();
+    for (const s of this.admitting) s.destroy();
     this.arrived.notify();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 
   private async handshake(socket: Socket): Promise<void> {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    const timeoutMs = this.opts.handshakeTimeoutMs ?? 10_000;
+    let slabReads = this.opts.slabReads ?? true;
+    if (this.admission?.requiresAnything) {
+      // Nothing of this connection reaches the stream decoder, let alone guest memory, before
+      // it is admitted.
+      const raw = socket;
+      this.admitting.add(raw);
+      try {
+        const admitted = await this.admission.admit(socket, peer, timeoutMs, slabReads);
+        socket = admitted.socket;
+        slabReads = admitted.slabReads;
+      } catch (e) {
+        if (!this.closed) this.opts.onRefused?.(peer, (e as Error).message);
+        return;
+      } finally {
+        this.admitting.delete(raw);
+      }
+      if (this.closed) {
+        socket.destroy();
+        return;
+      }
+    }
     const signal = new Signal();
     const ch = new Channel(socket, {
       index: 0,
@@ -132,10 +167,9 @@ export class MigrationListener {
       incoming: 'to-destination',
       readHighWaterBytes: this.opts.readHighWaterBytes,
       onActivity: signal.notify,
-      slabReads: this.opts.slabReads ?? true,
+      slabReads,
       recycleReadBuffers: this.opts.recycleReadBuffers ?? true,
     });
-    const timeoutMs = this.opts.handshakeTimeoutMs ?? 10_000;
     const deadline = Date.now() + timeoutMs;
     try {
       let rec: MigrationRecord | null = null;
@@ -187,6 +221,7 @@ export class MigrationListener {
       // Tell the peer why (best effort), then drop it.
       const code = e instanceof MigrationTransportError && e.remoteCode ? e.remoteCode : errorCodeFor(e);
       const msg = (e as Error).message;
+      this.opts.onRefused?.(peer, msg);
       try {
         const buf = Buffer.alloc(8 + 4 + 4096);
         ch.abortWith(buf.subarray(0, encodeRecord({ kind: 'error', code, message: msg }, buf, 0)));

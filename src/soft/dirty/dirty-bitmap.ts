@@ -20,6 +20,16 @@ export function allocDirtyBitmap(npages: number): Uint32Array {
   return new Uint32Array(new SharedArrayBuffer(bitmapWords(npages) * 4));
 }
 
+/**
+ * KVM_DIRTY_LOG_INITIALLY_SET: every page of the slot dirty, no bit past its end. Only on a
+ * bitmap no other thread can see yet (before its generation is published).
+ */
+export function setAllDirty(bitmap: Uint32Array, npages: number): void {
+  const full = npages >>> 5;
+  bitmap.fill(0xffffffff, 0, full);
+  if (npages & 31) bitmap[full] = (1 << (npages & 31)) - 1;
+}
+
 /** mark_page_dirty_in_slot: page `rel` (gfn - slot.baseGfn) of the slot. */
 export function markPageDirty(bitmap: Uint32Array, rel: number): void {
   const bit = 1 << (rel & 31);

@@ -15,6 +15,11 @@
 // - Collector and reset: the VMM thread only (vmm/dirty-ring.ts's DirtyRingCollector, then
 //   resetSoftDirtyRings here). Reset protects the pages of the entries the collector marked RESET
 //   under the MMU lock held exclusively, flushes remote TLBs, and only then moves RESET_INDEX.
+// - The reset's protection drops the MMU lock every `sweepChunkPages` pages it protected
+//   (lock-break.ts) and flushes once at the end, before RESET_INDEX moves: dirty-log.ts's INV
+//   argument, with "bit set" read as "an uncollected entry exists"; an entry is freed only after
+//   that flush, so a producer never reuses it while a write through a stale TLB entry is still
+//   possible for its page.
 // - Why no write is lost (the same argument as the bitmap's, mmu/fault.ts): a fault pushes the
 //   page's entry before the guest's write through the PTE it makes writable (the locked paths
 //   before storing it, the lockless fast path right after its cmpxchg). An entry the collector
@@ -31,6 +36,8 @@ import type { SlotDesc } from '../mmu/slot-table.ts';
 import { DIRTY_GFN_WORDS, DIRTY_RING_RSVD_ENTRIES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET } from '../../vmm/dirty-ring.ts';
 import type { DirtySink } from './dirty-sink.ts';
 import type { MmuLock } from '../locking/mmu-lock.ts';
+import { ExclusiveSweep, newLockBreakStats, type LockBreakStats } from '../locking/lock-break.ts';
+import { DEFAULT_DIRTY_TUNING, type DirtyLogTuning } from './dirty-tuning.ts';
 
 const CTL_WORDS = 16;
 const RESET_INDEX = 0;
@@ -130,6 +137,9 @@ export interface RingResetMmu {
   /** Write-protect every leaf mapping a page of [gfn, gfn + npages); exclusive lock held. */
   writeProtect(gfn: number, npages: number): void;
   flushRemoteTlbs(): void;
+  /** sweepChunkPages: the lock is dropped after that many protected pages (default tuning). */
+  readonly dirtyTuning?: DirtyLogTuning;
+  readonly sweepStats?: LockBreakStats;
 }
 
 /**
@@ -159,16 +169,29 @@ export function resetSoftDirtyRings(rings: SoftDirtyRings, lines: number, slotBy
   }
   let protectedPages = 0;
   if (bySlot.size > 0) {
-    mmu.lock.exclusiveLock();
+    const sweep = new ExclusiveSweep(mmu.lock, mmu.sweepStats ?? newLockBreakStats());
+    const chunk = (mmu.dirtyTuning ?? DEFAULT_DIRTY_TUNING).sweepChunkPages;
+    let sinceBreak = 0;
+    const wp = (gfn: number, n: number): void => {
+      if (sinceBreak >= chunk) {
+        sinceBreak = 0;
+        sweep.relax();
+      }
+      mmu.writeProtect(gfn, n);
+      sinceBreak += n;
+    };
+    sweep.take();
     try {
       for (const [id, offsets] of bySlot) {
+        // Looked up after take(): memslot changes run on this thread, so a slot cannot change
+        // during a break either.
         const slot = slotById(id);
         // kvm_reset_dirty_gfn: an entry of a slot deleted (or no longer logging) since is dropped.
         if (slot === undefined || !slot.logDirty) continue;
-        protectedPages += protectRuns(slot, offsets, mmu);
+        protectedPages += protectRuns(slot, offsets, wp);
       }
     } finally {
-      mmu.lock.exclusiveUnlock();
+      sweep.release();
     }
     mmu.flushRemoteTlbs();
   }
@@ -177,7 +200,7 @@ export function resetSoftDirtyRings(rings: SoftDirtyRings, lines: number, slotBy
 }
 
 /** Write-protect the sorted, de-duplicated offsets of one slot as maximal runs. */
-function protectRuns(slot: SlotDesc, offsets: number[], mmu: RingResetMmu): number {
+function protectRuns(slot: SlotDesc, offsets: number[], wp: (gfn: number, npages: number) => void): number {
   offsets.sort((a, b) => a - b);
   let pages = 0;
   let start = -1;
@@ -186,14 +209,14 @@ function protectRuns(slot: SlotDesc, offsets: number[], mmu: RingResetMmu): numb
     if (off >= slot.npages) continue; // a stale entry of a slot that shrank (moved and recreated)
     if (off === end) end++;
     else if (off > end) {
-      if (start >= 0) mmu.writeProtect(slot.baseGfn + start, end - start);
+      if (start >= 0) wp(slot.baseGfn + start, end - start);
       pages += start >= 0 ? end - start : 0;
       start = off;
       end = off + 1;
     }
   }
   if (start >= 0) {
-    mmu.writeProtect(slot.baseGfn + start, end - start);
+    wp(slot.baseGfn + start, end - start);
     pages += end - start;
   }
   return pages;

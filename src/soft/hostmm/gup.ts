@@ -16,7 +16,9 @@
 // - userfaultfd: a VMA registered MISSING makes a first touch return EAGAIN instead of
 //   allocating; uffdCopy fills a private frame, then installs it with the same CAS as a first
 //   touch (EEXIST if anyone populated the page first), so a racing fault or copy can never see a
-//   half-written page.
+//   half-written page. uffdContinue (MINOR mode: the soft/uffd/ model registers the VMA the same
+//   way and keeps the shared-memory file's page cache itself) installs a frame the caller holds,
+//   taking the pte's own reference first, with the same CAS and the same re-check.
 
 import type { HostMemory } from '../hostmem/host-memory.ts';
 import { EAGAIN, EEXIST, EFAULT, EINVAL, ENOMEM, EPERM } from '../hostmem/errno.ts';
@@ -214,6 +216,32 @@ export class HostPageWalker {
     }
     if (this.table.state(entry) !== VMA_LIVE) {
       if (Atomics.compareExchange(arr, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
+      return EFAULT;
+    }
+    return 0;
+  }
+
+  /**
+   * UFFDIO_CONTINUE: map the page-cache frame `pfn` (a 4 KiB frame the caller holds a reference
+   * on, e.g. a shared-memory file's page) at the missing hva. The pte takes its own reference,
+   * with the same CAS as a first touch. Returns 0, EEXIST (the page is already mapped), EFAULT or
+   * EINVAL (pfnmap or hugetlb VMA, unaligned hva).
+   */
+  uffdContinue(hva: number, pfn: number): number {
+    if (!this.lookup(hva)) return EFAULT;
+    const kind = this.cKind;
+    if (kind === K_PFNMAP || kind === K_HUGETLB || hva % PAGE !== 0) return EINVAL;
+    const entry = this.cEntry;
+    const idx = Math.floor((hva - this.cStart) / PAGE);
+    if (kind === K_THP && Atomics.compareExchange(this.pmd, this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES), 0, PMD_SMALL) > 0) return EEXIST;
+    this.mem.getPage(pfn);
+    const slot = this.cPteBase + idx;
+    if (Atomics.compareExchange(this.pte, slot, 0, pfn + 1) !== 0) {
+      this.mem.putPage(pfn);
+      return EEXIST;
+    }
+    if (this.table.state(entry) !== VMA_LIVE) {
+      if (Atomics.compareExchange(this.pte, slot, pfn + 1, 0) === pfn + 1) this.mem.putPage(pfn);
       return EFAULT;
     }
     return 0;

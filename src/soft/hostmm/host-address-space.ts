@@ -288,6 +288,15 @@ export class HostAddressSpace {
     return this.walker.uffdCopy(hva, src);
   }
 
+  /**
+   * UFFDIO_CONTINUE (MINOR mode): map the page-cache frame pfn (4 KiB, the caller holds a
+   * reference) at the missing hva; the mapping takes its own reference. Any thread. Returns 0,
+   * EEXIST if already mapped, EFAULT or EINVAL. Waking waiters is the userfaultfd model's job.
+   */
+  uffdContinue(hva: number, pfn: number): number {
+    return this.walker.uffdContinue(hva, pfn);
+  }
+
   /** The VMM reading guest RAM through its own mapping: untouched pages read as zeros, nothing is allocated. */
   read(hva: number, dst: Uint8Array): void {
     let done = 0;

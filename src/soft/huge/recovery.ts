@@ -48,6 +48,7 @@ import type { MemslotInvalidation } from '../mmu/memslot-inval.ts';
 import type { SlotDesc } from '../mmu/slot-table.ts';
 import { EAGAIN, OK, type Stage2PageTable } from '../pgtable/stage2.ts';
 import { scanSplitRegions, type SplitRegion } from './collapse-scan.ts';
+import { linuxThreadId, readThreadSched, type ThreadSched } from '../../util/thread-sched.ts';
 
 export const HUGE_RECOVERY_STRATEGIES = ['sync', 'async', 'in-place'] as const;
 export type HugeRecoveryStrategy = (typeof HUGE_RECOVERY_STRATEGIES)[number];
@@ -55,6 +56,8 @@ export type HugeRecoveryStrategy = (typeof HUGE_RECOVERY_STRATEGIES)[number];
 const REGION_PAGES = 512;
 /** Default lock break: regions per batch (each up to a 2 MiB zap or collapse with its TLB flush). */
 export const DEFAULT_RECOVERY_BATCH = 8;
+/** async: a batch's exclusive hold ends after the region that passes this (ms). */
+const HOLD_BUDGET_MS = 0.2;
 /** Longest the task defers its next batch for threads waiting on the MMU lock. */
 const LOCK_BREAK_MS = 2;
 /** A batch that keeps losing races (EAGAIN) is retried this often before its regions are skipped. */
@@ -73,6 +76,8 @@ export interface RecoveryHost {
   readonly inval: MemslotInvalidation;
   /** The slot as the current memslot generation holds it. */
   currentSlot(id: number): SlotDesc | undefined;
+  /** kvm_flush_remote_tlbs: async / in-place zaps flush after dropping the lock (see header). */
+  flushRemoteTlbs?(): void;
 }
 
 export interface HugeRecoveryStats {
@@ -88,6 +93,14 @@ export interface HugeRecoveryStats {
   droppedItems: number;
   /** Batches that raced an invalidation or a fault and were retried. */
   retries: number;
+  /**
+   * Holds longer than 1 ms, and (with `schedDiagnostics`) what the VMM thread did meanwhile:
+   * seconds on a CPU and seconds runnable but waiting for one (preempted), summed over them.
+   */
+  longHolds: number;
+  longHoldSeconds: number;
+  longHoldOnCpuSeconds: number;
+  longHoldRunQueueSeconds: number;
 }
 
 interface WorkItem {
@@ -103,7 +116,14 @@ interface WorkItem {
 export class HugePageRecovery {
   strategy: HugeRecoveryStrategy = 'in-place';
   batchRegions = DEFAULT_RECOVERY_BATCH;
-  readonly stats: HugeRecoveryStats = { collapsedInPlace: 0, zapped: 0, batches: 0, maxHoldSeconds: 0, droppedItems: 0, retries: 0 };
+  readonly stats: HugeRecoveryStats = { collapsedInPlace: 0, zapped: 0, batches: 0, maxHoldSeconds: 0, droppedItems: 0, retries: 0, longHolds: 0, longHoldSeconds: 0, longHoldOnCpuSeconds: 0, longHoldRunQueueSeconds: 0 };
+  /**
+   * Benchmarks: read this thread's scheduler accounting around every hold (a few us each, off
+   * the lock) so a long hold can be told apart as preemption (run queue) or work (on CPU).
+   */
+  schedDiagnostics = false;
+  private schedBefore: ThreadSched | null = null;
+  private tid = 0;
   /** Per-memslot work list (slot id -> what is left); insertion order is processing order. */
   private readonly work = new Map<number, WorkItem>();
   private pending: ReturnType<typeof setImmediate> | null = null;
@@ -203,9 +223,9 @@ export class HugePageRecovery {
       this.work.delete(item.slot);
       return;
     }
-    const done = this.strategy === 'async' ? this.zapBatch(slot, item.cursor, hi) : this.inPlaceBatch(slot, item.cursor, hi);
-    if (done || ++item.retries > MAX_BATCH_RETRIES) {
-      item.cursor = hi;
+    const reached = this.strategy === 'async' ? this.zapBatch(slot, item.cursor, hi) : this.inPlaceBatch(slot, item.cursor, hi) ? hi : -1;
+    if (reached >= 0 || ++item.retries > MAX_BATCH_RETRIES) {
+      item.cursor = reached >= 0 ? reached : hi;
       item.retries = 0;
       if (item.cursor >= end) this.work.delete(item.slot);
     } else {
@@ -230,6 +250,7 @@ export class HugePageRecovery {
     if (slot === undefined) return;
     const end = slotEndRegion(item);
     if (item.cursor >= end) return;
+    this.beforeHold();
     const t0 = performance.now();
     h.lock.exclusiveLock();
     try {
@@ -243,24 +264,41 @@ export class HugePageRecovery {
     }
   }
 
-  /** async: zap the eligible split regions of [lo, hi) in one short exclusive hold. */
-  private zapBatch(slot: SlotDesc, lo: number, hi: number): boolean {
+  /**
+   * async: zap the eligible split regions of [lo, hi) in one short exclusive hold, which ends
+   * early once it passed HOLD_BUDGET_MS (need_resched: the next batch resumes there). The TLB
+   * flush follows the unlock (see the file header). Returns the gfn reached, or -1 to retry.
+   */
+  private zapBatch(slot: SlotDesc, lo: number, hi: number): number {
     const h = this.host;
     const regions = scanSplitRegions(h.pgt, lo, hi - lo);
-    if (regions.length === 0) return true;
+    if (regions.length === 0) return hi;
     const hostSeq = h.mm.notifierSeq();
     const slotSeq = h.inval.seq();
     const zap = regions.filter((r) => this.eligible(slot, r, false));
-    if (zap.length === 0) return true;
+    if (zap.length === 0) return hi;
+    this.beforeHold();
     const t0 = performance.now();
+    let flush = false;
     h.lock.exclusiveLock();
     try {
-      if (h.mm.retryNeeded(hostSeq) || h.inval.retryNeeded(slotSeq)) return false;
-      this.zapRuns(zap);
-      return true;
+      if (h.mm.retryNeeded(hostSeq) || h.inval.retryNeeded(slotSeq)) return -1;
+      if (h.flushRemoteTlbs === undefined) {
+        this.zapRuns(zap);
+        return hi;
+      }
+      const deadline = performance.now() + HOLD_BUDGET_MS;
+      for (let i = 0; i < zap.length; i++) {
+        const r = zap[i]!;
+        flush = h.pgt.unmapFlushDeferred(r.gfn, REGION_PAGES) || flush;
+        this.stats.zapped++;
+        if (i + 1 < zap.length && performance.now() > deadline) return r.gfn + REGION_PAGES;
+      }
+      return hi;
     } finally {
       h.lock.exclusiveUnlock();
       this.countHold(t0);
+      if (flush) h.flushRemoteTlbs!();
     }
   }
 
@@ -279,6 +317,7 @@ export class HugePageRecovery {
     }
     let ok = true;
     if (collapse.length > 0) {
+      this.beforeHold();
       const t0 = performance.now();
       h.lock.rw.readLock();
       try {
@@ -304,14 +343,17 @@ export class HugePageRecovery {
       h.pgt.reclaim();
     }
     if (zap.length > 0 && ok) {
+      this.beforeHold();
       const t0 = performance.now();
+      let flush = false;
       h.lock.exclusiveLock();
       try {
         if (h.mm.retryNeeded(hostSeq) || h.inval.retryNeeded(slotSeq)) ok = false;
-        else this.zapRuns(zap);
+        else flush = this.zapRuns(zap, h.flushRemoteTlbs !== undefined);
       } finally {
         h.lock.exclusiveUnlock();
         this.countHold(t0);
+        if (flush) h.flushRemoteTlbs!();
       }
     }
     return ok;
@@ -336,22 +378,47 @@ export class HugePageRecovery {
     return exact ? pfn === r.pfn0 : true;
   }
 
-  /** Unmap the regions (exclusive lock held), one unmap (one TLB flush) per contiguous run. */
-  private zapRuns(regions: SplitRegion[]): void {
+  /**
+   * Unmap the regions (exclusive lock held), one unmap per contiguous run. Without `defer`, each
+   * unmap flushes TLBs under the lock; with it, none does and the return value says whether the
+   * caller must flush once after dropping the lock (before anything else on this thread runs).
+   */
+  private zapRuns(regions: SplitRegion[], defer = false): boolean {
     const pgt = this.host.pgt;
+    let flush = false;
     let i = 0;
     while (i < regions.length) {
       let j = i + 1;
       while (j < regions.length && regions[j]!.gfn === regions[j - 1]!.gfn + REGION_PAGES) j++;
-      pgt.unmap(regions[i]!.gfn, (j - i) * REGION_PAGES);
+      if (defer) flush = pgt.unmapFlushDeferred(regions[i]!.gfn, (j - i) * REGION_PAGES) || flush;
+      else pgt.unmap(regions[i]!.gfn, (j - i) * REGION_PAGES);
       this.stats.zapped += j - i;
       i = j;
     }
+    return flush;
+  }
+
+  /** Called before a hold's lock is taken (diagnostics only). */
+  private beforeHold(): void {
+    if (!this.schedDiagnostics) return;
+    if (this.tid === 0) this.tid = linuxThreadId();
+    this.schedBefore = readThreadSched(this.tid);
   }
 
   private countHold(t0: number): void {
     this.stats.batches++;
     const t1 = performance.now();
+    if (t1 - t0 > 1) {
+      const st = this.stats;
+      st.longHolds++;
+      st.longHoldSeconds += (t1 - t0) / 1000;
+      const a = this.schedBefore;
+      const b = a ? readThreadSched(this.tid) : null;
+      if (a && b) {
+        st.longHoldOnCpuSeconds += (b.onCpuNs - a.onCpuNs) / 1e9;
+        st.longHoldRunQueueSeconds += (b.runQueueNs - a.runQueueNs) / 1e9;
+      }
+    }
     const sleepers = this.host.lock.rw.rawState().waiters;
     this.breakUntil = sleepers > 0 ? t1 + LOCK_BREAK_MS : 0;
     this.breakWaits = sleepers > 0 ? (this.host.lock.stalls?.totalWaits() ?? 0) + sleepers : 0;

@@ -254,6 +254,27 @@ export class Stage2PageTable extends Stage2Handle {
     v.reset(this.root);
     this.runWalk(startGfn, npages, v, WALK_LEAF | WALK_TABLE_POST, false);
     if (v.endGfn > v.firstGfn) this.flushCb(v.firstGfn, v.endGfn - v.firstGfn);
+    this.reportRemoved();
+  }
+
+  /**
+   * unmap WITHOUT the TLB flush: returns true when something was removed, and then the caller
+   * MUST flush remote TLBs before anything can rely on the range being unmapped (it may first
+   * drop the MMU lock: huge/recovery.ts says when that is safe). Not with onLeafRemoved set (it
+   * reports leaves only after their flush).
+   */
+  unmapFlushDeferred(startGfn: number, npages: number): boolean {
+    this.assertLocked(false);
+    if (this.leafCb) throw new Stage2Error('unmapFlushDeferred: onLeafRemoved reports leaves after their flush; use unmap');
+    const v = this.unmapVisitor;
+    v.reset(this.root);
+    this.runWalk(startGfn, npages, v, WALK_LEAF | WALK_TABLE_POST, false);
+    v.removed.length = 0;
+    return v.endGfn > v.firstGfn;
+  }
+
+  private reportRemoved(): void {
+    const v = this.unmapVisitor;
     const rem = v.removed;
     if (this.leafCb) for (let i = 0; i < rem.length; i += 3) this.leafCb(rem[i]!, rem[i + 1]!, rem[i + 2]!);
     rem.length = 0;

@@ -35,9 +35,19 @@ export interface VcpuWorkerData {
   dirtyRings: { sab: SharedArrayBuffer; lines: number; entries: number } | null;
   slots: SlotGeneration;
   port: MessagePort;
+  /** Demand paging's attach messages (soft/uffd/vcpu-entry.ts). */
+  uffdPort: MessagePort;
 }
 
-export type SharedVmParts = Omit<VcpuWorkerData, 'vcpu' | 'vcpus' | 'spec' | 'slots' | 'port'>;
+export type SharedVmParts = Omit<VcpuWorkerData, 'vcpu' | 'vcpus' | 'spec' | 'slots' | 'port' | 'uffdPort'>;
+
+/** Demand paging's hooks into run control (soft/uffd/pager.ts). */
+export interface SoftVcpuHooks {
+  /** After pause / stop raised their word: wake vCPUs asleep on a missing page. */
+  kick(): void;
+  /** vCPU v's end of its demand-paging port. */
+  uffdPorts: MessagePort[];
+}
 
 /** Soft engine registers of one vCPU (VcpuState.arch). */
 export interface SoftVcpuArch {
@@ -49,7 +59,7 @@ export interface SoftVcpuArch {
 }
 
 /** Start the soft vCPU threads of a VM under the shared run control. */
-export async function startSoftVcpus(ctl: Int32Array, count: number, spec: WorkloadSpec, parts: SharedVmParts, publisher: SlotPublisher): Promise<VcpuRunControl> {
+export async function startSoftVcpus(ctl: Int32Array, count: number, spec: WorkloadSpec, parts: SharedVmParts, publisher: SlotPublisher, hooks: SoftVcpuHooks): Promise<VcpuRunControl> {
   for (let v = 0; v < count; v++) {
     // Initial registers: pass 0, position 0, the spec's generator state.
     const rng = initialRngState(spec, v);
@@ -59,9 +69,12 @@ export async function startSoftVcpus(ctl: Int32Array, count: number, spec: Workl
     startThread(v) {
       const { port1, port2 } = new MessageChannel();
       publisher.addPort(port1);
-      const data: VcpuWorkerData = { ...parts, vcpu: v, vcpus: count, spec, slots: publisher.current, port: port2 };
-      return startWorker(new URL('./worker.ts', import.meta.url), data as unknown as Record<string, unknown>, { transferList: [port2] });
+      const uffd = new MessageChannel();
+      hooks.uffdPorts[v] = uffd.port1;
+      const data: VcpuWorkerData = { ...parts, vcpu: v, vcpus: count, spec, slots: publisher.current, port: port2, uffdPort: uffd.port2 };
+      return startWorker(new URL('./worker.ts', import.meta.url), data as unknown as Record<string, unknown>, { transferList: [port2, uffd.port2] });
     },
+    kick: () => hooks.kick(),
   });
   await rc.start();
   return rc;

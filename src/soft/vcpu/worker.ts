@@ -23,6 +23,7 @@ import type { VcpuWorkerData } from './threads.ts';
 import { V_LINUX_TID, vcpuBase } from './control.ts';
 import { VcpuLoop } from '../../vmm/run/vcpu-loop.ts';
 import { linuxThreadId } from '../../util/thread-sched.ts';
+import { DemandPagingEntry } from '../uffd/vcpu-entry.ts';
 
 const d = workerData as VcpuWorkerData;
 const ctl = new Int32Array(d.ctl);
@@ -46,8 +47,11 @@ const ring = r ? new SoftDirtyRingProducer(new SoftDirtyRings(r.sab, r.lines, r.
 const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats, ring ?? bitmapDirtySink);
 const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats, ring);
 try {
-  new VcpuLoop(ctl, d.vcpu, runner, (cause) => parentPort?.postMessage({ type: 'vcpu-cause', vcpu: d.vcpu, cause })).run();
+  // MISSING memory faults are taken on this thread while the VM pages on demand (soft/uffd/).
+  const entry = new DemandPagingEntry(runner, d.vcpu, ctl, d.uffdPort, mm, mem);
+  new VcpuLoop(ctl, d.vcpu, entry, (cause) => parentPort?.postMessage({ type: 'vcpu-cause', vcpu: d.vcpu, cause })).run();
 } finally {
   pgt.detach();
   d.port.close();
+  d.uffdPort.close();
 }

@@ -145,7 +145,7 @@ describe('stream validation', () => {
     expectStreamError(() => decodeChunked(h, [100]), 'bad-magic', /HELLO magic is "STAGE2XX", expected "STAGE2MG"/);
     const v = Buffer.from(encodeToBytes(hello()));
     v.writeUInt16LE(99, 16);
-    expectStreamError(() => decodeChunked(v, [100]), 'bad-version', /HELLO version 99/);
+    expectStreamError(() => decodeChunked(v, [100]), 'bad-version', /source speaks stream version 99 \(HELLO\)/);
     const a = Buffer.from(encodeToBytes({ kind: 'hello-ack', version: STREAM_VERSION + 1, channels: 1, caps: 0 }));
     expectStreamError(() => decodeChunked(a, [100], 'to-source'), 'bad-version');
   });

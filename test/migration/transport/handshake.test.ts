@@ -35,7 +35,7 @@ describe('handshake', () => {
     hello.writeUInt16LE(7, 16); // version
     const wrongVersion = await rawExchange(server.port, hello);
     expect(wrongVersion).toMatchObject([{ kind: 'error', code: ErrorCode.BAD_VERSION }]);
-    expect((wrongVersion[0] as MigrationRecord & { kind: 'error' }).message).toContain(`HELLO version 7: this side speaks version ${STREAM_VERSION} only`);
+    expect((wrongVersion[0] as MigrationRecord & { kind: 'error' }).message).toContain(`the source speaks stream version 7 (HELLO), this destination speaks version ${STREAM_VERSION} only`);
 
     const stray = await rawExchange(server.port, encodeToBytes({ kind: 'channel-hello', version: STREAM_VERSION, channelIndex: 1, sessionId: 99n }));
     expect(stray).toMatchObject([{ kind: 'error', code: ErrorCode.UNKNOWN_SESSION }]);

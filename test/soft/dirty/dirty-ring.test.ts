@@ -32,12 +32,13 @@ describe('soft dirty ring protocol', () => {
   it('a reset re-protects exactly the collected pages; entries pushed after the collection stay for the next harvest', () => {
     const rings = SoftDirtyRings.create(2, 256);
     const p = new SoftDirtyRingProducer(rings, 1);
-    const c = new DirtyRingCollector(rings.words, 256, rings.ringBase(1));
+    const c = new DirtyRingCollector(rings.words, 256, 1, rings.ringBase(1));
     const s0 = slot(0, 1000, 100);
     for (const rel of [5, 6, 7, 9, 7, 40]) p.mark(s0, rel);
     const got: DirtyGfn[] = [];
     expect(c.collect(got)).toBe(6);
     expect(got.map((g) => g.offset)).toEqual([5, 6, 7, 9, 7, 40]);
+    expect(got.every((g) => g.vcpu === 1 && g.slot === 0)).toBe(true);
     // Pushed after the collection: DIRTY, not RESET; the reset must leave them alone.
     p.mark(s0, 60);
     p.mark(s0, 61);
@@ -61,7 +62,7 @@ describe('soft dirty ring protocol', () => {
   it('entries of a deleted slot, a slot that stopped logging, or past a slot end are dropped by the reset', () => {
     const rings = SoftDirtyRings.create(1, 256);
     const p = new SoftDirtyRingProducer(rings, 0);
-    const c = new DirtyRingCollector(rings.words, 256, rings.ringBase(0));
+    const c = new DirtyRingCollector(rings.words, 256, 0, rings.ringBase(0));
     p.mark(slot(1, 0, 10), 3); // slot 1: deleted before the reset
     p.mark(slot(2, 100, 10), 4); // slot 2: logging off by then
     p.mark(slot(3, 200, 10), 50); // slot 3: shrank below offset 50
@@ -79,7 +80,7 @@ describe('soft dirty ring protocol', () => {
     const p = new SoftDirtyRingProducer(rings, 0);
     let raised = 0;
     p.onSoftFull = () => raised++;
-    const c = new DirtyRingCollector(rings.words, entries, rings.ringBase(0));
+    const c = new DirtyRingCollector(rings.words, entries, 0, rings.ringBase(0));
     const s = slot(0, 0, 1 << 20);
     const mmu = recordingMmu();
     let pushed = 0;

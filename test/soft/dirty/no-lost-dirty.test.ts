@@ -10,6 +10,9 @@ afterEach(async () => {
   current = null;
 });
 
+// Every mode's sweeps (enable, get, clear, ring reset) drop the MMU lock every 64 pages here
+// (SWEEPS), so vCPU faults land between the chunks of every harvest; the last modes add eager
+// split (2 MiB chunks) and KVM_DIRTY_LOG_INITIALLY_SET (issue 11 parts 2-4).
 // dirtyRing: per-vCPU dirty rings of 256 entries (soft limit 192) instead of the bitmap: the
 // vCPUs of a 128-page slice fill them every pass or so, so DIRTY_RING_FULL exits (a collect +
 // reset on the VMM thread) interleave with the test's own harvests.
@@ -23,7 +26,19 @@ const modes = [
   { lock: 'global-write', manualProtect: true, dirtyRing: 256 },
   { lock: 'global', manualProtect: true, dirtyRing: 256 },
   { lock: 'parallel', manualProtect: true, dirtyRing: 256 },
+  { lock: 'global', manualProtect: true, dirtyRing: 0, initiallySet: true },
+  { lock: 'parallel', manualProtect: true, dirtyRing: 0, initiallySet: true },
+  { lock: 'parallel', manualProtect: false, dirtyRing: 0, eagerSplit: true },
+  { lock: 'parallel', manualProtect: true, dirtyRing: 256, eagerSplit: true },
 ] as const;
+
+const SWEEPS = 64;
+
+type Mode = { lock: (typeof modes)[number]['lock']; manualProtect: boolean; dirtyRing: number; initiallySet?: boolean; eagerSplit?: boolean };
+
+function tuning(m: Mode) {
+  return { sweepChunkPages: SWEEPS, initiallySet: m.initiallySet ?? false, eagerSplitChunkBytes: m.eagerSplit ? 2 ** 21 : 0 };
+}
 
 /**
  * Pre-copy against a running guest, as a migration does it: bulk-copy all memory (logging is
@@ -58,15 +73,19 @@ async function precopyRounds(t: TestVm, rounds: number): Promise<{ checkedChange
   return { checkedChanges, final };
 }
 
-describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect, dirty ring $dirtyRing', ({ lock, manualProtect, dirtyRing }) => {
+describe.each(modes as readonly Mode[])('dirty log, lock $lock, manual protect $manualProtect, dirty ring $dirtyRing, initially set $initiallySet, eager split $eagerSplit', (m) => {
+  const { lock, manualProtect, dirtyRing } = m;
+  const dirtyLog = tuning(m);
   it('pass by pass: each harvest is exactly the pages the reference workload wrote, with its values', async () => {
     const vcpus = 3;
-    const t = (current = await makeTestVm({ lock, manualProtect, dirtyRing, vcpus, bytesPerVcpu: 256 * 4096, kind: 'random', seed: 11 }));
+    const t = (current = await makeTestVm({ lock, manualProtect, dirtyRing, dirtyLog, vcpus, bytesPerVcpu: 256 * 4096, kind: 'random', seed: 11 }));
     const model = new WorkloadModel(t.spec, vcpus);
     t.vm.allowPasses(1);
     await t.vm.waitForPasses(1);
     model.step();
     t.setLogging(true);
+    // INITIALLY_SET: the first harvest reports every page (and protects them all); consume it.
+    if (m.initiallySet) expect(bitmapPages(harvest(t), t.pages).size).toBe(t.pages);
     for (let pass = 2; pass <= 6; pass++) {
       t.vm.allowPasses(pass);
       await t.vm.waitForPasses(pass);
@@ -82,7 +101,7 @@ describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect, dirt
 
   it('concurrent harvests while vCPUs run freely lose no write (pre-copy style)', async () => {
     const vcpus = 4;
-    const t = (current = await makeTestVm({ lock, manualProtect, dirtyRing, vcpus, bytesPerVcpu: 128 * 4096, kind: 'random', seed: 5 }));
+    const t = (current = await makeTestVm({ lock, manualProtect, dirtyRing, dirtyLog, vcpus, bytesPerVcpu: 128 * 4096, kind: 'random', seed: 5 }));
     t.vm.allowPasses(1);
     await t.vm.waitForPasses(1);
     t.setLogging(true);
@@ -102,17 +121,30 @@ describe.each(modes)('dirty log, lock $lock, manual protect $manualProtect, dirt
   });
 });
 
-describe.each(MMU_LOCK_MODES)('dirty log over huge pages, lock %s', (lock) => {
+const hugeModes = MMU_LOCK_MODES.flatMap((lock) => [
+  { lock, how: 'lazy split', dirtyLog: { sweepChunkPages: SWEEPS } },
+  { lock, how: 'eager split', dirtyLog: { sweepChunkPages: SWEEPS, eagerSplitChunkBytes: 2 ** 21 } },
+  { lock, how: 'initially set + eager split', dirtyLog: { sweepChunkPages: SWEEPS, eagerSplitChunkBytes: 2 ** 21, initiallySet: true } },
+]);
+
+describe.each(hugeModes)('dirty log over huge pages, lock $lock, $how', ({ lock, how, dirtyLog }) => {
   it('logging enabled while vCPUs run on THP: splits race harvests, no write is lost', async () => {
     const vcpus = 3;
-    const t = (current = await makeTestVm({ lock, vcpus, bytesPerVcpu: 2 ** 21, kind: 'random', seed: 21, backing: 'anonymous_thp' }));
+    const t = (current = await makeTestVm({ lock, dirtyLog, vcpus, bytesPerVcpu: 2 ** 21, kind: 'random', seed: 21, backing: 'anonymous_thp' }));
     t.vm.allowPasses(Infinity);
     await t.vm.waitForPasses(1);
     expect(t.vm.stats().mapped2m).toBeGreaterThan(0);
     t.setLogging(true); // write-protect sweep while the guest runs
+    // Eager split at enable: not one block left in the slot once enabling returned.
+    if (how === 'eager split') {
+      expect(t.vm.stats().pages_2m).toBe(0);
+      expect(t.vm.stats().eagerSplitBlocks).toBe(3);
+    }
     await precopyRounds(t, 25);
     const st = t.vm.stats();
-    expect(st.hugePageSplits).toBeGreaterThan(0);
+    // Split lazily by write faults, or eagerly (at enable, or at the first clear when initially set).
+    if (how === 'lazy split') expect(st.hugePageSplits).toBeGreaterThan(0);
+    else expect(st.eagerSplitBlocks! + st.hugePageSplits!).toBe(3);
     expect(st.pages_2m).toBe(0); // every block was written while logging, so every one was split
     t.vm.resume();
   });

@@ -2,7 +2,7 @@
 // readers of guest memory and the workload's reference model.
 import { KVM_MEM_LOG_DIRTY_PAGES, type Backing, type MemoryRegion, type MmuLockMode } from '../../../src/vmm/engine.ts';
 import { SoftEngine } from '../../../src/soft/engine.ts';
-import type { SoftVm } from '../../../src/soft/vm.ts';
+import type { DirtyLogTuningOptions, SoftVm } from '../../../src/soft/vm.ts';
 import { guestWriteValue, initialRngState, pagesPerVcpu, pagesWrittenInPass, workload, type WorkloadKind, type WorkloadSpec } from '../../../src/guest/workload.ts';
 
 export interface TestVmOptions {
@@ -18,6 +18,10 @@ export interface TestVmOptions {
   vcpusNow?: boolean;
   /** Log to per-vCPU dirty rings of this many entries instead of the memslot bitmap. */
   dirtyRing?: number;
+  /** More workload knobs (writePercent, dirty-rate fields). */
+  workloadOptions?: Partial<WorkloadSpec>;
+  /** Dirty-log sweeps: lock-dropping chunk, eager split, INITIALLY_SET. */
+  dirtyLog?: DirtyLogTuningOptions;
 }
 
 export interface TestVm {
@@ -31,9 +35,9 @@ export interface TestVm {
 export async function makeTestVm(o: TestVmOptions = {}): Promise<TestVm> {
   const vcpus = o.vcpus ?? 1;
   const bytesPerVcpu = o.bytesPerVcpu ?? 2 ** 20;
-  const engine = new SoftEngine({ hostRamBytes: o.hostRamBytes ?? 64 * 2 ** 20, debug: true });
+  const engine = new SoftEngine({ hostRamBytes: o.hostRamBytes ?? 64 * 2 ** 20, debug: true, ...(o.dirtyLog ? { dirtyLog: o.dirtyLog } : {}) });
   const vm = engine.createSoftVm({ lock: o.lock ?? 'parallel', manualDirtyLogProtect: o.manualProtect ?? true, dirtyRingEntries: o.dirtyRing ?? 0 });
-  const spec = workload(o.kind ?? 'sequential', bytesPerVcpu, { seed: o.seed ?? 1 });
+  const spec = workload(o.kind ?? 'sequential', bytesPerVcpu, { seed: o.seed ?? 1, ...o.workloadOptions });
   const host = vm.mapHostMemory(vcpus * bytesPerVcpu, o.backing ?? 'anonymous');
   const region: MemoryRegion = { slot: 0, flags: 0, guestPhysAddr: spec.gpaBase, memorySize: vcpus * bytesPerVcpu, userspaceAddr: host.hva };
   vm.setUserMemoryRegion(region);
