@@ -100,11 +100,15 @@ export function registerReceive(program: Command): void {
       }
       // Listening (and saying so) only once the signals are ours: a signal right after the line
       // must cancel, not kill.
+      // The post-copy connections are plain TCP (postcopy/record-socket.ts): with TLS or an auth
+      // token asked for, post-copy would open a path around them, so it is refused.
+      const securePath = security !== undefined && (security.tls !== undefined || security.token !== undefined);
+      if (securePath && opts.postcopy) log('refusing post-copy: its connections are not covered by --tls-cert / --auth-token-file yet');
       const listener = await listenLink({
         ...opts.listen,
         timeoutMs: opts.timeoutMs,
         security,
-        postcopy: opts.postcopy,
+        postcopy: opts.postcopy && !securePath,
         // A refused connection never reaches the stream (admission.ts): say why, keep waiting.
         onRefused: (peer, reason) => log(`refused ${peer}: ${reason}; still waiting for the source`),
       }).catch((e: Error) => {

@@ -26,7 +26,7 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
-import { startPostcopyPaging } from './postcopy/interim-exit-pager.ts';
+import { postcopyFaultPath, startPostcopyPaging } from './postcopy/paging.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
 import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
 import { randomBytes } from 'node:crypto';
@@ -48,7 +48,7 @@ export interface ReceiveOptions {
   timeoutMs?: number;
   /** Post-copy: where the post-copy listener binds (default 127.0.0.1 / the listen host). */
   postcopyHost?: string;
-  /** Post-copy: the fault path to page on (default: 'exit' where the engine has it, else 'uffd'). */
+  /** Post-copy: the fault path to page on (default: 'exit' where the engine has it, else 'uffd'; postcopy/paging.ts). */
   postcopyFaultPath?: FaultPath;
   /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
   postcopyRecoverTimeoutMs?: number;
@@ -88,6 +88,8 @@ export interface ReceiveResult {
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
 
 const PREALLOC_CHUNK = 1 << 20;
+/** Pages in a 2 MiB (transparent) huge page. */
+const HUGE_BLOCK_PAGES = 512;
 /** Bytes preallocated between two yields to the event loop (~0.1 s at the ~3 s/GiB measured). */
 const PREALLOC_YIELD_BYTES = 32 << 20;
 
@@ -356,18 +358,29 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
     if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
     const v = vm!;
-    const offered = (await opts.openEngine(cfg!.engine)).capabilities().demandPagingPaths ?? [];
-    // The interim pager (no engine pager yet) has the exit path only.
-    const faultPath: FaultPath = opts.postcopyFaultPath ?? (!v.startDemandPaging || offered.includes('exit') ? 'exit' : 'uffd');
     let pager: DemandPager;
+    let faultPath: FaultPath;
     try {
-      pager = startPostcopyPaging(v, { path: faultPath, mode: 'missing', sharedUffd: true, readers: 1 });
+      faultPath = postcopyFaultPath(await opts.openEngine(cfg!.engine), opts.postcopyFaultPath);
+      pager = startPostcopyPaging(v, faultPath);
     } catch (err) {
       throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
     }
-    // Drop the stale pages this side holds. (Pages never received are not populated: nothing
-    // preallocates guest RAM when post-copy is negotiated.)
-    for (const [slot, pages] of staleHeld) pager.discard(slot, pages.sort((a, b) => a - b));
+    // Drop the stale pages this side holds, and pages never received that are populated anyway:
+    // nothing preallocates guest RAM when post-copy is negotiated, but a write into transparent-
+    // huge-page memory populates its whole 2 MiB block (QEMU turns THP off for post-copy for
+    // this reason). Only blocks with some pages received and some not can hold such pages.
+    for (const s of ramSlots) {
+      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
+      const drop = staleHeld.get(s.slot) ?? [];
+      for (let b = 0; b < s.pages; b += HUGE_BLOCK_PAGES) {
+        const e = Math.min(s.pages, b + HUGE_BLOCK_PAGES);
+        let got = 0;
+        for (let p = b; p < e; p++) if (lastRound[index + p]! > 0) got++;
+        if (got > 0 && got < e - b) for (let p = b; p < e; p++) if (lastRound[index + p] === 0) drop.push(p);
+      }
+      if (drop.length) pager.discard(s.slot, drop.sort((a, b) => a - b));
+    }
     // A held page the pager still calls missing was received as ZERO and never written (fresh
     // RAM is zero): installed from here, no request to the source.
     const heldPage = (slot: number, page: number): Uint8Array | null => {

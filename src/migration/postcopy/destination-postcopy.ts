@@ -26,6 +26,9 @@ import type { SlotMap } from '../slot-map.ts';
 import { MigrationLinkError } from '../link.ts';
 import { RecordSocket } from './record-socket.ts';
 
+/** Held pages installed per event-loop turn in the background. */
+const BACKGROUND_PAGES_PER_TURN = 64;
+
 export interface PostcopyDestinationOptions {
   pager: DemandPager;
   slotMap: SlotMap;
@@ -110,7 +113,9 @@ export class PostcopyDestination {
     const step = () => {
       if (this.result || this.failed) return;
       let n = 0;
-      while (si < this.o.ramSlots.length && n < 1024) {
+      // Few pages per turn: the pager's request mailbox is drained by this same thread, between
+      // turns (see the report on the soft pager's bounded mailbox).
+      while (si < this.o.ramSlots.length && n < BACKGROUND_PAGES_PER_TURN) {
         const s = this.o.ramSlots[si]!;
         if (page >= s.pages) {
           si++;

@@ -12,7 +12,7 @@ import { describeVm } from '../../../src/migration/config.ts';
 import { SlotMap } from '../../../src/migration/slot-map.ts';
 import { createMemoryHasher, hashVmMemory, PageHashTable } from '../../../src/migration/hash.ts';
 import { PostcopyDestination } from '../../../src/migration/postcopy/destination-postcopy.ts';
-import { startPostcopyPaging } from '../../../src/migration/postcopy/interim-exit-pager.ts';
+import { startPostcopyPaging } from '../../../src/migration/postcopy/paging.ts';
 import { connectSocket, RecordSocket } from '../../../src/migration/postcopy/record-socket.ts';
 import { POSTCOPY_ROLE_PREEMPT, POSTCOPY_ROLE_PUSH, STREAM_VERSION } from '../../../src/migration/stream/format.ts';
 import { checkSequentialMemory } from '../helpers.ts';
@@ -36,7 +36,7 @@ describe('post-copy destination: a page requested and pushed at the same moment'
         vm.readGuest(s.guestPhysAddr, b);
         return [s.slot, b] as const;
       }));
-      const pager = startPostcopyPaging(vm, { path: 'exit', mode: 'missing', sharedUffd: true, readers: 1 });
+      const pager = startPostcopyPaging(vm, 'exit');
       for (const s of ram) pager.discard(s.slot, Array.from({ length: s.pages }, (_, i) => i));
       const total = ram.reduce((a, s) => a + s.pages, 0);
       expect(pager.missingCount()).toBe(total);

@@ -69,7 +69,7 @@ describe('post-copy (soft engine)', () => {
     }, 60_000);
   }
 
-  // Regression: with post-copy negotiated, the interim pager once kept pre-copy pages in a staging
+  // Regression: with post-copy negotiated, the destination once kept pre-copy pages in a staging
   // copy outside guest RAM; a migration that then completed by pre-copy ran the guest on empty RAM
   // while readGuest (and the verification rescan) served the frozen copy.
   it('a migration that completes by pre-copy with post-copy negotiated runs the guest on the pages it received', async () => {
