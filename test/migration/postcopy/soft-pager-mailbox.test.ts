@@ -5,7 +5,10 @@
 // post-copy push), and the vCPU then moves on to its next missing page and requests again. While
 // the main thread is busy installing pushed pages just ahead of a sequential guest, a vCPU fills
 // the ring and its thread dies with FaultQueueFull ("a fault was queued twice"), which is not
-// what happened. Seen in the post-copy tests about one run in three.
+// what happened. Seen in the in-process post-copy tests in most runs with path 'exit' and some
+// with 'uffd' (the reader threads drop requests for pages present by then, which helps but does
+// not close it). Until it is fixed post-copy pages the soft engine with the VMM-side
+// interim exit pager (migration/postcopy/interim-exit-pager.ts).
 //
 // This test makes it certain: the main thread installs pages one by one in a synchronous loop,
 // each right after the vCPU asked for it, and never yields. `it.fails`: it passes while the
@@ -13,7 +16,6 @@
 import { describe, expect, it } from 'vitest';
 import { openEngine } from '../../../src/vmm/factory.ts';
 import { createSourceVm } from '../../../src/migration/source-vm.ts';
-import { startPostcopyPaging } from '../../../src/migration/postcopy/paging.ts';
 
 const engine = await openEngine('soft');
 
@@ -26,7 +28,7 @@ describe('soft demand pager: requests for pages installed by another path', () =
       const s = ram[0]!;
       const image = new Uint8Array(s.memorySize);
       vm.readGuest(s.guestPhysAddr, image);
-      const pager = startPostcopyPaging(vm, 'exit');
+      const pager = vm.startDemandPaging!({ path: 'exit', mode: 'missing', sharedUffd: true, readers: 1 });
       pager.discard(s.slot, Array.from({ length: s.pages }, (_, i) => i));
       pager.onRequest(() => undefined); // answered by the "push" below
       vm.resume();
