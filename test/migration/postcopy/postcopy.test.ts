@@ -58,10 +58,12 @@ describe('post-copy (soft engine)', () => {
         expect(stats.verified).toBe(true);
         expect(stats.postcopy?.switchedAfterRound).toBe(0);
         expect(stats.postcopy?.reason).toMatch(switchAfter === 0 ? /--postcopy-after 0/ : /re-dirtied .* of the .* the bulk round sent so far/);
-        // The bulk round was cut short: no page went twice except the few re-dirtied ones.
+        // The bulk round was cut short: no page went twice except the re-dirtied ones sent before
+        // the switch (after 0: none; auto on this 16 MiB guest: a probe after 4 MiB, or 8 MiB on a
+        // loaded machine whose guest ran slower).
         expect(stats.rounds[0]!.kind).toBe('bulk');
         if (switchAfter === 0) expect(stats.rounds[0]!.zeroPages + stats.rounds[0]!.normalPages).toBeLessThan(stats.ramBytes / 4096 / 8);
-        expect(stats.transferredBytes).toBeLessThanOrEqual(1.5 * stats.ramBytes);
+        expect(stats.transferredBytes).toBeLessThanOrEqual((switchAfter === 0 ? 1.1 : 1.6) * stats.ramBytes);
         expect(dest!.postcopy!.result!.hash).toBe(stats.sourceHash);
         await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 3, 20_000);
         await dest!.vm.pause();
