@@ -11,11 +11,11 @@ import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/hug
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { connectLink } from '../migration/wire-link.ts';
-import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
+import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS, type PostcopyOptions } from '../migration/source.ts';
 import { MigrationCancelledError } from '../migration/errors.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { progressBar } from '../migration/progress-bar.ts';
@@ -25,8 +25,9 @@ import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
-import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
+import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { resumePausedMigration, waitForManualResume } from './postcopy-resume.ts';
 import { addMigrateSecurityOptions, loadClientSecurity, localReceiverArgs, type SecurityOptions } from './security-options.ts';
 import type { ClientSecurity } from '../migration/transport/admission.ts';
 
@@ -42,8 +43,46 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions {
   destRunMs: number;
   destPrealloc: boolean;
   timeoutMs: number;
+  /** --postcopy [auto]: true = after the first round; false: --no-postcopy (pure pre-copy). */
+  postcopy?: boolean | 'auto';
+  postcopyAfter?: number;
+  onNoConvergence?: 'postcopy' | 'fail' | 'force';
+  postcopyRetry: number;
+  /** How long a paused post-copy waits for `migrate --resume`, ms (0: fail at once). */
+  postcopyResumeWait: number;
+  /** migrate --resume PID: resume that paused migration instead of starting one. */
+  resume?: number;
+  destPostcopy: boolean;
   /** Soft engine: how the source re-forms huge mappings when logging stops (huge/recovery.ts). */
   recover: HugeRecoveryStrategy;
+}
+
+function parsePostcopy(v: string): 'auto' {
+  if (v !== 'auto') throw new InvalidArgumentError(`'${v}': --postcopy takes no value or 'auto'`);
+  return 'auto';
+}
+function parseOnNoConvergence(v: string): 'postcopy' | 'fail' | 'force' {
+  if (v !== 'postcopy' && v !== 'fail' && v !== 'force') throw new InvalidArgumentError(`'${v}': must be postcopy, fail or force`);
+  return v;
+}
+
+/**
+ * The post-copy policy the flags ask for (source.ts PostcopyOptions). Without any post-copy flag
+ * it is `auto`: pre-copy while it can converge, post-copy once the guest re-dirties what the bulk
+ * round sent or the rounds stop shrinking (iterating further would only resend). Pure pre-copy is
+ * asked for with --no-postcopy (the rounds running out then fail, or --on-no-convergence force),
+ * or with --on-no-convergence fail|force alone (post-copy is then never used).
+ */
+export function postcopyPolicy(opts: MigrateOptions): PostcopyOptions {
+  const retries = opts.postcopyRetry ?? 0;
+  if (opts.postcopy === false) {
+    if (opts.postcopyAfter !== undefined) throw new UsageError('--no-postcopy and --postcopy-after exclude each other');
+    if (opts.onNoConvergence === 'postcopy') throw new UsageError('--no-postcopy and --on-no-convergence postcopy exclude each other');
+    return { switchAfter: null, onNoConvergence: opts.onNoConvergence ?? 'fail', retries };
+  }
+  const onNoConvergence = opts.onNoConvergence ?? 'postcopy';
+  const preferred = opts.postcopy === 'auto' ? 'auto' : opts.postcopy === true ? 1 : onNoConvergence === 'postcopy' ? 'auto' : null;
+  return { switchAfter: opts.postcopyAfter ?? preferred, onNoConvergence, retries };
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -92,6 +131,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
     '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs), '--recover', opts.recover,
+    opts.destPostcopy === false ? '--no-postcopy' : '--postcopy',
     ...localReceiverArgs(opts),
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
@@ -223,6 +263,8 @@ async function runMigrateSignalled(
         onProgress: bar.update,
         signal,
         timeoutMs,
+        postcopy: { ...postcopyPolicy(opts), waitForResume: (why) => waitForManualResume(why, opts.postcopyResumeWait ?? 0, log, signal) },
+        log,
         // This command destroys the source itself (finally below): kept until then, it stops
         // logging on completion too and reports the huge mappings it re-formed.
         destroyOnComplete: false,
@@ -235,6 +277,8 @@ async function runMigrateSignalled(
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
+    if (stats.postcopy) log(`switched to post-copy ${stats.postcopy.switchedAtSeconds.toFixed(2)} s in, after round ${stats.postcopy.switchedAfterRound}: ${stats.postcopy.reason}`);
+    if (stats.downtimeExceeded) log(`DOWNTIME LIMIT EXCEEDED: ${stats.downtimeExceeded}`);
     if (receiver) {
       // After a completed migration the receiver runs the guest for --dest-run-ms, then reports.
       // Otherwise it has seen the failure and discards, or (a failure before it was reached)
@@ -266,6 +310,12 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   out(`transferred: ${(s.transferredBytes / 2 ** 20).toFixed(1)} MiB of ${(s.ramBytes / 2 ** 20).toFixed(0)} MiB RAM; ${s.throughputMBps.toFixed(0)} MB/s, ${s.pagesPerSecond} pages/s`);
   out(`pages: ${s.normalPages} normal, ${s.zeroPages} zero; dirty syncs ${s.dirtySyncCount}, dirty rate ${s.dirtyPagesRate} pages/s, throttle ${s.throttlePercent}%`);
   for (const r of s.rounds) out(`  round ${r.round} ${r.kind.padEnd(13)} ${String(r.normalPages + r.zeroPages).padStart(8)} pages ${(r.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB ${(r.seconds * 1000).toFixed(1).padStart(8)} ms  throttle ${r.throttlePercent}%`);
+  if (s.postcopy) {
+    const p = s.postcopy;
+    out(`post-copy: switched after round ${p.switchedAfterRound} at ${p.switchedAtSeconds.toFixed(2)} s (${p.reason}); ${p.pushedPages ?? 0} pages pushed, ${s.postcopyRequests} requests, ${p.recoveries ?? 0} recoveries`);
+    for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
+  }
+  if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
   if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
@@ -282,6 +332,13 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
+    .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
+    .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
+    .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
+    .option('--on-no-convergence <what>', 'when the rounds run out above --downtime-limit: postcopy (default; fails if the destination refuses it), fail, or force (stop-and-copy anyway, reported)', parseOnNoConvergence)
+    .option('--postcopy-retry <n>', 'reconnect up to n times when a post-copy connection drops (the guest waits on the destination meanwhile)', parseNonNegativeInt, 3)
+    .option('--postcopy-resume-wait <ms>', 'after the reconnections are used up, wait this long for `migrate --resume PID` before failing (0: fail at once)', parseNonNegativeInt, 60_000)
+    .option('--no-dest-postcopy', '--local: the receiver refuses post-copy (receive --no-postcopy)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
@@ -295,10 +352,16 @@ export function registerMigrate(program: Command): void {
   addMigrateSecurityOptions(addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
-      .option('--local', 'spawn the receiver on loopback', false),
+      .option('--local', 'spawn the receiver on loopback', false)
+      .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
   )).action(async (opts: MigrateOptions, cmd: Command) => {
+    if (opts.resume !== undefined) {
+      process.stdout.write(resumePausedMigration(opts.resume) + '\n');
+      return;
+    }
     checkMigrateOptions(opts, cmd);
     loadClientSecurity(opts); // its rules and files, before any VM starts
+    postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

@@ -93,6 +93,27 @@ export class DirtyTracker {
     return this.pendingPages.get(slot) === 0 ? null : (this.pending.get(slot) ?? null);
   }
 
+  /** Pending pages of `slot` below `end` (a multiple of 32): what a bulk-round probe counts as re-dirtied. */
+  pendingBelow(slot: number, end: number): number {
+    const p = this.pending.get(slot);
+    return p ? countBits(p.subarray(0, Math.min(p.length, end >>> 5))) : 0;
+  }
+
+  /**
+   * Set (on) or clear every pending bit of `slot` from page `from` (a multiple of 32) to its end.
+   * A bulk-round probe clears what the bulk round will still send anyway, and a switch to
+   * post-copy part-way through it sets what the bulk round never sent.
+   */
+  setPendingFrom(slot: MemslotInfo, from: number, on: boolean): void {
+    let p = this.pending.get(slot.slot);
+    if (!p) this.pending.set(slot.slot, (p = newBitmap(slot.pages)));
+    for (let page = from; page < slot.pages; page += 32) {
+      const n = Math.min(32, slot.pages - page);
+      p[page >>> 5] = on ? (n === 32 ? 0xffffffff : (1 << n) - 1) : 0;
+    }
+    this.pendingPages.set(slot.slot, countBits(p));
+  }
+
   private shadowDirtyLog({ slot, sent, cur }: Shadow): Uint32Array {
     this.vm.readGuest(slot.guestPhysAddr, cur);
     const log = newBitmap(slot.pages);

@@ -33,6 +33,12 @@ export function lazyLink(channels: number, connect: () => Promise<SourceLink>): 
     get channels() {
       return inner?.channels ?? channels;
     },
+    get postcopyAllowed() {
+      return inner?.postcopyAllowed ?? false;
+    },
+    get peerHost() {
+      return inner?.peerHost;
+    },
     get acksRounds() {
       return inner?.acksRounds ?? false;
     },
