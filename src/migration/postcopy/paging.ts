@@ -1,14 +1,11 @@
 // The post-copy destination's pager: the engine's own demand paging (Vm.startDemandPaging,
 // vmm/demand-paging.ts; the kvm engine's real userfaultfd, the soft engine's userfaultfd model
-// and memory-fault exits), except the soft engine's exit path, which is served by the VMM-side
-// interim exit pager until the soft pager's mailbox bug is fixed (interim-exit-pager.ts). Which
-// fault path: the caller's choice, else 'exit' where the engine offers it (the vCPU's own
-// thread takes its fault, seed 002's scalable path), else 'uffd'.
+// and memory-fault exits). Which fault path: the caller's choice, else 'exit' where the engine
+// offers it (the vCPU's own thread takes its fault, seed 002's scalable path), else 'uffd'.
 //
 // Concurrency: main thread only (the pager's contract).
 import type { Engine, Vm } from '../../vmm/engine.ts';
 import { DemandPagingError, type DemandPager, type FaultPath } from '../../vmm/demand-paging.ts';
-import { interimExitPager } from './interim-exit-pager.ts';
 
 export function postcopyFaultPath(engine: Engine, asked?: FaultPath): FaultPath {
   const offered = engine.capabilities().demandPagingPaths ?? [];
@@ -22,10 +19,6 @@ export function postcopyFaultPath(engine: Engine, asked?: FaultPath): FaultPath 
 
 export function startPostcopyPaging(vm: Vm, path: FaultPath): DemandPager {
   const config = { path, mode: 'missing', sharedUffd: true, readers: 1 } as const;
-  if (path === 'exit' && vm.engine === 'soft') {
-    const interim = interimExitPager(vm, config);
-    if (interim) return interim;
-  }
   if (!vm.startDemandPaging) throw new DemandPagingError(`this ${vm.engine} VM has no demand paging (Vm.startDemandPaging): post-copy is impossible`);
   return vm.startDemandPaging(config);
 }

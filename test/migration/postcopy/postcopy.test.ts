@@ -63,7 +63,9 @@ describe('post-copy (soft engine)', () => {
         // loaded machine whose guest ran slower).
         expect(stats.rounds[0]!.kind).toBe('bulk');
         if (switchAfter === 0) expect(stats.rounds[0]!.zeroPages + stats.rounds[0]!.normalPages).toBeLessThan(stats.ramBytes / 4096 / 8);
-        expect(stats.transferredBytes).toBeLessThanOrEqual((switchAfter === 0 ? 1.1 : 1.6) * stats.ramBytes);
+        // A page requested while its push is on the wire goes twice (QEMU's too): with no
+        // pre-copy round, a sequential guest requests just ahead of the push cursor, ~15-20%.
+        expect(stats.transferredBytes).toBeLessThanOrEqual((switchAfter === 0 ? 1.3 : 1.6) * stats.ramBytes);
         expect(dest!.postcopy!.result!.hash).toBe(stats.sourceHash);
         await dest!.vm.waitForPasses(Math.max(...dest!.passesAtSwitchover) + 3, 20_000);
         await dest!.vm.pause();
