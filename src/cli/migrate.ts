@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/dirty-limit.ts';
 import { connectLink } from '../migration/wire-link.ts';
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS, type PostcopyOptions } from '../migration/source.ts';
 import { MigrationCancelledError } from '../migration/errors.ts';
@@ -39,6 +40,8 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions {
   channels: number;
   maxRounds: number;
   autoConverge: boolean;
+  converge: 'auto-converge' | 'dirty-limit';
+  vcpuDirtyLimit: number;
   warmupMs: number;
   destRunMs: number;
   destPrealloc: boolean;
@@ -55,6 +58,14 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions {
   destPostcopy: boolean;
   /** Soft engine: how the source re-forms huge mappings when logging stops (huge/recovery.ts). */
   recover: HugeRecoveryStrategy;
+}
+
+/** Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. */
+const DIRTY_LIMIT_RING_ENTRIES = 4096;
+
+function parseConverge(v: string): 'auto-converge' | 'dirty-limit' {
+  if (v !== 'auto-converge' && v !== 'dirty-limit') throw new InvalidArgumentError('must be one of auto-converge, dirty-limit');
+  return v;
 }
 
 function parsePostcopy(v: string): 'auto' {
@@ -227,7 +238,17 @@ async function runMigrateSignalled(
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
   const { vm, spec } = await unlessCancelled(
-    createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, workloadOptions: workloadOptions(opts, opts.vcpus), lock: opts.lock, guestPageSize: opts.guestPageSize }),
+    createSourceVm(engine, {
+      vcpus: opts.vcpus,
+      bytesPerVcpu: opts.bytesPerVcpu,
+      backing: opts.backing,
+      workload: opts.workload,
+      workloadOptions: workloadOptions(opts, opts.vcpus),
+      lock: opts.lock,
+      guestPageSize: opts.guestPageSize,
+      // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
+      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: DIRTY_LIMIT_RING_ENTRIES } : {}),
+    }),
   );
   let receiver: LocalReceiver | null = null;
   try {
@@ -260,6 +281,8 @@ async function runMigrateSignalled(
         downtimeLimitMs: opts.downtimeLimit,
         maxRounds: opts.maxRounds,
         autoConverge: opts.autoConverge,
+        converge: opts.converge,
+        vcpuDirtyLimit: opts.vcpuDirtyLimit,
         onProgress: bar.update,
         signal,
         timeoutMs,
@@ -332,6 +355,8 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
+    .option('--converge <policy>', 'how a guest that outruns the link is made to converge: auto-converge (slow every vCPU) | dirty-limit (hold each vCPU to --vcpu-dirty-limit; only faster ones wait; logs to dirty rings)', parseConverge, 'auto-converge')
+    .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes per second each vCPU may dirty (accepts 1M)', parseSize, DEFAULT_VCPU_DIRTY_LIMIT)
     .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
     .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
     .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)

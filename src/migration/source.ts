@@ -32,6 +32,7 @@ import { type Backing, type Vm } from '../vmm/engine.ts';
 import type { WorkloadSpec } from '../guest/workload.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT, DirtyLimitThrottle } from './dirty-limit.ts';
 import { DestinationError, MigrationCancelledError } from './errors.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS, type SourceLink } from './link.ts';
 import { createMemoryHasher, PageHashTable } from './hash.ts';
@@ -77,6 +78,14 @@ export interface PrecopyOptions {
   /** Iterative rounds after the bulk round before stop-and-copy is forced. */
   maxRounds?: number;
   autoConverge?: boolean;
+  /**
+   * How a guest that dirties faster than the link drains is made to converge: auto-converge
+   * (slow every vCPU, cpu-throttle.ts; the default) or dirty-limit (hold each vCPU to
+   * vcpuDirtyLimit bytes/s, dirty-limit.ts; needs a VM with a dirty ring).
+   */
+  converge?: 'auto-converge' | 'dirty-limit';
+  /** dirty-limit: bytes per second per vCPU (default 1 MiB/s, QEMU's). */
+  vcpuDirtyLimit?: number;
   signal?: AbortSignal;
   onProgress?: (p: MigrationProgress) => void;
   /** Test hook: called as each phase starts (may destroy the link to inject a failure). */
@@ -120,6 +129,9 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const limiter = maxBandwidth > 0 && Number.isFinite(maxBandwidth) ? new RateLimiter(maxBandwidth) : null;
   const sender = new PageSender(vm, link, limiter);
   const throttle = new CpuThrottle(vm);
+  // Created before anything is sent: a VM without a dirty ring is refused at once.
+  let roundNow = () => 0;
+  const dirtyLimit = opts.converge === 'dirty-limit' ? new DirtyLimitThrottle(vm, opts.vcpuDirtyLimit ?? DEFAULT_VCPU_DIRTY_LIMIT, () => roundNow()) : null;
   const state = opts.state ?? new MigrationState();
   state.update({ ramBytes: cfg.ramBytes, remainingBytes: cfg.ramBytes });
   state.setSampler(() => ({ transferredBytes: link.bytesSent(), zeroPages: sender.counters.zeroPages, normalPages: sender.counters.normalPages, throttlePercent: throttle.percent }));
@@ -146,7 +158,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     digester: await createStateDigester(),
     idleMs: opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
   });
-  const precopyPolicy: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
+  roundNow = () => run.round;
+  const precopyPolicy: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, dirtyLimit ?? throttle);
   const pcPolicy = opts.postcopy ? new PostcopyConvergence(precopyPolicy, { downtimeLimitMs, switchAfter: opts.postcopy.switchAfter, onNoConvergence: opts.postcopy.onNoConvergence, postcopyAllowed: () => link.postcopyAllowed ?? false }) : null;
   let switchReason: string | null = null;
   let switchedAtSeconds = 0;
@@ -206,6 +219,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
     if (!state.finished) state.set(cancelled && !state.status.startsWith('postcopy') ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
+    dirtyLimit?.stop();
     const blocksBefore = blockMappings(vm);
     if (dirty.logging) dirty.setLogging(false);
     if (run.committed) return finish(err.message, true, false); // paused for good: see the header
@@ -261,6 +275,7 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
         ...(p ? { seconds: p.seconds, pushedPages: p.pushedPages, requestedPages: p.requestedPages, recoveries: p.recoveries, vcpuPageWaits: p.waits ?? [], destination: p.destination ?? {} } : {}),
       };
     }
+    if (dirtyLimit) stats.dirtyLimit = dirtyLimit.report();
     if (downtimeExceeded) stats.downtimeExceeded = `${downtimeExceeded}: actual downtime ${(stats.downtimeSeconds * 1000).toFixed(1)} ms against the ${downtimeLimitMs} ms limit`;
     if (error !== undefined) {
       stats.error = error;

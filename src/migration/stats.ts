@@ -74,6 +74,8 @@ export interface MigrationStats {
   };
   /** Set when stop-and-copy was forced above the downtime limit (--on-no-convergence force). */
   downtimeExceeded?: string;
+  /** --converge dirty-limit: the per-vCPU limit, the round it went on (0: never), each vCPU's sleep. */
+  dirtyLimit?: { bytesPerSecond: number; activatedAtRound: number; vcpuSleepMs: number[] };
   error?: string;
   /** On failure: the source VM and its memory are as before the migration (logging off). */
   sourceIntact?: boolean;
