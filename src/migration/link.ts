@@ -75,6 +75,8 @@ export interface SourceLink {
   flush(): Promise<void>;
   /** Bytes handed to the sockets so far, all channels. */
   bytesSent(): number;
+  /** RAM pages sent lz4-compressed and the bytes their data took on the wire (--compress lz4). */
+  compression?(): { pages: number; wireBytes: number };
   close(): void;
   /** Drop every channel at once (failure injection, cancel). */
   destroy(error?: Error): void;

@@ -276,6 +276,8 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
       };
     }
     if (dirtyLimit) stats.dirtyLimit = dirtyLimit.report();
+    const c = link.compression?.();
+    if (c && c.pages > 0) stats.compression = { ...c, ratio: (c.pages * 4096) / c.wireBytes };
     if (downtimeExceeded) stats.downtimeExceeded = `${downtimeExceeded}: actual downtime ${(stats.downtimeSeconds * 1000).toFixed(1)} ms against the ${downtimeLimitMs} ms limit`;
     if (error !== undefined) {
       stats.error = error;

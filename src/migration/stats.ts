@@ -74,6 +74,8 @@ export interface MigrationStats {
   };
   /** Set when stop-and-copy was forced above the downtime limit (--on-no-convergence force). */
   downtimeExceeded?: string;
+  /** --compress lz4: pages sent compressed, and their bytes on the wire (4096 each uncompressed). */
+  compression?: { pages: number; wireBytes: number; ratio: number };
   /** --converge dirty-limit: the per-vCPU limit, the round it went on (0: never), each vCPU's sleep. */
   dirtyLimit?: { bytesPerSecond: number; activatedAtRound: number; vcpuSleepMs: number[] };
   error?: string;
