@@ -1,6 +1,6 @@
 // `stage2 demo` (what `npm start` runs): a verified live migration on the default engine. A VM
 // with 2 vCPUs and 1 GiB (512 MiB each) runs the sequential dirtying workload; it is migrated
-// live, pre-copy, to a receiver process on loopback; guest memory is checked equal at
+// live (pre-copy, then post-copy once the rounds stop shrinking: --postcopy auto) to a receiver process on loopback; guest memory is checked equal at
 // switchover by hash on both sides; the destination shows the workload carrying on from the
 // pass counters where the source stopped; the stats are printed.
 import type { Command } from 'commander';
@@ -19,7 +19,9 @@ export function registerDemo(program: Command): void {
         banner = '';
         out(line);
       };
-      const result = await runMigrate({ ...opts, local: true }, log);
+      // Post-copy when the rounds stop shrinking: a guest that dirties faster than the link
+      // drains would otherwise take many rounds and send its RAM many times over.
+      const result = await runMigrate({ ...opts, postcopy: opts.postcopy ?? 'auto', local: true }, log);
       const dest = result.destination;
       out('');
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

@@ -11,11 +11,12 @@ import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/hug
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/dirty-limit.ts';
 import { connectLink } from '../migration/wire-link.ts';
-import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS } from '../migration/source.ts';
+import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS, type PostcopyOptions } from '../migration/source.ts';
 import { MigrationCancelledError } from '../migration/errors.ts';
 import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { progressBar } from '../migration/progress-bar.ts';
@@ -25,8 +26,9 @@ import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadOptions, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
-import { checkMigrateOptions, engineForWorkload, openCheckedEngine } from './validate.ts';
+import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
+import { resumePausedMigration, waitForManualResume } from './postcopy-resume.ts';
 import { addMigrateSecurityOptions, loadClientSecurity, localReceiverArgs, type SecurityOptions } from './security-options.ts';
 import type { ClientSecurity } from '../migration/transport/admission.ts';
 import { MigrationState } from '../migration/migration-state.ts';
@@ -45,12 +47,67 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   channels: number;
   maxRounds: number;
   autoConverge: boolean;
+  converge: 'auto-converge' | 'dirty-limit';
+  /** --compress lz4: RAM records lz4-compressed where that saves 1/8 or more. */
+  compress: 'none' | 'lz4';
+  vcpuDirtyLimit: number;
   warmupMs: number;
   destRunMs: number;
   destPrealloc: boolean;
   timeoutMs: number;
+  /** --postcopy [auto]: true = after the first round; false: --no-postcopy (pure pre-copy). */
+  postcopy?: boolean | 'auto';
+  postcopyAfter?: number;
+  onNoConvergence?: 'postcopy' | 'fail' | 'force';
+  postcopyRetry: number;
+  /** How long a paused post-copy waits for `migrate --resume`, ms (0: fail at once). */
+  postcopyResumeWait: number;
+  /** migrate --resume PID: resume that paused migration instead of starting one. */
+  resume?: number;
+  destPostcopy: boolean;
   /** Soft engine: how the source re-forms huge mappings when logging stops (huge/recovery.ts). */
   recover: HugeRecoveryStrategy;
+}
+
+/** Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. */
+const DIRTY_LIMIT_RING_ENTRIES = 4096;
+
+function parseCompress(v: string): 'none' | 'lz4' {
+  if (v !== 'none' && v !== 'lz4') throw new InvalidArgumentError('must be one of none, lz4');
+  return v;
+}
+
+function parseConverge(v: string): 'auto-converge' | 'dirty-limit' {
+  if (v !== 'auto-converge' && v !== 'dirty-limit') throw new InvalidArgumentError('must be one of auto-converge, dirty-limit');
+  return v;
+}
+
+function parsePostcopy(v: string): 'auto' {
+  if (v !== 'auto') throw new InvalidArgumentError(`'${v}': --postcopy takes no value or 'auto'`);
+  return 'auto';
+}
+function parseOnNoConvergence(v: string): 'postcopy' | 'fail' | 'force' {
+  if (v !== 'postcopy' && v !== 'fail' && v !== 'force') throw new InvalidArgumentError(`'${v}': must be postcopy, fail or force`);
+  return v;
+}
+
+/**
+ * The post-copy policy the flags ask for (source.ts PostcopyOptions). Without any post-copy flag
+ * it is `auto`: pre-copy while it can converge, post-copy once the guest re-dirties what the bulk
+ * round sent or the rounds stop shrinking (iterating further would only resend). Pure pre-copy is
+ * asked for with --no-postcopy (the rounds running out then fail, or --on-no-convergence force),
+ * or with --on-no-convergence fail|force alone (post-copy is then never used).
+ */
+export function postcopyPolicy(opts: MigrateOptions): PostcopyOptions {
+  const retries = opts.postcopyRetry ?? 0;
+  if (opts.postcopy === false) {
+    if (opts.postcopyAfter !== undefined) throw new UsageError('--no-postcopy and --postcopy-after exclude each other');
+    if (opts.onNoConvergence === 'postcopy') throw new UsageError('--no-postcopy and --on-no-convergence postcopy exclude each other');
+    return { switchAfter: null, onNoConvergence: opts.onNoConvergence ?? 'fail', retries };
+  }
+  const onNoConvergence = opts.onNoConvergence ?? 'postcopy';
+  const preferred = opts.postcopy === 'auto' ? 'auto' : opts.postcopy === true ? 1 : onNoConvergence === 'postcopy' ? 'auto' : null;
+  return { switchAfter: opts.postcopyAfter ?? preferred, onNoConvergence, retries };
 }
 
 export type MigrateResult = MigrationStats & { destination?: ReceiveReport | { error: string } };
@@ -74,12 +131,12 @@ function freePort(host: string): Promise<number> {
 }
 
 /** Connect, retrying while the receiver is still starting (connection refused). */
-async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child?: ChildProcess, security?: ClientSecurity): Promise<SourceLink> {
+async function connectWithRetry(host: string, port: number, channels: number, timeoutMs: number, idleTimeoutMs: number, signal: AbortSignal, child: ChildProcess | undefined, security: ClientSecurity | undefined, compress: boolean): Promise<SourceLink> {
   const t0 = Date.now();
   for (;;) {
     if (signal.aborted) throw new MigrationCancelledError();
     try {
-      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal, security });
+      return await connectLink({ host, port, channels, timeoutMs: idleTimeoutMs, signal, security, compress });
     } catch (e) {
       if (child && child.exitCode !== null) throw new Error(`the receiver exited (status ${child.exitCode}) before accepting the migration`);
       if (Date.now() - t0 > timeoutMs || !/ECONNREFUSED|refused the connection|connection refused/.test((e as Error).message)) throw e;
@@ -99,6 +156,7 @@ function spawnReceiver(host: string, port: number, opts: MigrateOptions, engineK
   const args = [
     join(projectRoot, 'bin', 'stage2.mjs'), 'receive', '--listen', `${host}:${port}`, '--engine', engineKind, '--json',
     '--run-ms', String(opts.destRunMs), opts.destPrealloc ? '--prealloc' : '--no-prealloc', '--timeout-ms', String(opts.timeoutMs), '--recover', opts.recover,
+    opts.destPostcopy === false ? '--no-postcopy' : '--postcopy',
     ...localReceiverArgs(opts),
   ];
   // Detached: a terminal ^C reaches the source only, which cancels and tells the receiver. Its
@@ -198,7 +256,17 @@ async function runMigrateSignalled(
   log(`source: starting a ${engine.kind} VM, ${opts.vcpus} vCPUs x ${opts.bytesPerVcpu / 2 ** 20} MiB (${ramMiB} MiB), workload ${opts.workload}`);
   const t0 = performance.now();
   const { vm, spec } = await unlessCancelled(
-    createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, workload: opts.workload, workloadOptions: workloadOptions(opts, opts.vcpus), lock: opts.lock, guestPageSize: opts.guestPageSize }),
+    createSourceVm(engine, {
+      vcpus: opts.vcpus,
+      bytesPerVcpu: opts.bytesPerVcpu,
+      backing: opts.backing,
+      workload: opts.workload,
+      workloadOptions: workloadOptions(opts, opts.vcpus),
+      lock: opts.lock,
+      guestPageSize: opts.guestPageSize,
+      // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
+      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: DIRTY_LIMIT_RING_ENTRIES } : {}),
+    }),
   );
   let receiver: LocalReceiver | null = null;
   dash?.attachVm(vm);
@@ -217,7 +285,7 @@ async function runMigrateSignalled(
     // stats, not a crash. A long warm-up connects only near its end: the receiver's idle timeout
     // runs from the connection to CONFIG.
     const connectAfterMs = Math.max(0, opts.warmupMs - Math.min(3000, timeoutMs / 2));
-    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child, security));
+    const linkP = sleepUnless(connectAfterMs, signal).then(() => connectWithRetry(host, port, opts.channels, receiver ? 30_000 : 2_000, timeoutMs, signal, receiver?.child, security, opts.compress === 'lz4'));
     linkP.catch(() => undefined);
     await Promise.all([linkP.catch(() => undefined), sleepUnless(opts.warmupMs, signal)]);
     const link = lazyLink(opts.channels, () => linkP);
@@ -237,11 +305,15 @@ async function runMigrateSignalled(
         downtimeLimitMs: opts.downtimeLimit,
         maxRounds: opts.maxRounds,
         autoConverge: opts.autoConverge,
+        converge: opts.converge,
+        vcpuDirtyLimit: opts.vcpuDirtyLimit,
         onProgress: timeline ? (p) => (bar.update(p), timeline.progress(p)) : bar.update,
         state,
         ...(watch ? { onDirtyHarvest: watch.onDirtyHarvest } : {}),
         signal,
         timeoutMs,
+        postcopy: { ...postcopyPolicy(opts), waitForResume: (why) => waitForManualResume(why, opts.postcopyResumeWait ?? 0, log, signal) },
+        log,
         // This command destroys the source itself (finally below): kept until then, it stops
         // logging on completion too and reports the huge mappings it re-formed.
         destroyOnComplete: false,
@@ -255,6 +327,8 @@ async function runMigrateSignalled(
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
       log(`migration ${stats.status}: ${stats.error}; source ${state}`);
     }
+    if (stats.postcopy) log(`switched to post-copy ${stats.postcopy.switchedAtSeconds.toFixed(2)} s in, after round ${stats.postcopy.switchedAfterRound}: ${stats.postcopy.reason}`);
+    if (stats.downtimeExceeded) log(`DOWNTIME LIMIT EXCEEDED: ${stats.downtimeExceeded}`);
     if (receiver) {
       // After a completed migration the receiver runs the guest for --dest-run-ms, then reports.
       // Otherwise it has seen the failure and discards, or (a failure before it was reached)
@@ -291,6 +365,12 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
   out(`transferred: ${(s.transferredBytes / 2 ** 20).toFixed(1)} MiB of ${(s.ramBytes / 2 ** 20).toFixed(0)} MiB RAM; ${s.throughputMBps.toFixed(0)} MB/s, ${s.pagesPerSecond} pages/s`);
   out(`pages: ${s.normalPages} normal, ${s.zeroPages} zero; dirty syncs ${s.dirtySyncCount}, dirty rate ${s.dirtyPagesRate} pages/s, throttle ${s.throttlePercent}%`);
   for (const r of s.rounds) out(`  round ${r.round} ${r.kind.padEnd(13)} ${String(r.normalPages + r.zeroPages).padStart(8)} pages ${(r.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB ${(r.seconds * 1000).toFixed(1).padStart(8)} ms  throttle ${r.throttlePercent}%`);
+  if (s.postcopy) {
+    const p = s.postcopy;
+    out(`post-copy: switched after round ${p.switchedAfterRound} at ${p.switchedAtSeconds.toFixed(2)} s (${p.reason}); ${p.pushedPages ?? 0} pages pushed, ${s.postcopyRequests} requests, ${p.recoveries ?? 0} recoveries`);
+    for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
+  }
+  if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
   if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
 }
@@ -307,6 +387,16 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--max-rounds <n>', 'iterative rounds before stop-and-copy is forced', parsePositiveInt, DEFAULT_MAX_ROUNDS)
     .option('--auto-converge', 'throttle the vCPUs stepwise (20%, +10%, up to 99%) while rounds do not shrink', true)
     .option('--no-auto-converge', 'never throttle the vCPUs')
+    .option('--compress <codec>', 'none | lz4: compress RAM records (pays on a link slower than lz4, ~1 GB/s per core here, for pages that compress)', parseCompress, 'none')
+    .option('--converge <policy>', 'how a guest that outruns the link is made to converge: auto-converge (slow every vCPU) | dirty-limit (hold each vCPU to --vcpu-dirty-limit; only faster ones wait; logs to dirty rings)', parseConverge, 'auto-converge')
+    .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes per second each vCPU may dirty (accepts 1M)', parseSize, DEFAULT_VCPU_DIRTY_LIMIT)
+    .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
+    .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
+    .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
+    .option('--on-no-convergence <what>', 'when the rounds run out above --downtime-limit: postcopy (default; fails if the destination refuses it), fail, or force (stop-and-copy anyway, reported)', parseOnNoConvergence)
+    .option('--postcopy-retry <n>', 'reconnect up to n times when a post-copy connection drops (the guest waits on the destination meanwhile)', parseNonNegativeInt, 3)
+    .option('--postcopy-resume-wait <ms>', 'after the reconnections are used up, wait this long for `migrate --resume PID` before failing (0: fail at once)', parseNonNegativeInt, 60_000)
+    .option('--no-dest-postcopy', '--local: the receiver refuses post-copy (receive --no-postcopy)')
     .option('--warmup-ms <ms>', 'let the guest run this long before migrating', parseNonNegativeInt, 200)
     .option('--dest-prealloc', '--local: the receiver preallocates guest RAM in setup (receive --prealloc)', true)
     .option('--no-dest-prealloc', '--local: the receiver faults guest RAM in as pages arrive (receive --no-prealloc)')
@@ -321,10 +411,16 @@ export function registerMigrate(program: Command): void {
   addMigrateSecurityOptions(addMigrationOptions(
     addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
-      .option('--local', 'spawn the receiver on loopback', false),
+      .option('--local', 'spawn the receiver on loopback', false)
+      .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
   )).action(async (opts: MigrateOptions, cmd: Command) => {
+    if (opts.resume !== undefined) {
+      process.stdout.write(resumePausedMigration(opts.resume) + '\n');
+      return;
+    }
     checkMigrateOptions(opts, cmd);
     loadClientSecurity(opts); // its rules and files, before any VM starts
+    postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');
     const result = await runMigrate(opts, log);
     if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');

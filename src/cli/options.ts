@@ -4,7 +4,8 @@ import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
 import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
-import { DIRTY_PATTERNS, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
+import { DIRTY_PATTERNS, TRACE_RATE_RECORDED, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
+import { traceRef, TraceFileError, type TraceRef } from '../guest/trace-replay.ts';
 import { FAULT_PATHS, UFFD_MODES, type FaultPath, type UffdMode } from '../vmm/demand-paging.ts';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
@@ -171,6 +172,30 @@ export function parseGuestPageSize(text: string): GuestPageSize {
   return bytes;
 }
 
+/** --trace: comma-separated trace files, each opened and checked now (guest/trace-replay.ts). */
+export function parseTraceFiles(text: string): TraceRef[] {
+  const files = text.split(',').map((f) => f.trim());
+  if (files.some((f) => f === '')) throw new InvalidArgumentError('must be FILE[,FILE...] with no empty name');
+  return files.map((f) => {
+    try {
+      return traceRef(f);
+    } catch (e) {
+      if (e instanceof TraceFileError) throw new InvalidArgumentError(e.message);
+      throw e;
+    }
+  });
+}
+
+/** --trace-rate: epochs per second per vCPU, `recorded` (real time, the default) or `max` (unpaced). */
+export function parseTraceRate(text: string): number {
+  const t = text.trim();
+  if (t === 'recorded') return TRACE_RATE_RECORDED;
+  if (t === 'max') return 0;
+  const n = /^\d+(?:\.\d+)?$/.test(t) ? Number(t) : NaN;
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be epochs per second above 0, recorded or max');
+  return n;
+}
+
 export interface CommonOptions {
   engine: EngineChoice;
   vcpus: number;
@@ -185,6 +210,10 @@ export interface CommonOptions {
   /** dirty-rate: bytes of guest RAM written (split evenly over the vCPUs); default: all of it. */
   workingSet?: number;
   pattern: DirtyPattern;
+  /** trace: the traces replayed (vCPU v replays trace v % n). */
+  trace?: TraceRef[];
+  traceRate: number;
+  traceShift: number;
   lock: MmuLockMode;
   guestPageSize: GuestPageSize;
   json: boolean;
@@ -207,6 +236,9 @@ export function addCommonOptions(cmd: Command, defaults: { bytesPerVcpu: string;
     .option('--dirty-rate <size>', 'dirty-rate: bytes per second the guest dirties, all vCPUs together (e.g. 200M)', parseMemorySize)
     .option('--working-set <size>', 'dirty-rate: bytes of guest RAM it writes, all vCPUs together (default: all; the rest stays zero)', parseMemorySize)
     .option('--pattern <order>', 'dirty-rate: sequential | random', parsePattern, 'sequential' as DirtyPattern)
+    .option('--trace <files>', 'trace: FILE[,FILE...] page write traces to replay (vCPU v replays file v % n)', parseTraceFiles)
+    .option('--trace-rate <rate>', 'trace: epochs per second per vCPU, recorded (real time) or max', parseTraceRate, TRACE_RATE_RECORDED)
+    .option('--trace-shift <epochs>', 'trace: epochs between the starting points of consecutive vCPUs', parseIntInRange(0, 2 ** 32), 0)
     .option('--lock <mode>', `soft engine MMU lock: ${MMU_LOCK_MODES.join(' | ')}`, parseLock, 'parallel')
     .option('--guest-page-size <size>', 'kvm guest page size: 4K | 2M', parseGuestPageSize, 2097152 as GuestPageSize)
     .option('--json', 'print one JSON object on stdout and nothing else there', false);
@@ -223,7 +255,8 @@ export function humanOut(json: boolean): (line: string) => void {
  * set in whole pages; at least one page per vCPU).
  */
 export function workloadOptions(opts: CommonOptions, vcpus: number): Partial<WorkloadSpec> {
-  const out: Partial<WorkloadSpec> = { seed: opts.seed, writePercent: opts.writePercent, pattern: opts.pattern };
+  const out: Partial<WorkloadSpec> = { seed: opts.seed, writePercent: opts.writePercent, pattern: opts.pattern, traceRate: opts.traceRate, traceShift: opts.traceShift };
+  if (opts.trace !== undefined) out.traces = opts.trace;
   if (opts.dirtyRate !== undefined) out.dirtyRate = opts.dirtyRate / vcpus;
   if (opts.workingSet !== undefined) out.workingSetBytes = Math.max(PAGE_BYTES, Math.floor(opts.workingSet / vcpus / PAGE_BYTES) * PAGE_BYTES);
   return out;

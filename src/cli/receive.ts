@@ -35,6 +35,8 @@ export interface ReceiveReport {
   ranSeconds: number;
   /** Null when guest memory matched the workload after running; else the first mismatch. */
   memoryCheck: string | null;
+  /** The post-copy phase, when the guest started by post-copy. */
+  postcopy?: import('../migration/destination.ts').DestinationPostcopyReport;
 }
 
 interface ReceiveOptions extends SecurityOptions, DashboardOptions {
@@ -46,6 +48,7 @@ interface ReceiveOptions extends SecurityOptions, DashboardOptions {
   prealloc: boolean;
   json: boolean;
   timeoutMs: number;
+  postcopy: boolean;
   /** Soft engine: how huge mappings come back when dirty logging stops on this VM. */
   recover: HugeRecoveryStrategy;
 }
@@ -64,6 +67,8 @@ export function registerReceive(program: Command): void {
     .option('--verify-rescan', 're-read all guest memory before starting the guest and report its hash (adds downtime)', false)
     .option('--recover <strategy>', `soft engine: how huge mappings are re-formed when dirty logging stops on this VM: ${HUGE_RECOVERY_STRATEGIES.join(' | ')}`, parseRecover, 'in-place')
     .option('--json', 'print one JSON object on stdout and nothing else there', false)
+    .option('--postcopy', 'accept post-copy: the guest may start here before every page arrived, pages are then fetched on demand (default)', true)
+    .option('--no-postcopy', 'refuse post-copy (the source then fails when pre-copy does not converge, or forces the downtime with --on-no-convergence force)')
     .option('--timeout-ms <ms>', 'fail when the source makes no progress for this long while we wait on it (idle timeout)', parsePositiveInt, DEFAULT_IDLE_TIMEOUT_MS);
   addDashboardOption(addReceiveSecurityOptions(cmd))
     .action(async (opts: ReceiveOptions) => {
@@ -96,10 +101,15 @@ export function registerReceive(program: Command): void {
       }
       // Listening (and saying so) only once the signals are ours: a signal right after the line
       // must cancel, not kill.
+      // The post-copy connections are plain TCP (postcopy/record-socket.ts): with TLS or an auth
+      // token asked for, post-copy would open a path around them, so it is refused.
+      const securePath = security !== undefined && (security.tls !== undefined || security.token !== undefined);
+      if (securePath && opts.postcopy) log('refusing post-copy: its connections are not covered by --tls-cert / --auth-token-file yet');
       const listener = await listenLink({
         ...opts.listen,
         timeoutMs: opts.timeoutMs,
         security,
+        postcopy: opts.postcopy && !securePath,
         // A refused connection never reaches the stream (admission.ts): say why, keep waiting.
         onRefused: (peer, reason) => log(`refused ${peer}: ${reason}; still waiting for the source`),
       }).catch((e: Error) => {
@@ -127,8 +137,10 @@ export function registerReceive(program: Command): void {
           preallocate: opts.prealloc,
           signal: ac.signal,
           timeoutMs: opts.timeoutMs,
+          postcopyHost: opts.listen.host === '0.0.0.0' ? undefined : opts.listen.host,
           log,
         });
+        if (r.postcopy?.error) throw new Error(`post-copy failed: ${r.postcopy.error}`);
         log(`switchover done: guest resumed from vCPU passes [${r.passesAtSwitchover.join(', ')}] in ${(r.resumeSeconds * 1000).toFixed(2)} ms`);
         const t0 = performance.now();
         if (opts.runMs > 0) await sleepUnless(opts.runMs, ac.signal);
@@ -152,6 +164,7 @@ export function registerReceive(program: Command): void {
           passesAfter,
           ranSeconds,
           memoryCheck,
+          ...(r.postcopy ? { postcopy: r.postcopy } : {}),
         };
         if (opts.json) process.stdout.write(JSON.stringify(report) + '\n');
         if (memoryCheck) throw new Error(`guest memory inconsistent after migration: ${memoryCheck}`);

@@ -144,12 +144,14 @@ export function checkGuestFits(caps: EngineCapabilities, d: GuestDemand, machine
 }
 
 /**
- * The engine a workload can run on: the dirty-rate guest paces itself by a clock only the soft
- * engine's guest has, so it picks soft unless the user named kvm, which is refused.
+ * The engine a workload can run on: the dirty-rate and trace guests pace themselves by a clock
+ * only the soft engine's guest has, so they pick soft unless the user named kvm, which is refused.
  */
-export function engineForWorkload(opts: { engine: EngineChoice; workload: WorkloadKind }): EngineChoice {
-  if (opts.workload !== 'dirty-rate') return opts.engine;
-  if (opts.engine === 'kvm') throw new UsageError('--workload dirty-rate runs on the soft engine only (the kvm guest has no clock to pace itself by); use --engine soft');
+export function engineForWorkload(opts: { engine: EngineChoice; workload: WorkloadKind; trace?: readonly unknown[] }): EngineChoice {
+  if (opts.workload === 'trace' && opts.trace === undefined) throw new UsageError('--workload trace needs --trace FILE[,FILE...] (e.g. test/data/traces/gzip.s2trace)');
+  if (opts.workload !== 'trace' && opts.trace !== undefined) throw new UsageError(`--trace is for --workload trace, not ${opts.workload}`);
+  if (opts.workload !== 'dirty-rate' && opts.workload !== 'trace') return opts.engine;
+  if (opts.engine === 'kvm') throw new UsageError(`--workload ${opts.workload} runs on the soft engine only (the kvm guest has no clock to pace itself by); use --engine soft`);
   return 'soft';
 }
 

@@ -143,7 +143,8 @@ export class Sampler {
     const layout = (this.layout = layoutCells(vm.memslots()));
     const stats = vm.stats();
     const status = this.state?.status;
-    const paused = status === 'device' || status === 'completed';
+    // From stop-and-copy (or the switch to post-copy) on, the source's vCPUs stay paused.
+    const paused = status === 'device' || status === 'postcopy-active' || status === 'completed';
     const t = this.timeline.now();
     this.lastVcpus = vm.progress().map((p) => {
       const last = this.lastPasses[p.vcpu];

@@ -19,14 +19,25 @@
 //               own clock: ahead of schedule it halts until its timer (0 = unpaced). Timing
 //               never changes which page gets which value, so the pass-by-pass model holds;
 //               only the soft engine runs it (the kvm guest has no clock to pace itself by).
+//   trace:      replays real programs' page-level write traces (trace-format.ts,
+//               trace-replay.ts): a pass is one epoch of the trace; vCPU v replays
+//               traces[v % traces.length] from epoch v * traceShift, wrapping around, and writes
+//               page (index mod pagesPerVcpu) of its slice for each page the epoch lists, in
+//               ascending index order; paced to traceRate epochs per second by the guest's clock
+//               like dirty-rate (TRACE_RATE_RECORDED: each trace at its program's native speed).
+//               Soft engine only.
 // Each write stores one little-endian 64-bit word at offset 0 of the page:
 //   guestWriteValue(vcpu, pass) = (vcpu + 1) * 2^32 + pass, with pass counted from 1.
 // After each pass the vCPU reports to the VMM (soft: a shared counter; kvm: `out` to
 // SYNC_PORT, like ucall) and waits while the VMM's pass allowance is used up.
 
 import { PAGE_SIZE } from '../vmm/engine.ts';
+import { loadTrace, traceEpoch, type LoadedTrace, type TraceRef } from './trace-replay.ts';
 
-export type WorkloadKind = 'sequential' | 'random' | 'idle' | 'rwmix' | 'dirty-rate';
+export type WorkloadKind = 'sequential' | 'random' | 'idle' | 'rwmix' | 'dirty-rate' | 'trace';
+
+/** trace: replay each trace at the speed its program ran natively (the recorded real time). */
+export const TRACE_RATE_RECORDED = -1;
 
 export type DirtyPattern = 'sequential' | 'random';
 export const DIRTY_PATTERNS: readonly DirtyPattern[] = ['sequential', 'random'];
@@ -47,6 +58,12 @@ export interface WorkloadSpec {
   workingSetBytes: number;
   /** dirty-rate: the order of the working set's writes. */
   pattern: DirtyPattern;
+  /** trace: the traces replayed (vCPU v replays traces[v % traces.length]). */
+  traces: TraceRef[];
+  /** trace: epochs per second per vCPU; 0: as fast as it can; TRACE_RATE_RECORDED: real time. */
+  traceRate: number;
+  /** trace: epochs between the starting points of consecutive vCPUs. */
+  traceShift: number;
 }
 
 /** I/O port the kvm guest writes after every pass (the value written is the pass number). */
@@ -55,7 +72,7 @@ export const SYNC_PORT = 0x5c2;
 /** Where the VMM puts test memory by default: at 4 GiB, clear of the kvm engine's own slot. */
 export const DEFAULT_TEST_MEM_GPA = 2 ** 32;
 
-export const WORKLOAD_KINDS: readonly WorkloadKind[] = ['sequential', 'random', 'idle', 'rwmix', 'dirty-rate'];
+export const WORKLOAD_KINDS: readonly WorkloadKind[] = ['sequential', 'random', 'idle', 'rwmix', 'dirty-rate', 'trace'];
 
 export function workload(kind: WorkloadKind, bytesPerVcpu: number, opts: Partial<WorkloadSpec> = {}): WorkloadSpec {
   return {
@@ -67,7 +84,21 @@ export function workload(kind: WorkloadKind, bytesPerVcpu: number, opts: Partial
     dirtyRate: opts.dirtyRate ?? 0,
     workingSetBytes: Math.min(opts.workingSetBytes ?? bytesPerVcpu, bytesPerVcpu),
     pattern: opts.pattern ?? 'sequential',
+    traces: opts.traces ?? [],
+    traceRate: opts.traceRate ?? TRACE_RATE_RECORDED,
+    traceShift: opts.traceShift ?? 0,
   };
+}
+
+/** trace: the trace vCPU `vcpu` replays (loaded once per thread). */
+export function vcpuTrace(spec: WorkloadSpec, vcpu: number): LoadedTrace {
+  if (spec.traces.length === 0) throw new RangeError("the 'trace' workload needs at least one trace file");
+  return loadTrace(spec.traces[vcpu % spec.traces.length]!);
+}
+
+/** trace: the epochs per second vCPU `vcpu` replays at (0: unpaced). */
+export function traceEpochRate(spec: WorkloadSpec, vcpu: number): number {
+  return spec.traceRate === TRACE_RATE_RECORDED ? vcpuTrace(spec, vcpu).recordedEpochsPerSecond : spec.traceRate;
 }
 
 export function pagesPerVcpu(spec: WorkloadSpec): number {
@@ -125,11 +156,12 @@ export function randomPageIndex(draw: number, pages: number): number {
 }
 
 /**
- * Reference model: the page indices (within the vCPU's slice) that pass `pass` writes, given the
- * generator state at the start of the pass (advanced in place). Used by tests and the
- * differential check, and as the specification the engines' fast paths must match.
+ * Reference model: the page indices (within the vCPU's slice) that pass `pass` of vCPU `vcpu`
+ * writes, given the generator state at the start of the pass (advanced in place). Used by tests
+ * and the differential check, and as the specification the engines' fast paths must match.
+ * Only the trace workload depends on `vcpu` (the others draw it from the generator state).
  */
-export function pagesWrittenInPass(spec: WorkloadSpec, rng: { hi: number; lo: number }, pass: number): number[] {
+export function pagesWrittenInPass(spec: WorkloadSpec, rng: { hi: number; lo: number }, pass: number, vcpu = 0): number[] {
   const pages = pagesPerVcpu(spec);
   const out: number[] = [];
   switch (spec.kind) {
@@ -149,6 +181,12 @@ export function pagesWrittenInPass(spec: WorkloadSpec, rng: { hi: number; lo: nu
       const ws = workingSetPages(spec);
       if (spec.pattern === 'sequential') for (let p = 0; p < ws; p++) out.push(p);
       else for (let i = 0; i < ws; i++) out.push(randomPageIndex(xorshift64Step(rng), ws));
+      break;
+    }
+    case 'trace': {
+      const t = vcpuTrace(spec, vcpu);
+      const e = traceEpoch(t.trace.writes.length, spec.traceShift, vcpu, pass);
+      for (const p of t.trace.writes[e]!) out.push(p % pages);
       break;
     }
   }

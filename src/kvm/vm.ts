@@ -150,6 +150,7 @@ export class KvmVm extends VmRunLoop implements Vm {
     if (this.vcpus.length > 0) throw new VmError('state', 'createVcpus: vCPUs already created');
     if (count < 1) throw new VmError('config', 'createVcpus: count must be >= 1');
     if (spec.kind === 'dirty-rate') throw new VmError('config', "createVcpus: the 'dirty-rate' workload runs on the soft engine only (the kvm guest has no clock to pace itself by)");
+    if (spec.kind === 'trace') throw new VmError('config', "createVcpus: the 'trace' workload runs on the soft engine only (the kvm guest has no clock to pace epochs by, and no code generator for a data-driven page list yet)");
     if (pagesPerVcpu(spec) >= 2 ** 32) throw new RangeError('createVcpus: a slice must have fewer than 2^32 pages');
     const a = this.addon;
     const guest = setUpGuest(count, spec, this.config.guestPageSize, this.kvm.guestCpl, (bytes) => this.map(bytes, 'anonymous_thp'));
@@ -177,7 +178,7 @@ export class KvmVm extends VmRunLoop implements Vm {
     saveArchState(a, this.vcpus[0]!.fd, this.features);
     this.runControl = await startKvmVcpus(a, this.vcpus, spec.kind === 'idle');
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
-    if (this.config.dirtyRingEntries > 0) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+    if (this.config.dirtyRingEntries > 0) this.runControl.onExit('dirtyRingFull', (x) => this.drainRings(x.vcpu));
   }
 
   private slotPages(slot: number): number {
@@ -197,8 +198,9 @@ export class KvmVm extends VmRunLoop implements Vm {
     this.addon.dirtyLog(this.vmFd, true, slot, firstPage, numPages, bitmap);
   }
 
-  private drainRings(): void {
-    for (const vc of this.vcpus) {
+  /** Collect every vCPU's ring (or only `onlyVcpu`'s, its DIRTY_RING_FULL exit), then reset. */
+  private drainRings(onlyVcpu?: number): void {
+    for (const vc of onlyVcpu === undefined ? this.vcpus : [this.vcpus[onlyVcpu]!]) {
       // KVM promises a vCPU exits once its ring holds soft_limit = size - 64 (or fewer)
       // entries; the largest batch seen shows whether the host kept that promise.
       const n = vc.ring?.collect(this.pendingRing) ?? 0;

@@ -16,7 +16,7 @@
 //
 // Concurrency: pure functions, main thread.
 import { KVM_MEM_READONLY, PAGE_SIZE, type Backing, type EngineKind, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
-import { DIRTY_PATTERNS, WORKLOAD_KINDS } from '../guest/workload.ts';
+import { DIRTY_PATTERNS, TRACE_RATE_RECORDED, WORKLOAD_KINDS, type WorkloadSpec } from '../guest/workload.ts';
 import { CONFIG_VERSION, type MigrationConfig, type MigrationSlot } from './config.ts';
 import { describeValue } from '../util/describe-value.ts';
 
@@ -101,6 +101,28 @@ function validateSlot(v: unknown, i: number): MigrationSlot {
 }
 
 /**
+ * The trace workload's fields (guest/trace-replay.ts). Whether the files exist here with the
+ * same digests is the receiving host's business (checkConfig).
+ */
+function validateTraceFields(w: Obj): Pick<WorkloadSpec, 'traces' | 'traceRate' | 'traceShift'> {
+  if (!Array.isArray(w.traces)) throw new ConfigFieldError('workload.traces', `must be an array, got ${describeValue(w.traces)}`);
+  if (w.traces.length > MAX_VCPUS) throw new ConfigFieldError('workload.traces', `${w.traces.length} traces, more than ${MAX_VCPUS}`);
+  const traces = w.traces.map((t, i) => {
+    const f = `workload.traces[${i}]`;
+    const o = object(t, f);
+    onlyKeys(o, f, ['path', 'digest']);
+    if (typeof o.path !== 'string' || !o.path.startsWith('/')) throw new ConfigFieldError(`${f}.path`, `must be an absolute path, got ${describeValue(o.path)}`);
+    if (typeof o.digest !== 'string' || !/^[0-9a-f]{64}$/.test(o.digest)) throw new ConfigFieldError(`${f}.digest`, `must be a sha256 in hex, got ${describeValue(o.digest)}`);
+    return { path: o.path, digest: o.digest };
+  });
+  const traceRate = w.traceRate;
+  if (typeof traceRate !== 'number' || !Number.isFinite(traceRate) || (traceRate < 0 && traceRate !== TRACE_RATE_RECORDED)) {
+    throw new ConfigFieldError('workload.traceRate', `must be epochs per second >= 0 or ${TRACE_RATE_RECORDED} (recorded real time), got ${describeValue(traceRate)}`);
+  }
+  return { traces, traceRate, traceShift: int(w.traceShift, 'workload.traceShift', 0, 2 ** 32) };
+}
+
+/**
  * `raw` (CONFIG's parsed JSON) as a MigrationConfig this build can host, or ConfigFieldError.
  * `lockModes`: the MMU lock modes this build's engines accept.
  */
@@ -125,7 +147,7 @@ export function validateConfig(raw: unknown, lockModes: readonly MmuLockMode[]):
   const vcpus = int(o.vcpus, 'vcpus', 1, MAX_VCPUS);
 
   const w = object(o.workload, 'workload');
-  onlyKeys(w, 'workload', ['kind', 'gpaBase', 'bytesPerVcpu', 'seed', 'writePercent', 'dirtyRate', 'workingSetBytes', 'pattern']);
+  onlyKeys(w, 'workload', ['kind', 'gpaBase', 'bytesPerVcpu', 'seed', 'writePercent', 'dirtyRate', 'workingSetBytes', 'pattern', 'traces', 'traceRate', 'traceShift']);
   const bytesPerVcpu = pageMultiple(w.bytesPerVcpu, 'workload.bytesPerVcpu', PAGE_SIZE, MAX_GPA);
   const workload = {
     kind: oneOf(w.kind, 'workload.kind', WORKLOAD_KINDS),
@@ -138,7 +160,9 @@ export function validateConfig(raw: unknown, lockModes: readonly MmuLockMode[]):
     dirtyRate: w.dirtyRate === undefined ? 0 : int(w.dirtyRate, 'workload.dirtyRate', 0, MAX_GPA),
     workingSetBytes: w.workingSetBytes === undefined ? bytesPerVcpu : pageMultiple(w.workingSetBytes, 'workload.workingSetBytes', PAGE_SIZE, bytesPerVcpu),
     pattern: w.pattern === undefined ? ('sequential' as const) : oneOf(w.pattern, 'workload.pattern', DIRTY_PATTERNS),
+    ...validateTraceFields(w),
   };
+  if (workload.kind === 'trace' && workload.traces.length === 0) throw new ConfigFieldError('workload.traces', 'the trace workload needs at least one trace');
 
   if (!Array.isArray(o.memslots)) throw new ConfigFieldError('memslots', `must be an array, got ${describeValue(o.memslots)}`);
   if (o.memslots.length < 1 || o.memslots.length > MAX_MEMSLOTS) throw new ConfigFieldError('memslots', `${o.memslots.length} memslots, expected 1..${MAX_MEMSLOTS}`);

@@ -4,7 +4,8 @@
 // here, so the two cannot drift.
 import type { Backing, Engine, EngineKind, MemslotInfo, Vm, VmConfig } from '../vmm/engine.ts';
 import { KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE } from '../vmm/engine.ts';
-import type { WorkloadSpec } from '../guest/workload.ts';
+import { vcpuTrace, type WorkloadSpec } from '../guest/workload.ts';
+import { TraceFileError } from '../guest/trace-replay.ts';
 
 export const CONFIG_VERSION = 1;
 
@@ -80,8 +81,21 @@ export function checkConfig(cfg: MigrationConfig, engine: Engine, limits: HostLi
   if (available !== undefined && cfg.ramBytes > available) throw new IncompatibleConfigError(`${cfg.ramBytes} bytes of guest RAM, this host has ${available} available (MemAvailable + free swap)`);
   if (cfg.vmConfig.manualDirtyLogProtect && !caps.manualDirtyLogProtect) throw new IncompatibleConfigError('the source uses manual dirty-log protect, this engine lacks it');
   if (cfg.vmConfig.dirtyRingEntries > caps.dirtyRingMaxEntries) throw new IncompatibleConfigError(`the source uses a dirty ring of ${cfg.vmConfig.dirtyRingEntries} entries, this engine offers at most ${caps.dirtyRingMaxEntries}`);
+  if (cfg.workload.kind === 'trace') checkTraces(cfg.workload);
   for (const s of cfg.memslots) {
     if (!s.internal && !caps.backings.includes(s.backing)) throw new IncompatibleConfigError(`memslot ${s.slot} needs ${s.backing} backing, this host offers ${caps.backings.join(', ')}`);
+  }
+}
+
+/** The trace workload replays files the source named: this host must have the same ones. */
+function checkTraces(spec: WorkloadSpec): void {
+  for (let i = 0; i < spec.traces.length; i++) {
+    try {
+      vcpuTrace(spec, i);
+    } catch (e) {
+      if (e instanceof TraceFileError) throw new IncompatibleConfigError(`the guest replays ${e.message}; copy the source's trace file to the same path here`);
+      throw e;
+    }
   }
 }
 

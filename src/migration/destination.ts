@@ -26,6 +26,11 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
+import { postcopyFaultPath, startPostcopyPaging } from './postcopy/paging.ts';
+import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
+import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
+import { randomBytes } from 'node:crypto';
+import type { Server } from 'node:net';
 
 export interface ReceiveOptions {
   openEngine: (kind: EngineKind) => Promise<Engine>;
@@ -41,6 +46,22 @@ export interface ReceiveOptions {
   log?: (line: string) => void;
   /** Idle timeout of every wait on the source, ms (default: the link's, DEFAULT_IDLE_TIMEOUT_MS). */
   timeoutMs?: number;
+  /** Post-copy: where the post-copy listener binds (default 127.0.0.1 / the listen host). */
+  postcopyHost?: string;
+  /** Post-copy: the fault path to page on (default: 'exit' where the engine has it, else 'uffd'; postcopy/paging.ts). */
+  postcopyFaultPath?: FaultPath;
+  /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
+  postcopyRecoverTimeoutMs?: number;
+}
+
+/** The post-copy phase as the destination saw it. */
+export interface DestinationPostcopyReport {
+  faultPath: FaultPath;
+  /** Pages missing when the guest started. */
+  missingAtStart: number;
+  waits: VcpuPageWaits[];
+  result?: PostcopyDestinationResult;
+  error?: string;
 }
 
 export interface ReceiveResult {
@@ -60,11 +81,15 @@ export interface ReceiveResult {
   resumeSeconds: number;
   /** First vCPU-state record received -> guest started, seconds. */
   switchoverSeconds: number;
+  /** Present when the guest started by post-copy (hash is then the one at the end of it). */
+  postcopy?: DestinationPostcopyReport;
 }
 
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
 
 const PREALLOC_CHUNK = 1 << 20;
+/** Pages in a 2 MiB (transparent) huge page. */
+const HUGE_BLOCK_PAGES = 512;
 /** Bytes preallocated between two yields to the event loop (~0.1 s at the ~3 s/GiB measured). */
 const PREALLOC_YIELD_BYTES = 32 << 20;
 
@@ -112,6 +137,18 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let tFirstVcpu: bigint | null = null;
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
+  // Post-copy (only when the handshake accepted it): pages the source says are stale are marked
+  // in `discarded` (dense page index); `staleHeld` lists, per slot, the discarded pages this side
+  // had received (populated: the pager must drop them). Guest RAM pages received at least once
+  // are counted as they come, so the switchover needs no pass over every page.
+  let discarded = new Uint8Array(0);
+  let anyDiscard = false;
+  const staleHeld = new Map<number, number[]>();
+  let ramPages = 0;
+  let ramReceived = 0;
+  let pcServer: Server | null = null;
+  let pc: PostcopyDestination | null = null;
+  let pcReport: DestinationPostcopyReport | null = null;
 
   const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`, ErrorCode.BAD_STREAM);
 
@@ -129,8 +166,14 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
     configDigest = digester.config(raw);
     log(`receiving a ${c.engine} VM: ${c.vcpus} vCPUs, ${c.ramBytes} bytes in ${c.memslots.length} memslots, workload ${c.workload.kind}`);
-    // Preallocation overlaps the vCPU threads' start-up.
-    vm = await buildDestinationVm(c, engine, opts.preallocate ? (v) => preallocate(v, c, opts.signal) : undefined);
+    // Preallocation overlaps the vCPU threads' start-up. Not with post-copy negotiated (QEMU's
+    // postcopy discards all of RAM when it starts listening, for the same reason): every page the
+    // source never sent would have to be dropped again at the switch, on the downtime path.
+    const prealloc = opts.preallocate && !link.postcopyAllowed;
+    if (opts.preallocate && !prealloc) log('not preallocating guest RAM: post-copy is negotiated, and pages never sent must stay missing');
+    vm = await buildDestinationVm(c, engine, prealloc ? (v) => preallocate(v, c, opts.signal) : undefined);
+    // The post-copy listener now, off the downtime path (it serves only after POSTCOPY_RUN).
+    if (link.postcopyAllowed) pcServer = await PostcopyDestination.openServer(opts.postcopyHost ?? '127.0.0.1');
     // Paused before it ever ran: loadVcpuState is then allowed for every vCPU in any order, and
     // the pause costs nothing on the downtime path.
     await vm.pause();
@@ -142,8 +185,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     table = new PageHashTable(slotMap.layout);
     lastRound = new Uint32Array(slotMap.totalPages);
     internalPage = new Uint8Array(slotMap.totalPages);
+    discarded = new Uint8Array(slotMap.totalPages);
     for (const s of c.memslots) {
-      if (!s.internal) continue;
+      if (!s.internal) {
+        ramPages += s.pages;
+        continue;
+      }
       const { index } = slotMap.locatePages(s.slot, 0, s.pages)!;
       internalPage.fill(1, index, index + s.pages);
     }
@@ -176,9 +223,16 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const data = aligned(raw);
     const pages = data.length / PAGE_SIZE;
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
+    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     let all = true;
-    for (let i = 0; i < pages; i++) if (lastRound[idx + i]! > round) all = false;
+    let fresh = 0;
+    for (let i = 0; i < pages; i++) {
+      const prev = lastRound[idx + i]!;
+      if (prev > round) all = false;
+      else if (prev === 0) fresh++;
+    }
+    if (!internalPage[idx]) ramReceived += fresh;
     if (all) {
       vm!.writeGuest(gpa, data);
       lastRound.fill(round, idx, idx + pages);
@@ -194,12 +248,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
+  /** Pages of a slot after its POSTCOPY_DISCARD: the source sends none (they would be dropped). */
+  const checkNotDiscarded = (slotId: number, firstPage: number, idx: number, pages: number) => {
+    for (let i = 0; i < pages; i++) if (discarded[idx + i]) throw protocol(`page ${firstPage + i} of memslot ${slotId} arrived after POSTCOPY_DISCARD listed it`);
+  };
+
   const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
+    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
       if (prev > round) continue;
+      if (prev === 0 && !internalPage[idx + i]) ramReceived++;
       // Fresh guest RAM is already zero; only a page written before (or engine-internal memory
       // that createVcpus filled) needs clearing.
       if (prev > 0 || internalPage[idx + i]) vm!.writeGuest(gpa + i * PAGE_SIZE, zeroPage);
@@ -248,10 +309,114 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'complete', hash: held, pagesReceived });
   };
 
+  // POSTCOPY_DISCARD: these pages are stale here (or were never sent). A page this side holds
+  // leaves the hash table now (what stays is what POSTCOPY_RUN's hash vouches for) and is listed
+  // for the pager to drop.
+  const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
+    if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
+    const { index } = locate(slotId, firstPage, count);
+    anyDiscard = true;
+    let held = staleHeld.get(slotId);
+    for (let b = 0; b < bitmap.length; b++) {
+      const byte = bitmap[b]!;
+      if (byte === 0) continue;
+      for (let k = 0; k < 8; k++) {
+        if (!(byte & (1 << k))) continue;
+        const i = b * 8 + k;
+        if (i >= count) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} sets bit ${i} past its ${count} pages`);
+        const at = index + i;
+        if (internalPage[at]) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i}: engine-internal memory is sent before the switch, never paged on demand`);
+        if (discarded[at]) continue;
+        discarded[at] = 1;
+        if (lastRound[at]! > 0) {
+          table!.setZero(slotId, firstPage + i, 1);
+          if (!held) staleHeld.set(slotId, (held = []));
+          held.push(firstPage + i);
+        }
+      }
+    }
+  };
+
+  // END{postcopy} (POSTCOPY_RUN): check what we keep, start demand paging, answer COMPLETE with
+  // where the post-copy connections go; the guest starts on GO, as after END.
+  const postcopySwitchover = async (missingPages: number) => {
+    phase = 'switchover';
+    tEnd = process.hrtime.bigint();
+    const e = end!;
+    if (!link.postcopyAllowed) throw protocol('POSTCOPY_RUN, but post-copy was not negotiated');
+    if (vcpuStates.length !== cfg!.vcpus || e.vcpuStates !== cfg!.vcpus) throw protocol(`POSTCOPY_RUN after ${vcpuStates.length} vCPU states, the source sent ${e.vcpuStates}, CONFIG has ${cfg!.vcpus} vCPUs`);
+    if (e.configDigest !== configDigest) throw new VerificationError(`CONFIG differs from what the source sent (digest ${formatDigest(configDigest)} here, ${formatDigest(e.configDigest)} in POSTCOPY_RUN); the guest is not started`);
+    if (e.vcpuStateDigest !== vcpuDigest) throw new VerificationError(`vCPU state differs from what the source sent (digest ${formatDigest(vcpuDigest)} here, ${formatDigest(e.vcpuStateDigest)} in POSTCOPY_RUN); the guest is not started`);
+    const sm = slotMap!;
+    const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
+    // Missing: never received, or received and discarded. Everything else this side holds is the
+    // source's page at switchover; missing pages come from the source, hashed as they land.
+    let staleCount = 0;
+    for (const l of staleHeld.values()) staleCount += l.length;
+    const missing = ramPages - ramReceived + staleCount;
+    held = formatMemoryHash(table!.total());
+    if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
+    if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
+    const v = vm!;
+    let pager: DemandPager;
+    let faultPath: FaultPath;
+    try {
+      faultPath = postcopyFaultPath(await opts.openEngine(cfg!.engine), opts.postcopyFaultPath);
+      pager = startPostcopyPaging(v, faultPath);
+    } catch (err) {
+      throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
+    }
+    // Drop the stale pages this side holds, and pages never received that are populated anyway:
+    // nothing preallocates guest RAM when post-copy is negotiated, but a write into transparent-
+    // huge-page memory populates its whole 2 MiB block (QEMU turns THP off for post-copy for
+    // this reason). Only blocks with some pages received and some not can hold such pages.
+    for (const s of ramSlots) {
+      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
+      const drop = staleHeld.get(s.slot) ?? [];
+      for (let b = 0; b < s.pages; b += HUGE_BLOCK_PAGES) {
+        const e = Math.min(s.pages, b + HUGE_BLOCK_PAGES);
+        let got = 0;
+        for (let p = b; p < e; p++) if (lastRound[index + p]! > 0) got++;
+        if (got > 0 && got < e - b) for (let p = b; p < e; p++) if (lastRound[index + p] === 0) drop.push(p);
+      }
+      if (drop.length) pager.discard(s.slot, drop.sort((a, b) => a - b));
+    }
+    // A held page the pager still calls missing was received as ZERO and never written (fresh
+    // RAM is zero): installed from here, no request to the source.
+    const heldPage = (slot: number, page: number): Uint8Array | null => {
+      const at = sm.locatePages(slot, page, 1);
+      return at && lastRound[at.index]! > 0 && !discarded[at.index] ? zeroPage : null;
+    };
+    const token = randomBytes(8).readBigUInt64LE();
+    pc = new PostcopyDestination({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 }, pcServer!);
+    pcServer = null;
+    pcReport = { faultPath, missingAtStart: missing, waits: [] };
+    const pcDone = pc.done;
+    pcDone.then(
+      (r) => {
+        pcReport!.result = r;
+        pcReport!.waits = pager.waits();
+      },
+      (err: Error) => {
+        pcReport!.error = err.message;
+        pcReport!.waits = pager.waits();
+      },
+    );
+    vm!.allowPasses(Infinity);
+    phase = 'committing';
+    await link.send({ type: 'complete', hash: held, pagesReceived, details: { postcopyPort: pc.port, token: token.toString(16) } });
+  };
+
   // GO: the source will never run the guest again; run it here.
   const start = async () => {
     const v = vm!;
     v.resume();
+    pcServer?.close(); // pre-copy completed: no post-copy connection will come
+    pcServer = null;
+    if (pc) {
+      pc.startBackground();
+      log(`guest running here on demand paging (${pcReport!.faultPath} path), ${pcReport!.missingAtStart} pages missing`);
+    }
     phase = 'running';
     const t = process.hrtime.bigint();
     const resumeSeconds = Number(t - tEnd) / 1e9;
@@ -261,11 +426,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     // after GO stays paused, so the guest never runs twice.
     await link.send({ type: 'started' }).catch(() => undefined);
     log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
+    if (pc) {
+      const r = await pc.done.catch(() => null);
+      result.postcopy = pcReport!;
+      if (r) {
+        result.hash = r.hash;
+        log(`post-copy complete: ${r.pagesFromSource} pages from the source, ${r.remoteRequests} requested, ${r.duplicates} duplicates, memory hash ${r.hash}`);
+      } else log(`post-copy FAILED: ${pcReport!.error}`);
+    }
     switched();
   };
 
   const maybeSwitchover = (): Promise<void> | void => {
-    if (end && syncs.every((r) => r >= end!.finalRound)) return switchover();
+    if (end && syncs.every((r) => r >= end!.finalRound)) return end.postcopy ? postcopySwitchover(end.postcopy.missingPages) : switchover();
   };
 
   const onRecord = (r: SourceRecord, channel: number): void | Promise<void> => {
@@ -300,6 +473,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
         if (channel !== 0) throw protocol('END on a data channel');
         end = r;
         return maybeSwitchover();
+      case 'discard':
+        return onDiscard(r.slot, r.firstPage, r.count, r.bitmap);
       case 'config':
         throw protocol('a second CONFIG');
       case 'go':
@@ -337,6 +512,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'error', message: err.message, code: rejectionCode(err) }).catch(() => undefined);
     link.close();
     const v = vm as Vm | null;
+    (pcServer as Server | null)?.close();
     if (v) await v.destroy();
     throw new MigrationLinkError(`incoming migration failed during ${phase}: ${err.message}; nothing was kept`);
   } finally {

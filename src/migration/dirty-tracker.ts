@@ -1,6 +1,7 @@
 // The source's view of what is still to send (QEMU ram.c's migration bitmap and its sync): dirty
-// logging on or off for every memslot, and harvest() ORs each slot's dirty log into a pending
-// bitmap that the page sender drains (clearing bits as pages go out).
+// logging on or off for every memslot, and harvest() ORs each slot's dirty log (or, on a VM with
+// dirty rings, what one ring harvest collected for it) into a pending bitmap that the page
+// sender drains (clearing bits as pages go out).
 //
 // Slots whose dirty logging the engine will not switch (kvm refuses KVM_SET_USER_MEMORY_REGION
 // on its own internal slot) get a shadow of exactly what was sent (recordSent), and their dirty
@@ -58,9 +59,30 @@ export class DirtyTracker {
     this.logging = on;
   }
 
-  /** The engine's own dirty log of `slot` can be cleared by the sender (no shadow). */
+  /**
+   * The engine's own dirty log of `slot` can be cleared by the sender (no shadow, and a bitmap:
+   * a dirty ring's harvest has already reset, i.e. re-protected, what it collected).
+   */
   hasEngineLog(slot: number): boolean {
-    return !this.shadows.has(slot);
+    return !this.shadows.has(slot) && !this.ring;
+  }
+
+  /** The VM logs to per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING) rather than memslot bitmaps. */
+  private get ring(): boolean {
+    return this.vm.config.dirtyRingEntries > 0;
+  }
+
+  /** One ring harvest (collect + reset) as a bitmap per slot. */
+  private ringLogs(): Map<number, Uint32Array> {
+    const logs = new Map<number, Uint32Array>();
+    for (const e of this.vm.harvestDirtyRings!()) {
+      const s = this.slots.find((x) => x.slot === e.slot);
+      if (!s || e.offset >= s.pages) continue;
+      let log = logs.get(e.slot);
+      if (!log) logs.set(e.slot, (log = newBitmap(s.pages)));
+      setBit(log, e.offset);
+    }
+    return logs;
   }
 
   /** Pages [page, +pages) of `slot` went out with `data` (null: zero pages): keep its shadow in step. */
@@ -76,9 +98,10 @@ export class DirtyTracker {
   harvest(): number {
     let n = 0;
     this.newlyDirty = 0;
+    const ringLogs = this.ring ? this.ringLogs() : null;
     for (const s of this.slots) {
       const shadow = this.shadows.get(s.slot);
-      const log = shadow ? this.shadowDirtyLog(shadow) : this.vm.getDirtyLog(s.slot);
+      const log = shadow ? this.shadowDirtyLog(shadow) : ringLogs ? (ringLogs.get(s.slot) ?? newBitmap(s.pages)) : this.vm.getDirtyLog(s.slot);
       const logEmpty = this.isEmpty(log);
       if (this.onHarvest) this.onHarvest(s, log);
       if (!logEmpty) this.newlyDirty += countBits(log);
@@ -97,6 +120,27 @@ export class DirtyTracker {
   /** The pending bitmap of `slot` if the last harvest left pages in it, else null. */
   pendingOf(slot: number): Uint32Array | null {
     return this.pendingPages.get(slot) === 0 ? null : (this.pending.get(slot) ?? null);
+  }
+
+  /** Pending pages of `slot` below `end` (a multiple of 32): what a bulk-round probe counts as re-dirtied. */
+  pendingBelow(slot: number, end: number): number {
+    const p = this.pending.get(slot);
+    return p ? countBits(p.subarray(0, Math.min(p.length, end >>> 5))) : 0;
+  }
+
+  /**
+   * Set (on) or clear every pending bit of `slot` from page `from` (a multiple of 32) to its end.
+   * A bulk-round probe clears what the bulk round will still send anyway, and a switch to
+   * post-copy part-way through it sets what the bulk round never sent.
+   */
+  setPendingFrom(slot: MemslotInfo, from: number, on: boolean): void {
+    let p = this.pending.get(slot.slot);
+    if (!p) this.pending.set(slot.slot, (p = newBitmap(slot.pages)));
+    for (let page = from; page < slot.pages; page += 32) {
+      const n = Math.min(32, slot.pages - page);
+      p[page >>> 5] = on ? (n === 32 ? 0xffffffff : (1 << n) - 1) : 0;
+    }
+    this.pendingPages.set(slot.slot, countBits(p));
   }
 
   private shadowDirtyLog({ slot, sent, cur }: Shadow): Uint32Array {

@@ -44,3 +44,11 @@ export class VerificationError extends Error {
     this.name = 'VerificationError';
   }
 }
+
+/** Pre-copy gave up above the downtime limit and the policy says fail (--on-no-convergence). */
+export class NoConvergenceError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'NoConvergenceError';
+  }
+}

@@ -33,6 +33,12 @@ export function lazyLink(channels: number, connect: () => Promise<SourceLink>): 
     get channels() {
       return inner?.channels ?? channels;
     },
+    get postcopyAllowed() {
+      return inner?.postcopyAllowed ?? false;
+    },
+    get peerHost() {
+      return inner?.peerHost;
+    },
     get acksRounds() {
       return inner?.acksRounds ?? false;
     },
@@ -40,6 +46,7 @@ export function lazyLink(channels: number, connect: () => Promise<SourceLink>): 
     receive: (): Promise<DestRecord> => (inner ? inner.receive() : get().then((l) => l.receive())),
     flush: () => (inner ? inner.flush() : get().then((l) => l.flush())),
     bytesSent: () => inner?.bytesSent() ?? 0,
+    compression: () => inner?.compression?.() ?? { pages: 0, wireBytes: 0 },
     close: () => inner?.close(),
     setPhase: (p: LinkPhase) => {
       phase = p;

@@ -35,7 +35,12 @@ export type SourceRecord =
    * `vcpuStateDigest` (state-digest.ts) those of the CONFIG and the `vcpuStates` vCPU states sent.
    * The destination must hold exactly that state before it may start the guest.
    */
-  | { type: 'end'; finalRound: number; pagesSent: number; hash: string; configDigest: bigint; vcpuStateDigest: bigint; vcpuStates: number }
+  | { type: 'end'; finalRound: number; pagesSent: number; hash: string; configDigest: bigint; vcpuStateDigest: bigint; vcpuStates: number; postcopy?: { missingPages: number } }
+  /**
+   * Post-copy only, before END{postcopy}: pages [firstPage, +count) of `slot` whose bit is set in
+   * `bitmap` (LSB first) are missing on the destination; it drops any copy it holds.
+   */
+  | { type: 'discard'; slot: number; firstPage: number; count: number; bitmap: Uint8Array }
   /** The source has committed to the switchover and will not run the guest again: start it. */
   | { type: 'go' };
 
@@ -48,7 +53,7 @@ export type DestRecord =
    * Answers END: every page is applied and `hash` (the memory hash of what it holds) matched
    * END's; the guest is ready but NOT started, and starts only on GO (see stream/format.ts).
    */
-  | { type: 'complete'; hash: string; pagesReceived: number }
+  | { type: 'complete'; hash: string; pagesReceived: number; details?: Record<string, unknown> }
   /** Answers GO: the guest runs on the destination. */
   | { type: 'started' }
   /** `code`: what kind of failure (stream/format.ts ErrorCode), for the source to report. */
@@ -56,6 +61,10 @@ export type DestRecord =
 
 export interface SourceLink {
   readonly channels: number;
+  /** The destination accepted post-copy (CAP_POSTCOPY) in the handshake. */
+  readonly postcopyAllowed?: boolean;
+  /** The destination's host, where post-copy's own connections go. */
+  readonly peerHost?: string;
   /** The destination answers every completed round with SYNCED. */
   readonly acksRounds: boolean;
   /** Queue a record on `channel` (default 0). Resolves when the channel can take more. */
@@ -66,6 +75,8 @@ export interface SourceLink {
   flush(): Promise<void>;
   /** Bytes handed to the sockets so far, all channels. */
   bytesSent(): number;
+  /** RAM pages sent lz4-compressed and the bytes their data took on the wire (--compress lz4). */
+  compression?(): { pages: number; wireBytes: number };
   close(): void;
   /** Drop every channel at once (failure injection, cancel). */
   destroy(error?: Error): void;
@@ -81,6 +92,8 @@ export interface SourceLink {
 
 export interface DestLink {
   readonly channels: number;
+  /** This side accepted post-copy in the handshake. */
+  readonly postcopyAllowed?: boolean;
   /**
    * Deliver every record from the source to `onRecord`, channel by channel in arrival order.
    * While a returned promise is pending no further record is delivered (back-pressure reaches

@@ -6,7 +6,9 @@
 // Status (QEMU's MigrationStatus; transitions are the only ones allowed, checked in set()):
 //   setup  --> active --> device --> completed
 //     |          |          |
-//     |          +--> postcopy-active --> completed   (post-copy, reserved)
+//     |          +--> postcopy-active --> completed   (post-copy)
+//     |                  ^    |
+//     |    postcopy-recover <- postcopy-paused  (a connection dropped; reconnecting)
 //     +----------+----------+--> failed | cancelled    (any state that is not final)
 //
 // Concurrency: single-threaded (the VMM's main thread); readers get copies.
@@ -15,7 +17,9 @@ import type { MigrationStatus } from './stats.ts';
 const NEXT: Record<MigrationStatus, readonly MigrationStatus[]> = {
   setup: ['active', 'failed', 'cancelled'],
   active: ['device', 'postcopy-active', 'failed', 'cancelled'],
-  'postcopy-active': ['completed', 'failed'],
+  'postcopy-active': ['completed', 'failed', 'postcopy-paused'],
+  'postcopy-paused': ['postcopy-recover', 'failed'],
+  'postcopy-recover': ['postcopy-active', 'postcopy-paused', 'failed'],
   device: ['completed', 'failed', 'cancelled'],
   completed: [],
   failed: [],

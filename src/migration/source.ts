@@ -1,16 +1,16 @@
-// The source side of pre-copy live migration (QEMU migration.c's migration_thread and ram.c's
-// ram_save_* in one state machine):
+// The source side of live migration (QEMU migration.c's migration_thread): one state machine
+// whose phases live in their own files and share a SourceRun (source-run.ts):
 //
-//   setup    CONFIG -> destination builds the VM -> READY; dirty logging on for every memslot
-//   active   round 1: every page (bulk stage); rounds 2..: harvest the dirty log (dirty-
-//            tracker.ts), send the dirty pages, SYNC -- until the convergence policy says stop
-//            (convergence.ts; by default: the pages left fit the downtime limit at the measured
-//            bandwidth, or the round limit; auto-converge throttles the vCPUs meanwhile)
-//   device   pause the VM, last harvest, last pages, every vCPU's state, SYNC, END; wait for
-//            COMPLETE (all applied and checked, guest not started), commit and send GO, wait
-//            for STARTED (the guest runs on the destination): pause to STARTED is the downtime
-//   completed  hash the paused source memory (off the downtime path), compare with the
-//            destination's, destroy the source VM
+//   setup     CONFIG -> destination builds the VM -> READY; dirty logging on for every memslot
+//   active    the bulk round, then iterative rounds until the convergence policy decides
+//             (precopy-rounds.ts, convergence.ts)
+//   device    stop-and-copy: pause, last pages, vCPU states, END; COMPLETE -> GO -> STARTED
+//             (switchover-commit.ts): pause to STARTED is the downtime
+//   postcopy-active  or the switch to post-copy: pause, vCPU states, the discard list,
+//             POSTCOPY_RUN, the same commit; then pages are pushed and requested while the guest
+//             runs on the destination (postcopy/source-handover.ts, postcopy/source-postcopy.ts)
+//   completed hash the paused source memory (off the downtime path), compare with the
+//             destination's, destroy the source VM
 //
 // Any failure or cancel before the commit (GO): the link is dropped, the throttle stopped, the
 // VM resumed with dirty logging off, and the result says failed/cancelled with sourceIntact; the
@@ -28,23 +28,46 @@
 //
 // Concurrency: runs on the VMM's main thread, which owns the Vm; vCPUs keep running on their
 // own threads until the pause.
-import { PAGE_SIZE, type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
+import { type Backing, type MemslotInfo, type Vm } from '../vmm/engine.ts';
 import type { WorkloadSpec } from '../guest/workload.ts';
 import { describeVm } from './config.ts';
 import { CpuThrottle } from './cpu-throttle.ts';
-import { DestinationError, MigrationCancelledError, SwitchoverOutcomeUnknownError, VerificationError } from './errors.ts';
-import { DEFAULT_IDLE_TIMEOUT_MS, type DestRecord, type SourceLink } from './link.ts';
-import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT, DirtyLimitThrottle } from './dirty-limit.ts';
+import { DestinationError, MigrationCancelledError } from './errors.ts';
+import { DEFAULT_IDLE_TIMEOUT_MS, type SourceLink } from './link.ts';
+import { createMemoryHasher, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
 import { PageSender } from './page-sender.ts';
 import { RateLimiter } from './transport/rate-limiter.ts';
-import type { MigrationProgress, MigrationStats, RoundStats } from './stats.ts';
+import type { MigrationProgress, MigrationStats } from './stats.ts';
 import { MigrationState } from './migration-state.ts';
 import { checkSourceIntact } from './source-intact.ts';
 import { DirtyTracker } from './dirty-tracker.ts';
-import { PrecopyConvergence, type ConvergencePolicy } from './convergence.ts';
+import { PostcopyConvergence, PrecopyConvergence, type ConvergencePolicy, type OnNoConvergence } from './convergence.ts';
 import { createStateDigester } from './state-digest.ts';
+import type { PostcopySourceOptions, PostcopySourceResult } from './postcopy/source-postcopy.ts';
 import { blockMappings, hugePagesReformed } from './huge-reform.ts';
+import { secs, SourceRun } from './source-run.ts';
+import { runPrecopyRounds } from './precopy-rounds.ts';
+import { stopAndCopy, verifyAndRelease } from './switchover-commit.ts';
+import { postcopyHandover } from './postcopy/source-handover.ts';
+
+export { NoConvergenceError } from './errors.ts';
+export { COMPLETE_ALLOWANCE_MS_PER_GIB } from './switchover-commit.ts';
+
+export interface PostcopyOptions {
+  /** Rounds before switching (1: after the bulk round, 0: before it), 'auto', or null: only when pre-copy gives up. */
+  switchAfter: number | 'auto' | null;
+  onNoConvergence: OnNoConvergence;
+  /** Reconnections after a dropped post-copy connection (--postcopy-retry). */
+  retries: number;
+  retryDelayMs?: number;
+  /** Test hooks (postcopy/source-postcopy.ts). */
+  onConnected?: PostcopySourceOptions['onConnected'];
+  onPushed?: PostcopySourceOptions['onPushed'];
+  /** Manual recovery once the reconnections are used up (postcopy/source-postcopy.ts). */
+  waitForResume?: PostcopySourceOptions['waitForResume'];
+}
 
 export interface PrecopyOptions {
   workload: WorkloadSpec;
@@ -55,12 +78,22 @@ export interface PrecopyOptions {
   /** Iterative rounds after the bulk round before stop-and-copy is forced. */
   maxRounds?: number;
   autoConverge?: boolean;
+  /**
+   * How a guest that dirties faster than the link drains is made to converge: auto-converge
+   * (slow every vCPU, cpu-throttle.ts; the default) or dirty-limit (hold each vCPU to
+   * vcpuDirtyLimit bytes/s, dirty-limit.ts; needs a VM with a dirty ring).
+   */
+  converge?: 'auto-converge' | 'dirty-limit';
+  /** dirty-limit: bytes per second per vCPU (default 1 MiB/s, QEMU's). */
+  vcpuDirtyLimit?: number;
   signal?: AbortSignal;
   onProgress?: (p: MigrationProgress) => void;
   /** Test hook: called as each phase starts (may destroy the link to inject a failure). */
   onPhase?: (phase: 'setup' | 'bulk' | 'iterative' | 'stop-and-copy', link: SourceLink) => void;
   /** When to stop iterating and how to make the guest converge (default: PrecopyConvergence). */
   convergence?: ConvergencePolicy;
+  /** Post-copy (wraps the convergence policy in PostcopyConvergence). Absent: pre-copy only. */
+  postcopy?: PostcopyOptions;
   /** Destroy the source VM after a completed migration (default true). */
   destroyOnComplete?: boolean;
   /**
@@ -70,9 +103,11 @@ export interface PrecopyOptions {
   state?: MigrationState;
   /**
    * Idle timeout of every wait on the destination, ms (transport/liveness.ts; default
-   * DEFAULT_IDLE_TIMEOUT_MS). READY and COMPLETE get an allowance per GiB on top (below).
+   * DEFAULT_IDLE_TIMEOUT_MS). READY and COMPLETE get an allowance per GiB on top.
    */
   timeoutMs?: number;
+  /** Lines worth telling the user while it runs (post-copy drops and reconnections). */
+  log?: (line: string) => void;
   /** Observer of every dirty-log harvest (dirty-tracker.ts), e.g. the dashboard's heatmap. */
   onDirtyHarvest?: (slot: MemslotInfo, newlyDirty: Uint32Array) => void;
 }
@@ -82,27 +117,9 @@ export interface PrecopyOptions {
  * preallocates it without a word (first touch measured at ~3 s/GiB on these machines).
  */
 export const READY_ALLOWANCE_MS_PER_GIB = 10_000;
-/** Extra idle time for COMPLETE per GiB: the destination may re-hash all memory (--verify-rescan, ~7 GiB/s). */
-export const COMPLETE_ALLOWANCE_MS_PER_GIB = 1_000;
-/**
- * Bytes that may sit in socket buffers (ours, the network's, the destination's read window)
- * after our last write completed: they drain without any progress we can see, so a wait for an
- * answer to them (SYNC_ACK, COMPLETE) gets their drain time at the measured bandwidth on top
- * (~0.3 s at 1 Gbit/s; seconds on a slow link).
- */
-const UNSEEN_BUFFER_BYTES = 32 << 20;
 
 export const DEFAULT_DOWNTIME_LIMIT_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 60;
-/**
- * An iterative round sends for at most this long, then harvests again (what is left stays
- * pending). It bounds how stale the convergence estimate gets and how long auto-converge waits
- * between steps, like QEMU's periodic bitmap sync.
- */
-const ROUND_MAX_MS = 1000;
-
-const now = () => process.hrtime.bigint();
-const secs = (a: bigint, b: bigint = now()) => Number(b - a) / 1e9;
 
 export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions): Promise<MigrationStats> {
   const downtimeLimitMs = opts.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS;
@@ -110,334 +127,160 @@ export async function migrateVm(vm: Vm, link: SourceLink, opts: PrecopyOptions):
   const autoConverge = opts.autoConverge ?? true;
   const maxBandwidth = opts.maxBandwidth ?? 0;
   const cfg = describeVm(vm, opts.workload, opts.backing);
-  const slots: MemslotInfo[] = [...vm.memslots()];
-  const totalPages = cfg.ramBytes / PAGE_SIZE;
+  const slots = [...vm.memslots()];
   const limiter = maxBandwidth > 0 && Number.isFinite(maxBandwidth) ? new RateLimiter(maxBandwidth) : null;
   const sender = new PageSender(vm, link, limiter);
   const throttle = new CpuThrottle(vm);
-  const rounds: RoundStats[] = [];
+  // Created before anything is sent: a VM without a dirty ring is refused at once.
+  let roundNow = () => 0;
+  const dirtyLimit = opts.converge === 'dirty-limit' ? new DirtyLimitThrottle(vm, opts.vcpuDirtyLimit ?? DEFAULT_VCPU_DIRTY_LIMIT, () => roundNow()) : null;
   const state = opts.state ?? new MigrationState();
   state.update({ ramBytes: cfg.ramBytes, remainingBytes: cfg.ramBytes });
   state.setSampler(() => ({ transferredBytes: link.bytesSent(), zeroPages: sender.counters.zeroPages, normalPages: sender.counters.normalPages, throttlePercent: throttle.percent }));
-  const t0 = now();
-  let setupSeconds = 0;
-  let downtimeSeconds = 0;
-  let verifySeconds = 0;
-  let remainingBytes = cfg.ramBytes;
-  let dirtyPagesRate = 0;
-  let expectedDowntimeSeconds = 0;
-  let bandwidth = 0; // bytes/s measured on the link
-  let paused = false;
+  const slotMap = new SlotMap(cfg.memslots);
+  const dirty = new DirtyTracker(vm, slots, opts.onDirtyHarvest);
+  const run = new SourceRun({
+    vm,
+    link,
+    opts: { ...opts, downtimeLimitMs },
+    cfg,
+    slots,
+    limiter,
+    sender,
+    throttle,
+    dirty,
+    state,
+    slotMap,
+    // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
+    // start the guest unless its own table agrees (catches a lost or corrupted page before
+    // switchover).
+    sentTable: new PageHashTable(slotMap.layout),
+    hasher: await createMemoryHasher(),
+    // END binds the CONFIG and vCPU states sent, beside the memory hash (state-digest.ts).
+    digester: await createStateDigester(),
+    idleMs: opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
+  });
+  roundNow = () => run.round;
+  const precopyPolicy: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, dirtyLimit ?? throttle);
+  const pcPolicy = opts.postcopy ? new PostcopyConvergence(precopyPolicy, { downtimeLimitMs, switchAfter: opts.postcopy.switchAfter, onNoConvergence: opts.postcopy.onNoConvergence, postcopyAllowed: () => link.postcopyAllowed ?? false }) : null;
+  let switchReason: string | null = null;
+  let switchedAtSeconds = 0;
+  let switchedAfterRound = 0;
+  let postcopyResult: PostcopySourceResult | null = null;
+  let downtimeExceeded: string | null = null;
   /** Failure, or completion with the source kept: block mappings re-formed once logging stopped (huge-reform.ts). */
   let reformed = 0;
   let reformedOnComplete = false;
-  /** GO is being sent: from here this side never runs the guest again (stream/format.ts). */
-  let committed = false;
-  let endSent = false;
-  let destFailure: Error | null = null;
-  let sourceHash: string | null = null;
-  let destinationHash: string | null = null;
-  let passesAtSwitchover: number[] = [];
-  let activeSeconds = 0;
-  let ackedRound = 0;
-  /** The last round whose SYNC was sent: the destination cannot have applied a later one. */
-  let syncedRound = 0;
-  const ackWaiters: (() => void)[] = [];
-  /** Wait until the destination has applied every round up to `round` (or the link failed). */
-  const caughtUp = async (round: number) => {
-    while (ackedRound < round && !destFailure) await new Promise<void>((r) => ackWaiters.push(r));
-    sender.check();
+  sender.onSent = (slot, page, data, pages) => {
+    if (data) run.hasher.hashInto(run.sentTable, slot, page, pages, data);
+    else run.sentTable.setZero(slot, page, pages);
+    dirty.recordSent(slot, page, data, pages);
   };
-  let stopAndCopy: MigrationStats['stopAndCopy'] = null;
 
   // After GO a cancel cannot resume the guest here, but it still ends the wait for STARTED: the
   // source then stays paused and says so (the catch below).
   const onAbort = () => link.destroy(new MigrationCancelledError());
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   if (opts.signal?.aborted) onAbort();
-  const idleMs = opts.timeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
-  const ramGiB = cfg.ramBytes / 2 ** 30;
-  /** Tell the link what we do now (liveness: the idle-timeout error names it). */
-  const phase = (label: string, awaiting = false, allowanceMs = 0) => link.setPhase?.({ label, awaiting, idleTimeoutMs: idleMs + Math.ceil(allowanceMs) });
-  const drainAllowanceMs = () => (bandwidth > 0 ? (Math.min(link.bytesSent(), UNSEEN_BUFFER_BYTES) / bandwidth) * 1000 : 0);
-  sender.check = () => {
-    if (opts.signal?.aborted && !committed) throw new MigrationCancelledError();
-    if (destFailure) throw destFailure;
-  };
-  let lastProgress = 0;
-  let roundStartSent = 0;
-  let roundStartPending = cfg.ramBytes / PAGE_SIZE;
-  const progress = (round: number, force = false) => {
-    const t = performance.now();
-    if (!opts.onProgress || (!force && t - lastProgress < 100)) return;
-    lastProgress = t;
-    const sent = sender.counters.zeroPages + sender.counters.normalPages;
-    const el = secs(t0) - setupSeconds;
-    opts.onProgress({ status: state.status, round, sentPages: sent, totalPages, roundSentPages: sent - roundStartSent, roundTotalPages: roundStartPending, remainingBytes, throughputMBps: el > 0 ? link.bytesSent() / el / 1e6 : 0, throttlePercent: throttle.percent });
-  };
-  const dirty = new DirtyTracker(vm, slots, opts.onDirtyHarvest);
-  const convergence: ConvergencePolicy = opts.convergence ?? new PrecopyConvergence({ downtimeLimitMs, maxRounds, maxBandwidth, autoConverge }, throttle);
-  // memoryHash (hash.ts) of every page as sent: END carries it, and the destination refuses to
-  // start the guest unless its own table agrees (catches a lost or corrupted page before
-  // switchover).
-  const slotMap = new SlotMap(cfg.memslots);
-  const sentTable = new PageHashTable(slotMap.layout);
-  const hasher = await createMemoryHasher();
-  // END binds the CONFIG and vCPU states sent, beside the memory hash (state-digest.ts).
-  const digester = await createStateDigester();
-  const configDigest = digester.config(cfg);
-  sender.onSent = (slot, page, data, pages) => {
-    if (data) hasher.hashInto(sentTable, slot, page, pages, data);
-    else sentTable.setZero(slot, page, pages);
-    dirty.recordSent(slot, page, data, pages);
-  };
-  const manual = vm.config.manualDirtyLogProtect;
 
   try {
     // ---- setup
     opts.onPhase?.('setup', link);
-    phase('during setup (waiting for READY)', true, ramGiB * READY_ALLOWANCE_MS_PER_GIB);
+    run.phase('during setup (waiting for READY)', true, run.ramGiB * READY_ALLOWANCE_MS_PER_GIB);
     await link.send({ type: 'config', config: cfg });
     const ready = await link.receive();
     if (ready.type === 'error') throw new DestinationError(ready.message);
     if (ready.type !== 'ready') throw new DestinationError(`expected READY, got ${ready.type}`);
     // From here on the destination speaks to acknowledge rounds, to fail, or to confirm.
-    const nextReply = async (): Promise<DestRecord> => {
-      for (;;) {
-        const r = await link.receive();
-        if (r.type === 'synced') {
-          if (r.round > syncedRound) {
-            destFailure ??= new DestinationError(`protocol error: SYNC_ACK for round ${r.round}, but rounds up to ${syncedRound} were sent`);
-            for (const w of ackWaiters.splice(0)) w();
-            continue;
-          }
-          ackedRound = Math.max(ackedRound, r.round);
-          for (const w of ackWaiters.splice(0)) w();
-          continue;
-        }
-        if (r.type === 'error') destFailure = new DestinationError(r.message);
-        // COMPLETE answers END: one that comes earlier vouches for pages not yet sent.
-        else if (r.type === 'complete' && !endSent) destFailure = new DestinationError('protocol error: COMPLETE before END');
-        return r;
-      }
-    };
-    const finalReply = nextReply();
-    finalReply.catch((e: Error) => {
-      destFailure ??= e;
-      for (const w of ackWaiters.splice(0)) w();
-    });
+    run.listenForReplies();
     dirty.setLogging(true);
-    setupSeconds = secs(t0);
+    run.setupSeconds = secs(run.t0);
 
-    // ---- active: bulk round
-    state.set('active');
-    opts.onPhase?.('bulk', link);
-    let round = 1;
-    state.update({ round });
-    phase(`during active (round ${round})`);
-    let tRound = now();
-    let bytesBefore = link.bytesSent();
-    let z0 = 0;
-    let n0 = 0;
-    const endRound = (kind: RoundStats['kind'], dirtyPages: number) => {
-      const seconds = secs(tRound);
-      const bytes = link.bytesSent() - bytesBefore;
-      const { zeroPages, normalPages } = sender.counters;
-      rounds.push({ round, kind, dirtyPages, zeroPages: zeroPages - z0, normalPages: normalPages - n0, bytes, seconds, throttlePercent: throttle.percent });
-      if (bytes >= 1 << 20 && seconds > 0) bandwidth = bytes / seconds;
-      z0 = zeroPages;
-      n0 = normalPages;
-      tRound = now();
-      bytesBefore = link.bytesSent();
-      return { bytes, seconds };
-    };
-    for (const s of slots) {
-      await sender.sendSlot(s, round);
-      progress(round);
+    // ---- active
+    const outcome = await runPrecopyRounds(run, pcPolicy ?? precopyPolicy, pcPolicy);
+    if (outcome.action === 'postcopy') {
+      switchReason = outcome.reason;
+      switchedAfterRound = outcome.duringBulk ? 0 : run.round;
+      const r = await postcopyHandover(run, opts.postcopy!, (t) => (switchedAtSeconds = t));
+      postcopyResult = r.post;
+    } else {
+      downtimeExceeded = outcome.downtimeExceeded;
+      await stopAndCopy(run);
     }
-    syncedRound = round;
-    await sender.syncAll(round);
-    endRound('bulk', totalPages);
-
-    // ---- active: iterative rounds
-    opts.onPhase?.('iterative', link);
-    let tHarvest = now();
-    for (;;) {
-      sender.check();
-      const pendingPages = dirty.harvest();
-      // The guest's dirty rate over the round just sent (between two harvests).
-      const sinceHarvest = secs(tHarvest);
-      tHarvest = now();
-      if (sinceHarvest > 0) dirtyPagesRate = Math.round(dirty.newlyDirty / sinceHarvest);
-      remainingBytes = pendingPages * PAGE_SIZE;
-      const decision = convergence.decide({ iterativeRounds: round - 1, pendingBytes: remainingBytes, bandwidth });
-      expectedDowntimeSeconds = decision.expectedDowntimeSeconds;
-      state.update({ remainingBytes, dirtySyncCount: dirty.syncCount, dirtyPagesRate, expectedDowntimeSeconds });
-      progress(round, true);
-      if (decision.action === 'stop-and-copy') break;
-      round++;
-      state.update({ round });
-      phase(`during active (round ${round})`);
-      roundStartSent = sender.counters.zeroPages + sender.counters.normalPages;
-      roundStartPending = pendingPages;
-      const sent = await sendAllPending(round, manual, performance.now() + ROUND_MAX_MS);
-      syncedRound = round;
-      await sender.syncAll(round);
-      const { bytes } = endRound('iterative', sent);
-      convergence.afterRound({ round, sentBytes: bytes, dirtiedBytes: dirty.newlyDirty * PAGE_SIZE });
-    }
-
-    // ---- device: stop-and-copy
-    state.set('device');
-    opts.onPhase?.('stop-and-copy', link);
-    sender.check();
-    // Pause only once the destination has applied what is in flight: otherwise the downtime
-    // would include draining the socket buffers. The throttle keeps holding the guest back
-    // meanwhile, and stops only right before the pause, so the guest gets no unthrottled
-    // window to dirty memory after the convergence decision.
-    phase(`during device (waiting for SYNC_ACK of round ${round})`, true, drainAllowanceMs());
-    if (link.acksRounds) await caughtUp(round);
-    phase('during device (stop-and-copy)');
-    const tPause = now();
-    paused = true; // from here a failure must resume the guest (resume of a running VM is a no-op)
-    await throttle.stop(true);
-    await vm.pause();
-    // vCPU state first, flushed at once: the destination loads it while we harvest and send
-    // the last pages, instead of after them.
-    const tVcpu = now();
-    passesAtSwitchover = vm.progress().map((p) => p.passesCompleted);
-    const vcpuStates = Array.from({ length: vm.vcpuCount }, (_, v) => vm.saveVcpuState(v));
-    for (const state of vcpuStates) await link.send({ type: 'vcpu', state });
-    // flush() writes to the socket before it first yields; what it then awaits (the promise
-    // chain, ~0.3 ms) overlaps the final harvest instead of preceding it.
-    const vcpuStatesFlushed = link.flush();
-    vcpuStatesFlushed.catch(() => undefined);
-    // END's digest of them, while the flush is in flight (not between the last page and END).
-    const vcpuStateDigest = digester.vcpuStates(vcpuStates);
-    const tHarvestFinal = now();
-    dirty.harvest();
-    await vcpuStatesFlushed;
-    round++;
-    state.update({ round, dirtySyncCount: dirty.syncCount });
-    const tSend = now();
-    const finalPages = await sendAllPending(round, false);
-    sender.check();
-    syncedRound = round;
-    for (let ch = 0; ch < link.channels; ch++) await link.send({ type: 'sync', round, final: true }, ch);
-    const sentHash = formatMemoryHash(sentTable.total());
-    endSent = true;
-    await link.send({
-      type: 'end',
-      finalRound: round,
-      pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
-      hash: sentHash,
-      configDigest,
-      vcpuStateDigest,
-      vcpuStates: vcpuStates.length,
-    });
-    const tEnd = now();
-    phase('waiting for COMPLETE', true, ramGiB * COMPLETE_ALLOWANCE_MS_PER_GIB + drainAllowanceMs());
-    const reply = await finalReply;
-    if (destFailure) throw destFailure;
-    if (reply.type === 'error') throw new DestinationError(reply.message);
-    if (reply.type !== 'complete') throw new DestinationError(`expected COMPLETE, got ${reply.type}`);
-    // COMPLETE says what the destination holds; commit only to exactly what was sent.
-    if (reply.hash !== sentHash) throw new VerificationError(`the destination's COMPLETE reports memory hash ${reply.hash}, the source sent ${sentHash}; not committing`);
-    sender.check(); // a cancel that came in while we waited still wins: nothing is committed yet
-    committed = true;
-    try {
-      phase('waiting for STARTED after GO', true);
-      await link.send({ type: 'go' });
-      const r = await nextReply();
-      phase('after STARTED');
-      if (r.type !== 'started') throw new DestinationError(r.type === 'error' ? r.message : `expected STARTED, got ${r.type}`);
-    } catch (e) {
-      throw new SwitchoverOutcomeUnknownError((e as Error).message);
-    }
-    downtimeSeconds = secs(tPause);
-    stopAndCopy = { pauseSeconds: secs(tPause, tVcpu), vcpuStateSeconds: secs(tVcpu, tHarvestFinal), harvestSeconds: secs(tHarvestFinal, tSend), sendSeconds: secs(tSend, tEnd), waitCompleteSeconds: secs(tEnd) };
-    endRound('stop-and-copy', finalPages);
-    activeSeconds = secs(t0);
-    destinationHash = reply.hash;
-    state.update({ remainingBytes: 0 });
-    state.set('completed');
-
-    // ---- completed: verify off the downtime path; the source stays paused until destroyed.
-    const tv = now();
-    sourceHash = hashVmMemory(hasher, vm, slotMap);
-    verifySeconds = secs(tv);
-    link.close();
-    if (opts.destroyOnComplete ?? true) await vm.destroy();
-    else {
-      // The source lives on (paused): logging stops here too, and the huge mappings it split
-      // are re-formed (huge-reform.ts), as QEMU's dirty-log stop does on completion.
-      const blocksBefore = blockMappings(vm);
-      if (dirty.logging) dirty.setLogging(false);
-      reformed = await hugePagesReformed(vm, blocksBefore);
+    const kept = await verifyAndRelease(run);
+    if (kept !== null) {
+      reformed = kept;
       reformedOnComplete = true;
     }
+    return finish();
   } catch (e) {
     const err = e as Error;
-    const cancelled = !committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
+    const cancelled = !run.committed && (err instanceof MigrationCancelledError || (opts.signal?.aborted ?? false));
     // (Completed already only if the verification read after STARTED failed: that stays.)
-    if (!state.finished) state.set(cancelled ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
+    // (post-copy states end only in failed: a cancel before GO still resumes the guest below.)
+    if (!state.finished) state.set(cancelled && !state.status.startsWith('postcopy') ? 'cancelled' : 'failed', cancelled ? 'migration cancelled' : err.message);
     link.destroy(err);
     await throttle.stop();
+    dirtyLimit?.stop();
     const blocksBefore = blockMappings(vm);
     if (dirty.logging) dirty.setLogging(false);
-    if (committed) return finish(err.message, true, false); // paused for good: see the header
-    if (paused) vm.resume();
+    if (run.committed) return finish(err.message, true, false); // paused for good: see the header
+    if (run.paused) vm.resume();
     reformed = await hugePagesReformed(vm, blocksBefore);
     const intact = await checkSourceIntact(vm, opts.workload);
     return finish(cancelled ? 'migration cancelled' : err.message, intact);
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
   }
-  return finish();
-
-  async function sendAllPending(round: number, clearLog = manual, deadlineMs = Infinity): Promise<number> {
-    let n = 0;
-    for (const s of slots) {
-      const pending = dirty.pendingOf(s.slot);
-      if (!pending) continue;
-      n += await sender.sendPending(s, pending, round, clearLog && dirty.hasEngineLog(s.slot), deadlineMs);
-      progress(round);
-    }
-    return n;
-  }
 
   function finish(error?: string, sourceIntact?: boolean, sourceRunning = true): MigrationStats {
-    const totalSeconds = activeSeconds || secs(t0);
-    const transferredBytes = link.bytesSent();
+    const r = run.result;
+    const totalSeconds = r.totalSeconds ?? secs(run.t0);
+    const transferredBytes = link.bytesSent() + (postcopyResult?.bytesSent ?? 0);
     const { zeroPages, normalPages } = sender.counters;
-    const active = Math.max(totalSeconds - setupSeconds, 1e-9);
+    const active = Math.max(totalSeconds - run.setupSeconds, 1e-9);
+    const sourceHash = r.sourceHash ?? null;
+    const destinationHash = r.destinationHash ?? null;
     const stats: MigrationStats = {
       status: state.status,
       verified: state.status === 'completed' && sourceHash !== null && sourceHash === destinationHash,
       engine: vm.engine,
       totalSeconds,
-      setupSeconds,
-      downtimeSeconds,
-      verifySeconds,
+      setupSeconds: run.setupSeconds,
+      downtimeSeconds: r.downtimeSeconds ?? 0,
+      verifySeconds: r.verifySeconds ?? 0,
       transferredBytes,
       ramBytes: cfg.ramBytes,
-      remainingBytes,
+      remainingBytes: run.remainingBytes,
       zeroPages,
       normalPages,
       dirtySyncCount: dirty.syncCount,
-      dirtyPagesRate,
+      dirtyPagesRate: run.dirtyPagesRate,
       throughputMBps: transferredBytes / active / 1e6,
       pagesPerSecond: Math.round((zeroPages + normalPages) / active),
-      postcopyRequests: 0,
+      postcopyRequests: postcopyResult?.requests ?? state.counters.postcopyRequests,
       throttlePercent: throttle.percent,
-      expectedDowntimeSeconds,
-      rounds,
+      expectedDowntimeSeconds: run.expectedDowntimeSeconds,
+      rounds: run.rounds,
       sourceHash,
       destinationHash,
-      passesAtSwitchover,
-      stopAndCopy,
+      passesAtSwitchover: r.passesAtSwitchover ?? [],
+      stopAndCopy: r.stopAndCopy ?? null,
       params: { vcpus: cfg.vcpus, ramBytes: cfg.ramBytes, channels: link.channels, maxBandwidth, downtimeLimitMs, maxRounds, autoConverge, workload: opts.workload.kind },
     };
+    if (switchReason !== null) {
+      const p = postcopyResult;
+      stats.postcopy = {
+        reason: switchReason,
+        switchedAtSeconds,
+        switchedAfterRound,
+        ...(p ? { seconds: p.seconds, pushedPages: p.pushedPages, requestedPages: p.requestedPages, recoveries: p.recoveries, vcpuPageWaits: p.waits ?? [], destination: p.destination ?? {} } : {}),
+      };
+    }
+    if (dirtyLimit) stats.dirtyLimit = dirtyLimit.report();
+    const c = link.compression?.();
+    if (c && c.pages > 0) stats.compression = { ...c, ratio: (c.pages * 4096) / c.wireBytes };
+    if (downtimeExceeded) stats.downtimeExceeded = `${downtimeExceeded}: actual downtime ${(stats.downtimeSeconds * 1000).toFixed(1)} ms against the ${downtimeLimitMs} ms limit`;
     if (error !== undefined) {
       stats.error = error;
       stats.sourceIntact = sourceIntact ?? false;

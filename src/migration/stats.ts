@@ -3,7 +3,7 @@
 // bytes) per second of the migration after setup.
 
 /** QEMU's MigrationStatus (postcopy-active is reserved for post-copy). */
-export type MigrationStatus = 'setup' | 'active' | 'postcopy-active' | 'device' | 'completed' | 'failed' | 'cancelled';
+export type MigrationStatus = 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'device' | 'completed' | 'failed' | 'cancelled';
 
 export interface RoundStats {
   round: number;
@@ -57,6 +57,27 @@ export interface MigrationStats {
     autoConverge: boolean;
     workload: string;
   };
+  /** Present when the migration switched to post-copy: when, why, and how the pages came. */
+  postcopy?: {
+    reason: string;
+    /** Seconds since the migration started. */
+    switchedAtSeconds: number;
+    /** The last pre-copy round completed before the switch (1 = the bulk round; 0: the switch came before or part-way through it). */
+    switchedAfterRound: number;
+    seconds?: number;
+    pushedPages?: number;
+    requestedPages?: number;
+    recoveries?: number;
+    /** How long each destination vCPU waited for missing pages (DemandPager.waits()), seconds. */
+    vcpuPageWaits?: { vcpu: number; faults: number; p50: number; p99: number; max: number; total: number }[];
+    destination?: Record<string, unknown>;
+  };
+  /** Set when stop-and-copy was forced above the downtime limit (--on-no-convergence force). */
+  downtimeExceeded?: string;
+  /** --compress lz4: pages sent compressed, and their bytes on the wire (4096 each uncompressed). */
+  compression?: { pages: number; wireBytes: number; ratio: number };
+  /** --converge dirty-limit: the per-vCPU limit, the round it went on (0: never), each vCPU's sleep. */
+  dirtyLimit?: { bytesPerSecond: number; activatedAtRound: number; vcpuSleepMs: number[] };
   error?: string;
   /** On failure: the source VM and its memory are as before the migration (logging off). */
   sourceIntact?: boolean;

@@ -18,7 +18,7 @@ import {
   type VmConfig,
   type VmStats,
 } from '../vmm/engine.ts';
-import type { WorkloadSpec } from '../guest/workload.ts';
+import { vcpuTrace, type WorkloadSpec } from '../guest/workload.ts';
 import { HostMemory } from './hostmem/host-memory.ts';
 import { HostAddressSpace } from './hostmm/host-address-space.ts';
 import { MmuLock } from './locking/mmu-lock.ts';
@@ -38,8 +38,7 @@ import { VmError } from '../vmm/errors.ts';
 import { guestSegments } from '../vmm/guest-segments.ts';
 import { resolveVmConfig } from '../vmm/vm-config.ts';
 import { flushRemoteTlbs } from './vcpu/tlb-flush.ts';
-import { DIRTY_RING_MAX_ENTRIES, DirtyRingCollector, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
-import { SoftDirtyRingProducer, SoftDirtyRings, resetSoftDirtyRings } from './dirty/dirty-ring.ts';
+import { VmDirtyRings } from './dirty/vm-rings.ts';
 import { HugePageRecovery, type HugeRecoveryStrategy } from './huge/recovery.ts';
 import type { StallSummary } from './locking/lock-stall.ts';
 import type { MessagePort } from 'node:worker_threads';
@@ -94,13 +93,8 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   private readonly mappings: HostMapping[] = [];
   private destroyed = false;
   private mainFaults: FaultHandler | null = null;
-  /** KVM_CAP_DIRTY_LOG_RING: one ring per vCPU line plus the VMM thread's (line maxVcpus). */
-  private readonly rings: SoftDirtyRings | null = null;
-  private readonly ringCollectors: DirtyRingCollector[] = [];
-  /** Entries collected (by ring-full exits) and not yet returned by harvestDirtyRings. */
-  private readonly pendingRing: DirtyGfn[] = [];
-  private ringResets = 0;
-  private ringMaxBatch = 0;
+  /** KVM_CAP_DIRTY_LOG_RING (dirty/vm-rings.ts), or null: the VM logs to memslot bitmaps. */
+  private readonly rings: VmDirtyRings | null = null;
   private recovery: HugePageRecovery | null = null;
   private recoverStrategy: HugeRecoveryStrategy;
   /** Demand paging (soft/uffd/): the pager while one runs, and each vCPU's attach port. */
@@ -116,13 +110,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
   ) {
     super();
     this.config = resolveVmConfig(config, { manualDirtyLogProtect: true });
-    const ringEntries = this.config.dirtyRingEntries;
-    if (ringEntries !== 0) {
-      const problem = dirtyRingSizeProblem(ringEntries, DIRTY_RING_MAX_ENTRIES);
-      if (problem !== null) throw new VmError('config', problem);
-      this.rings = SoftDirtyRings.create(opts.maxVcpus + 1, ringEntries);
-      for (let line = 0; line <= opts.maxVcpus; line++) this.ringCollectors.push(new DirtyRingCollector(this.rings.words, ringEntries, line < opts.maxVcpus ? line : -1, this.rings.ringBase(line)));
-    }
+    if (this.config.dirtyRingEntries !== 0) this.rings = new VmDirtyRings(this.config.dirtyRingEntries, opts.maxVcpus);
     this.lock = MmuLock.create(this.config.lock);
     this.ctl = newControlBlock(opts.maxVcpus);
     this.statsSab = VcpuStats.newBuffer(opts.maxVcpus + 1);
@@ -350,26 +338,16 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
 
   // ---- dirty rings ----
 
-  /**
-   * Collect every ring's published entries into pendingRing, then KVM_RESET_DIRTY_RINGS: the
-   * collected pages are write-protected again and their entries freed. Run for a vCPU's
-   * DIRTY_RING_FULL exit (it re-enters afterwards) and by harvestDirtyRings.
-   */
-  private drainRings(): void {
-    const rings = this.rings!;
-    for (const c of this.ringCollectors) this.ringMaxBatch = Math.max(this.ringMaxBatch, c.collect(this.pendingRing));
-    if (this.host) {
-      const n = resetSoftDirtyRings(rings, rings.lines, (id) => this.slots.desc(id), this);
-      this.vmStats.add(S_WRITE_PROTECTED, n);
-    }
-    this.ringResets++;
+  /** Collect + reset every ring (harvestDirtyRings), or one vCPU's (its DIRTY_RING_FULL exit). */
+  private drainRings(onlyVcpu?: number): void {
+    this.vmStats.add(S_WRITE_PROTECTED, this.rings!.drain((id) => this.slots.desc(id), this.host ? this : null, onlyVcpu));
   }
 
   harvestDirtyRings(): DirtyGfn[] {
     this.checkAlive();
     if (this.rings === null) throw new VmError('state', 'harvestDirtyRings: VM created without dirtyRingEntries');
     this.drainRings();
-    return this.pendingRing.splice(0);
+    return this.rings.takePending();
   }
 
   // ---- guest memory through the VMM's mapping ----
@@ -395,6 +373,9 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     this.checkAlive();
     if (this.spec) throw new VmError('state', 'vCPUs were already created');
     if (!Number.isInteger(count) || count < 1 || count > this.opts.maxVcpus) throw new VmError('config', `vCPU count must be 1..${this.opts.maxVcpus}, got ${count}`);
+    // A trace the workload replays must load here (its digest checked) before any thread does:
+    // a missing or different file is the caller's error, not a vCPU thread's crash.
+    if (workload.kind === 'trace') for (let v = 0; v < Math.min(count, workload.traces.length); v++) vcpuTrace(workload, v);
     const { mem, mm, pgt } = this.ensureHost(count * workload.bytesPerVcpu);
     this.spec = workload;
     this.runControl = await startSoftVcpus(
@@ -409,13 +390,13 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         pgt: pgt.shared,
         lock: this.lock.shared,
         inval: this.slots.inval.sab,
-        dirtyRings: this.rings ? { sab: this.rings.sab, lines: this.rings.lines, entries: this.rings.entries } : null,
+        dirtyRings: this.rings?.shared() ?? null,
       },
       this.slots.publisher,
       { kick: () => this.pager?.kick(), uffdPorts: this.uffdPorts },
     );
     // KVM_EXIT_DIRTY_RING_FULL: harvest on the VMM thread, then the vCPU re-enters.
-    if (this.rings !== null) this.runControl.onExit('dirtyRingFull', () => this.drainRings());
+    if (this.rings !== null) this.runControl.onExit('dirtyRingFull', (x) => this.drainRings(x.vcpu));
   }
 
   // ---- demand paging (vmm/demand-paging.ts; the model is soft/uffd/) ----
@@ -476,10 +457,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
     }
     out.tlbFlushGeneration = Atomics.load(this.ctl, G_FLUSH_GEN);
     out.memslotGeneration = this.slots.publisher.current.gen;
-    if (this.rings !== null) {
-      out.dirtyRingResets = this.ringResets;
-      out.dirtyRingMaxEntriesPerHarvest = this.ringMaxBatch;
-    }
+    this.rings?.addStats(out);
     if (this.recovery) {
       const r = this.recovery.stats;
       out.hugeRecoveredInPlace = r.collapsedInPlace;
@@ -527,7 +505,7 @@ export class SoftVm extends VmRunLoop implements Vm, MemslotMmu {
         return lookup;
       },
     };
-    const sink = this.rings ? new SoftDirtyRingProducer(this.rings, this.opts.maxVcpus) : undefined;
+    const sink = this.rings?.vmmProducer();
     this.mainFaults = new FaultHandler(mem, mm, pgt, this.lock, src, this.slots.inval, this.vmStats, sink);
     return this.mainFaults;
   }

@@ -251,6 +251,13 @@ export interface Vm {
    */
   startDemandPaging?(config: DemandPagingConfig): DemandPager;
 
+  /**
+   * set-vcpu-dirty-limit (QEMU 8.1's dirty-limit): hold `vcpu` (every vCPU when omitted) to at
+   * most `bytesPerSecond` of newly dirtied memory, 0 to lift it. Needs a dirty ring: enforced at
+   * DIRTY_RING_FULL exits, where a vCPU over its limit sleeps (stats: dirtyLimitSleepMs).
+   */
+  setVcpuDirtyLimit(bytesPerSecond: number, vcpu?: number): void;
+
   /** Copy guest memory at gpa into dst (the VMM reading its own mapping of guest RAM). */
   readGuest(gpa: number, dst: Uint8Array): void;
 

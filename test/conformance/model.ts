@@ -26,7 +26,7 @@ export class WorkloadModel {
     const bitmap = newBitmap(this.vcpus * per);
     for (let v = 0; v < this.vcpus; v++) {
       const value = (BigInt(v + 1) << 32n) | BigInt(this.pass);
-      for (const p of pagesWrittenInPass(this.spec, this.rngs[v]!, this.pass)) {
+      for (const p of pagesWrittenInPass(this.spec, this.rngs[v]!, this.pass, v)) {
         this.memory[v * per + p] = value;
         setBit(bitmap, v * per + p);
       }

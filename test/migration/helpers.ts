@@ -1,5 +1,6 @@
 // Shared by the migration tests: run a source and a destination in this process over real
 // loopback TCP, and check guest memory against the workload spec.
+import type { FaultPath } from '../../src/vmm/demand-paging.ts';
 import { PAGE_SIZE, type Engine, type Vm } from '../../src/vmm/engine.ts';
 import { pagesPerVcpu, type WorkloadSpec } from '../../src/guest/workload.ts';
 import { connectLink, listenLink } from '../../src/migration/wire-link.ts';
@@ -23,12 +24,16 @@ export async function migrateInProcess(
     preallocate?: boolean;
     wrapLink?: (l: SourceLink) => SourceLink;
     wrapDestLink?: (l: DestLink) => DestLink;
+    /** Post-copy: how long the destination waits for the source to reconnect (default 60 s). */
+    postcopyRecoverTimeoutMs?: number;
+    /** Post-copy: the destination's fault path (default: the engine's, postcopy/paging.ts). */
+    postcopyFaultPath?: FaultPath;
   },
 ): Promise<PairResult> {
   const listener = await listenLink({ host: '127.0.0.1', port: 0 });
   try {
     const accepted = listener.accept().then((link) =>
-      receiveMigration(opts.wrapDestLink ? opts.wrapDestLink(link) : link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false }),
+      receiveMigration(opts.wrapDestLink ? opts.wrapDestLink(link) : link, { openEngine: async () => destEngine, verifyRescan: true, preallocate: opts.preallocate ?? false, postcopyRecoverTimeoutMs: opts.postcopyRecoverTimeoutMs, postcopyFaultPath: opts.postcopyFaultPath }),
     );
     const destP = accepted.then(
       (d) => ({ dest: d, destError: null }),

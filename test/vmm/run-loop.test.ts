@@ -51,6 +51,8 @@ describe('run loop (scripted guest)', () => {
     rc.onExit('mmio', record);
     rc.allowPasses(Infinity);
     await rc.waitForPasses(3, 10_000);
+    // The HLT exit follows pass 3's report: wait for it too.
+    for (let i = 0; i < 1000 && !rc.progress().every((p) => p.halted); i++) await new Promise((r) => setTimeout(r, 5));
     expect(rc.progress()).toEqual([
       { vcpu: 0, passesCompleted: 3, halted: true },
       { vcpu: 1, passesCompleted: 3, halted: true },

@@ -17,6 +17,7 @@ import {
   MAX_CHANNELS,
   MAX_DETAILS_BYTES,
   MAX_PAGES_PER_RECORD,
+  MAX_DISCARD_PAGES,
   MigrationStreamError,
   RAM_HEADER_BYTES,
   RECORD_HEADER_BYTES,
@@ -323,6 +324,32 @@ export class StreamDecoder {
           this.fail('bad-json', 'COMPLETE details is not a JSON object');
         }
         return { kind: 'complete', memoryHash, pages: Number(pages), details: details as Record<string, unknown> };
+      }
+      case RecordType.POSTCOPY_DISCARD: {
+        const slot = dv.getUint32(0, true);
+        const firstPage = dv.getUint32(4, true);
+        const count = dv.getUint32(8, true);
+        if (count < 1 || count > MAX_DISCARD_PAGES) this.fail('out-of-range', `POSTCOPY_DISCARD count ${count}: must be 1..${MAX_DISCARD_PAGES}`);
+        const bytes = Math.ceil(count / 8);
+        if (p.length !== 12 + bytes) this.fail('bad-length', `POSTCOPY_DISCARD payloadLength ${p.length}, count ${count} needs 12 + ${bytes}`);
+        if (count % 8 !== 0 && (p[12 + bytes - 1]! >> (count % 8)) !== 0) this.fail('bad-reserved', `POSTCOPY_DISCARD bits past count ${count} are not zero`);
+        if (this.layout) this.checkRange('POSTCOPY_DISCARD', slot, firstPage, count);
+        else if (firstPage + count > 2 ** 32) this.fail('out-of-range', `POSTCOPY_DISCARD firstPage ${firstPage} + count ${count} overflows u32`);
+        return { kind: 'postcopy-discard', slot, firstPage, count, bitmap: p.slice(12) };
+      }
+      case RecordType.POSTCOPY_RUN: {
+        const pages = dv.getBigUint64(8, true);
+        const missing = dv.getBigUint64(36, true);
+        if (pages > BigInt(Number.MAX_SAFE_INTEGER) || missing > BigInt(Number.MAX_SAFE_INTEGER)) this.fail('out-of-range', `POSTCOPY_RUN pages ${pages} / missingPages ${missing} is not a safe integer`);
+        return { kind: 'postcopy-run', memoryHash: dv.getBigUint64(0, true), pages: Number(pages), configDigest: dv.getBigUint64(16, true), vcpuStateDigest: dv.getBigUint64(24, true), vcpuStates: dv.getUint32(32, true), missingPages: Number(missing) };
+      }
+      case RecordType.POSTCOPY_HELLO: {
+        if (Buffer.compare(p.subarray(0, 8), MAGIC) !== 0) this.fail('bad-magic', `POSTCOPY_HELLO magic is ${JSON.stringify(Buffer.from(p.subarray(0, 8)).toString('latin1'))}, expected "${STREAM_MAGIC}"`);
+        const version = dv.getUint16(8, true);
+        this.checkVersion('POSTCOPY_HELLO', version);
+        const role = dv.getUint16(10, true);
+        if (role > 1) this.fail('out-of-range', `POSTCOPY_HELLO role ${role}: must be 0 (push) or 1 (preempt)`);
+        return { kind: 'postcopy-hello', version, role, token: dv.getBigUint64(12, true) };
       }
       case RecordType.READY:
         return { kind: 'ready' };

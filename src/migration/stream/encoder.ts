@@ -8,6 +8,7 @@ import {
   KIND_TO_TYPE,
   MAX_CONFIG_BYTES,
   MAX_DETAILS_BYTES,
+  MAX_DISCARD_PAGES,
   MAX_ERROR_MESSAGE_BYTES,
   MAX_PAGES_PER_RECORD,
   MAX_PAYLOAD_BYTES,
@@ -186,6 +187,52 @@ export function encodeRecord(rec: MigrationRecord, dst: Uint8Array, off: number)
       writeHeader(dv, off, type, 0);
       return off + RECORD_HEADER_BYTES;
     }
+    case 'postcopy-discard': {
+      checkU32('POSTCOPY_DISCARD slot', rec.slot);
+      checkU32('POSTCOPY_DISCARD firstPage', rec.firstPage);
+      if (!Number.isInteger(rec.count) || rec.count < 1 || rec.count > MAX_DISCARD_PAGES || rec.firstPage + rec.count > 2 ** 32) {
+        throw new MigrationStreamError('out-of-range', `POSTCOPY_DISCARD count = ${rec.count}: must be 1..${MAX_DISCARD_PAGES} within u32 pages`);
+      }
+      const bytes = Math.ceil(rec.count / 8);
+      if (rec.bitmap.length !== bytes) throw new MigrationStreamError('bad-data-length', `POSTCOPY_DISCARD bitmap is ${rec.bitmap.length} bytes, ceil(count/8) = ${bytes}`);
+      if (room < RECORD_HEADER_BYTES + 12 + bytes) return -1;
+      writeHeader(dv, off, type, 12 + bytes);
+      const p = off + RECORD_HEADER_BYTES;
+      dv.setUint32(p, rec.slot, true);
+      dv.setUint32(p + 4, rec.firstPage, true);
+      dv.setUint32(p + 8, rec.count, true);
+      dst.set(rec.bitmap, p + 12);
+      // Bits past count are zero on the wire whatever the caller left there.
+      if (rec.count % 8 !== 0) dst[p + 12 + bytes - 1]! &= (1 << (rec.count % 8)) - 1;
+      return p + 12 + bytes;
+    }
+    case 'postcopy-run': {
+      if (!Number.isSafeInteger(rec.pages) || rec.pages < 0 || !Number.isSafeInteger(rec.missingPages) || rec.missingPages < 0) {
+        throw new MigrationStreamError('out-of-range', `POSTCOPY_RUN pages = ${rec.pages}, missingPages = ${rec.missingPages}: not counts`);
+      }
+      checkU32('POSTCOPY_RUN vcpuStates', rec.vcpuStates);
+      if (room < RECORD_HEADER_BYTES + 44) return -1;
+      writeHeader(dv, off, type, 44);
+      const p = off + RECORD_HEADER_BYTES;
+      dv.setBigUint64(p, u64(rec.memoryHash), true);
+      dv.setBigUint64(p + 8, BigInt(rec.pages), true);
+      dv.setBigUint64(p + 16, u64(rec.configDigest), true);
+      dv.setBigUint64(p + 24, u64(rec.vcpuStateDigest), true);
+      dv.setUint32(p + 32, rec.vcpuStates, true);
+      dv.setBigUint64(p + 36, BigInt(rec.missingPages), true);
+      return p + 44;
+    }
+    case 'postcopy-hello': {
+      if (rec.role !== 0 && rec.role !== 1) throw new MigrationStreamError('out-of-range', `POSTCOPY_HELLO role = ${rec.role}: must be 0 or 1`);
+      if (room < RECORD_HEADER_BYTES + 20) return -1;
+      writeHeader(dv, off, type, 20);
+      const p = off + RECORD_HEADER_BYTES;
+      dst.set(MAGIC_BYTES, p);
+      dv.setUint16(p + 8, rec.version, true);
+      dv.setUint16(p + 10, rec.role, true);
+      dv.setBigUint64(p + 12, u64(rec.token), true);
+      return p + 20;
+    }
     case 'error': {
       const text = errorText(rec.message);
       if (room < RECORD_HEADER_BYTES + 4 + text.length) return -1;
@@ -242,6 +289,7 @@ export function encodedSize(rec: MigrationRecord): number {
     case 'config': return RECORD_HEADER_BYTES + jsonPayload('CONFIG', rec.config, MAX_CONFIG_BYTES).length;
     case 'vcpu-state': return RECORD_HEADER_BYTES + jsonPayload('VCPU_STATE', rec.state, MAX_PAYLOAD_BYTES).length;
     case 'error': return RECORD_HEADER_BYTES + 4 + errorText(rec.message).length;
+    case 'postcopy-discard': return RECORD_HEADER_BYTES + 12 + Math.ceil(rec.count / 8);
     case 'complete':
       return RECORD_HEADER_BYTES + 16 + (rec.details === undefined ? 0 : jsonPayload('COMPLETE details', rec.details, MAX_DETAILS_BYTES).length);
     default: {

@@ -1,6 +1,8 @@
-// The stage2 migration stream, version 3: what travels over every TCP connection of a migration.
+// The stage2 migration stream, version 4: what travels over every TCP connection of a migration.
 // (Version 2 added GO and STARTED, the switchover commit; COMPLETE no longer means "running".
-// Version 3 made END bind the whole migrated state: CONFIG and the vCPU states beside memory.)
+// Version 3 made END bind the whole migrated state: CONFIG and the vCPU states beside memory.
+// Version 4 added post-copy: POSTCOPY_DISCARD, POSTCOPY_RUN, POSTCOPY_HELLO, and made
+// POSTCOPY_REQUEST live; see "Post-copy" below.)
 //
 // Every record is a fixed 8-byte header and a payload, all integers little-endian:
 //
@@ -35,12 +37,22 @@
 //                             24:8 vcpuStateDigest, 32:4 vcpuStates (the count sent)
 //                             (digests: migration/state-digest.ts)
 //  10   GO               S>D  (empty): the source has committed to the switchover     0
+//  11   POSTCOPY_DISCARD both 0:4 slot, 4:4 firstPage, 8:4 count, 12: bitmap of      13..12+MAX_DISCARD_PAGES/8
+//                             ceil(count/8) bytes, bit i (LSB first) = page firstPage+i;
+//                             bits past count must be 0. S>D before POSTCOPY_RUN: these
+//                             pages are missing on the destination (sent stale or never);
+//                             D>S first on a resumed post-copy connection: still missing here
+//  12   POSTCOPY_RUN     S>D  END's 36 bytes (memoryHash = pages the destination keeps,   44
+//                             i.e. every page NOT discarded), 36:8 missingPages
+//  13   POSTCOPY_HELLO   S>D  0:8 magic, 8:2 version, 10:2 role (0 background pages,      20
+//                             1 preempt: requests and their answers), 12:8 token
 //  16   READY            D>S  (empty): destination is set up and accepts pages        0
 //  17   COMPLETE         D>S  0:8 memoryHash, 8:8 pages (hash of what it wrote),      16..16+MAX_DETAILS_BYTES
 //                             16: optional UTF-8 JSON object with more details;
 //                             everything is applied and checked, the guest NOT started
 //  18   ERROR            both 0:2 code, 2:2 reserved, 4: UTF-8 message               4..4+MAX_ERROR_MESSAGE_BYTES
-//  19   POSTCOPY_REQUEST D>S  0:4 slot, 4:4 page, 8:4 count (reserved for post-copy)  12
+//  19   POSTCOPY_REQUEST D>S  0:4 slot, 4:4 page, 8:4 count: send these pages now      12
+//                             (on the preempt connection; the source checks the range)
 //  20   SYNC_ACK         D>S  0:4 round: every page of rounds <= round is applied     4
 //  21   STARTED          D>S  (empty): the guest runs on the destination (answers GO) 0
 //
@@ -61,13 +73,28 @@
 // Lost after GO: the source stays paused (it cannot know whether GO arrived) and the destination
 // runs the guest if GO arrived; at worst the guest runs nowhere until an operator resumes one side.
 //
+// Post-copy (CAP_POSTCOPY accepted in HELLO_ACK): instead of END the source, paused, sends the
+// vCPU states, POSTCOPY_DISCARD records for every page the destination does not hold as it is
+// now, and POSTCOPY_RUN; the destination drops those pages, checks the hash of what it keeps
+// and answers COMPLETE with details {"postcopyPort": P, "token": T}; GO / STARTED as above: the
+// point of no return is the destination starting the guest (on demand paging). Then the
+// source opens two connections to P, each starting with POSTCOPY_HELLO(token) answered by
+// HELLO_ACK: role 0 carries the background push (RAM / ZERO), role 1 (QEMU's postcopy-preempt)
+// carries POSTCOPY_REQUEST D>S and their RAM / ZERO answers, so a request never queues behind
+// bulk pages. Pages carry no round: the source is paused, every copy of a page is the same.
+// When nothing is missing the destination sends COMPLETE(memoryHash of every page as
+// installed, pages) on role 0 and the migration is over. If either connection drops, both
+// sides keep everything (vCPUs needing a missing page wait): the source connects again, the
+// destination answers the new role-0 HELLO with POSTCOPY_DISCARD records of what it still
+// misses, and the push resumes with exactly those pages.
+//
 // Within a round a page
 // appears at most once over all channels; round r is closed by SYNC(r) on every channel (like
 // QEMU multifd's per-round sync packet), and the destination applies all of round r before any
 // of round r+1.
 
 export const STREAM_MAGIC = 'STAGE2MG';
-export const STREAM_VERSION = 3;
+export const STREAM_VERSION = 4;
 
 export const RECORD_HEADER_BYTES = 8;
 export const RAM_HEADER_BYTES = 16;
@@ -78,13 +105,15 @@ export const MAX_PAYLOAD_BYTES = RAM_HEADER_BYTES + MAX_PAGES_PER_RECORD * STREA
 export const MAX_CONFIG_BYTES = 1 << 20;
 export const MAX_ERROR_MESSAGE_BYTES = 4096;
 export const MAX_CHANNELS = 64;
+/** Largest POSTCOPY_DISCARD record: pages one bitmap covers. */
+export const MAX_DISCARD_PAGES = 65536;
 /** Bound on COMPLETE's optional JSON details. */
 export const MAX_DETAILS_BYTES = 64 * 1024;
 
 /** Capability bits offered in HELLO and accepted in HELLO_ACK. */
 export const CAP_LZ4 = 1 << 0;
 export const CAP_MULTICHANNEL = 1 << 1;
-/** Reserved: post-copy demand paging over the back channel. */
+/** Post-copy: the destination may run the guest before every page arrived (see above). */
 export const CAP_POSTCOPY = 1 << 2;
 export const KNOWN_CAPS = CAP_LZ4 | CAP_MULTICHANNEL | CAP_POSTCOPY;
 
@@ -99,6 +128,9 @@ export const RecordType = {
   VCPU_STATE: 8,
   END: 9,
   GO: 10,
+  POSTCOPY_DISCARD: 11,
+  POSTCOPY_RUN: 12,
+  POSTCOPY_HELLO: 13,
   READY: 16,
   COMPLETE: 17,
   ERROR: 18,
@@ -140,6 +172,13 @@ export interface CompleteRecord { kind: 'complete'; memoryHash: bigint; pages: n
 export interface ErrorRecord { kind: 'error'; code: number; message: string }
 export interface PostcopyRequestRecord { kind: 'postcopy-request'; slot: number; page: number; count: number }
 export interface SyncAckRecord { kind: 'sync-ack'; round: number }
+/** bitmap: ceil(count/8) bytes, bit i (LSB first) = page firstPage + i. */
+export interface PostcopyDiscardRecord { kind: 'postcopy-discard'; slot: number; firstPage: number; count: number; bitmap: Uint8Array }
+/** END's fields (memoryHash over the pages the destination keeps) and how many pages are missing. */
+export interface PostcopyRunRecord { kind: 'postcopy-run'; memoryHash: bigint; pages: number; configDigest: bigint; vcpuStateDigest: bigint; vcpuStates: number; missingPages: number }
+export const POSTCOPY_ROLE_PUSH = 0;
+export const POSTCOPY_ROLE_PREEMPT = 1;
+export interface PostcopyHelloRecord { kind: 'postcopy-hello'; version: number; role: number; token: bigint }
 
 export type MigrationRecord =
   | HelloRecord
@@ -157,7 +196,10 @@ export type MigrationRecord =
   | CompleteRecord
   | ErrorRecord
   | PostcopyRequestRecord
-  | SyncAckRecord;
+  | SyncAckRecord
+  | PostcopyDiscardRecord
+  | PostcopyRunRecord
+  | PostcopyHelloRecord;
 
 export type RecordKind = MigrationRecord['kind'];
 
@@ -184,6 +226,9 @@ export const KIND_TO_TYPE: Record<RecordKind, number> = {
   error: RecordType.ERROR,
   'postcopy-request': RecordType.POSTCOPY_REQUEST,
   'sync-ack': RecordType.SYNC_ACK,
+  'postcopy-discard': RecordType.POSTCOPY_DISCARD,
+  'postcopy-run': RecordType.POSTCOPY_RUN,
+  'postcopy-hello': RecordType.POSTCOPY_HELLO,
 };
 
 export const TYPE_NAMES: Record<number, string> = Object.fromEntries(
@@ -193,10 +238,11 @@ export const TYPE_NAMES: Record<number, string> = Object.fromEntries(
 const TO_DESTINATION = new Set<number>([
   RecordType.HELLO, RecordType.CHANNEL_HELLO, RecordType.CONFIG, RecordType.RAM, RecordType.ZERO,
   RecordType.SYNC, RecordType.VCPU_STATE, RecordType.END, RecordType.GO, RecordType.ERROR,
+  RecordType.POSTCOPY_DISCARD, RecordType.POSTCOPY_RUN, RecordType.POSTCOPY_HELLO,
 ]);
 const TO_SOURCE = new Set<number>([
   RecordType.HELLO_ACK, RecordType.READY, RecordType.COMPLETE, RecordType.ERROR, RecordType.POSTCOPY_REQUEST,
-  RecordType.SYNC_ACK, RecordType.STARTED,
+  RecordType.SYNC_ACK, RecordType.STARTED, RecordType.POSTCOPY_DISCARD,
 ]);
 
 export function typeAllowed(type: number, direction: StreamDirection): boolean {
@@ -222,6 +268,9 @@ export function payloadBounds(type: number): readonly [number, number] | undefin
     case RecordType.ERROR: return [4, 4 + MAX_ERROR_MESSAGE_BYTES];
     case RecordType.POSTCOPY_REQUEST: return [12, 12];
     case RecordType.SYNC_ACK: return [4, 4];
+    case RecordType.POSTCOPY_DISCARD: return [13, 12 + MAX_DISCARD_PAGES / 8];
+    case RecordType.POSTCOPY_RUN: return [44, 44];
+    case RecordType.POSTCOPY_HELLO: return [20, 20];
     default: return undefined;
   }
 }

@@ -284,6 +284,12 @@ export class MigrationConnection {
 
   /** sendRam without the copy: `written` says when `data` may be reused (channel.ts). */
   async sendRamBorrowed(slot: number, firstPage: number, count: number, data: Uint8Array, written: () => void, opts?: PageSendOptions): Promise<void> {
+    if (this.compress) {
+      // lz4 writes a new block anyway: compress from `data`, which is free again at once.
+      await this.pick(opts).sendRam(slot, firstPage, count, data, true);
+      written();
+      return;
+    }
     await this.pick(opts).sendRamBorrowed(slot, firstPage, count, data, written);
   }
 

@@ -153,11 +153,14 @@ export class IncomingMigration {
           this.recordChannel = 0;
           return rec;
         case 'vcpu-state':
+        case 'postcopy-discard':
+        case 'postcopy-run':
         case 'end':
           if (i !== 0) throw new MigrationStreamError('unexpected-record', `${rec.kind.toUpperCase()} on data channel ${i}`);
-          if (rec.kind === 'end') {
+          // POSTCOPY_RUN ends the stream like END (post-copy pages follow on their own connections).
+          if (rec.kind === 'end' || rec.kind === 'postcopy-run') {
             if (this.pagesSinceBarrier || this.parkedCount > 0) {
-              throw new MigrationStreamError('unexpected-record', 'END inside an unfinished round: SYNC every channel before END');
+              throw new MigrationStreamError('unexpected-record', `${rec.kind.toUpperCase()} inside an unfinished round: SYNC every channel before it`);
             }
             this.done = true;
             for (const c of this.channels) c.expectEnd();

@@ -23,6 +23,8 @@ export interface SplitRegion {
   pfn0: number;
   /** PROT_RW when every leaf is writable, else PROT_R (the block never gets more than a leaf had). */
   prot: number;
+  /** The level-2 table entry as the scan read it (what a zap under the read lock cmpxchgs against). */
+  entry: number;
 }
 
 class SplitRegionVisitor implements Visitor {
@@ -51,7 +53,7 @@ class SplitRegionVisitor implements Visitor {
       if (!leafWritable(pte)) allW = false;
     }
     if (pfn0 < 0 || pfn0 % PTRS_PER_TABLE !== 0) uniform = false;
-    this.out.push({ gfn: ctx.gfn, firstPfn, pfn0: uniform ? pfn0 : -1, prot: allW ? PROT_RW : PROT_R });
+    this.out.push({ gfn: ctx.gfn, firstPfn, pfn0: uniform ? pfn0 : -1, prot: allW ? PROT_RW : PROT_R, entry: old });
     return OK;
   }
 }

@@ -7,8 +7,14 @@
 //              memslot ioctl itself; vCPUs re-fault 2 MiB blocks. The baseline that froze a 4 TB
 //              guest for 13 s: every vCPU fault waits for the whole sweep.
 //   'async'    the same zap from a background task with a per-memslot work list (the review in
-//              seed 004), breaking the lock every `batchRegions` regions and yielding the VMM
-//              thread (setImmediate) between batches, so vCPU faults get in.
+//              seed 004), `batchRegions` regions per batch, yielding the VMM thread
+//              (setImmediate) between batches. In 'parallel' lock mode under the READ lock
+//              (pgtable/zap-table.ts: each 2 MiB entry cmpxchg'd from the table the scan saw to
+//              LOCKED, one TLB flush, then invalid, the table retired through RCU; x86's tdp_mmu
+//              zaps under mmu_lock held for read the same way): vCPU faults take the read lock
+//              too, so they never wait for it. In 'global' / 'global-write' mode faults take the
+//              write lock, so a read hold would stall them just the same: there it zaps under
+//              the write lock, breaking the lock every batch so vCPU faults get in.
 //   'in-place' (default) the work-list task again, but a region whose 512 leaves map one
 //              contiguous, 2 MiB-aligned host huge page becomes a block directly
 //              (Stage2PageTable.collapse: break-before-make by cmpxchg) under the READ lock:
@@ -93,6 +99,8 @@ export interface HugeRecoveryStats {
   droppedItems: number;
   /** Batches that raced an invalidation or a fault and were retried. */
   retries: number;
+  /** async under the read lock: regions a fault changed between the scan and the zap (left alone). */
+  zapLostRaces: number;
   /**
    * Holds longer than 1 ms, and (with `schedDiagnostics`) what the VMM thread did meanwhile:
    * seconds on a CPU and seconds runnable but waiting for one (preempted), summed over them.
@@ -116,7 +124,7 @@ interface WorkItem {
 export class HugePageRecovery {
   strategy: HugeRecoveryStrategy = 'in-place';
   batchRegions = DEFAULT_RECOVERY_BATCH;
-  readonly stats: HugeRecoveryStats = { collapsedInPlace: 0, zapped: 0, batches: 0, maxHoldSeconds: 0, droppedItems: 0, retries: 0, longHolds: 0, longHoldSeconds: 0, longHoldOnCpuSeconds: 0, longHoldRunQueueSeconds: 0 };
+  readonly stats: HugeRecoveryStats = { collapsedInPlace: 0, zapped: 0, batches: 0, maxHoldSeconds: 0, droppedItems: 0, retries: 0, zapLostRaces: 0, longHolds: 0, longHoldSeconds: 0, longHoldOnCpuSeconds: 0, longHoldRunQueueSeconds: 0 };
   /**
    * Benchmarks: read this thread's scheduler accounting around every hold (a few us each, off
    * the lock) so a long hold can be told apart as preemption (run queue) or work (on CPU).
@@ -223,7 +231,14 @@ export class HugePageRecovery {
       this.work.delete(item.slot);
       return;
     }
-    const reached = this.strategy === 'async' ? this.zapBatch(slot, item.cursor, hi) : this.inPlaceBatch(slot, item.cursor, hi) ? hi : -1;
+    const reached =
+      this.strategy !== 'async'
+        ? this.inPlaceBatch(slot, item.cursor, hi)
+          ? hi
+          : -1
+        : this.host.lock.faultShared
+          ? this.zapBatchShared(slot, item.cursor, hi)
+          : this.zapBatch(slot, item.cursor, hi);
     if (reached >= 0 || ++item.retries > MAX_BATCH_RETRIES) {
       item.cursor = reached >= 0 ? reached : hi;
       item.retries = 0;
@@ -299,6 +314,40 @@ export class HugePageRecovery {
       h.lock.exclusiveUnlock();
       this.countHold(t0);
       if (flush) h.flushRemoteTlbs!();
+    }
+  }
+
+  /**
+   * async in 'parallel' lock mode: zap the eligible split regions of [lo, hi) under the READ
+   * lock (Stage2PageTable.zapTablesShared; its file states why racing faults, the lockless
+   * write-protect fast path and RCU walkers are safe). Faults take the read lock too, so none
+   * waits for this hold; a region a fault changed since the scan (collapsed it, typically) is
+   * left alone. The TLB flush is inside the hold, between break and make (it waits only for
+   * vCPUs in guest mode, which never wait on this lock). Returns the gfn reached, or -1 to retry.
+   */
+  private zapBatchShared(slot: SlotDesc, lo: number, hi: number): number {
+    const h = this.host;
+    const regions = scanSplitRegions(h.pgt, lo, hi - lo);
+    if (regions.length === 0) return hi;
+    const hostSeq = h.mm.notifierSeq();
+    const slotSeq = h.inval.seq();
+    const zap = regions.filter((r) => this.eligible(slot, r, false));
+    if (zap.length === 0) return hi;
+    this.beforeHold();
+    const t0 = performance.now();
+    h.lock.rw.readLock();
+    try {
+      // A notifier or memslot invalidation since the eligibility check: look again (a zap is
+      // always safe, but eligibility, the host's 2 MiB page, may have changed).
+      if (h.mm.retryNeeded(hostSeq) || h.inval.retryNeeded(slotSeq)) return -1;
+      const n = h.pgt.zapTablesShared(zap);
+      this.stats.zapped += n;
+      this.stats.zapLostRaces += zap.length - n;
+      return hi;
+    } finally {
+      h.lock.rw.readUnlock();
+      this.countHold(t0);
+      h.pgt.reclaim();
     }
   }
 

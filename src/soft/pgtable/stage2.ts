@@ -46,9 +46,11 @@ import { LAST_LEVEL, LEVEL_PAGES, MAX_GFN, MIN_BLOCK_LEVEL, leafPfn, leafWithPer
 import { MAP_SAME, NOT_HANDLED, lookupLeaf, mapInPlace, newLeafLookup, writeProtectPages, type LeafLookup } from './lookup.ts';
 import { Stage2Handle, createStage2Shared } from './stage2-handle.ts';
 import { CollapsibleVisitor, LeafIterVisitor, MapVisitor, SplitVisitor, UnmapVisitor, WriteProtectVisitor } from './visitors.ts';
+import { zapLastLevelTables, type TableZap } from './zap-table.ts';
 import { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, Walker, type Visitor } from './walker.ts';
 
 export { newLeafLookup, type LeafLookup } from './lookup.ts';
+export type { TableZap } from './zap-table.ts';
 export type { MappingCounts } from './mapping-counters.ts';
 export { Stage2Error, type Stage2Callbacks, type Stage2CreateOptions, type Stage2Shared, type Stage2Stats } from './stage2-types.ts';
 export { EAGAIN, ENOMEM, OK, WALK_HANDLE_FAULT, WALK_LEAF, WALK_SHARED, WALK_TABLE_POST, WALK_TABLE_PRE, type VisitCtx, type Visitor } from './walker.ts';
@@ -272,6 +274,28 @@ export class Stage2PageTable extends Stage2Handle {
     v.removed.length = 0;
     return v.endGfn > v.firstGfn;
   }
+
+  /**
+   * Make each 2 MiB entry of `zaps` that still holds the table entry the caller found there
+   * invalid, by cmpxchg + one TLB flush + store (zap-table.ts), and retire its 4 KiB table
+   * through RCU. Under the MMU READ lock (or write): faults in 'parallel' mode run beside it.
+   * Returns how many were zapped (the rest changed meanwhile). The leaves of the retired tables
+   * are reported (onLeafRemoved) when the tables are freed, as for collapse.
+   */
+  zapTablesShared(zaps: readonly TableZap[]): number {
+    this.assertLocked(true);
+    if (this.destroyed) throw new Stage2Error('stage-2 table used after destroy()');
+    this.epoch.readLock(this.rcuSlot);
+    let n: number;
+    try {
+      n = zapLastLevelTables(this.words, this.rootBase, this, zaps, this.zapScratch, this.debug);
+    } finally {
+      this.epoch.readUnlock(this.rcuSlot);
+    }
+    if (this.retiredSinceReclaim && !this.epoch.inReadSection(this.rcuSlot)) this.reclaim();
+    return n;
+  }
+  private readonly zapScratch: number[] = [];
 
   private reportRemoved(): void {
     const v = this.unmapVisitor;

@@ -64,6 +64,13 @@ export interface UffdShared {
   /** vCPUs; thread index `vcpus` is the VMM's main thread. */
   vcpus: number;
   queueCap: number;
+  /**
+   * The main thread's request mailbox holds up to one request per VM page: a request stays in
+   * it after its page arrived by another path (a post-copy push) until the main thread drains
+   * it, while the vCPU moves on to its next missing page and asks again, so a busy main thread
+   * can owe a request for every page (never more: a page is requested once per discard).
+   */
+  mailboxCap: number;
   ctl: SharedArrayBuffer;
   state: SharedArrayBuffer;
   /** MINOR: Int32 per VM page, page-cache pfn + 1. */
@@ -73,12 +80,14 @@ export interface UffdShared {
   delayUs: number;
 }
 
-export function createUffdShared(o: Omit<UffdShared, 'ctl' | 'state' | 'pcache' | 'waits' | 'queueCap'>): UffdShared {
+export function createUffdShared(o: Omit<UffdShared, 'ctl' | 'state' | 'pcache' | 'waits' | 'queueCap' | 'mailboxCap'>): UffdShared {
   const queueCap = Math.max(64, 4 * (o.vcpus + 1));
-  const words = queuesBase(o.vcpus) + (o.layout.uffds + 1) * roundLine(FaultQueue.words(queueCap));
+  const mailboxCap = o.layout.totalPages + queueCap;
+  const words = queuesBase(o.vcpus) + o.layout.uffds * roundLine(FaultQueue.words(queueCap)) + roundLine(FaultQueue.words(mailboxCap));
   return {
     ...o,
     queueCap,
+    mailboxCap,
     ctl: new SharedArrayBuffer(words * 4),
     state: new SharedArrayBuffer(Math.max(1, o.layout.totalPages) * 4),
     pcache: o.mode === 'minor' ? new SharedArrayBuffer(Math.max(1, o.layout.totalPages) * 4) : null,
@@ -116,8 +125,8 @@ export class SoftUserfaultfd {
     this.pcache = sh.pcache ? new Int32Array(sh.pcache) : null;
     this.histogram = new WaitHistogram(sh.waits);
     const qWords = roundLine(FaultQueue.words(sh.queueCap));
-    for (let u = 0; u <= sh.layout.uffds; u++) this.queues.push(new FaultQueue(this.ctl, queuesBase(sh.vcpus) + u * qWords, sh.queueCap));
-    this.mailbox = this.queues.pop()!;
+    for (let u = 0; u < sh.layout.uffds; u++) this.queues.push(new FaultQueue(this.ctl, queuesBase(sh.vcpus) + u * qWords, sh.queueCap));
+    this.mailbox = new FaultQueue(this.ctl, queuesBase(sh.vcpus) + sh.layout.uffds * qWords, sh.mailboxCap);
   }
 
   get mainThread(): number {

@@ -1,8 +1,9 @@
-// The dirty-rate guest's clock (guest/workload.ts): when a pacing guest is ahead of its rate it
-// halts until its timer, as a real dirtier sleeps (a guest HLT woken by its timer interrupt).
+// The pacing guests' clock (guest/workload.ts: dirty-rate counts pages written, trace counts
+// epochs replayed): when a pacing guest is ahead of its rate it halts until its timer, as a real
+// dirtier sleeps (a guest HLT woken by its timer interrupt).
 // Thread-confined: one per vCPU thread, used by runner.ts.
 //
-// Schedule: write k is due at t0 + k / rate. A guest that fell more than CATCH_UP_MS behind
+// Schedule: unit k (a page written, an epoch begun) is due at t0 + k / rate. A guest that fell more than CATCH_UP_MS behind
 // (paused by a migration's switchover, starved of a CPU) starts a new schedule from now instead
 // of bursting to catch up, so its rate over any window stays near the target.
 
@@ -16,12 +17,12 @@ export class GuestClock {
   private t0 = -1;
   private base = 0;
 
-  /** bytesPerSecond: the vCPU's dirty rate (0: unpaced, never halts). */
-  constructor(bytesPerSecond: number) {
-    this.pagesPerMs = bytesPerSecond / 4096 / 1000;
+  /** unitsPerSecond: the vCPU's rate in pages (dirty-rate) or epochs (trace); 0: unpaced, never halts. */
+  constructor(unitsPerSecond: number) {
+    this.pagesPerMs = unitsPerSecond / 1000;
   }
 
-  /** The guest has written `written` pages in all: the time to halt until, or 0 to go on. */
+  /** The guest has done `written` units in all: the time to halt until, or 0 to go on. */
   haltUntil(written: number): number {
     if (this.pagesPerMs === 0) return 0;
     const now = performance.now();

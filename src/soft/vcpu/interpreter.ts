@@ -5,7 +5,8 @@
 // are copied to and from the shared control block by runner.ts whenever the vCPU stops.
 // The loops below are the hot path: no allocation, one shape per call site.
 
-import { pagesPerVcpu, workingSetPages, guestWriteValue, initialRngState, randomPageIndex, xorshift64Step, type WorkloadSpec } from '../../guest/workload.ts';
+import { pagesPerVcpu, workingSetPages, guestWriteValue, initialRngState, randomPageIndex, vcpuTrace, xorshift64Step, type WorkloadSpec } from '../../guest/workload.ts';
+import { traceEpoch } from '../../guest/trace-replay.ts';
 import { PAGE_SHIFT } from '../../vmm/engine.ts';
 
 /** What the interpreter needs from its vCPU: request checks and guest memory accesses. */
@@ -21,6 +22,11 @@ export interface GuestAccess {
    * of its rate and must halt until its timer before the next write.
    */
   pace(written: number): boolean;
+  /**
+   * The trace guest's clock: it has replayed `epochs` epochs. True when the next epoch is not due
+   * yet and it must halt until its timer.
+   */
+  paceEpoch(epochs: number): boolean;
 }
 
 export const PASS_DONE = 0;
@@ -40,6 +46,9 @@ const KIND_RANDOM = 1;
 const KIND_IDLE = 2;
 const KIND_RWMIX = 3;
 const KIND_DIRTY_RATE = 4;
+const KIND_TRACE = 5;
+
+const NO_PAGES = new Uint32Array(0);
 
 export class Interpreter {
   /** Registers. */
@@ -57,13 +66,25 @@ export class Interpreter {
   private readonly randomPattern: boolean;
   /** dirty-rate: pages written since the vCPU started (the guest's own counter, for its clock). */
   private written = 0;
+  /** trace: this vCPU's trace (trace-replay.ts), its epoch count and first epoch. */
+  private readonly tracePages: Uint32Array = NO_PAGES;
+  private readonly traceOffsets: Uint32Array = NO_PAGES;
+  private readonly traceEpochs: number = 0;
+  private readonly traceShift: number = 0;
 
   constructor(
     spec: WorkloadSpec,
     readonly vcpu: number,
     private readonly access: GuestAccess,
   ) {
-    this.kind = { sequential: KIND_SEQUENTIAL, random: KIND_RANDOM, idle: KIND_IDLE, rwmix: KIND_RWMIX, 'dirty-rate': KIND_DIRTY_RATE }[spec.kind];
+    this.kind = { sequential: KIND_SEQUENTIAL, random: KIND_RANDOM, idle: KIND_IDLE, rwmix: KIND_RWMIX, 'dirty-rate': KIND_DIRTY_RATE, trace: KIND_TRACE }[spec.kind];
+    if (spec.kind === 'trace') {
+      const t = vcpuTrace(spec, vcpu);
+      this.tracePages = t.flat;
+      this.traceOffsets = t.offsets;
+      this.traceEpochs = t.trace.writes.length;
+      this.traceShift = spec.traceShift;
+    }
     this.workingSet = workingSetPages(spec);
     this.randomPattern = spec.pattern === 'random';
     this.pages = pagesPerVcpu(spec);
@@ -94,6 +115,9 @@ export class Interpreter {
         break;
       case KIND_DIRTY_RATE:
         r = this.dirtyRate(lo);
+        break;
+      case KIND_TRACE:
+        r = this.trace(lo, pass);
         break;
       default:
         r = this.rwmix(lo);
@@ -185,6 +209,33 @@ export class Interpreter {
       const page = random ? randomPageIndex(xorshift64Step(rng), ws) : p;
       if (!a.write64(base + page, lo, hi)) return this.exitAt(p, rhi, rlo);
       this.written++;
+    }
+    return PASS_DONE;
+  }
+
+  /**
+   * trace: the pages of this pass's epoch, each modulo the slice. Before the first write (even
+   * of an empty epoch) the guest looks at its clock, and halts until the epoch is due.
+   */
+  private trace(lo: number, pass: number): number {
+    const a = this.access;
+    if (this.pos === 0 && a.paceEpoch(pass - 1)) return PASS_INTERRUPTED;
+    const base = this.baseGfn;
+    const hi = this.hi;
+    const pages = this.pages;
+    const flat = this.tracePages;
+    const e = traceEpoch(this.traceEpochs, this.traceShift, this.vcpu, pass);
+    const start = this.traceOffsets[e]!;
+    const n = this.traceOffsets[e + 1]! - start;
+    for (let p = this.pos; p < n; p++) {
+      if ((p & REQUEST_CHECK_MASK) === 0 && a.checkRequests()) {
+        this.pos = p;
+        return PASS_INTERRUPTED;
+      }
+      if (!a.write64(base + (flat[start + p]! % pages), lo, hi)) {
+        this.pos = p;
+        return PASS_EXIT;
+      }
     }
     return PASS_DONE;
   }

@@ -54,7 +54,7 @@ import { FAULT_MISSING, FAULT_MMIO } from '../mmu/fault.ts';
 import { acknowledgeFlush } from './tlb-flush.ts';
 import { SoftTlb, TLB_R, TLB_W } from './soft-tlb.ts';
 import { Interpreter, PASS_DONE, PASS_EXIT, type GuestAccess } from './interpreter.ts';
-import type { WorkloadSpec } from '../../guest/workload.ts';
+import { traceEpochRate, type WorkloadSpec } from '../../guest/workload.ts';
 import { VcpuStats, S_GUEST_PAGES_WRITTEN, S_GUEST_TIMER_HALTS, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
 import type { SoftDirtyRingProducer } from '../dirty/dirty-ring.ts';
 import { GuestClock } from './guest-clock.ts';
@@ -114,7 +114,7 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     this.base = vcpuBase(vcpu);
     this.windows = windows;
     this.interp = new Interpreter(spec, vcpu, this);
-    this.clock = new GuestClock(spec.kind === 'dirty-rate' ? spec.dirtyRate : 0);
+    this.clock = new GuestClock(spec.kind === 'dirty-rate' ? spec.dirtyRate / PAGE_SIZE : spec.kind === 'trace' ? traceEpochRate(spec, vcpu) : 0);
     // A push reached the soft limit: make the next request check (at most 32 accesses away)
     // take the slow path, which sees the full ring and leaves the guest.
     if (ring !== null) ring.onSoftFull = () => {
@@ -282,6 +282,12 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     this.stats.add(S_GUEST_PAGES_WRITTEN, written - this.written);
     this.written = written;
     this.haltUntil = this.clock.haltUntil(written);
+    return this.haltUntil !== 0;
+  }
+
+  /** The trace guest's clock check (interpreter.ts): halt until epoch `epochs` is due. */
+  paceEpoch(epochs: number): boolean {
+    this.haltUntil = this.clock.haltUntil(epochs);
     return this.haltUntil !== 0;
   }
 

@@ -13,7 +13,8 @@
 //   (V_STATE, V_PASSES, V_HALTED, a posted exit); the VMM reads it BEFORE testing, then waits on it.
 // - *_WAITERS: how many threads wait on the word before it (a notify with nobody waiting costs
 //   ~80 ns; notifyIfWaiting skips it).
-// - A vCPU line is written by its own vCPU thread only, except: V_EXIT_DONE and V_EXIT_VERDICT
+// - A vCPU line is written by its own vCPU thread only, except: V_DIRTY_LIMIT_US (the VMM sets a
+//   limit; the vCPU reads it after each DIRTY_RING_FULL exit), V_EXIT_DONE and V_EXIT_VERDICT
 //   (the VMM answering a posted exit, the vCPU waiting for exactly that), V_PASSES and V_HALTED
 //   (the VMM loading vCPU state while the vCPU is provably stopped), and V_STATE/V_EXIT_REASON
 //   when the VMM finds the thread dead (it can no longer write).
@@ -53,8 +54,11 @@ export const V_EXIT_POSTED = 9; // sequence number of the last exit handed to th
 export const V_EXIT_DONE = 10; // sequence number the VMM has answered (VMM writes)
 export const V_EXIT_VERDICT = 11; // VERDICT_* for V_EXIT_DONE (VMM writes)
 export const V_EXIT_COUNT = 12; // EXIT_REASONS counters, one per reason (vCPU adds)
+// Dirty-limit (QEMU's set-vcpu-dirty-limit, enforced at DIRTY_RING_FULL exits, vcpu-loop.ts):
+export const V_DIRTY_LIMIT_US = 20; // least microseconds between two ring-full exits (0: no limit; VMM writes)
+export const V_DIRTY_THROTTLE_MS = 21; // milliseconds this vCPU slept to keep under its limit (vCPU adds)
 /** First per-vCPU word an engine may use for itself (up to VCPU_LINE_WORDS). */
-export const V_ENGINE = 20;
+export const V_ENGINE = 22;
 export const VCPU_LINE_WORDS = 32;
 
 export const VERDICT_RESUME = 0;

@@ -15,7 +15,7 @@ import type { VcpuProgress, VmStats } from '../engine.ts';
 import { VcpuError } from '../errors.ts';
 import {
   EXIT_REASON_CRASH, G_ALLOWANCE, G_EVENT, G_EVENT_WAITERS, G_EXIT, G_PAUSE, G_VMM_EXITS, UNLIMITED_PASSES,
-  V_EXIT_COUNT, V_EXIT_DONE, V_EXIT_FLAGS, V_EXIT_GPA_HI, V_EXIT_POSTED, V_EXIT_REASON, V_EXIT_SIZE,
+  V_DIRTY_LIMIT_US, V_DIRTY_THROTTLE_MS, V_EXIT_COUNT, V_EXIT_DONE, V_EXIT_FLAGS, V_EXIT_GPA_HI, V_EXIT_POSTED, V_EXIT_REASON, V_EXIT_SIZE,
   V_EXIT_VERDICT, V_HALTED, V_LINUX_TID, V_PASSES, V_STATE, VERDICT_FAIL, VERDICT_RESUME,
   VcpuRunState_Created, VcpuRunState_Exited, VcpuRunState_Paused, VcpuRunState_WaitingForVmm, kickAll,
   loadWide, signalEvent, vcpuBase, wakeStopped,
@@ -286,6 +286,15 @@ export class VcpuRunControl {
     this.started = false;
   }
 
+  /**
+   * Dirty-limit: vCPU `vcpu` may come back from one DIRTY_RING_FULL exit no sooner than
+   * `intervalUs` after the previous one (0: no limit); a kick makes a sleeping vCPU see it.
+   */
+  setDirtyLimitInterval(vcpu: number, intervalUs: number): void {
+    Atomics.store(this.ctl, vcpuBase(vcpu) + V_DIRTY_LIMIT_US, intervalUs);
+    kickAll(this.ctl);
+  }
+
   /** Exit counts, per reason (`exitsMemoryFault`) and per vCPU (`vcpu0.exitsMemoryFault`), plus `vcpuExits`. */
   exitStats(): VmStats {
     const out: VmStats = {};
@@ -300,6 +309,13 @@ export class VcpuRunControl {
       }
     }
     out.vcpuExits = total;
+    let throttled = 0;
+    for (let v = 0; v < this.count; v++) {
+      const ms = Atomics.load(this.ctl, vcpuBase(v) + V_DIRTY_THROTTLE_MS);
+      out[`vcpu${v}.dirtyLimitSleepMs`] = ms;
+      throttled += ms;
+    }
+    out.dirtyLimitSleepMs = throttled;
     return out;
   }
 

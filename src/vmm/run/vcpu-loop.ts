@@ -14,6 +14,7 @@
 //   Running --INTR exit, pause requested--> Paused                        (registers saved)
 //   Running --HLT exit--> Halted
 //   Running --MMIO / MEMORY_FAULT / DIRTY_RING_FULL, a VMM handler registered--> WaitingForVmm
+//   (after a DIRTY_RING_FULL, a vCPU over its dirty limit sleeps in Running first: dirtyLimit())
 //   WaitingForVmm --VMM answered RESUME--> (loop head: Running | Paused | ...; the access repeats)
 //   Running | WaitingForVmm --unhandled or FAIL, SHUTDOWN, INTERNAL_ERROR--> Exited (V_EXIT_REASON)
 //   WaitingForAllowance --allowance raised--> Running
@@ -31,11 +32,11 @@
 import {
   EXIT_REASON_CRASH, G_ALLOWANCE, G_EXIT, G_KICK, G_KICK_WAITERS, G_PAUSE, G_VMM_EXITS, V_EXIT_COUNT,
   V_EXIT_DONE, V_EXIT_FLAGS, V_EXIT_GPA_HI, V_EXIT_POSTED, V_EXIT_REASON, V_EXIT_SIZE, V_EXIT_VERDICT,
-  V_HALTED, V_PASSES, V_STATE, VERDICT_RESUME, VcpuRunState_Exited, VcpuRunState_Halted, VcpuRunState_Paused,
+  V_DIRTY_LIMIT_US, V_DIRTY_THROTTLE_MS, V_HALTED, V_PASSES, V_STATE, VERDICT_RESUME, VcpuRunState_Exited, VcpuRunState_Halted, VcpuRunState_Paused,
   VcpuRunState_Running, VcpuRunState_WaitingForAllowance, VcpuRunState_WaitingForVmm, signalEvent, storeWide,
   vcpuBase,
 } from './control-block.ts';
-import { EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_SHUTDOWN, VcpuExit } from './exits.ts';
+import { EXIT_DIRTY_RING_FULL, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_SHUTDOWN, VcpuExit } from './exits.ts';
 
 /** What an engine provides to the loop: entering its guest, and its registers. */
 export interface GuestEntry {
@@ -144,6 +145,8 @@ export class VcpuLoop {
         } else if (!(entry.handleOnThread?.(x) ?? false) && !this.handToVmm(x)) {
           this.terminate(x);
           return;
+        } else if (r === EXIT_DIRTY_RING_FULL) {
+          this.dirtyLimit();
         }
       }
     } catch (e) {
@@ -195,6 +198,42 @@ export class VcpuLoop {
     this.entry.loadRegs();
     // WaitingForVmm -> (loop head) on RESUME; -> Exited (terminate) on FAIL.
     return Atomics.load(ctl, b + V_EXIT_VERDICT) === VERDICT_RESUME;
+  }
+
+  /** When this vCPU's last DIRTY_RING_FULL exit was resolved (this thread's clock), or -1. */
+  private lastRingFull = -1;
+
+  /**
+   * Dirty-limit (QEMU 8.1's dirty-limit capability): a vCPU dirties one ring's soft limit of pages
+   * between two DIRTY_RING_FULL exits, so a limit of R bytes/s is a least interval between them
+   * (V_DIRTY_LIMIT_US, set by the VMM from R and the ring size). A vCPU that came back sooner
+   * sleeps the difference, here on its own thread, outside the guest; a kick (pause, stop, a new
+   * limit) ends the sleep at once. Only vCPUs that dirty faster than the limit ever sleep.
+   */
+  private dirtyLimit(): void {
+    const ctl = this.ctl;
+    const now = performance.now();
+    const last = this.lastRingFull;
+    this.lastRingFull = now;
+    if (last < 0) return;
+    // G_KICK is VM-wide (the VMM answering another vCPU's exit bumps it too): wait again until
+    // the deadline unless the kick was for this vCPU's business (pause, stop, a changed limit).
+    let waited = false;
+    for (;;) {
+      const kick = Atomics.load(ctl, G_KICK);
+      if (Atomics.load(ctl, G_PAUSE) !== 0 || Atomics.load(ctl, G_EXIT) !== 0) break;
+      const intervalMs = Atomics.load(ctl, this.base + V_DIRTY_LIMIT_US) / 1000;
+      const left = last + intervalMs - performance.now();
+      if (intervalMs === 0 || left <= 0) break;
+      waited = true;
+      Atomics.add(ctl, G_KICK_WAITERS, 1);
+      Atomics.wait(ctl, G_KICK, kick, left);
+      Atomics.sub(ctl, G_KICK_WAITERS, 1);
+    }
+    if (!waited) return;
+    const after = performance.now();
+    Atomics.add(ctl, this.base + V_DIRTY_THROTTLE_MS, Math.round(after - now));
+    this.lastRingFull = after;
   }
 
   /**

@@ -7,10 +7,10 @@ import { createServer, connect, type Socket } from 'node:net';
 import type { Engine } from '../../../src/vmm/engine.ts';
 import { createSourceVm } from '../../../src/migration/source-vm.ts';
 import { connectLink, listenLink } from '../../../src/migration/wire-link.ts';
-import { migrateVm } from '../../../src/migration/source.ts';
+import { migrateVm, type PostcopyOptions } from '../../../src/migration/source.ts';
 import { receiveMigration } from '../../../src/migration/destination.ts';
 import { RECORD_HEADER_BYTES, TYPE_NAMES } from '../../../src/migration/stream/format.ts';
-import type { WorkloadKind } from '../../../src/guest/workload.ts';
+import type { WorkloadKind, WorkloadSpec } from '../../../src/guest/workload.ts';
 
 /** One record of a captured stream: where it lies and what it is. */
 export interface RecordSpan {
@@ -74,16 +74,17 @@ async function recordingRelay(port: number): Promise<{ port: number; sent: Buffe
  * Migrate a small running guest once and return the stream. Throws unless the migration
  * completed and verified: the captured stream is the reference the mutations are judged by.
  */
-export async function captureMigration(engine: Engine, opts: { vcpus: number; bytesPerVcpu: number; workload: WorkloadKind }): Promise<CapturedMigration> {
-  const { vm, spec } = await createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: 'anonymous', workload: opts.workload });
+export async function captureMigration(engine: Engine, opts: { vcpus: number; bytesPerVcpu: number; workload: WorkloadKind; workloadOptions?: Partial<WorkloadSpec>; postcopy?: PostcopyOptions }): Promise<CapturedMigration> {
+  const { vm, spec } = await createSourceVm(engine, { vcpus: opts.vcpus, bytesPerVcpu: opts.bytesPerVcpu, backing: 'anonymous', workload: opts.workload, workloadOptions: opts.workloadOptions });
   const listener = await listenLink({ host: '127.0.0.1', port: 0 });
   const relay = await recordingRelay(listener.port);
   try {
     const dest = listener.accept().then((link) => receiveMigration(link, { openEngine: async () => engine, preallocate: false }));
+    // (Post-copy: the post-copy connections go to the receiver directly; only the main stream is captured.)
     dest.catch(() => undefined);
     const link = await connectLink({ host: '127.0.0.1', port: relay.port, channels: 1 });
     // At least one iterative round, so the stream holds pages sent twice.
-    const stats = await migrateVm(vm, link, { workload: spec, backing: 'anonymous', downtimeLimitMs: 0, maxRounds: 2, autoConverge: false });
+    const stats = await migrateVm(vm, link, { workload: spec, backing: 'anonymous', downtimeLimitMs: 0, maxRounds: 2, autoConverge: false, postcopy: opts.postcopy });
     const d = await dest;
     await d.vm.destroy();
     if (stats.status !== 'completed' || !stats.verified) throw new Error(`capture: the reference migration did not verify: ${stats.error}`);

@@ -19,7 +19,7 @@ export interface Mutation {
 const cat = (...parts: Uint8Array[]) => new Uint8Array(Buffer.concat(parts));
 const end = (r: RecordSpan) => r.offset + RECORD_HEADER_BYTES + r.payloadLength;
 
-function recordBytes(type: number, payload: Uint8Array): Uint8Array {
+export function recordBytes(type: number, payload: Uint8Array): Uint8Array {
   const b = new Uint8Array(RECORD_HEADER_BYTES + payload.length);
   const dv = new DataView(b.buffer);
   b[0] = type;

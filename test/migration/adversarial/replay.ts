@@ -17,9 +17,10 @@ import type { Engine } from '../../../src/vmm/engine.ts';
 import { listenLink } from '../../../src/migration/wire-link.ts';
 import { receiveMigration, type ReceiveResult } from '../../../src/migration/destination.ts';
 import { StreamDecoder } from '../../../src/migration/stream/decoder.ts';
+import { formatMemoryHash } from '../../../src/migration/hash.ts';
 
 export type ReplayOutcome =
-  | { kind: 'rejected'; message: string }
+  | { kind: 'rejected'; message: string; /** The memory hash of COMPLETE, when the receiver answered one before failing. */ completeHash?: string }
   | { kind: 'completed'; equal: boolean; why?: string }
   | { kind: 'hung'; message: string };
 
@@ -52,12 +53,16 @@ export async function replay(bytes: Uint8Array, engine: Engine, ref: Reference |
   );
   const back = new StreamDecoder({ direction: 'to-source' });
   let backError = '';
+  let completeHash: string | undefined;
   const sock = connect(listener.port, '127.0.0.1');
   sock.on('error', () => undefined);
   sock.on('data', (c: Buffer) => {
     try {
       back.push(c);
-      for (let rec = back.next(); rec; rec = back.next()) if (rec.kind === 'error') backError ||= rec.message;
+      for (let rec = back.next(); rec; rec = back.next()) {
+        if (rec.kind === 'error') backError ||= rec.message;
+        if (rec.kind === 'complete') completeHash = formatMemoryHash(rec.memoryHash);
+      }
     } catch {
       /* the receiver's own stream is not what is judged here */
     }
@@ -75,7 +80,7 @@ export async function replay(bytes: Uint8Array, engine: Engine, ref: Reference |
     for (;;) {
       const first = await Promise.race([settled, sleep(50).then(() => null)]);
       if (first) {
-        if (!first.ok) return { kind: 'rejected', message: first.error.message };
+        if (!first.ok) return { kind: 'rejected', message: first.error.message, ...(completeHash ? { completeHash } : {}) };
         return judge(first.result, ref);
       }
       // The connection is gone and no migration was accepted: refused at the handshake.

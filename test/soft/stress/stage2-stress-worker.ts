@@ -5,7 +5,9 @@
 //              of what each own gfn must translate to; under the MMU read lock it maps 4K pages
 //              and 2M blocks (collapsing tables), relaxes W, splits, and checks the model after
 //              every change; in the shared 1 GiB region it maps, collapses (2M and, rarely, 1G)
-//              and splits concurrently with every other mutator, checking that any translation
+//              and splits concurrently with every other mutator, and zaps 2 MiB regions' 4 KiB
+//              tables against the entry it read (huge-page recovery's zap under the read lock;
+//              an own zap must win), checking that any translation
 //              it sees is the only legal one. Now and then it takes the MMU lock exclusively to
 //              write-protect everything (bumping a shared generation so every mutator drops W
 //              from its model) or to unmap one of its blocks.
@@ -28,6 +30,8 @@ export const OWN_BLOCKS = 8;
 /** The two legal pfns of gfn: gfn + variant (multiples of 1 GiB keep blocks aligned). */
 export const PFN_VARIANT = [8 * G1, 16 * G1];
 export const AREA_PAGES = 8 * G1;
+/** The first few 2 MiB regions of the shared area, where zaps race faults and collapses. */
+const HOT_REGIONS = 8;
 
 interface Data {
   role: 'mutator' | 'reader';
@@ -37,7 +41,7 @@ interface Data {
   focusShared?: boolean;
   pgt: Stage2Shared;
   lock: MmuLockShared;
-  /** Int32: [0] write-protect generation, [1] stop flag. */
+  /** Int32: [0] write-protect generation, [1] stop flag, [2] shared zaps in flight, [3] shared zaps done. */
   ctl: SharedArrayBuffer;
 }
 
@@ -121,6 +125,22 @@ function describePath(gfn: number): string {
   return parts.join(' -> ');
 }
 
+/** The level-2 entry covering gfn as a recovery scan would read it (0 when a table above is missing). */
+function level2Entry(gfn: number): number {
+  const w = pgt.pool.words;
+  pgt.rcuReadLock();
+  try {
+    let pte = Atomics.load(w, pgt.root * 512 + (Math.floor(gfn / 2 ** 27) & 511));
+    for (let level = 1; level <= 2; level++) {
+      if (!pteIsTable(pte)) return 0;
+      pte = Atomics.load(w, tableBase(pte) + (Math.floor(gfn / [2 ** 27, G1, M2, 1][level]!) & 511));
+    }
+    return pte;
+  } finally {
+    pgt.rcuReadUnlock();
+  }
+}
+
 /** Any leaf anywhere must decode to one of gfn's two legal pfns. */
 function checkLegal(gfn: number): void {
   const pte = pgt.getLeaf(gfn, out);
@@ -134,8 +154,10 @@ function runReader(): void {
   const checkShared = (gfn: number, level: number, pte: number): void => {
     if (leafPfn(pte) !== gfn + PFN_VARIANT[0]!) fail(`forEachLeaf: shared gfn ${gfn} level ${level} has pfn ${leafPfn(pte)}`);
   };
-  while (Atomics.load(ctl, 1) === 0) {
-    if (rand() < 0.2) {
+  // At least one batch even when the mutators were done before this thread got a CPU.
+  let batches = 0;
+  while (Atomics.load(ctl, 1) === 0 || batches === 0) {
+    if (batches > 0 && rand() < 0.2) {
       // A long walk (its own RCU section) through tables that collapses are unlinking.
       pgt.forEachLeaf(SHARED_BASE + randInt(G1 / M2) * M2, 16 * M2, checkShared);
       bump('readerWalks');
@@ -148,6 +170,7 @@ function runReader(): void {
     }
     pgt.rcuReadUnlock();
     bump('readerBatches');
+    batches++;
   }
 }
 
@@ -269,6 +292,22 @@ function runMutator(): void {
         }
         checkOwn(i);
         bump('own.relax');
+      } else if (p < 0.615) {
+        // Zap an own split block's 4 KiB table (async huge-page recovery under the read lock):
+        // only this thread changes its own entries, so the zap must win and leave the block
+        // unmapped, every other own page as it was.
+        const b = randInt(OWN_BLOCKS);
+        const gfn = ownBase + b * M2;
+        const entry = level2Entry(gfn);
+        const n = pgt.zapTablesShared([{ gfn, entry }]);
+        if (pteIsTable(entry) && n !== 1) fail(`own zap of gfn ${gfn} lost a race nobody could run`);
+        if (n === 1) {
+          modelPfn.fill(-1, b * M2, (b + 1) * M2);
+          modelW.fill(0, b * M2, (b + 1) * M2);
+        }
+        for (let j = 0; j < M2; j += 41) checkOwn(b * M2 + j);
+        checkOwn(((b + 1) % OWN_BLOCKS) * M2 + randInt(M2));
+        bump(n === 1 ? 'own.zapTable' : 'own.zapTable.none');
       } else if (p < 0.63) {
         const b = randInt(OWN_BLOCKS);
         const r = pgt.splitHugePages(ownBase + b * M2, M2, shared);
@@ -276,15 +315,17 @@ function runMutator(): void {
         for (let j = 0; j < M2; j += 37) checkOwn(b * M2 + j);
         bump('own.split');
       } else if (p < 0.85) {
-        // Shared 4K fault.
-        const gfn = SHARED_BASE + randInt(G1);
+        // Shared 4K fault (a third of them in the few hot regions the zaps target).
+        const gfn = SHARED_BASE + (rand() < 0.33 ? randInt(HOT_REGIONS * M2) : randInt(G1));
+        const zapGen = Atomics.load(ctl, 3);
         const r = pgt.map(gfn, 3, gfn + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared map4k returned ${r}`);
         checkLegal(gfn);
-        if (r === OK && pgt.getLeaf(gfn, out) === 0 && !out.locked) fail(`shared gfn ${gfn} unmapped right after map`);
+        // Only a zap (in flight now, or finished since the map began) may have removed it.
+        if (r === OK && pgt.getLeaf(gfn, out) === 0 && !out.locked && Atomics.load(ctl, 2) === 0 && Atomics.load(ctl, 3) === zapGen) fail(`shared gfn ${gfn} unmapped right after map`);
         bump(r === OK ? 'shared.map4k' : 'shared.map4k.eagain');
       } else if (p < 0.93) {
-        const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
+        const gfn = SHARED_BASE + (rand() < 0.33 ? randInt(HOT_REGIONS) : randInt(G1 / M2)) * M2;
         const r = pgt.collapse(gfn, 2, gfn + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared collapse2m returned ${r}`);
         checkLegal(gfn + randInt(M2));
@@ -293,6 +334,24 @@ function runMutator(): void {
         const r = pgt.collapse(SHARED_BASE, 1, SHARED_BASE + PFN_VARIANT[0]!, PROT_RW, shared);
         if (r !== OK && r !== EAGAIN) fail(`shared collapse1g returned ${r}`);
         bump(r === OK ? 'shared.collapse1g' : 'shared.collapse1g.eagain');
+      } else if (p < 0.95) {
+        // Zap a shared 2 MiB region's table as recovery does: against the entry a scan read,
+        // racing 4K faults into that table, collapses of it (2M) and of its parent (1G), splits,
+        // relaxes and lock-free readers inside it.
+        // A batch of 4 neighbouring regions, scanned, then zapped a while later (recovery checks
+        // eligibility with the host in between): the entries it read are often stale by then.
+        const first = SHARED_BASE + randInt(HOT_REGIONS - 3) * M2;
+        const zaps = [0, 1, 2, 3].map((k) => ({ gfn: first + k * M2, entry: level2Entry(first + k * M2) })).filter((z) => pteIsTable(z.entry));
+        for (let k = 0; k < 64; k++) checkLegal(first + randInt(4 * M2));
+        // Announced around the zap: a 4K fault elsewhere may see its fresh leaf zapped (legal:
+        // the vCPU just faults again), which the map check below allows only then.
+        Atomics.add(ctl, 2, 1);
+        const n = pgt.zapTablesShared(zaps);
+        Atomics.sub(ctl, 2, 1);
+        Atomics.add(ctl, 3, 1);
+        for (let k = 0; k < 4; k++) checkLegal(first + randInt(4 * M2));
+        for (let k = 0; k < n; k++) bump('shared.zapTable');
+        for (let k = n; k < zaps.length; k++) bump('shared.zapTable.lost');
       } else if (p < 0.96) {
         const gfn = SHARED_BASE + randInt(G1 / M2) * M2;
         const r = pgt.splitHugePages(gfn, 4 * M2, shared);

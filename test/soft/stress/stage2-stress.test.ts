@@ -1,5 +1,6 @@
 // Parallel stage-2 stress (seed 003): several worker threads fault, relax, split, collapse and
-// write-protect one shared table at random under each MMU lock mode, while a lock-free reader
+// write-protect one shared table at random under each MMU lock mode, and zap 2 MiB regions'
+// 4 KiB tables as async huge-page recovery does (Stage2PageTable.zapTablesShared), while a lock-free reader
 // walks it. Checks: every thread's own mappings match its model after every change (no torn or
 // lost PTE update), every translation anywhere is a legal one, no walk ever reads a freed table
 // page (debug walks + quarantined pool: freed pages stay POISON), the mapping counters every
@@ -113,6 +114,7 @@ describe('stage-2 parallel stress', () => {
       if (process.env.STAGE2_STRESS_FOCUS !== 'shared') expect(total['own.map4k'] ?? 0, `seed ${seed}`).toBeGreaterThan(50);
       expect(total['shared.collapse2m'] ?? 0, `seed ${seed}`).toBeGreaterThan(5);
       expect(total['shared.split'] ?? 0, `seed ${seed}`).toBeGreaterThan(2);
+      expect(total['shared.zapTable'] ?? 0, `seed ${seed}`).toBeGreaterThan(2);
       expect(total['wrprotSweep'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
       expect(total['readerBatches'] ?? 0, `seed ${seed}`).toBeGreaterThan(0);
       expect(removedAtDestroy).toBeGreaterThan(0);

@@ -93,7 +93,7 @@ export class WorkloadModel {
     const per = pagesPerVcpu(this.spec);
     const written = new Set<number>();
     for (let v = 0; v < this.vcpus; v++) {
-      for (const p of pagesWrittenInPass(this.spec, this.rng[v]!, pass)) {
+      for (const p of pagesWrittenInPass(this.spec, this.rng[v]!, pass, v)) {
         this.lastPass[v * per + p] = pass;
         written.add(v * per + p);
       }
