@@ -19,7 +19,7 @@ describe('dashboard feed (no browser)', () => {
     const report = join(OUT, 'feed-report.html');
     let feed: Promise<FeedMessage[]> | null = null;
     let second: Promise<FeedMessage[]> | null = null;
-    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--dashboard', '--report', report, '--json'], {
+    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--no-postcopy', '--dashboard', '--report', report, '--json'], {
       timeoutMs: 110_000,
       onStderr: (text) => {
         const url = dashboardUrl(text);
@@ -92,5 +92,27 @@ describe('dashboard feed (no browser)', () => {
     expect(json.result.rounds).toEqual(printed.rounds);
     expect(json.result.status).toBe('completed');
     expect(json.dirtyRate.length).toBeGreaterThan(0);
+  });
+
+  it('shows a switch to post-copy and the requests the destination made', async () => {
+    let feed: Promise<FeedMessage[]> | null = null;
+    // The default policy (--postcopy auto) switches this sequential guest to post-copy early.
+    const r = await stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '--workload', 'sequential', '--warmup-ms', '1500', '--dashboard', '--json'], {
+      timeoutMs: 110_000,
+      onStderr: (text) => {
+        const url = dashboardUrl(text);
+        if (url && !feed) feed = follow(url, (m) => m.final, 100_000);
+      },
+    });
+    expect(r.code, r.stderr).toBe(0);
+    const printed = JSON.parse(r.stdout.trim().split('\n').pop()!);
+    const msgs = await feed!;
+    const last = msgs.at(-1)!.msg;
+    expect(last.final).toBe(true);
+    expect(last.migration?.status).toBe('completed');
+    expect(last.migration?.postcopyRequests).toBe(printed.postcopyRequests);
+    // (post-copy-active itself may be shorter than one tick: not required here.) At the end the
+    // source's vCPUs never show as running.
+    expect(last.vcpus.map((v) => v.state).filter((s) => s === 'running')).toEqual([]);
   });
 });
