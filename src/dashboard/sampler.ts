@@ -32,6 +32,8 @@ export interface DashboardMessage {
   role: 'source' | 'destination' | 'bench';
   engine: string | null;
   migration: (MigrationQuery & { currentMBps: number }) | null;
+  /** Every status change of the migration as it happened (even one shorter than a tick). */
+  transitions: { status: string; t: number }[];
   rounds: RoundPoint[];
   dirtyRate: RatePoint[];
   throughput: ThroughputPoint[];
@@ -58,6 +60,7 @@ export class Sampler {
   private state: MigrationState | null = null;
   private heat: DirtyHeat | null = null;
   private seq = 0;
+  private readonly transitions: { status: string; t: number }[] = [];
   private lastPasses: { passes: number; t: number }[] = [];
   private lastVcpus: VcpuView[] = [];
   private lastMapping: DashboardMessage['mapping'] = { unavailable: 'no VM yet' };
@@ -94,6 +97,9 @@ export class Sampler {
   attachMigration(state: MigrationState, heat: DirtyHeat | null): void {
     this.state = state;
     this.heat = heat;
+    this.transitions.push({ status: state.status, t: this.timeline.now() });
+    // Called inside MigrationState.set (stop-and-copy's too): a push, nothing more.
+    state.onStatus((s) => this.transitions.push({ status: s, t: this.timeline.now() }));
   }
 
   /** A migration is in stop-and-copy: the dashboard stays off the main thread (downtime). */
@@ -125,6 +131,7 @@ export class Sampler {
       role: this.role,
       engine: this.engine,
       migration,
+      transitions: this.transitions,
       rounds: this.timeline.rounds,
       dirtyRate: this.timeline.dirtyRate,
       throughput: this.timeline.throughput,

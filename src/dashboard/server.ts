@@ -85,16 +85,26 @@ export class DashboardServer {
     return this.clients.size;
   }
 
-  /** Send a final message (final: true) to every page, end the feed and stop listening. */
+  /**
+   * Send a final message (final: true) to every page, end the feed and stop listening. A page's
+   * keep-alive connection (or an EventSource that missed the final message and retries) must
+   * not hold the command open: once the last frames are flushed (at most 1 s), every connection
+   * is closed; a /feed request meanwhile gets 204, which tells an EventSource to stop.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
     this.sampler.final = true;
     this.broadcast(this.sampler.sample());
-    for (const c of this.clients.keys()) c.end();
+    const flushed = [...this.clients.keys()].map((c) => new Promise<void>((r) => c.end(() => r())));
     this.clients.clear();
-    await new Promise<void>((r) => this.server.close(() => r()));
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.all(flushed), new Promise<void>((r) => (timer = setTimeout(r, 1000)))]);
+    clearTimeout(timer);
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    this.server.closeAllConnections();
+    await closed;
   }
 
   private arm(): void {
@@ -150,11 +160,12 @@ export class DashboardServer {
       return;
     }
     if (path === '/feed') {
+      // The command has ended: 204 tells an EventSource not to reconnect.
+      if (this.closed) return void res.writeHead(204, { ...HEADERS, Connection: 'close' }).end();
       res.writeHead(200, { ...HEADERS, 'Content-Type': 'text/event-stream', Connection: 'keep-alive' });
       if (req.method === 'HEAD') return void res.end();
       // A reconnecting EventSource retries after 1 s; the first message is the whole picture.
       res.write('retry: 1000\n\n');
-      if (this.closed) return void res.end();
       const m = this.latest && (this.sampler.quiet || this.sampler.final) ? this.latest : this.sampler.sample();
       this.latest = m;
       res.write(`id: ${m.seq}\ndata: ${JSON.stringify(m)}\n\n`);

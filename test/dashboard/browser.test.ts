@@ -41,7 +41,7 @@ describe.skipIf(!haveChromium)('dashboard in headless chromium', () => {
     const report = join(OUT, 'report.html');
     let resolveUrl!: (u: string) => void;
     const urlP = new Promise<string>((r) => (resolveUrl = r));
-    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '64M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '2500', '--no-postcopy', '--dashboard', '--report', report], {
+    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '64M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '2500', '--no-postcopy', '--max-bandwidth', '100M', '--dashboard', '--report', report], {
       timeoutMs: 110_000,
       onStderr: (text) => {
         const u = dashboardUrl(text);
@@ -71,6 +71,10 @@ describe.skipIf(!haveChromium)('dashboard in headless chromium', () => {
 
     await page.waitForSelector('#status[data-status="completed"]', { timeout: 90_000 });
     await page.waitForSelector('#feed[data-feed="ended"]', { timeout: 30_000 });
+    // The page's record of the transitions: active, then (stop-and-copy and) completed.
+    const seen = await page.$$eval('#transitions span', (xs) => xs.map((x) => x.getAttribute('data-status')));
+    expect(seen.indexOf('active')).toBeGreaterThanOrEqual(0);
+    expect(seen.indexOf('completed')).toBeGreaterThan(seen.indexOf('active'));
     expect(await page.evaluate(paintedCells('heatmap'))).toEqual({ cells, painted: cells });
     expect(await page.evaluate(paintedCells('mapping'))).toEqual({ cells, painted: cells });
     expect(Number(await page.getAttribute('#rounds-chart', 'data-bars'))).toBeGreaterThanOrEqual(2);

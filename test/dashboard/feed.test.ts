@@ -19,7 +19,7 @@ describe('dashboard feed (no browser)', () => {
     const report = join(OUT, 'feed-report.html');
     let feed: Promise<FeedMessage[]> | null = null;
     let second: Promise<FeedMessage[]> | null = null;
-    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--no-postcopy', '--dashboard', '--report', report, '--json'], {
+    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--no-postcopy', '--max-bandwidth', '100M', '--dashboard', '--report', report, '--json'], {
       timeoutMs: 110_000,
       onStderr: (text) => {
         const url = dashboardUrl(text);
@@ -40,6 +40,7 @@ describe('dashboard feed (no browser)', () => {
     const statuses = msgs.map((m) => m.msg.migration?.status ?? 'none');
     expect(statuses).toContain('active');
     expect(statuses.at(-1)).toBe('completed');
+    expect(msgs.at(-1)!.msg.transitions.map((x) => x.status)).toEqual(['setup', 'active', 'device', 'completed']);
     expect(msgs.at(-1)!.msg.final).toBe(true);
     expect(msgs.at(-1)!.msg.rounds.length).toBeGreaterThanOrEqual(2);
     expect(msgs.at(-1)!.msg.rounds[0]).toMatchObject({ round: 1, kind: 'bulk', pages: cells * 512 });

@@ -42,6 +42,16 @@ function drawMigration(m, msg) {
   text('dirty-rate', fmtNum(m.dirtyPagesRate) + ' pages/s');
   text('elapsed', m.totalSeconds.toFixed(1) + ' s');
   text('postcopy', String(m.postcopyRequests));
+  const tr = $('transitions');
+  if (tr.childElementCount !== msg.transitions.length) {
+    tr.textContent = '';
+    for (const x of msg.transitions) {
+      const s = document.createElement('span');
+      s.dataset.status = x.status;
+      s.textContent = `${x.status} ${x.t.toFixed(2)} s`;
+      tr.append(s);
+    }
+  }
   $('migration-note').textContent = m.error ? 'error: ' + m.error : '';
 }
 
