@@ -41,7 +41,7 @@ describe.skipIf(!haveChromium)('dashboard in headless chromium', () => {
     const report = join(OUT, 'report.html');
     let resolveUrl!: (u: string) => void;
     const urlP = new Promise<string>((r) => (resolveUrl = r));
-    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '64M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '2500', '--no-postcopy', '--max-bandwidth', '100M', '--dashboard', '--report', report], {
+    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '64M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '2500', '--on-no-convergence', 'force', '--max-bandwidth', '100M', '--max-rounds', '6', '--dashboard', '--report', report], {
       timeoutMs: 110_000,
       onStderr: (text) => {
         const u = dashboardUrl(text);

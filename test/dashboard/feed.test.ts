@@ -19,7 +19,7 @@ describe('dashboard feed (no browser)', () => {
     const report = join(OUT, 'feed-report.html');
     let feed: Promise<FeedMessage[]> | null = null;
     let second: Promise<FeedMessage[]> | null = null;
-    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--no-postcopy', '--max-bandwidth', '100M', '--dashboard', '--report', report, '--json'], {
+    const run = stage2(['migrate', '--local', '--engine', 'soft', '-v', '2', '-b', '32M', '-s', 'anonymous_thp', '--workload', 'sequential', '--warmup-ms', '1500', '--on-no-convergence', 'force', '--max-bandwidth', '100M', '--max-rounds', '6', '--dashboard', '--report', report, '--json'], {
       timeoutMs: 110_000,
       onStderr: (text) => {
         const url = dashboardUrl(text);
