@@ -101,9 +101,12 @@ describe('sweeps that yield the MMU lock', () => {
     } finally {
       await worker.terminate();
     }
-    // It got in at the first break (after chunk 1 of 20), recorded as one contended wait.
-    expect(Atomics.load(w, 2)).toBe(2);
-    expect(m.sweepStats.handoffs).toBe(1);
+    // It got in at a break, long before the 20-chunk sweep ended: the first break, or (when the
+    // machine did not run it within the 1 ms the sweep waits at a break) one of the next few;
+    // recorded as one contended wait.
+    expect(Atomics.load(w, 2)).toBeGreaterThanOrEqual(2);
+    expect(Atomics.load(w, 2)).toBeLessThan(10);
+    expect(m.sweepStats.handoffs).toBeGreaterThanOrEqual(1);
     expect(m.lock.stalls!.summary().waits).toBe(1);
   });
 });
