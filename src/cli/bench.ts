@@ -4,7 +4,7 @@ import { compareEagerSplit, runDirtyLogBench } from '../bench/dirty-log.ts';
 import { DEFAULT_EAGER_SPLIT_CHUNK_BYTES } from '../soft/dirty/dirty-tuning.ts';
 import { runScalingBench, scalingSvg, scalingTables } from '../bench/scaling.ts';
 import { demandPagingSvg, demandPagingTable, runDemandPagingBench, type DemandPagingResult, type HostUffdFigures } from '../bench/demand-paging.ts';
-import { addCommonOptions, humanOut, parseDirtyRingEntries, parseEagerSplitChunk, parseFaultPath, parseIntInRange, parseIntList, parseLock, parseNonNegativeInt, parseUffdMode, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, humanOut, parseDirtyRingEntries, parseEagerSplitChunk, parseFaultPath, parseIntInRange, parseIntList, parseLock, parseNonNegativeInt, parseUffdMode, workloadVmParams, type CommonOptions } from './options.ts';
 import { UsageError, checkDemandPagingOptions, engineForWorkload, openCheckedEngine, scalingVcpuCounts } from './validate.ts';
 import type { FaultPath, UffdMode } from '../vmm/demand-paging.ts';
 import { writeFileSync } from 'node:fs';
@@ -32,15 +32,11 @@ export function registerBench(program: Command): void {
         throw new UsageError('--eager-split and --initially-set tune the soft engine; use --engine soft');
       }
       const params = {
-        vcpus: opts.vcpus,
-        bytesPerVcpu: opts.bytesPerVcpu,
-        backing: opts.backing,
-        iterations: opts.iterations,
+        ...workloadVmParams(opts),
         lock: opts.lock,
-        manualProtect: opts.manualProtect,
         guestPageSize: opts.guestPageSize,
-        workload: opts.workload,
-        workloadOptions: workloadOptions(opts, opts.vcpus),
+        iterations: opts.iterations,
+        manualProtect: opts.manualProtect,
         dirtyRing: opts.dirtyRing ?? 0,
         initiallySet: opts.initiallySet ?? false,
       };
@@ -50,23 +46,7 @@ export function registerBench(program: Command): void {
         if (opts.json) process.stdout.write(JSON.stringify(cmp) + '\n');
         return;
       }
-      const result = await runDirtyLogBench(
-        engine,
-        {
-          vcpus: opts.vcpus,
-          bytesPerVcpu: opts.bytesPerVcpu,
-          backing: opts.backing,
-          iterations: opts.iterations,
-          lock: opts.lock,
-          manualProtect: opts.manualProtect,
-          guestPageSize: opts.guestPageSize,
-          workload: opts.workload,
-          workloadOptions: workloadOptions(opts, opts.vcpus),
-          dirtyRing: opts.dirtyRing ?? 0,
-          initiallySet: opts.initiallySet ?? false,
-        },
-        out,
-      );
+      const result = await runDirtyLogBench(engine, params, out);
       if (opts.json) process.stdout.write(JSON.stringify(result) + '\n');
     });
 

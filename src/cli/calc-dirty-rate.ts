@@ -2,7 +2,7 @@
 // and left running freely: how fast does this guest dirty memory? (Will it converge?)
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
-import { addCommonOptions, humanOut, parseIntInRange, parseNonNegativeNumber, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, humanOut, parseIntInRange, parseNonNegativeNumber, workloadVmParams, type CommonOptions } from './options.ts';
 import { engineForWorkload, openCheckedEngine } from './validate.ts';
 import { createWorkloadVm } from '../vmm/workload-vm.ts';
 import { calcDirtyRate, DIRTY_RATE_MODES, type DirtyRateMode } from '../vmm/dirty-rate.ts';
@@ -40,16 +40,7 @@ export function registerCalcDirtyRate(program: Command): void {
       const out = humanOut(opts.json);
       const demand = { vcpuCounts: [opts.vcpus], vcpusFlag: '-v/--vcpus', bytesPerVcpu: opts.bytesPerVcpu, backing: opts.backing, copies: 1 } as const;
       const engine = await openCheckedEngine(engineForWorkload(opts), demand, (why) => out(`engine: ${why}; using soft`));
-      const { vm, testRegion } = await createWorkloadVm(engine, {
-        vcpus: opts.vcpus,
-        bytesPerVcpu: opts.bytesPerVcpu,
-        backing: opts.backing,
-        workload: opts.workload,
-        workloadOptions: workloadOptions(opts, opts.vcpus),
-        lock: opts.lock,
-        guestPageSize: opts.guestPageSize,
-        dirtyRingEntries: opts.mode === 'dirty-ring' ? RING_ENTRIES : 0,
-      });
+      const { vm, testRegion } = await createWorkloadVm(engine, { ...workloadVmParams(opts), dirtyRingEntries: opts.mode === 'dirty-ring' ? RING_ENTRIES : 0 });
       try {
         // The first pass populates memory; measure the guest in its steady state after it.
         vm.allowPasses(Infinity);

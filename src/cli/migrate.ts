@@ -24,7 +24,7 @@ import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadOptions, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
@@ -257,13 +257,7 @@ async function runMigrateSignalled(
   const t0 = performance.now();
   const { vm, spec } = await unlessCancelled(
     createSourceVm(engine, {
-      vcpus: opts.vcpus,
-      bytesPerVcpu: opts.bytesPerVcpu,
-      backing: opts.backing,
-      workload: opts.workload,
-      workloadOptions: workloadOptions(opts, opts.vcpus),
-      lock: opts.lock,
-      guestPageSize: opts.guestPageSize,
+      ...workloadVmParams(opts),
       // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
       ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: DIRTY_LIMIT_RING_ENTRIES } : {}),
     }),

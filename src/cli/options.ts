@@ -3,6 +3,7 @@ import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/hug
 import { InvalidArgumentError, type Command } from 'commander';
 import { MMU_LOCK_MODES, type Backing, type GuestPageSize, type MmuLockMode } from '../vmm/engine.ts';
 import type { EngineChoice } from '../vmm/factory.ts';
+import type { WorkloadVmParams } from '../vmm/workload-vm.ts';
 import { DIRTY_RING_MAX_ENTRIES, dirtyRingSizeProblem } from '../vmm/dirty-ring.ts';
 import { DIRTY_PATTERNS, TRACE_RATE_RECORDED, WORKLOAD_KINDS, type DirtyPattern, type WorkloadKind, type WorkloadSpec } from '../guest/workload.ts';
 import { traceRef, TraceFileError, type TraceRef } from '../guest/trace-replay.ts';
@@ -260,4 +261,17 @@ export function workloadOptions(opts: CommonOptions, vcpus: number): Partial<Wor
   if (opts.dirtyRate !== undefined) out.dirtyRate = opts.dirtyRate / vcpus;
   if (opts.workingSet !== undefined) out.workingSetBytes = Math.max(PAGE_BYTES, Math.floor(opts.workingSet / vcpus / PAGE_BYTES) * PAGE_BYTES);
   return out;
+}
+
+/** The workload VM the common options describe (vmm/workload-vm.ts), as every command builds it. */
+export function workloadVmParams(opts: CommonOptions): WorkloadVmParams {
+  return {
+    vcpus: opts.vcpus,
+    bytesPerVcpu: opts.bytesPerVcpu,
+    backing: opts.backing,
+    workload: opts.workload,
+    workloadOptions: workloadOptions(opts, opts.vcpus),
+    lock: opts.lock,
+    guestPageSize: opts.guestPageSize,
+  };
 }

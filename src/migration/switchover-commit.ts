@@ -109,6 +109,24 @@ export function switchoverTimes(g: PausedGuest, tSend: bigint, tEnd: bigint): { 
 }
 
 /** Stop-and-copy: pause, the last pages, END, commit. */
+/**
+ * END as the switchover sends it: the final round, every page sent, the memory hash of what was
+ * sent, and the digests of the CONFIG and of the vCPU states just saved (post-copy adds its own
+ * field).
+ */
+export function endRecord(run: SourceRun, g: PausedGuest): Extract<SourceRecord, { type: 'end' }> {
+  const { sender } = run;
+  return {
+    type: 'end',
+    finalRound: run.round,
+    pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
+    hash: formatMemoryHash(run.sentTable.total()),
+    configDigest: run.configDigest,
+    vcpuStateDigest: g.vcpuStateDigest,
+    vcpuStates: g.vcpuStates.length,
+  };
+}
+
 export async function stopAndCopy(run: SourceRun): Promise<void> {
   run.state.set('device');
   run.opts.onPhase?.('stop-and-copy', run.link);
@@ -116,20 +134,7 @@ export async function stopAndCopy(run: SourceRun): Promise<void> {
   const tSend = now();
   const finalPages = await run.sendAllPending(false);
   await sendFinalSync(run);
-  const { sender } = run;
-  const { complete, tEnd } = await commitSwitchover(
-    run,
-    {
-      type: 'end',
-      finalRound: run.round,
-      pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
-      hash: formatMemoryHash(run.sentTable.total()),
-      configDigest: run.configDigest,
-      vcpuStateDigest: g.vcpuStateDigest,
-      vcpuStates: g.vcpuStates.length,
-    },
-    '',
-  );
+  const { complete, tEnd } = await commitSwitchover(run, endRecord(run, g), '');
   await sendGo(run);
   Object.assign(run.result, switchoverTimes(g, tSend, tEnd));
   run.endRound('stop-and-copy', finalPages);

@@ -16,7 +16,7 @@ import { DestinationError, VerificationError } from '../errors.ts';
 import { formatMemoryHash } from '../hash.ts';
 import { MAX_DISCARD_PAGES } from '../stream/format.ts';
 import { now, secs, type SourceRun } from '../source-run.ts';
-import { commitSwitchover, pauseForSwitchover, sendFinalSync, sendGo, switchoverTimes } from '../switchover-commit.ts';
+import { commitSwitchover, endRecord, pauseForSwitchover, sendFinalSync, sendGo, switchoverTimes } from '../switchover-commit.ts';
 import type { PostcopyOptions } from '../source.ts';
 import { runPostcopySource, type PostcopySourceResult } from './source-postcopy.ts';
 
@@ -32,7 +32,7 @@ export interface PostcopyEndpoint {
 }
 
 export async function postcopyHandover(run: SourceRun, pc: PostcopyOptions, onSwitched: (switchedAtSeconds: number) => void): Promise<HandoverResult> {
-  const { state, sender, link } = run;
+  const { state, link } = run;
   state.set('postcopy-active');
   const lastRound = run.round;
   const switchedAtSeconds = secs(run.t0);
@@ -45,20 +45,7 @@ export async function postcopyHandover(run: SourceRun, pc: PostcopyOptions, onSw
   const ramSlots = run.slots.filter((s) => !s.internal);
   const { pending, missingPages } = await sendDiscards(run, ramSlots);
   run.remainingBytes = missingPages * PAGE_SIZE;
-  const { complete, tEnd } = await commitSwitchover(
-    run,
-    {
-      type: 'end',
-      finalRound: run.round,
-      pagesSent: sender.counters.zeroPages + sender.counters.normalPages,
-      hash: formatMemoryHash(run.sentTable.total()),
-      configDigest: run.configDigest,
-      vcpuStateDigest: g.vcpuStateDigest,
-      vcpuStates: g.vcpuStates.length,
-      postcopy: { missingPages },
-    },
-    ' (post-copy)',
-  );
+  const { complete, tEnd } = await commitSwitchover(run, { ...endRecord(run, g), postcopy: { missingPages } }, ' (post-copy)');
   const endpoint = postcopyEndpoint(complete.details);
   await sendGo(run);
   Object.assign(run.result, switchoverTimes(g, tSend, tEnd));

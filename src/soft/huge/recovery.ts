@@ -280,18 +280,30 @@ export class HugePageRecovery {
   }
 
   /**
+   * The split regions of [lo, hi) eligible for a zap, with the host's and the memslots'
+   * invalidation sequences sampled before the eligibility check (the hold re-checks them), or
+   * null when there is nothing to zap.
+   */
+  private zapCandidates(slot: SlotDesc, lo: number, hi: number): { zap: SplitRegion[]; hostSeq: number; slotSeq: number } | null {
+    const h = this.host;
+    const regions = scanSplitRegions(h.pgt, lo, hi - lo);
+    if (regions.length === 0) return null;
+    const hostSeq = h.mm.notifierSeq();
+    const slotSeq = h.inval.seq();
+    const zap = regions.filter((r) => this.eligible(slot, r, false));
+    return zap.length === 0 ? null : { zap, hostSeq, slotSeq };
+  }
+
+  /**
    * async: zap the eligible split regions of [lo, hi) in one short exclusive hold, which ends
    * early once it passed HOLD_BUDGET_MS (need_resched: the next batch resumes there). The TLB
    * flush follows the unlock (see the file header). Returns the gfn reached, or -1 to retry.
    */
   private zapBatch(slot: SlotDesc, lo: number, hi: number): number {
     const h = this.host;
-    const regions = scanSplitRegions(h.pgt, lo, hi - lo);
-    if (regions.length === 0) return hi;
-    const hostSeq = h.mm.notifierSeq();
-    const slotSeq = h.inval.seq();
-    const zap = regions.filter((r) => this.eligible(slot, r, false));
-    if (zap.length === 0) return hi;
+    const c = this.zapCandidates(slot, lo, hi);
+    if (c === null) return hi;
+    const { zap, hostSeq, slotSeq } = c;
     this.beforeHold();
     const t0 = performance.now();
     let flush = false;
@@ -327,12 +339,9 @@ export class HugePageRecovery {
    */
   private zapBatchShared(slot: SlotDesc, lo: number, hi: number): number {
     const h = this.host;
-    const regions = scanSplitRegions(h.pgt, lo, hi - lo);
-    if (regions.length === 0) return hi;
-    const hostSeq = h.mm.notifierSeq();
-    const slotSeq = h.inval.seq();
-    const zap = regions.filter((r) => this.eligible(slot, r, false));
-    if (zap.length === 0) return hi;
+    const c = this.zapCandidates(slot, lo, hi);
+    if (c === null) return hi;
+    const { zap, hostSeq, slotSeq } = c;
     this.beforeHold();
     const t0 = performance.now();
     h.lock.rw.readLock();
