@@ -118,24 +118,9 @@ Napi::Error SysError(Napi::Env env, const std::string& what, int err) {
 
 namespace {
 using stage2::SysError;
-
-Napi::Value Throw(Napi::Env env, const std::string& what, int err) {
-  SysError(env, what, err).ThrowAsJavaScriptException();
-  return env.Undefined();
-}
-
-Napi::Value TypeErr(Napi::Env env, const std::string& msg) {
-  Napi::TypeError::New(env, msg).ThrowAsJavaScriptException();
-  return env.Undefined();
-}
-
-uint64_t ToU64(const Napi::Value& v) {
-  if (v.IsBigInt()) {
-    bool lossless;
-    return v.As<Napi::BigInt>().Uint64Value(&lossless);
-  }
-  return (uint64_t)v.As<Napi::Number>().DoubleValue();
-}
+using stage2::Throw;
+using stage2::ToU64;
+using stage2::TypeErr;
 
 }  // namespace
 

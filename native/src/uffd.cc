@@ -75,24 +75,6 @@
 namespace stage2 {
 namespace {
 
-Napi::Value Throw(Napi::Env env, const std::string& what, int err) {
-  SysError(env, what, err).ThrowAsJavaScriptException();
-  return env.Undefined();
-}
-
-Napi::Value TypeErr(Napi::Env env, const std::string& msg) {
-  Napi::TypeError::New(env, msg).ThrowAsJavaScriptException();
-  return env.Undefined();
-}
-
-uint64_t U64(const Napi::Value& v) {
-  if (v.IsBigInt()) {
-    bool lossless;
-    return v.As<Napi::BigInt>().Uint64Value(&lossless);
-  }
-  return (uint64_t)v.As<Napi::Number>().DoubleValue();
-}
-
 uint64_t NowNs() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -132,7 +114,7 @@ Napi::Value Api(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   struct uffdio_api api = {};
   api.api = UFFD_API;
-  api.features = U64(info[1]);
+  api.features = ToU64(info[1]);
   if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_API, &api) < 0) return Throw(env, "UFFDIO_API", errno);
   Napi::Object out = Napi::Object::New(env);
   out.Set("features", Napi::BigInt::New(env, (uint64_t)api.features));
@@ -142,15 +124,15 @@ Napi::Value Api(const Napi::CallbackInfo& info) {
 
 Napi::Value Register(const Napi::CallbackInfo& info) {
   struct uffdio_register reg = {};
-  reg.range.start = U64(info[1]);
-  reg.range.len = U64(info[2]);
-  reg.mode = U64(info[3]);
+  reg.range.start = ToU64(info[1]);
+  reg.range.len = ToU64(info[2]);
+  reg.mode = ToU64(info[3]);
   if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_REGISTER, &reg) < 0) return Throw(info.Env(), "UFFDIO_REGISTER", errno);
   return Napi::BigInt::New(info.Env(), (uint64_t)reg.ioctls);
 }
 
 Napi::Value RangeOp(const Napi::CallbackInfo& info, unsigned long req, const char* name) {
-  struct uffdio_range r = {U64(info[1]), U64(info[2])};
+  struct uffdio_range r = {ToU64(info[1]), ToU64(info[2])};
   if (ioctl(info[0].As<Napi::Number>().Int32Value(), req, &r) < 0) return Throw(info.Env(), name, errno);
   return info.Env().Undefined();
 }
@@ -193,17 +175,17 @@ Napi::Value Resolved(const Napi::CallbackInfo& info, int64_t r, size_t okAt, con
 }
 
 Napi::Value Copy(const Napi::CallbackInfo& info) {
-  int64_t r = DoCopy(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), U64(info[3]), info[4].ToBoolean());
+  int64_t r = DoCopy(info[0].As<Napi::Number>().Int32Value(), ToU64(info[1]), ToU64(info[2]), ToU64(info[3]), info[4].ToBoolean());
   return Resolved(info, r, 5, "UFFDIO_COPY");
 }
 
 Napi::Value Zeropage(const Napi::CallbackInfo& info) {
-  int64_t r = DoZeropage(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), info[3].ToBoolean());
+  int64_t r = DoZeropage(info[0].As<Napi::Number>().Int32Value(), ToU64(info[1]), ToU64(info[2]), info[3].ToBoolean());
   return Resolved(info, r, 4, "UFFDIO_ZEROPAGE");
 }
 
 Napi::Value Continue(const Napi::CallbackInfo& info) {
-  int64_t r = DoContinue(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), info[3].ToBoolean());
+  int64_t r = DoContinue(info[0].As<Napi::Number>().Int32Value(), ToU64(info[1]), ToU64(info[2]), info[3].ToBoolean());
   return Resolved(info, r, 4, "UFFDIO_CONTINUE");
 }
 
@@ -253,7 +235,7 @@ Napi::Value AddressOf(const Napi::CallbackInfo& info) {
 
 Napi::Value MemfdMap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  size_t bytes = (size_t)U64(info[0]);
+  size_t bytes = (size_t)ToU64(info[0]);
   bool huge = info.Length() > 1 && info[1].ToBoolean();
   int fd = memfd_create("stage2-uffd", MFD_CLOEXEC | (huge ? MFD_HUGETLB : 0));
   if (fd < 0) return Throw(env, "memfd_create", errno);
@@ -286,8 +268,8 @@ Napi::Value MemfdMap(const Napi::CallbackInfo& info) {
 
 Napi::Value Madvise(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  void* p = (void*)(uintptr_t)U64(info[0]);
-  size_t n = (size_t)U64(info[1]);
+  void* p = (void*)(uintptr_t)ToU64(info[0]);
+  size_t n = (size_t)ToU64(info[1]);
   std::string what = info[2].As<Napi::String>();
   int advice = what == "dontneed" ? MADV_DONTNEED : what == "remove" ? MADV_REMOVE : what == "populate_write" ? MADV_POPULATE_WRITE : -1;
   if (advice < 0) return TypeErr(env, "madvise: unknown advice " + what);
@@ -297,8 +279,8 @@ Napi::Value Madvise(const Napi::CallbackInfo& info) {
 
 Napi::Value Mincore(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  void* p = (void*)(uintptr_t)U64(info[0]);
-  size_t n = (size_t)U64(info[1]);
+  void* p = (void*)(uintptr_t)ToU64(info[0]);
+  size_t n = (size_t)ToU64(info[1]);
   size_t pages = (n + 4095) / 4096;
   Napi::Uint8Array out = Napi::Uint8Array::New(env, pages);
   if (mincore(p, n, out.Data()) < 0) return Throw(env, "mincore", errno);
@@ -314,8 +296,8 @@ Napi::Value Mincore(const Napi::CallbackInfo& info) {
 // vCPUs have not run). -> { aliasHva, alias, resident }: the second mapping and mincore's view.
 Napi::Value RemapShared(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  uint8_t* p = (uint8_t*)(uintptr_t)U64(info[0]);
-  size_t bytes = (size_t)U64(info[1]);
+  uint8_t* p = (uint8_t*)(uintptr_t)ToU64(info[0]);
+  size_t bytes = (size_t)ToU64(info[1]);
   size_t pages = bytes / 4096;
   Napi::Uint8Array resident = Napi::Uint8Array::New(env, pages);
   if (mincore(p, bytes, resident.Data()) < 0) return Throw(env, "mincore", errno);
@@ -513,7 +495,7 @@ Napi::Value HandlerStart(const Napi::CallbackInfo& info) {
     Napi::Array rs = o.Get("ranges").As<Napi::Array>();
     for (uint32_t i = 0; i < rs.Length(); i++) {
       Napi::Object r = rs.Get(i).As<Napi::Object>();
-      Range range = {U64(r.Get("dst")), U64(r.Get("len")), U64(r.Get("src")), r.Has("alias") ? U64(r.Get("alias")) : 0};
+      Range range = {ToU64(r.Get("dst")), ToU64(r.Get("len")), ToU64(r.Get("src")), r.Has("alias") ? ToU64(r.Get("alias")) : 0};
       if (h->mode == Mode::Continue && !range.alias) return TypeErr(env, "uffdHandlerStart: mode continue needs an alias per range");
       h->ranges.push_back(range);
     }
