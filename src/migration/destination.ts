@@ -26,6 +26,7 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
+import { allZero, noneZero } from '../util/bulk-scan.ts';
 import { postcopyFaultPath, startPostcopyPaging } from './postcopy/paging.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
 import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
@@ -150,6 +151,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let pc: PostcopyDestination | null = null;
   let pcReport: DestinationPostcopyReport | null = null;
 
+  /** The engine CONFIG asked for, opened once in setup (the switchover asks it which fault path to page by). */
+  let destEngine: Engine | null = null;
+
   const protocol = (msg: string) => new MigrationLinkError(`protocol error during ${phase}: ${msg}`, ErrorCode.BAD_STREAM);
 
   // CONFIG arrives as parsed JSON: every field is checked (config-validate.ts) before anything
@@ -159,7 +163,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     let engine: Engine;
     try {
       c = validateConfig(raw, MMU_LOCK_MODES);
-      engine = await opts.openEngine(c.engine);
+      engine = destEngine = await opts.openEngine(c.engine);
       checkConfig(c, engine, opts.limits ?? { maxRamBytes: DEFAULT_MAX_RAM_BYTES });
     } catch (e) {
       throw new MigrationLinkError((e as Error).message, ErrorCode.BAD_CONFIG);
@@ -311,29 +315,63 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
 
   // POSTCOPY_DISCARD: these pages are stale here (or were never sent). A page this side holds
   // leaves the hash table now (what stays is what POSTCOPY_RUN's hash vouches for) and is listed
-  // for the pager to drop.
+  // for the pager to drop. The list can name every page of guest RAM and arrives on the downtime
+  // path, before any of this code is warm: it is taken a run of set bits at a time, and a run
+  // this side never received (the common case) is marked with native fills, not page by page.
   const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
     if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
     const { index } = locate(slotId, firstPage, count);
     anyDiscard = true;
-    let held = staleHeld.get(slotId);
-    for (let b = 0; b < bitmap.length; b++) {
-      const byte = bitmap[b]!;
-      if (byte === 0) continue;
-      for (let k = 0; k < 8; k++) {
-        if (!(byte & (1 << k))) continue;
-        const i = b * 8 + k;
-        if (i >= count) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} sets bit ${i} past its ${count} pages`);
-        const at = index + i;
-        if (internalPage[at]) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i}: engine-internal memory is sent before the switch, never paged on demand`);
-        if (discarded[at]) continue;
-        discarded[at] = 1;
-        if (lastRound[at]! > 0) {
-          table!.setZero(slotId, firstPage + i, 1);
-          if (!held) staleHeld.set(slotId, (held = []));
-          held.push(firstPage + i);
-        }
+    const bits = bitmap.length * 8;
+    const set = (i: number) => (bitmap[i >> 3]! & (1 << (i & 7))) !== 0;
+    for (let i = 0; i < bits; ) {
+      if ((i & 7) === 0 && bitmap[i >> 3] === 0) {
+        i += 8;
+        continue;
       }
+      if (!set(i)) {
+        i++;
+        continue;
+      }
+      // The run of set bits from i: whole 0xff bytes at a time where aligned.
+      let e = i + 1;
+      while (e < bits) {
+        if ((e & 7) === 0 && bitmap[e >> 3] === 0xff) e += 8;
+        else if (set(e)) e++;
+        else break;
+      }
+      if (e > count) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} sets bit ${Math.max(i, count)} past its ${count} pages`);
+      discardRun(slotId, firstPage, index, i, e);
+      i = e;
+    }
+  };
+
+  // Pages [i, e) of the DISCARD range that starts at (slotId, firstPage), dense index `index`.
+  const discardRun = (slotId: number, firstPage: number, index: number, i: number, e: number) => {
+    const internal = internalPage.subarray(index + i, index + e);
+    if (!allZero(internal)) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i + internal.indexOf(1)}: engine-internal memory is sent before the switch, never paged on demand`);
+    if (allZero(lastRound.subarray(index + i, index + e))) {
+      discarded.fill(1, index + i, index + e); // never received here: nothing held to drop
+      return;
+    }
+    let held = staleHeld.get(slotId);
+    if (!held) staleHeld.set(slotId, (held = []));
+    for (let k = i; k < e; ) {
+      const at = index + k;
+      if (discarded[at] || lastRound[at] === 0) {
+        discarded[at] = 1;
+        k++;
+        continue;
+      }
+      // A run of held pages leaves the hash table in one step.
+      let j = k;
+      while (j < e && !discarded[index + j] && lastRound[index + j]! > 0) {
+        discarded[index + j] = 1;
+        held.push(firstPage + j);
+        j++;
+      }
+      table!.setZero(slotId, firstPage + k, j - k);
+      k = j;
     }
   };
 
@@ -361,7 +399,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     let pager: DemandPager;
     let faultPath: FaultPath;
     try {
-      faultPath = postcopyFaultPath(await opts.openEngine(cfg!.engine), opts.postcopyFaultPath);
+      faultPath = postcopyFaultPath(destEngine!, opts.postcopyFaultPath);
       pager = startPostcopyPaging(v, faultPath);
     } catch (err) {
       throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
@@ -375,11 +413,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       const drop = staleHeld.get(s.slot) ?? [];
       for (let b = 0; b < s.pages; b += HUGE_BLOCK_PAGES) {
         const e = Math.min(s.pages, b + HUGE_BLOCK_PAGES);
-        let got = 0;
-        for (let p = b; p < e; p++) if (lastRound[index + p]! > 0) got++;
-        if (got > 0 && got < e - b) for (let p = b; p < e; p++) if (lastRound[index + p] === 0) drop.push(p);
+        const block = lastRound.subarray(index + b, index + e);
+        if (allZero(block) || noneZero(block)) continue; // native scans: this loop runs cold, in the downtime
+        for (let p = b; p < e; p++) if (lastRound[index + p] === 0) drop.push(p);
       }
-      if (drop.length) pager.discard(s.slot, drop.sort((a, b) => a - b));
+      if (drop.length) pager.discard(s.slot, Uint32Array.from(drop).sort());
     }
     // A held page the pager still calls missing was received as ZERO and never written (fresh
     // RAM is zero): installed from here, no request to the source.

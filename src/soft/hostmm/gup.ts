@@ -28,6 +28,7 @@ import {
   VMA_KINDS, VMA_LIVE, type VmaKind, type VmaTable,
 } from './vma-table.ts';
 import { PMD_SMALL, type HostTables } from './zap.ts';
+import { allZero, noneZero } from '../../util/bulk-scan.ts';
 
 const PAGE = 4096;
 
@@ -260,6 +261,63 @@ export class HostPageWalker {
     }
     const p = Atomics.load(this.pte, this.cPteBase + idx);
     return p > 0 ? p - 1 : -1;
+  }
+
+  /**
+   * lookupPfn(hva + k * 4 KiB) >= 0 for k in [0, pages), into out[at + k] (1 = populated),
+   * VMA by VMA; returns how many are populated. A page outside every VMA reads 0. Same snapshot
+   * semantics as lookupPfn, page by page (a racing install or zap may or may not be seen), at a
+   * few ns a page instead of a full lookup each.
+   */
+  populated(hva: number, pages: number, out: Uint8Array, at = 0): number {
+    let n = 0;
+    const end = hva + pages * PAGE;
+    for (let a = hva; a < end; ) {
+      if (!this.lookup(a)) {
+        out[at + (a - hva) / PAGE] = 0;
+        a += PAGE;
+        continue;
+      }
+      const stop = Math.min(end, this.cEnd);
+      const kind = this.cKind;
+      let idx = (a - this.cStart) / PAGE;
+      let o = at + (a - hva) / PAGE;
+      while (a < stop) {
+        // One pmd load a 2 MiB block: mapped huge, every page is populated; a hugetlb block not
+        // split into ptes and not mapped huge has none; otherwise the ptes decide (a THP VMA's
+        // tail shorter than a block has ptes under an empty pmd).
+        const blockEnd = Math.min(stop, a + (HUGE_FRAME_PAGES - (idx & (HUGE_FRAME_PAGES - 1))) * PAGE);
+        const k = (blockEnd - a) / PAGE;
+        const m = kind === K_PFNMAP || kind === K_ANON ? 0 : Atomics.load(this.pmd, this.cPmdBase + Math.floor(idx / HUGE_FRAME_PAGES));
+        if (kind === K_PFNMAP || m > 0) {
+          out.fill(1, o, o + k);
+          n += k;
+        } else if (kind === K_HUGETLB && m !== PMD_SMALL) {
+          out.fill(0, o, o + k);
+        } else {
+          // The block's ptes at once where they are all set or all clear (native loops: this
+          // scan runs cold, on the post-copy downtime path); a page at a time otherwise, with
+          // plain loads (a snapshot needs no ordering; aligned Int32 reads never tear).
+          const ptes = this.pte.subarray(this.cPteBase + idx, this.cPteBase + idx + k);
+          if (noneZero(ptes)) {
+            out.fill(1, o, o + k);
+            n += k;
+          } else if (allZero(ptes)) {
+            out.fill(0, o, o + k);
+          } else {
+            for (let j = 0; j < k; j++) {
+              const v = ptes[j]! > 0 ? 1 : 0;
+              out[o + j] = v;
+              n += v;
+            }
+          }
+        }
+        a = blockEnd;
+        idx += k;
+        o += k;
+      }
+    }
+    return n;
   }
 
 }

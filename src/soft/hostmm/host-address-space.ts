@@ -279,6 +279,11 @@ export class HostAddressSpace {
     return this.walker.lookupPfn(hva);
   }
 
+  /** lookupPfn(hva + k * 4 KiB) >= 0 for each of `pages` pages, into out[at + k]; returns the count populated. */
+  populated(hva: number, pages: number, out: Uint8Array, at = 0): number {
+    return this.walker.populated(hva, pages, out, at);
+  }
+
   /**
    * UFFDIO_COPY: atomically populate the missing page at hva with src (4096 bytes; 2 MiB for a
    * hugetlb VMA, hva aligned to it). Any thread. Returns 0, EEXIST if already populated (a racing

@@ -90,13 +90,9 @@ export class SoftDemandPager implements DemandPager {
     });
     const u = (this.uffd = new SoftUserfaultfd(sh, vm.mm, vm.mem, null));
     // Every page not populated yet is missing; MINOR: the page cache holds a (stale) page for it.
-    let missing = 0;
-    for (let i = 0; i < layout.totalPages; i++) {
-      if (u.present(i)) continue;
-      missing++;
-      if (u.pcache) this.fillPageCache(i);
-    }
-    u.addMissing(missing);
+    const present = u.presentAll();
+    if (u.pcache) for (let i = 0; i < layout.totalPages; i++) if (!present.map[i]) this.fillPageCache(i);
+    u.addMissing(layout.totalPages - present.count);
     u.setActive(true);
     const attach: UffdAttachMessage = { type: 'uffd-attach', shared: sh };
     for (const p of vm.ports) p.postMessage(attach);
@@ -175,16 +171,38 @@ export class SoftDemandPager implements DemandPager {
     return i;
   }
 
+  /**
+   * MADV_DONTNEED on these pages of `slot` (ascending order zaps fastest): each run of
+   * consecutive present pages goes in one zapRange, so the stage-2 unmap and its TLB flush happen
+   * once a run, not once a page (the post-copy switchover drops up to every page of a slot here,
+   * on the downtime path).
+   */
   discard(slot: number, pages: Iterable<number>): void {
     this.checkLive('discard');
     const u = this.uffd;
+    const list = Array.from(pages, (p) => this.page(slot, p, 'discard'));
+    let here = new Uint8Array(64);
     let n = 0;
-    for (const p of pages) {
-      const i = this.page(slot, p, 'discard');
-      if (!u.present(i)) continue;
-      this.vm.mm.zapRange(u.hva(i), PAGE); // MADV_DONTNEED: the stage-2 mapping goes with it (mmu notifier)
-      if (u.pcache && Atomics.load(u.pcache, i) === 0) this.fillPageCache(i);
-      n++;
+    for (let a = 0; a < list.length; ) {
+      let b = a + 1;
+      while (b < list.length && list[b] === list[b - 1]! + 1) b++;
+      const first = list[a]!;
+      const count = b - a;
+      if (here.length < count) here = new Uint8Array(count);
+      u.presentRun(first, count, here);
+      for (let k = 0; k < count; ) {
+        if (!here[k]) {
+          k++;
+          continue;
+        }
+        let e = k + 1;
+        while (e < count && here[e]) e++;
+        this.vm.mm.zapRange(u.hva(first + k), (e - k) * PAGE); // the stage-2 mapping goes with it (mmu notifier)
+        if (u.pcache) for (let j = first + k; j < first + e; j++) if (Atomics.load(u.pcache, j) === 0) this.fillPageCache(j);
+        n += e - k;
+        k = e;
+      }
+      a = b;
     }
     u.addMissing(n);
   }

@@ -149,6 +149,19 @@ export class SoftUserfaultfd {
     return this.mm.lookupPfn(this.hva(i)) >= 0;
   }
 
+  /** present(i) for pages [first, first + count) of one demand-paged slot run, into out[0..count); returns how many. */
+  presentRun(first: number, count: number, out: Uint8Array): number {
+    return this.mm.populated(this.hva(first), count, out);
+  }
+
+  /** present(i) for every page of the VM (one pass over the host page table), and how many. */
+  presentAll(): { map: Uint8Array; count: number } {
+    const map = new Uint8Array(this.sh.layout.totalPages);
+    let count = 0;
+    for (const s of this.sh.layout.slots) count += this.mm.populated(s.hva, s.pages, map, s.first);
+    return { map, count };
+  }
+
   /**
    * Take a fault on VM page i on this thread and wait until the page is in. thread: the vCPU,
    * or mainThread. True: the page is present (or demand paging ended: retry the access);
