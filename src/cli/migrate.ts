@@ -23,6 +23,7 @@ import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
+import type { GuestView } from '../migration/guest-view/guest-view.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
 import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
@@ -36,6 +37,9 @@ import { addDashboardOption, startDashboard, type DashboardOptions } from './das
 import type { Dashboard } from '../dashboard/dashboard.ts';
 import { Timeline } from '../dashboard/timeline.ts';
 import { writeReport } from '../dashboard/report.ts';
+import { ProgressWatch } from '../migration/guest-view/progress-watch.ts';
+import { guestView } from '../migration/guest-view/guest-view.ts';
+import { progressUnit, wallClockMs } from '../vmm/run/progress-clock.ts';
 
 export interface MigrateOptions extends CommonOptions, SecurityOptions, DashboardOptions {
   /** migrate --report FILE.html: the charts and the JSON, in one offline file (dashboard/report.ts). */
@@ -264,6 +268,8 @@ async function runMigrateSignalled(
   );
   let receiver: LocalReceiver | null = null;
   dash?.attachVm(vm);
+  const runningSinceMs = wallClockMs();
+  let guestWatch: ProgressWatch | null = null;
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
@@ -291,6 +297,9 @@ async function runMigrateSignalled(
     timeline?.watch(state);
     const watch = dash?.attachMigration(vm, state);
     let stats: MigrationStats;
+    // The guest's view (migration/guest-view/): its progress clock from now until it runs on.
+    const clock = vm.progressClock();
+    guestWatch = clock ? new ProgressWatch(clock, wallClockMs(), runningSinceMs) : null;
     try {
       stats = await migrateVm(vm, link, {
         workload: spec,
@@ -316,6 +325,11 @@ async function runMigrateSignalled(
       bar.done();
     }
     const result: MigrateResult = stats;
+    // Completed (or committed: GO sent), the guest goes on at the destination; else here, resumed.
+    const onDestination = stats.status === 'completed' || stats.sourceRunning === false;
+    guestWatch?.closeAt();
+    if (!onDestination) await guestWatch?.settle(500);
+    const sourceWindow = guestWatch?.stop();
     timeline?.finish(stats.rounds);
     if (stats.status !== 'completed') {
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
@@ -336,12 +350,18 @@ async function runMigrateSignalled(
       }
       result.destination = report ?? { error: 'the receiver did not end after the migration; killed' };
     }
+    if (sourceWindow) {
+      const d = result.destination && 'guestProgress' in result.destination ? (result.destination.guestProgress ?? null) : null;
+      result.guest = guestView(progressUnit(vm.engine), sourceWindow, onDestination ? d : null, onDestination ? 'destination' : 'source');
+      if (result.destination && 'guestProgress' in result.destination) delete result.destination.guestProgress;
+    }
     if (opts.report) {
       await writeReport(opts.report, { result: result as MigrateResult & Record<string, unknown>, dirtyRate: timeline?.dirtyRate ?? [], command: ['stage2', ...process.argv.slice(2)].join(' ') });
       log(`report: ${opts.report}`);
     }
     return result;
   } finally {
+    guestWatch?.stop();
     dash?.detachVm();
     await vm.destroy();
     if (receiver && receiver.child.exitCode === null) {
@@ -365,8 +385,21 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
     for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
   }
   if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
+  if (s.guest) printGuestView(s.guest, out);
   if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
+}
+
+/** The guest's view of the migration (migration/guest-view/guest-view.ts), one line per vCPU. */
+export function printGuestView(g: GuestView, out: (line: string) => void): void {
+  const ms = (x: number | null) => (x === null ? '-' : `${x.toFixed(1)} ms`);
+  const where = g.destinationObserved ? 'source, switchover and destination' : 'the source only (destination not watched: stalls across the switchover are lower bounds)';
+  out(`guest view (progress clock, a unit = ${g.unit}; ${where}): max stall ${ms(g.maxStallMs)}, p99 ${ms(g.p99StallMs)}`);
+  for (const v of g.perVcpu) {
+    const dip = v.dipPercent === null ? '' : ` (dip ${v.dipPercent.toFixed(1)}%)`;
+    const flags = `${v.lowerBound ? ', at least: no progress seen after the migration' : ''}${v.lostUnits ? `, ${v.lostUnits} units unread` : ''}`;
+    out(`  vCPU ${v.vcpu}: max stall ${ms(v.maxStallMs)}${v.switchoverStallMs !== null ? ` (across the switchover ${ms(v.switchoverStallMs)})` : ''}, p99 ${ms(v.p99StallMs)}; ${v.unitsPerSecBefore} units/s before, ${v.unitsPerSecDuring} during${dip}${flags}`);
+  }
 }
 
 // The spawned receiver runs the guest --dest-run-ms, then reports and exits; `receive --run-ms 0`

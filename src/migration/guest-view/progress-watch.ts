@@ -72,11 +72,19 @@ export class ProgressWatch {
   private toMs: number | null = null;
   private readonly each: ((ms: number) => void)[] = [];
 
-  /** Start watching now; `fromMs` (default now) divides "before" from the window. */
+  /** Where the look-back starts: LOOK_BACK_MS before fromMs, or later if the guest ran freely only since. */
+  private readonly lookBackMs: number;
+
+  /**
+   * Start watching now; `fromMs` (default now) divides "before" from the window; units before
+   * `runningSinceMs` (e.g. populating memory) do not count for the rate before.
+   */
   constructor(
     private readonly clock: ProgressClockReader,
     readonly fromMs: number = wallClockMs(),
+    runningSinceMs = -Infinity,
   ) {
+    this.lookBackMs = Math.max(fromMs - LOOK_BACK_MS, runningSinceMs);
     for (let v = 0; v < clock.vcpus; v++) {
       const s = new VcpuWatch();
       // Everything the ring still holds: the look-back comes from history.
@@ -93,7 +101,7 @@ export class ProgressWatch {
     if (s.closed) return;
     s.oldest ??= ms;
     if (ms < this.fromMs) {
-      if (ms >= this.fromMs - LOOK_BACK_MS) s.unitsBefore++;
+      if (ms >= this.lookBackMs) s.unitsBefore++;
       s.lastBeforeMs = ms;
     } else {
       if (s.prev !== null) s.gaps.add(ms - s.prev);
@@ -113,6 +121,11 @@ export class ProgressWatch {
       const r = this.clock.read(v, s.next, this.each[v]!);
       s.next = r.next;
       s.lost += r.lost;
+    }
+    // Every window closed: nothing more to read (a destination may run the guest for long).
+    if (this.closeAtMs !== null && this.timer && this.w.every((s) => s.closed)) {
+      clearInterval(this.timer);
+      this.timer = null;
     }
   }
 
@@ -139,9 +152,9 @@ export class ProgressWatch {
 
   /** Stop sampling; the windows as they stand (`nowMs`: the time to call the end, for tests). */
   stop(nowMs: number = wallClockMs()): ProgressWindow {
-    if (this.timer) {
+    if (this.toMs === null) {
       this.sample();
-      clearInterval(this.timer);
+      if (this.timer) clearInterval(this.timer);
       this.timer = null;
       this.toMs = nowMs;
     }
@@ -153,7 +166,7 @@ export class ProgressWatch {
       vcpus: this.w.map((s, vcpu) => ({
         vcpu,
         unitsBefore: s.unitsBefore,
-        beforeMs: s.oldest === null ? 0 : Math.max(0, fromMs - Math.max(fromMs - LOOK_BACK_MS, s.oldest)),
+        beforeMs: s.oldest === null ? 0 : Math.max(0, fromMs - Math.max(this.lookBackMs, s.oldest)),
         lastBeforeMs: s.lastBeforeMs,
         units: s.units,
         firstMs: s.firstMs,

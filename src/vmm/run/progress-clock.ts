@@ -30,6 +30,11 @@ const LINE_WORDS = 16;
 /** Soft engine: guest page accesses per unit of progress. */
 export const UNIT_PAGE_ACCESSES = 64;
 
+/** What one unit of progress is on each engine (for reports). */
+export function progressUnit(engine: string): string {
+  return engine === 'kvm' ? 'pass' : `${UNIT_PAGE_ACCESSES} page accesses`;
+}
+
 /** Wall-clock milliseconds, comparable between threads and processes of one machine. */
 export function wallClockMs(): number {
   return performance.timeOrigin + performance.now();
