@@ -11,7 +11,7 @@ import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/hug
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import { InvalidArgumentError, type Command } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/dirty-limit.ts';
@@ -25,7 +25,7 @@ import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
 import type { GuestView } from '../migration/guest-view/guest-view.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseDirtyRingEntries, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
@@ -55,6 +55,8 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   /** --compress lz4: RAM records lz4-compressed where that saves 1/8 or more. */
   compress: 'none' | 'lz4';
   vcpuDirtyLimit: number;
+  /** --converge dirty-limit: dirty-ring entries per vCPU (default DIRTY_LIMIT_RING_ENTRIES). */
+  dirtyRing?: number;
   warmupMs: number;
   destRunMs: number;
   destPrealloc: boolean;
@@ -73,8 +75,12 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   recover: HugeRecoveryStrategy;
 }
 
-/** Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. */
-const DIRTY_LIMIT_RING_ENTRIES = 4096;
+/**
+ * Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. The limit
+ * is enforced once per ring (a vCPU over it sleeps a ring's worth at each exit), so a smaller
+ * ring (--dirty-ring) holds a vCPU in shorter, more frequent sleeps: what its guest perceives.
+ */
+export const DIRTY_LIMIT_RING_ENTRIES = 4096;
 
 function parseCompress(v: string): 'none' | 'lz4' {
   if (v !== 'none' && v !== 'lz4') throw new InvalidArgumentError('must be one of none, lz4');
@@ -263,7 +269,7 @@ async function runMigrateSignalled(
     createSourceVm(engine, {
       ...workloadVmParams(opts),
       // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
-      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: DIRTY_LIMIT_RING_ENTRIES } : {}),
+      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: opts.dirtyRing ?? DIRTY_LIMIT_RING_ENTRIES } : {}),
     }),
   );
   let receiver: LocalReceiver | null = null;
@@ -417,6 +423,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--compress <codec>', 'none | lz4: compress RAM records (pays on a link slower than lz4, ~1 GB/s per core here, for pages that compress)', parseCompress, 'none')
     .option('--converge <policy>', 'how a guest that outruns the link is made to converge: auto-converge (slow every vCPU) | dirty-limit (hold each vCPU to --vcpu-dirty-limit; only faster ones wait; logs to dirty rings)', parseConverge, 'auto-converge')
     .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes per second each vCPU may dirty (accepts 1M)', parseSize, DEFAULT_VCPU_DIRTY_LIMIT)
+    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (256..65536, a power of two; default ${DIRTY_LIMIT_RING_ENTRIES}): the limit is enforced once per ring, so a smaller ring means shorter, more frequent sleeps`, parseDirtyRingEntries)
     .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
     .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
     .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
@@ -434,18 +441,42 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--report <file.html>', 'write one self-contained HTML file at the end: summary, rounds and dirty-rate charts, and the JSON they came from');
 }
 
-export function registerMigrate(program: Command): void {
-  addMigrateSecurityOptions(addMigrationOptions(
-    addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
+/** Every option of `migrate` on `cmd`. */
+function migrateCommand(cmd: Command): Command {
+  return addMigrateSecurityOptions(addMigrationOptions(
+    addCommonOptions(cmd.description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false)
       .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
-  )).action(async (opts: MigrateOptions, cmd: Command) => {
+  ));
+}
+
+/**
+ * The options `stage2 migrate ARGS` would run with, parsed by the same parsers and checked by the
+ * same rules (for callers that run migrations in-process: bench migration). Throws on a bad one.
+ */
+export function migrateOptionsFrom(args: string[]): MigrateOptions {
+  const cmd = migrateCommand(new Command('migrate')).exitOverride().configureOutput({ outputError: () => undefined });
+  cmd.parse(args, { from: 'user' });
+  const opts = cmd.opts<MigrateOptions>();
+  checkMigrateOptions(opts, cmd);
+  checkDirtyRing(opts);
+  postcopyPolicy(opts);
+  return opts;
+}
+
+function checkDirtyRing(opts: MigrateOptions): void {
+  if (opts.dirtyRing !== undefined && opts.converge !== 'dirty-limit') throw new UsageError('--dirty-ring sizes the dirty rings --converge dirty-limit logs to: give --converge dirty-limit too, or leave --dirty-ring out');
+}
+
+export function registerMigrate(program: Command): void {
+  migrateCommand(program.command('migrate')).action(async (opts: MigrateOptions, cmd: Command) => {
     if (opts.resume !== undefined) {
       process.stdout.write(resumePausedMigration(opts.resume) + '\n');
       return;
     }
     checkMigrateOptions(opts, cmd);
+    checkDirtyRing(opts);
     loadClientSecurity(opts); // its rules and files, before any VM starts
     postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');
