@@ -18,15 +18,18 @@ describe('migrate: the guest-perceived stall', () => {
     for (const v of g.perVcpu) {
       expect(v.lowerBound).toBe(false);
       // 50 MB/s per vCPU is 200 units/s: a gap of ~5 ms between units at most while running.
-      expect(v.unitsPerSecBefore).toBeGreaterThan(150);
-      expect(v.unitsPerSecBefore).toBeLessThan(250);
-      expect(v.unitsPerSecDuring).toBeGreaterThan(0);
+      const seen = JSON.stringify({ downtimeMs, stopAndCopy: s.stopAndCopy, v });
+      // (On a loaded machine a paced guest falls behind its rate; it never runs far ahead of it.)
+      expect(v.unitsPerSecBefore, seen).toBeGreaterThan(50);
+      expect(v.unitsPerSecBefore, seen).toBeLessThan(250);
+      expect(v.unitsPerSecDuring, seen).toBeGreaterThan(0);
       expect(typeof v.dipPercent).toBe('number');
-      // The pause lies inside the gap across the switchover (less the 5 ms the guest may have been
-      // between units anyway).
-      expect(v.switchoverStallMs).toBeGreaterThan(downtimeMs - 6);
-      expect(v.maxStallMs).toBeGreaterThanOrEqual(v.switchoverStallMs);
-      expect(v.p99StallMs).toBeLessThanOrEqual(v.maxStallMs);
+      // The pause lies inside the gap across the switchover, less the 5 ms the guest may have
+      // been between units anyway, and less the trip of STARTED back to the source, which the
+      // downtime counts and the guest, already running there, does not.
+      expect(v.switchoverStallMs, seen).toBeGreaterThan(downtimeMs - 6 - s.stopAndCopy.waitCompleteSeconds * 1000);
+      expect(v.maxStallMs, seen).toBeGreaterThanOrEqual(v.switchoverStallMs);
+      expect(v.p99StallMs, seen).toBeLessThanOrEqual(v.maxStallMs);
     }
     expect(g.maxStallMs).toBe(Math.max(...g.perVcpu.map((v: { maxStallMs: number }) => v.maxStallMs)));
     // The receiver's raw window is folded into `guest`, not repeated.
