@@ -38,3 +38,34 @@ export async function renderLinePlotSvg(plot: LinePlot): Promise<string> {
     view.finalize();
   }
 }
+
+export interface GroupedBarPlot {
+  title: string;
+  yTitle: string;
+  /** One bar per (group, series); `faded` bars are drawn pale. */
+  bars: { group: string; series: string; y: number; faded?: boolean }[];
+}
+
+/** Render grouped bars (a group per x category, a bar per series within it), y on a log scale. */
+export async function renderGroupedBarSvg(plot: GroupedBarPlot): Promise<string> {
+  const spec: vl.TopLevelSpec = {
+    title: plot.title,
+    data: { values: plot.bars.map((b) => ({ ...b, faded: b.faded ? 'yes' : 'no' })) },
+    width: { step: 90 },
+    height: 260,
+    mark: { type: 'bar' },
+    encoding: {
+      x: { field: 'group', type: 'nominal', title: null, sort: null, axis: { labelAngle: 0 } },
+      xOffset: { field: 'series', type: 'nominal', sort: null },
+      y: { field: 'y', type: 'quantitative', title: plot.yTitle, scale: { type: 'log' } },
+      color: { field: 'series', type: 'nominal', title: null, sort: null },
+      opacity: { field: 'faded', type: 'ordinal', scale: { domain: ['no', 'yes'], range: [1, 0.3] }, legend: null },
+    },
+  };
+  const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: 'none' });
+  try {
+    return await view.toSVG();
+  } finally {
+    view.finalize();
+  }
+}

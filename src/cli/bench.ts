@@ -10,11 +10,13 @@ import type { FaultPath, UffdMode } from '../vmm/demand-paging.ts';
 import { writeFileSync } from 'node:fs';
 import { MMU_LOCK_MODES, type MmuLockMode } from '../vmm/engine.ts';
 import { registerBenchCollapse } from './bench-collapse.ts';
+import { registerBenchMigration } from './bench-migration.ts';
 import { addDashboardOption, benchDashboard } from './dashboard-options.ts';
 
 export function registerBench(program: Command): void {
-  const bench = program.command('bench').description('benchmarks (dirty-log, scaling, collapse, demand-paging)');
+  const bench = program.command('bench').description('benchmarks (dirty-log, scaling, collapse, demand-paging, migration)');
   registerBenchCollapse(bench);
+  registerBenchMigration(bench);
 
   addDashboardOption(addCommonOptions(
     bench.command('dirty-log').description("like KVM's dirty_log_perf_test: populate, then dirty and harvest rounds"),

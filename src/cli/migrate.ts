@@ -11,7 +11,7 @@ import { HUGE_RECOVERY_STRATEGIES, type HugeRecoveryStrategy } from '../soft/hug
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import { InvalidArgumentError, type Command } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
 import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/dirty-limit.ts';
@@ -23,8 +23,9 @@ import { progressBar } from '../migration/progress-bar.ts';
 import type { SourceLink } from '../migration/link.ts';
 import { lazyLink } from '../migration/lazy-link.ts';
 import type { MigrationStats } from '../migration/stats.ts';
+import type { GuestView } from '../migration/guest-view/guest-view.ts';
 import { MAX_CHANNELS } from '../migration/stream/format.ts';
-import { addCommonOptions, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
+import { addCommonOptions, parseDirtyRingEntries, parseIntInRange, parseNonNegativeInt, parseNonNegativeNumber, parsePeerAddress, parsePositiveInt, parseRecover, parseSize, workloadVmParams, type CommonOptions } from './options.ts';
 import type { ReceiveReport } from './receive.ts';
 import { checkMigrateOptions, engineForWorkload, openCheckedEngine, UsageError } from './validate.ts';
 import { sleepUnless } from '../util/sleep.ts';
@@ -36,6 +37,9 @@ import { addDashboardOption, startDashboard, type DashboardOptions } from './das
 import type { Dashboard } from '../dashboard/dashboard.ts';
 import { Timeline } from '../dashboard/timeline.ts';
 import { writeReport } from '../dashboard/report.ts';
+import { ProgressWatch } from '../migration/guest-view/progress-watch.ts';
+import { guestView } from '../migration/guest-view/guest-view.ts';
+import { progressUnit, wallClockMs } from '../vmm/run/progress-clock.ts';
 
 export interface MigrateOptions extends CommonOptions, SecurityOptions, DashboardOptions {
   /** migrate --report FILE.html: the charts and the JSON, in one offline file (dashboard/report.ts). */
@@ -51,6 +55,8 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   /** --compress lz4: RAM records lz4-compressed where that saves 1/8 or more. */
   compress: 'none' | 'lz4';
   vcpuDirtyLimit: number;
+  /** --converge dirty-limit: dirty-ring entries per vCPU (default DIRTY_LIMIT_RING_ENTRIES). */
+  dirtyRing?: number;
   warmupMs: number;
   destRunMs: number;
   destPrealloc: boolean;
@@ -69,8 +75,12 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   recover: HugeRecoveryStrategy;
 }
 
-/** Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. */
-const DIRTY_LIMIT_RING_ENTRIES = 4096;
+/**
+ * Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. The limit
+ * is enforced once per ring (a vCPU over it sleeps a ring's worth at each exit), so a smaller
+ * ring (--dirty-ring) holds a vCPU in shorter, more frequent sleeps: what its guest perceives.
+ */
+export const DIRTY_LIMIT_RING_ENTRIES = 4096;
 
 function parseCompress(v: string): 'none' | 'lz4' {
   if (v !== 'none' && v !== 'lz4') throw new InvalidArgumentError('must be one of none, lz4');
@@ -259,11 +269,13 @@ async function runMigrateSignalled(
     createSourceVm(engine, {
       ...workloadVmParams(opts),
       // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
-      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: DIRTY_LIMIT_RING_ENTRIES } : {}),
+      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: opts.dirtyRing ?? DIRTY_LIMIT_RING_ENTRIES } : {}),
     }),
   );
   let receiver: LocalReceiver | null = null;
   dash?.attachVm(vm);
+  const runningSinceMs = wallClockMs();
+  let guestWatch: ProgressWatch | null = null;
   try {
     log(`source: memory populated in ${((performance.now() - t0) / 1000).toFixed(2)} s; guest running`);
     const host = opts.local ? '127.0.0.1' : opts.to!.host;
@@ -291,6 +303,9 @@ async function runMigrateSignalled(
     timeline?.watch(state);
     const watch = dash?.attachMigration(vm, state);
     let stats: MigrationStats;
+    // The guest's view (migration/guest-view/): its progress clock from now until it runs on.
+    const clock = vm.progressClock();
+    guestWatch = clock ? new ProgressWatch(clock, wallClockMs(), runningSinceMs) : null;
     try {
       stats = await migrateVm(vm, link, {
         workload: spec,
@@ -316,6 +331,11 @@ async function runMigrateSignalled(
       bar.done();
     }
     const result: MigrateResult = stats;
+    // Completed (or committed: GO sent), the guest goes on at the destination; else here, resumed.
+    const onDestination = stats.status === 'completed' || stats.sourceRunning === false;
+    guestWatch?.closeAt();
+    if (!onDestination) await guestWatch?.settle(500);
+    const sourceWindow = guestWatch?.stop();
     timeline?.finish(stats.rounds);
     if (stats.status !== 'completed') {
       const state = !stats.sourceIntact ? 'NOT intact' : stats.sourceRunning === false ? 'intact but PAUSED (it is destroyed when this command exits)' : 'intact and running';
@@ -336,12 +356,18 @@ async function runMigrateSignalled(
       }
       result.destination = report ?? { error: 'the receiver did not end after the migration; killed' };
     }
+    if (sourceWindow) {
+      const d = result.destination && 'guestProgress' in result.destination ? (result.destination.guestProgress ?? null) : null;
+      result.guest = guestView(progressUnit(vm.engine), sourceWindow, onDestination ? d : null, onDestination ? 'destination' : 'source');
+      if (result.destination && 'guestProgress' in result.destination) delete result.destination.guestProgress;
+    }
     if (opts.report) {
       await writeReport(opts.report, { result: result as MigrateResult & Record<string, unknown>, dirtyRate: timeline?.dirtyRate ?? [], command: ['stage2', ...process.argv.slice(2)].join(' ') });
       log(`report: ${opts.report}`);
     }
     return result;
   } finally {
+    guestWatch?.stop();
     dash?.detachVm();
     await vm.destroy();
     if (receiver && receiver.child.exitCode === null) {
@@ -365,8 +391,21 @@ export function printStats(s: MigrateResult, out: (line: string) => void): void 
     for (const w of p.vcpuPageWaits ?? []) out(`  vCPU ${w.vcpu} waited for ${w.faults} pages: p50 ${ms(w.p50)}, p99 ${ms(w.p99)}, max ${ms(w.max)}`);
   }
   if (s.downtimeExceeded) out(`downtime limit exceeded: ${s.downtimeExceeded}`);
+  if (s.guest) printGuestView(s.guest, out);
   if (s.hugePagesReformed !== undefined) out(`source: ${s.hugePagesReformed} huge (2 MiB) mappings re-formed after dirty logging stopped`);
   if (s.sourceIntact !== undefined) out(`source intact: ${s.sourceIntact}${s.sourceRunning === false ? ', paused (switchover outcome unknown)' : ''}`);
+}
+
+/** The guest's view of the migration (migration/guest-view/guest-view.ts), one line per vCPU. */
+export function printGuestView(g: GuestView, out: (line: string) => void): void {
+  const ms = (x: number | null) => (x === null ? '-' : `${x.toFixed(1)} ms`);
+  const where = g.destinationObserved ? 'source, switchover and destination' : 'the source only (destination not watched: stalls across the switchover are lower bounds)';
+  out(`guest view (progress clock, a unit = ${g.unit}; ${where}): max stall ${ms(g.maxStallMs)}, p99 ${ms(g.p99StallMs)}`);
+  for (const v of g.perVcpu) {
+    const dip = v.dipPercent === null ? '' : ` (dip ${v.dipPercent.toFixed(1)}%)`;
+    const flags = `${v.lowerBound ? ', at least: no progress seen after the migration' : ''}${v.lostUnits ? `, ${v.lostUnits} units unread` : ''}`;
+    out(`  vCPU ${v.vcpu}: max stall ${ms(v.maxStallMs)}${v.switchoverStallMs !== null ? ` (across the switchover ${ms(v.switchoverStallMs)})` : ''}, p99 ${ms(v.p99StallMs)}; ${v.unitsPerSecBefore} units/s before, ${v.unitsPerSecDuring} during${dip}${flags}`);
+  }
 }
 
 // The spawned receiver runs the guest --dest-run-ms, then reports and exits; `receive --run-ms 0`
@@ -384,6 +423,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--compress <codec>', 'none | lz4: compress RAM records (pays on a link slower than lz4, ~1 GB/s per core here, for pages that compress)', parseCompress, 'none')
     .option('--converge <policy>', 'how a guest that outruns the link is made to converge: auto-converge (slow every vCPU) | dirty-limit (hold each vCPU to --vcpu-dirty-limit; only faster ones wait; logs to dirty rings)', parseConverge, 'auto-converge')
     .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes per second each vCPU may dirty (accepts 1M)', parseSize, DEFAULT_VCPU_DIRTY_LIMIT)
+    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (256..65536, a power of two; default ${DIRTY_LIMIT_RING_ENTRIES}): the limit is enforced once per ring, so a smaller ring means shorter, more frequent sleeps`, parseDirtyRingEntries)
     .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
     .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
     .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
@@ -401,18 +441,42 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--report <file.html>', 'write one self-contained HTML file at the end: summary, rounds and dirty-rate charts, and the JSON they came from');
 }
 
-export function registerMigrate(program: Command): void {
-  addMigrateSecurityOptions(addMigrationOptions(
-    addCommonOptions(program.command('migrate').description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
+/** Every option of `migrate` on `cmd`. */
+function migrateCommand(cmd: Command): Command {
+  return addMigrateSecurityOptions(addMigrationOptions(
+    addCommonOptions(cmd.description('live-migrate a running VM (pre-copy) to a receiver: --to HOST:PORT or --local'), { bytesPerVcpu: '256M', vcpus: 1 })
       .option('--to <host:port>', 'a `stage2 receive` listening there', parsePeerAddress)
       .option('--local', 'spawn the receiver on loopback', false)
       .option('--resume <pid>', 'resume the paused post-copy migration of that `migrate` process (after its connection dropped and its reconnections were used up)', parsePositiveInt),
-  )).action(async (opts: MigrateOptions, cmd: Command) => {
+  ));
+}
+
+/**
+ * The options `stage2 migrate ARGS` would run with, parsed by the same parsers and checked by the
+ * same rules (for callers that run migrations in-process: bench migration). Throws on a bad one.
+ */
+export function migrateOptionsFrom(args: string[]): MigrateOptions {
+  const cmd = migrateCommand(new Command('migrate')).exitOverride().configureOutput({ outputError: () => undefined });
+  cmd.parse(args, { from: 'user' });
+  const opts = cmd.opts<MigrateOptions>();
+  checkMigrateOptions(opts, cmd);
+  checkDirtyRing(opts);
+  postcopyPolicy(opts);
+  return opts;
+}
+
+function checkDirtyRing(opts: MigrateOptions): void {
+  if (opts.dirtyRing !== undefined && opts.converge !== 'dirty-limit') throw new UsageError('--dirty-ring sizes the dirty rings --converge dirty-limit logs to: give --converge dirty-limit too, or leave --dirty-ring out');
+}
+
+export function registerMigrate(program: Command): void {
+  migrateCommand(program.command('migrate')).action(async (opts: MigrateOptions, cmd: Command) => {
     if (opts.resume !== undefined) {
       process.stdout.write(resumePausedMigration(opts.resume) + '\n');
       return;
     }
     checkMigrateOptions(opts, cmd);
+    checkDirtyRing(opts);
     loadClientSecurity(opts); // its rules and files, before any VM starts
     postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');

@@ -21,6 +21,7 @@ import { DEFAULT_IDLE_TIMEOUT_MS } from '../migration/link.ts';
 import { sleepUnless } from '../util/sleep.ts';
 import { addReceiveSecurityOptions, checkListenAddress, describeServerSecurity, loadServerSecurity, type SecurityOptions } from './security-options.ts';
 import { addDashboardOption, startDashboard, type DashboardOptions } from './dashboard-options.ts';
+import { ProgressWatch, type ProgressWindow } from '../migration/guest-view/progress-watch.ts';
 
 export interface ReceiveReport {
   status: 'completed';
@@ -37,6 +38,12 @@ export interface ReceiveReport {
   memoryCheck: string | null;
   /** The post-copy phase, when the guest started by post-copy. */
   postcopy?: import('../migration/destination.ts').DestinationPostcopyReport;
+  /**
+   * The guest's progress clock here, from its start until each vCPU's first unit after the
+   * migration ended (migration/guest-view/progress-watch.ts): `migrate --local` joins it with
+   * the source's into the guest-perceived stall.
+   */
+  guestProgress?: ProgressWindow;
 }
 
 interface ReceiveOptions extends SecurityOptions, DashboardOptions {
@@ -121,6 +128,7 @@ export function registerReceive(program: Command): void {
       log(`listening on ${listener.host}:${listener.port} (${describeServerSecurity(security)})`);
       // --dashboard: the VM appears once CONFIG has built it (the engine reports it).
       const dash = await startDashboard(opts, `receive on ${listener.host}:${listener.port}: destination`, 'destination', log);
+      let watch: ProgressWatch | null = null;
       try {
         const link = await Promise.race([
           listener.accept(),
@@ -128,6 +136,10 @@ export function registerReceive(program: Command): void {
         ]);
         listener.close();
         const r = await receiveMigration(link, {
+          onGuestStart: (vm) => {
+            const clock = vm.progressClock();
+            if (clock) watch = new ProgressWatch(clock);
+          },
           openEngine: async (kind) => {
             const engine = await openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover });
             return dash ? dash.observe(engine) : engine;
@@ -142,10 +154,14 @@ export function registerReceive(program: Command): void {
         });
         if (r.postcopy?.error) throw new Error(`post-copy failed: ${r.postcopy.error}`);
         log(`switchover done: guest resumed from vCPU passes [${r.passesAtSwitchover.join(', ')}] in ${(r.resumeSeconds * 1000).toFixed(2)} ms`);
+        // The migration is over here (post-copy: every page arrived): each vCPU's window ends at
+        // its next unit of progress.
+        (watch as ProgressWatch | null)?.closeAt();
         const t0 = performance.now();
         if (opts.runMs > 0) await sleepUnless(opts.runMs, ac.signal);
         else await new Promise((res) => ac.signal.addEventListener('abort', res));
         const ranSeconds = (performance.now() - t0) / 1000;
+        const guestProgress = (watch as ProgressWatch | null)?.stop();
         await r.vm.pause();
         const passesAfter = r.vm.progress().map((p) => p.passesCompleted);
         const memoryCheck = checkWorkloadMemory(r.vm, r.config.workload, passesAfter);
@@ -165,10 +181,12 @@ export function registerReceive(program: Command): void {
           ranSeconds,
           memoryCheck,
           ...(r.postcopy ? { postcopy: r.postcopy } : {}),
+          ...(guestProgress ? { guestProgress } : {}),
         };
         if (opts.json) process.stdout.write(JSON.stringify(report) + '\n');
         if (memoryCheck) throw new Error(`guest memory inconsistent after migration: ${memoryCheck}`);
       } finally {
+        (watch as ProgressWatch | null)?.stop();
         dash?.detachVm();
         await dash?.close();
         listener.close();

@@ -30,7 +30,7 @@ export async function startKvmVcpus(addon: KvmAddon, vcpus: RunnerVcpu[], haltsA
   const immediateExit = (on: number): void => runBytes.forEach((r) => Atomics.store(r, RUN.immediateExit, on));
   const rc = new VcpuRunControl(ctl, vcpus.length, {
     startThread(v) {
-      const data: VcpuWorkerData = { vcpu: v, vcpuFd: vcpus[v]!.fd, run: vcpus[v]!.run, control: ctl.buffer as SharedArrayBuffer, haltsAfterFirstPass };
+      const data: VcpuWorkerData = { vcpu: v, vcpuFd: vcpus[v]!.fd, run: vcpus[v]!.run, control: ctl.buffer as SharedArrayBuffer, haltsAfterFirstPass, progressClock: rc.clock.sab, vcpus: vcpus.length };
       return startWorker(new URL('./vcpu-worker.ts', import.meta.url), { ...data });
     },
     beforeStop: () => immediateExit(1),

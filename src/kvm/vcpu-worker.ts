@@ -3,7 +3,7 @@
 // workerData.__stage2Root.
 //
 // Concurrency: control-block.ts for the shared words, control.ts for this engine's. This thread
-// writes only its own vCPU line; it never touches guest memory: the guest does, and the VMM
+// writes only its own vCPU line and its own progress-clock ring (one stamp per pass report); it never touches guest memory: the guest does, and the VMM
 // reads it through its own mapping. This file only turns kvm_run into the engine-neutral exit
 // (vmm/run/exits.ts); the loop handles it.
 import { workerData, parentPort } from 'node:worker_threads';
@@ -19,6 +19,7 @@ import {
   MEMORY_FAULT_FLAG_WRITE, type VcpuExit,
 } from '../vmm/run/exits.ts';
 import { VcpuLoop, type GuestEntry } from '../vmm/run/vcpu-loop.ts';
+import { ProgressStamper } from '../vmm/run/progress-clock.ts';
 
 export interface VcpuWorkerData {
   vcpu: number;
@@ -27,6 +28,13 @@ export interface VcpuWorkerData {
   control: SharedArrayBuffer;
   /** idle workload: the first completed pass halts the vCPU. */
   haltsAfterFirstPass: boolean;
+  /**
+   * The guest's progress clock (vmm/run/progress-clock.ts). The kvm guest has no clock and
+   * leaves the guest only at its pass report, so this thread stamps one unit per pass (SYNC_PORT
+   * exit): coarser than the soft engine's 64 page accesses.
+   */
+  progressClock: SharedArrayBuffer;
+  vcpus: number;
 }
 
 /** KVM_RUN returns -EFAULT together with KVM_EXIT_MEMORY_FAULT (KVM_CAP_MEMORY_FAULT_INFO). */
@@ -43,6 +51,7 @@ const ctl = new Int32Array(data.control);
 const base = vcpuBase(data.vcpu);
 const run = new Uint8Array(data.run);
 const runView = new DataView(data.run);
+const clock = new ProgressStamper(data.progressClock, data.vcpus, data.vcpu);
 
 let runNs = 0n;
 /** An exit whose I/O KVM completes on the next KVM_RUN (pause must let it, see quiesce). */
@@ -89,6 +98,7 @@ const entry: GuestEntry = {
       case EXIT.IO: {
         const port = runView.getUint16(RUN.ioPort, true);
         if (port === SYNC_PORT && run[RUN.ioDirection] === KVM_EXIT_IO_OUT) {
+          clock.stamp();
           x.reason = EXIT_IO;
           x.pass = runView.getUint32(Number(runView.getBigUint64(RUN.ioDataOffset, true)), true);
           x.halted = data.haltsAfterFirstPass;

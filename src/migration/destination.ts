@@ -53,6 +53,8 @@ export interface ReceiveOptions {
   postcopyFaultPath?: FaultPath;
   /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
   postcopyRecoverTimeoutMs?: number;
+  /** Called on GO just before the guest starts here (e.g. to watch its progress clock from its first unit). */
+  onGuestStart?: (vm: Vm) => void;
 }
 
 /** The post-copy phase as the destination saw it. */
@@ -448,6 +450,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   // GO: the source will never run the guest again; run it here.
   const start = async () => {
     const v = vm!;
+    opts.onGuestStart?.(v);
     v.resume();
     pcServer?.close(); // pre-copy completed: no post-copy connection will come
     pcServer = null;

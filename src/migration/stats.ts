@@ -1,6 +1,7 @@
 // What `stage2 migrate --json` prints (DESIGN.md's contract; QEMU's query-migrate names in
 // camelCase). Seconds are floats, counts integers. throughputMBps is decimal megabytes (10^6
 // bytes) per second of the migration after setup.
+import type { GuestView } from './guest-view/guest-view.ts';
 
 /** QEMU's MigrationStatus (postcopy-active is reserved for post-copy). */
 export type MigrationStatus = 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'device' | 'completed' | 'failed' | 'cancelled';
@@ -76,6 +77,12 @@ export interface MigrationStats {
   downtimeExceeded?: string;
   /** --compress lz4: pages sent compressed, and their bytes on the wire (4096 each uncompressed). */
   compression?: { pages: number; wireBytes: number; ratio: number };
+  /**
+   * What the migration cost the guest as it saw it, from its progress clock: per vCPU the longest
+   * and p99 gap between completed units (source, switchover, destination), the rate before and
+   * during, the dip (guest-view/guest-view.ts). Set by `migrate`, which watches both sides.
+   */
+  guest?: GuestView;
   /** --converge dirty-limit: the per-vCPU limit, the round it went on (0: never), each vCPU's sleep. */
   dirtyLimit?: { bytesPerSecond: number; activatedAtRound: number; vcpuSleepMs: number[] };
   error?: string;

@@ -14,6 +14,7 @@
 
 import type { WorkloadSpec } from '../guest/workload.ts';
 import type { ExitHandler, ExitName } from './run/exits.ts';
+import type { ProgressClock } from './run/progress-clock.ts';
 import type { DemandPager, DemandPagingConfig, FaultPath } from './demand-paging.ts';
 
 export type EngineKind = 'soft' | 'kvm';
@@ -198,6 +199,13 @@ export interface Vm {
 
   /** Per-vCPU progress right now (read without stopping the vCPUs). */
   progress(): VcpuProgress[];
+
+  /**
+   * The guest's progress clock (run/progress-clock.ts): when each vCPU completed each unit of
+   * work (soft: 64 page accesses; kvm: a pass), read without stopping the vCPUs. Null before
+   * createVcpus.
+   */
+  progressClock(): ProgressClock | null;
 
   /**
    * Linux thread id of each vCPU thread (0 until it has started), so a benchmark can read its

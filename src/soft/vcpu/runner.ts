@@ -4,7 +4,9 @@
 //
 // Runs on the vCPU's worker thread (or, in tests, any single thread). Concurrency rules are
 // those of control.ts: this file writes only its own vCPU line's engine words (V_MODE,
-// V_FLUSH_ACK, the R_* registers while stopped or about to be), reads global words with Atomics.
+// V_FLUSH_ACK, the R_* registers while stopped or about to be), reads global words with Atomics,
+// and stamps its own progress-clock ring every UNIT_PAGE_ACCESSES completed guest accesses
+// (vmm/run/progress-clock.ts: one store and one Atomics.store per unit, nothing per page).
 // Guest memory is written with plain stores into host frames reached through the soft TLB; the
 // VMM reads guest memory only while vCPUs are stopped (Atomics.wait/notify order those
 // accesses) or accepts racy snapshots (live migration).
@@ -58,6 +60,7 @@ import { traceEpochRate, type WorkloadSpec } from '../../guest/workload.ts';
 import { VcpuStats, S_GUEST_PAGES_WRITTEN, S_GUEST_TIMER_HALTS, S_TLB_FLUSHES, S_TLB_MISSES } from './stats.ts';
 import type { SoftDirtyRingProducer } from '../dirty/dirty-ring.ts';
 import { GuestClock } from './guest-clock.ts';
+import { UNIT_PAGE_ACCESSES, type ProgressStamper } from '../../vmm/run/progress-clock.ts';
 
 /** What the vCPU needs from the stage-2 MMU (implemented by mmu/vcpu-mmu.ts). */
 export interface VcpuMmu {
@@ -110,6 +113,8 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     readonly stats: VcpuStats,
     /** This vCPU's dirty ring, when the VM has one (its fault handler pushes to it). */
     private readonly ring: SoftDirtyRingProducer | null = null,
+    /** The guest's progress clock: one stamp per UNIT_PAGE_ACCESSES completed accesses. */
+    private readonly progress: ProgressStamper | null = null,
   ) {
     this.base = vcpuBase(vcpu);
     this.windows = windows;
@@ -261,7 +266,16 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
     const off = (pfn & 0x3ffff) << 10;
     w[off] = lo;
     w[off + 1] = hi;
+    if (--this.unitLeft === 0) this.unitDone();
     return true;
+  }
+
+  /** Accesses left until the current unit of progress is complete. */
+  private unitLeft = UNIT_PAGE_ACCESSES;
+
+  private unitDone(): void {
+    this.unitLeft = UNIT_PAGE_ACCESSES;
+    this.progress?.stamp();
   }
 
   /** Load the low word at offset 0 of guest page gfn (rwmix reads). -1 result + exit flag on failure. */
@@ -272,6 +286,7 @@ export class VcpuRunner implements GuestAccess, GuestEntry {
       if (pfn < 0) return false;
     }
     this.lastRead = this.windows[pfn >>> 18]![(pfn & 0x3ffff) << 10]!;
+    if (--this.unitLeft === 0) this.unitDone();
     return true;
   }
 

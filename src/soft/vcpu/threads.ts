@@ -37,9 +37,11 @@ export interface VcpuWorkerData {
   port: MessagePort;
   /** Demand paging's attach messages (soft/uffd/vcpu-entry.ts). */
   uffdPort: MessagePort;
+  /** The guest's progress clock (vmm/run/progress-clock.ts): this vCPU stamps its own ring. */
+  progressClock: SharedArrayBuffer;
 }
 
-export type SharedVmParts = Omit<VcpuWorkerData, 'vcpu' | 'vcpus' | 'spec' | 'slots' | 'port' | 'uffdPort'>;
+export type SharedVmParts = Omit<VcpuWorkerData, 'vcpu' | 'vcpus' | 'spec' | 'slots' | 'port' | 'uffdPort' | 'progressClock'>;
 
 /** Demand paging's hooks into run control (soft/uffd/pager.ts). */
 export interface SoftVcpuHooks {
@@ -71,7 +73,7 @@ export async function startSoftVcpus(ctl: Int32Array, count: number, spec: Workl
       publisher.addPort(port1);
       const uffd = new MessageChannel();
       hooks.uffdPorts[v] = uffd.port1;
-      const data: VcpuWorkerData = { ...parts, vcpu: v, vcpus: count, spec, slots: publisher.current, port: port2, uffdPort: uffd.port2 };
+      const data: VcpuWorkerData = { ...parts, vcpu: v, vcpus: count, spec, slots: publisher.current, port: port2, uffdPort: uffd.port2, progressClock: rc.clock.sab };
       return startWorker(new URL('./worker.ts', import.meta.url), data as unknown as Record<string, unknown>, { transferList: [port2, uffd.port2] });
     },
     kick: () => hooks.kick(),

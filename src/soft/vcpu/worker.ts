@@ -22,6 +22,7 @@ import { flushRemoteTlbs } from './tlb-flush.ts';
 import type { VcpuWorkerData } from './threads.ts';
 import { V_LINUX_TID, vcpuBase } from './control.ts';
 import { VcpuLoop } from '../../vmm/run/vcpu-loop.ts';
+import { ProgressStamper } from '../../vmm/run/progress-clock.ts';
 import { linuxThreadId } from '../../util/thread-sched.ts';
 import { DemandPagingEntry } from '../uffd/vcpu-entry.ts';
 
@@ -45,7 +46,7 @@ const slots = new SlotReader(ctl, d.vcpu, d.port, d.slots);
 const r = d.dirtyRings;
 const ring = r ? new SoftDirtyRingProducer(new SoftDirtyRings(r.sab, r.lines, r.entries), d.vcpu) : null;
 const faults = new FaultHandler(mem, mm, pgt, lock, slots, new MemslotInvalidation(d.inval), stats, ring ?? bitmapDirtySink);
-const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats, ring);
+const runner = new VcpuRunner(ctl, d.vcpu, d.spec, mem.windows, new VcpuStage2(pgt, faults), stats, ring, new ProgressStamper(d.progressClock, d.vcpus, d.vcpu));
 try {
   // MISSING memory faults are taken on this thread while the VM pages on demand (soft/uffd/).
   const entry = new DemandPagingEntry(runner, d.vcpu, ctl, d.uffdPort, mm, mem);

@@ -20,6 +20,7 @@ import {
   VcpuRunState_Created, VcpuRunState_Exited, VcpuRunState_Paused, VcpuRunState_WaitingForVmm, kickAll,
   loadWide, signalEvent, vcpuBase, wakeStopped,
 } from './control-block.ts';
+import { newProgressClock, ProgressClock } from './progress-clock.ts';
 import { EXIT_DIRTY_RING_FULL, EXIT_INTERNAL_ERROR, EXIT_MEMORY_FAULT, EXIT_MMIO, EXIT_NAMES, EXIT_REASONS, EXIT_SHUTDOWN, type ExitHandler, type ExitName } from './exits.ts';
 
 /** Engine-specific parts of run control. */
@@ -52,12 +53,15 @@ export class VcpuRunControl {
   private started = false;
   private stopping = false;
   private pumping = false;
+  /** The guest's progress clock (progress-clock.ts): each thread gets `clock.sab` and stamps its own ring. */
+  readonly clock: ProgressClock;
 
   constructor(
     readonly ctl: Int32Array,
     readonly count: number,
     private readonly engine: RunControlEngine,
   ) {
+    this.clock = new ProgressClock(newProgressClock(count), count);
     this.inFlight = new Array(count).fill(false);
     for (let v = 0; v < count; v++) this.causes.push(null);
   }

@@ -8,6 +8,7 @@ import { DIRTY_RING_RSVD_ENTRIES } from '../dirty-ring.ts';
 import { VmError } from '../errors.ts';
 import type { ExitHandler, ExitName } from './exits.ts';
 import type { VcpuRunControl } from './run-control.ts';
+import type { ProgressClock } from './progress-clock.ts';
 
 export abstract class VmRunLoop {
   abstract readonly config: Readonly<Required<VmConfig>>;
@@ -29,6 +30,10 @@ export abstract class VmRunLoop {
 
   progress(): VcpuProgress[] {
     return this.runControl ? this.runControl.progress() : [];
+  }
+
+  progressClock(): ProgressClock | null {
+    return this.runControl?.clock ?? null;
   }
 
   vcpuThreadIds(): number[] {
