@@ -144,9 +144,16 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   // in `discarded` (dense page index); `staleHeld` lists, per slot, the discarded pages this side
   // had received (populated: the pager must drop them). Guest RAM pages received at least once
   // are counted as they come, so the switchover needs no pass over every page.
+  // The pager starts at the first POSTCOPY_DISCARD when every channel has had its final SYNC
+  // (no page can land through writeGuest any more), so its start and the zapping of stale
+  // pages overlap the source's sending of the rest of the list; else at POSTCOPY_RUN. Stale
+  // pages are then dropped as their list arrives; `staleHeld` keeps the ones still to drop.
   let discarded = new Uint8Array(0);
   let anyDiscard = false;
   const staleHeld = new Map<number, number[]>();
+  let staleCount = 0;
+  let pager: DemandPager | null = null;
+  let faultPath: FaultPath | null = null;
   let ramPages = 0;
   let ramReceived = 0;
   let pcServer: Server | null = null;
@@ -315,6 +322,19 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     await link.send({ type: 'complete', hash: held, pagesReceived });
   };
 
+  // Demand paging on this VM (once): the VM is paused and no page arrives through writeGuest
+  // any more, so what is populated now is what the pager counts as present.
+  const startPager = (): DemandPager => {
+    if (pager) return pager;
+    try {
+      faultPath = postcopyFaultPath(destEngine!, opts.postcopyFaultPath);
+      pager = startPostcopyPaging(vm!, faultPath);
+    } catch (err) {
+      throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
+    }
+    return pager;
+  };
+
   // POSTCOPY_DISCARD: these pages are stale here (or were never sent). A page this side holds
   // leaves the hash table now (what stays is what POSTCOPY_RUN's hash vouches for) and is listed
   // for the pager to drop. The list can name every page of guest RAM and arrives on the downtime
@@ -323,6 +343,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
     if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
     const { index } = locate(slotId, firstPage, count);
+    if (!anyDiscard && syncs.every((r) => r >= syncs[0]!)) startPager();
     anyDiscard = true;
     const bits = bitmap.length * 8;
     const set = (i: number) => (bitmap[i >> 3]! & (1 << (i & 7))) !== 0;
@@ -349,31 +370,39 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   };
 
   // Pages [i, e) of the DISCARD range that starts at (slotId, firstPage), dense index `index`.
+  const DISCARD_STRETCH = 512;
   const discardRun = (slotId: number, firstPage: number, index: number, i: number, e: number) => {
     const internal = internalPage.subarray(index + i, index + e);
     if (!allZero(internal)) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i + internal.indexOf(1)}: engine-internal memory is sent before the switch, never paged on demand`);
-    if (allZero(lastRound.subarray(index + i, index + e))) {
-      discarded.fill(1, index + i, index + e); // never received here: nothing held to drop
-      return;
-    }
     let held = staleHeld.get(slotId);
     if (!held) staleHeld.set(slotId, (held = []));
-    for (let k = i; k < e; ) {
-      const at = index + k;
-      if (discarded[at] || lastRound[at] === 0) {
-        discarded[at] = 1;
-        k++;
+    // Stretch by stretch: a run can span the whole slot with only a few pages held in it.
+    for (let k0 = i; k0 < e; k0 += DISCARD_STRETCH) {
+      const k1 = Math.min(e, k0 + DISCARD_STRETCH);
+      if (allZero(lastRound.subarray(index + k0, index + k1))) {
+        discarded.fill(1, index + k0, index + k1);
         continue;
       }
-      // A run of held pages leaves the hash table in one step.
-      let j = k;
-      while (j < e && !discarded[index + j] && lastRound[index + j]! > 0) {
-        discarded[index + j] = 1;
-        held.push(firstPage + j);
-        j++;
+      for (let k = k0; k < k1; ) {
+        const at = index + k;
+        if (discarded[at] || lastRound[at] === 0) {
+          discarded[at] = 1;
+          k++;
+          continue;
+        }
+        // A run of held pages leaves the hash table in one step, and the pager drops it now
+        // if it runs (else at POSTCOPY_RUN).
+        let j = k;
+        while (j < k1 && !discarded[index + j] && lastRound[index + j]! > 0) {
+          discarded[index + j] = 1;
+          if (!pager) held.push(firstPage + j);
+          j++;
+        }
+        table!.setZero(slotId, firstPage + k, j - k);
+        staleCount += j - k;
+        if (pager) pager.discard(slotId, pageRange(firstPage + k, j - k));
+        k = j;
       }
-      table!.setZero(slotId, firstPage + k, j - k);
-      k = j;
     }
   };
 
@@ -391,21 +420,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
     // Missing: never received, or received and discarded. Everything else this side holds is the
     // source's page at switchover; missing pages come from the source, hashed as they land.
-    let staleCount = 0;
-    for (const l of staleHeld.values()) staleCount += l.length;
     const missing = ramPages - ramReceived + staleCount;
     held = formatMemoryHash(table!.total());
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
     if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
-    const v = vm!;
-    let pager: DemandPager;
-    let faultPath: FaultPath;
-    try {
-      faultPath = postcopyFaultPath(destEngine!, opts.postcopyFaultPath);
-      pager = startPostcopyPaging(v, faultPath);
-    } catch (err) {
-      throw new MigrationLinkError(`post-copy cannot start here: ${(err as Error).message}`, ErrorCode.BAD_CONFIG);
-    }
+    const pager = startPager();
     // Drop the stale pages this side holds, and pages never received that are populated anyway:
     // nothing preallocates guest RAM when post-copy is negotiated, but a write into transparent-
     // huge-page memory populates its whole 2 MiB block (QEMU turns THP off for post-copy for
@@ -430,7 +449,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const token = randomBytes(8).readBigUInt64LE();
     pc = new PostcopyDestination({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 }, pcServer!);
     pcServer = null;
-    pcReport = { faultPath, missingAtStart: missing, waits: [] };
+    pcReport = { faultPath: faultPath!, missingAtStart: missing, waits: [] };
     const pcDone = pc.done;
     pcDone.then(
       (r) => {
@@ -492,6 +511,8 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       return start();
     }
     if (phase !== 'receiving') throw protocol(`${r.type.toUpperCase()} after END`);
+    // Once the pager runs, a page written here would wait on itself (writeGuest faults it in).
+    if (pager && (r.type === 'ram' || r.type === 'zero')) throw protocol(`${r.type.toUpperCase()} after POSTCOPY_DISCARD`);
     switch (r.type) {
       case 'ram':
         return onRam(r.round, r.slot, r.page, r.data);
@@ -559,6 +580,11 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
   }
+}
+
+/** count page numbers from first. */
+function* pageRange(first: number, count: number): Generator<number> {
+  for (let p = first; p < first + count; p++) yield p;
 }
 
 /** The ERROR code that tells the source what kind of failure ended the migration here. */

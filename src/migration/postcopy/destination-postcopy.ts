@@ -28,6 +28,8 @@ import { RecordSocket } from './record-socket.ts';
 
 /** Held pages installed per event-loop turn in the background. */
 const BACKGROUND_PAGES_PER_TURN = 64;
+/** How long after COMPLETE a source may keep its post-copy connections open. */
+const CLOSE_GRACE_MS = 5_000;
 
 export interface PostcopyDestinationOptions {
   pager: DemandPager;
@@ -224,6 +226,11 @@ export class PostcopyDestination {
   }
 
   private onPages(slot: number, first: number, count: number, data: Uint8Array | null): void {
+    // Pages the source put on the wire before it read COMPLETE: every page is here already.
+    if (this.result) {
+      this.duplicates += count;
+      return;
+    }
     const { pager, table, hasher } = this.o;
     const zero = new Uint8Array(PAGE_SIZE);
     for (let i = 0; i < count; i++) {
@@ -277,12 +284,17 @@ export class PostcopyDestination {
     this.settle.reject(err);
   }
 
+  // After COMPLETE the connections end gracefully (FIN after COMPLETE, what still comes in is
+  // read and dropped): destroying a socket with unread pages in it sends a reset, which can
+  // reach the source before COMPLETE does and read as a drop to recover from. The source
+  // closes its ends once it has COMPLETE; a source that does not is cut off after a while.
   private close(): void {
     if (this.lostTimer) clearTimeout(this.lostTimer);
     this.server.close();
+    for (const rs of [this.push, this.preempt]) rs?.socket.end();
     setTimeout(() => {
       this.push?.destroy();
       this.preempt?.destroy();
-    }, 200).unref();
+    }, CLOSE_GRACE_MS).unref();
   }
 }

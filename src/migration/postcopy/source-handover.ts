@@ -97,7 +97,6 @@ async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[]): Promise<{ 
     if (s.pages % 32) copy[words - 1]! &= (1 << (s.pages % 32)) - 1;
     pending.set(s.slot, copy);
     missingPages += countBits(copy);
-    clearRuns(run, s.slot, copy, s.pages);
     const bytes = new Uint8Array(copy.buffer, copy.byteOffset, Math.ceil(s.pages / 8));
     for (let first = 0; first < s.pages; first += MAX_DISCARD_PAGES) {
       const count = Math.min(MAX_DISCARD_PAGES, s.pages - first);
@@ -111,6 +110,8 @@ async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[]): Promise<{ 
       await run.link.send({ type: 'discard', slot: s.slot, firstPage: first, count, bitmap });
     }
   }
+  // After the lists went out (the destination works on them meanwhile): only END needs this.
+  for (const s of ramSlots) clearRuns(run, s.slot, pending.get(s.slot)!, s.pages);
   return { pending, missingPages };
 }
 

@@ -85,6 +85,8 @@ export interface PostcopySourceResult {
 }
 
 const RUN = 64;
+/** How long a failed connection waits for a COMPLETE already on its way (see settled()). */
+const COMPLETE_GRACE_MS = 1_000;
 
 export async function runPostcopySource(o: PostcopySourceOptions): Promise<PostcopySourceResult> {
   const t0 = process.hrtime.bigint();
@@ -229,8 +231,21 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
       if (attempt > 0) o.onStatus?.('postcopy-active');
       o.onConnected?.({ push, preempt, attempt });
       let lastEvent = Date.now();
+      // A connection that fails may only be the other end closing after COMPLETE, which the
+      // push connection delivers before its own close (one socket keeps its order; two do not):
+      // before calling it a drop, wait for the push connection to settle.
+      const settled = async (e: Error) => {
+        if (e instanceof PostcopyRequestError) throw e;
+        const until = Date.now() + COMPLETE_GRACE_MS;
+        while (!complete && !push!.closed && Date.now() < until) await waitEvent(until - Date.now());
+        if (!complete) throw e;
+      };
+      push.onClose(() => wake());
       while (!complete) {
-        if (failure) throw failure;
+        if (failure) {
+          await settled(failure);
+          break;
+        }
         const run = nextRun();
         if (!run) {
           // Everything sent: wait for COMPLETE (or a request for a page lost in a drop).
@@ -240,7 +255,12 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
         }
         lastEvent = Date.now();
         if (o.limiter) await o.limiter.take(run.count * PAGE_SIZE);
-        await sendPages(push, run.s, run.first, run.count);
+        try {
+          await sendPages(push, run.s, run.first, run.count);
+        } catch (e) {
+          await settled(e as Error);
+          break;
+        }
         pushedPages += run.count;
         o.onPushed?.(pushedPages, conns);
         // Let requests in between runs.
@@ -250,7 +270,7 @@ export async function runPostcopySource(o: PostcopySourceOptions): Promise<Postc
       bytesSent += push.bytesSent + preempt.bytesSent;
       push.destroy();
       preempt.destroy();
-      const c = complete as Extract<MigrationRecord, { kind: 'complete' }>;
+      const c = complete as unknown as Extract<MigrationRecord, { kind: 'complete' }>;
       const details = c.details ?? {};
       return {
         destinationHash: formatMemoryHash(c.memoryHash),
