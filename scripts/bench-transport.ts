@@ -7,6 +7,8 @@
 //    single pages, 256 per sendRamRuns call)
 //   npx tsx scripts/bench-transport.ts --decoder [--bytes 256M] [--chunk 64K]
 //   npx tsx scripts/bench-transport.ts --hash [--bytes 1G]
+//   (transfer runs also print the kernel's loopback ceiling first: src/bench/kernel-ceiling.ts,
+//    a C pump on one connection, skipped with --no-ceiling)
 //
 // Transfer: the destination runs in a child process (its own core and event loop, as on a real
 // second host); the source sends `--bytes` of non-zero 4 KiB pages (a 64 MiB pattern window
@@ -29,6 +31,7 @@ import { CAP_LZ4, RamEncoding, type MigrationRecord } from '../src/migration/str
 import { MigrationConnection } from '../src/migration/transport/connection.ts';
 import { MigrationListener } from '../src/migration/transport/listener.ts';
 import { StreamLayout } from '../src/migration/stream/layout.ts';
+import { describeKernelCeiling, measureKernelCeiling } from '../src/bench/kernel-ceiling.ts';
 
 const PAGE = 4096;
 const WINDOW_PAGES = 16384; // 64 MiB
@@ -252,6 +255,9 @@ async function main(): Promise<void> {
     return;
   }
   const bytes = parseSize(arg('bytes', '1G'));
+  // The kernel's own figure first, on the same host and load: what no Node stream can beat.
+  const ceiling = flag('no-ceiling') ? null : measureKernelCeiling(4 * 2 ** 30, 2);
+  if (ceiling && !flag('json')) console.log(describeKernelCeiling(ceiling));
   const child = fork(fileURLToPath(import.meta.url), ['--receiver', ...process.argv.slice(2)], { execArgv: ['--import', 'tsx', ...(process.env.BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_PROF] : [])] });
   const port = await new Promise<number>((resolve) => child.once('message', (m: { port: number }) => resolve(m.port)));
   const rows = [];
@@ -266,7 +272,11 @@ async function main(): Promise<void> {
   } finally {
     child.kill('SIGINT'); // SIGINT lets --cpu-prof write its profile
   }
-  if (flag('json')) console.log(JSON.stringify({ params: { bytes, batch: arg('batch', '1M'), recordPages: Number(arg('record-pages', '256')), mode: arg('mode', 'copy'), apply: arg('apply', 'copy'), compress: flag('compress') }, rows }));
+  if (flag('json')) console.log(JSON.stringify({ params: { bytes, batch: arg('batch', '1M'), recordPages: Number(arg('record-pages', '256')), mode: arg('mode', 'copy'), apply: arg('apply', 'copy'), compress: flag('compress') }, kernelCeiling: ceiling, rows }));
+  else if (ceiling && !('error' in ceiling)) {
+    const best = Math.max(...rows.map((r) => r.GBps));
+    console.log(`best Node figure ${best.toFixed(2)} GB/s = ${((100 * best) / ceiling.GBps).toFixed(0)}% of the kernel ceiling (${ceiling.GBps.toFixed(2)} GB/s)`);
+  }
 }
 
 await main();
