@@ -6,7 +6,8 @@ import { isAbsolute, resolve } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { cellArgs, MIGRATION_POLICIES, migrationSvg, migrationTable, runMigrationBench, shippedTrace, type BenchWorkload, type MigrationPolicy } from '../bench/migration.ts';
 import { formatBytes, humanOut, parseIntInRange, parseMemorySize, parseNonNegativeInt, parseNonNegativeNumber, parsePositiveInt, parseSize, parseDirtyRingEntries } from './options.ts';
-import { migrateOptionsFrom, runMigrate, DIRTY_LIMIT_RING_ENTRIES } from './migrate.ts';
+import { migrateOptionsFrom, runMigrate } from './migrate.ts';
+import { dirtyRingForLimit } from '../migration/dirty-limit.ts';
 import { UsageError } from './validate.ts';
 import { projectRoot } from '../util/worker.ts';
 import { DEFAULT_DOWNTIME_LIMIT_MS } from '../migration/source.ts';
@@ -49,7 +50,7 @@ interface BenchMigrationOptions {
   downtimeLimit: number;
   maxRounds: number;
   vcpuDirtyLimit: number;
-  dirtyRing: number;
+  dirtyRing?: number;
   warmupMs: number;
   destRunMs: number;
   svg: string;
@@ -71,7 +72,7 @@ export function registerBenchMigration(bench: Command): void {
     .option('--downtime-limit <ms>', 'largest acceptable downtime, ms', parseNonNegativeNumber, DEFAULT_DOWNTIME_LIMIT_MS)
     .option('--max-rounds <n>', 'iterative rounds before pre-copy gives up (the cell then reports NOT converged)', parsePositiveInt, 6)
     .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes/s each vCPU may dirty', parseSize, 8 * 2 ** 20)
-    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (the limit is enforced once per ring)`, parseDirtyRingEntries, DIRTY_LIMIT_RING_ENTRIES)
+    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (the limit is enforced once per ring; default: sized to the limit, as migrate does)`, parseDirtyRingEntries)
     .option('--warmup-ms <ms>', 'run each guest this long before migrating (the rate before is measured over it, up to 1 s)', parseNonNegativeInt, 500)
     .option('--dest-run-ms <ms>', 'run each guest this long on the destination after switchover', parsePositiveInt, 300)
     .option('--svg <file>', 'write the chart here', 'migration.svg')
@@ -87,7 +88,7 @@ export function registerBenchMigration(bench: Command): void {
         downtimeLimitMs: opts.downtimeLimit,
         maxRounds: opts.maxRounds,
         vcpuDirtyLimit: opts.vcpuDirtyLimit,
-        dirtyRing: opts.dirtyRing,
+        dirtyRing: opts.dirtyRing ?? dirtyRingForLimit(opts.vcpuDirtyLimit),
         warmupMs: opts.warmupMs,
         destRunMs: opts.destRunMs,
         workloads: opts.workloads,

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { projectRoot } from '../util/worker.ts';
 import { createSourceVm } from '../migration/source-vm.ts';
-import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/dirty-limit.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT, DIRTY_LIMIT_STALL_TARGET_MS, dirtyRingForLimit } from '../migration/dirty-limit.ts';
 import { connectLink } from '../migration/wire-link.ts';
 import { migrateVm, DEFAULT_DOWNTIME_LIMIT_MS, DEFAULT_MAX_ROUNDS, type PostcopyOptions } from '../migration/source.ts';
 import { MigrationCancelledError } from '../migration/errors.ts';
@@ -55,7 +55,7 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   /** --compress lz4: RAM records lz4-compressed where that saves 1/8 or more. */
   compress: 'none' | 'lz4';
   vcpuDirtyLimit: number;
-  /** --converge dirty-limit: dirty-ring entries per vCPU (default DIRTY_LIMIT_RING_ENTRIES). */
+  /** --converge dirty-limit: dirty-ring entries per vCPU (default dirtyRingForLimit(vcpuDirtyLimit)). */
   dirtyRing?: number;
   warmupMs: number;
   destRunMs: number;
@@ -75,12 +75,6 @@ export interface MigrateOptions extends CommonOptions, SecurityOptions, Dashboar
   recover: HugeRecoveryStrategy;
 }
 
-/**
- * Dirty-ring entries per vCPU when --converge dirty-limit: one exit per ~16 MiB dirtied. The limit
- * is enforced once per ring (a vCPU over it sleeps a ring's worth at each exit), so a smaller
- * ring (--dirty-ring) holds a vCPU in shorter, more frequent sleeps: what its guest perceives.
- */
-export const DIRTY_LIMIT_RING_ENTRIES = 4096;
 
 function parseCompress(v: string): 'none' | 'lz4' {
   if (v !== 'none' && v !== 'lz4') throw new InvalidArgumentError('must be one of none, lz4');
@@ -269,7 +263,7 @@ async function runMigrateSignalled(
     createSourceVm(engine, {
       ...workloadVmParams(opts),
       // Dirty-limit is enforced at DIRTY_RING_FULL exits: the source logs to dirty rings then.
-      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: opts.dirtyRing ?? DIRTY_LIMIT_RING_ENTRIES } : {}),
+      ...(opts.converge === 'dirty-limit' ? { dirtyRingEntries: opts.dirtyRing ?? dirtyRingForLimit(opts.vcpuDirtyLimit) } : {}),
     }),
   );
   let receiver: LocalReceiver | null = null;
@@ -423,7 +417,7 @@ export function addMigrationOptions(cmd: Command): Command {
     .option('--compress <codec>', 'none | lz4: compress RAM records (pays on a link slower than lz4, ~1 GB/s per core here, for pages that compress)', parseCompress, 'none')
     .option('--converge <policy>', 'how a guest that outruns the link is made to converge: auto-converge (slow every vCPU) | dirty-limit (hold each vCPU to --vcpu-dirty-limit; only faster ones wait; logs to dirty rings)', parseConverge, 'auto-converge')
     .option('--vcpu-dirty-limit <size>', 'dirty-limit: bytes per second each vCPU may dirty (accepts 1M)', parseSize, DEFAULT_VCPU_DIRTY_LIMIT)
-    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (256..65536, a power of two; default ${DIRTY_LIMIT_RING_ENTRIES}): the limit is enforced once per ring, so a smaller ring means shorter, more frequent sleeps`, parseDirtyRingEntries)
+    .option('--dirty-ring <entries>', `dirty-limit: dirty-ring entries per vCPU (256..65536, a power of two; default: the largest that keeps a vCPU's sleep at its limit within ${DIRTY_LIMIT_STALL_TARGET_MS} ms, 256..4096): the limit is enforced once per ring, so a smaller ring means shorter, more frequent sleeps`, parseDirtyRingEntries)
     .option('--postcopy [auto]', 'switch to post-copy after the first round; `auto` (the default without post-copy flags): part-way through the bulk round when the guest re-dirties what was sent, or when the rounds stop shrinking', parsePostcopy)
     .option('--no-postcopy', 'pure pre-copy: never switch to post-copy (rounds that run out above --downtime-limit then fail, or --on-no-convergence force)')
     .option('--postcopy-after <n>', 'switch to post-copy after n pre-copy rounds (1 = the bulk round, 0 = before it: every page is fetched on demand or pushed)', parseNonNegativeInt)
