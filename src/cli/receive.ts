@@ -136,9 +136,9 @@ export function registerReceive(program: Command): void {
         ]);
         listener.close();
         const r = await receiveMigration(link, {
-          onGuestStart: (vm) => {
+          onGuestStart: (vm, resumedAtMs) => {
             const clock = vm.progressClock();
-            if (clock) watch = new ProgressWatch(clock);
+            if (clock) watch = new ProgressWatch(clock, resumedAtMs);
           },
           openEngine: async (kind) => {
             const engine = await openEngine(opts.engine === 'default' ? kind : opts.engine, undefined, { recover: opts.recover });

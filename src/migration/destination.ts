@@ -26,6 +26,7 @@ import { createStateDigester, formatDigest } from './state-digest.ts';
 import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts';
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
+import { wallClockMs } from '../vmm/run/progress-clock.ts';
 import { allZero, noneZero } from '../util/bulk-scan.ts';
 import { postcopyFaultPath, startPostcopyPaging } from './postcopy/paging.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
@@ -53,8 +54,11 @@ export interface ReceiveOptions {
   postcopyFaultPath?: FaultPath;
   /** Post-copy: how long to wait for the source to reconnect after a drop, ms (default 60 s). */
   postcopyRecoverTimeoutMs?: number;
-  /** Called on GO just before the guest starts here (e.g. to watch its progress clock from its first unit). */
-  onGuestStart?: (vm: Vm) => void;
+  /**
+   * Called on GO once the guest runs here and STARTED is on its way, with the wall-clock time
+   * (progress-clock.ts) it was resumed at (e.g. to watch its progress clock from its first unit).
+   */
+  onGuestStart?: (vm: Vm, resumedAtMs: number) => void;
 }
 
 /** The post-copy phase as the destination saw it. */
@@ -467,24 +471,29 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   };
 
   // GO: the source will never run the guest again; run it here.
+  // STARTED goes out right after the resume and everything else here waits until it is written:
+  // the source counts downtime until it reads STARTED, and on this path every function runs for
+  // the first time, uncompiled (a quarter of a millisecond for the progress watch alone; the
+  // socket write itself would wait behind it).
   const start = async () => {
     const v = vm!;
-    opts.onGuestStart?.(v);
+    const resumedAtMs = wallClockMs();
     v.resume();
+    phase = 'running';
+    const t = process.hrtime.bigint();
+    // The guest runs whether or not STARTED reaches the source: a source that loses the link
+    // after GO stays paused, so the guest never runs twice.
+    await link.send({ type: 'started' }).catch(() => undefined);
+    opts.onGuestStart?.(v, resumedAtMs);
     pcServer?.close(); // pre-copy completed: no post-copy connection will come
     pcServer = null;
     if (pc) {
       pc.startBackground();
       log(`guest running here on demand paging (${pcReport!.faultPath} path), ${pcReport!.missingAtStart} pages missing`);
     }
-    phase = 'running';
-    const t = process.hrtime.bigint();
     const resumeSeconds = Number(t - tEnd) / 1e9;
     const switchoverSeconds = Number(t - (tFirstVcpu ?? tEnd)) / 1e9;
     result = { vm: v, config: cfg!, hash: held, rescanHash, pagesReceived, passesAtSwitchover: vcpuStates.map((s) => s.progress.passesCompleted), vcpuStates, resumeSeconds, switchoverSeconds };
-    // The guest runs whether or not STARTED reaches the source: a source that loses the link
-    // after GO stays paused, so the guest never runs twice.
-    await link.send({ type: 'started' }).catch(() => undefined);
     log(`guest running here after round ${end!.finalRound}; ${pagesReceived} pages received`);
     if (pc) {
       const r = await pc.done.catch(() => null);
