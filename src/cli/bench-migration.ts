@@ -1,7 +1,7 @@
 // `stage2 bench migration`: every policy on every workload, one table (bench/migration.ts). Each
 // cell is `stage2 migrate --local ARGS` run in this process (runMigrate), its arguments parsed and
 // checked by migrate's own parsers, so every row names the command that reproduces it.
-import { InvalidArgumentError, type Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { isAbsolute, resolve } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { cellArgs, MIGRATION_POLICIES, migrationSvg, migrationTable, runMigrationBench, shippedTrace, type BenchWorkload, type MigrationPolicy } from '../bench/migration.ts';
@@ -63,8 +63,8 @@ export function registerBenchMigration(bench: Command): void {
   bench
     .command('migration')
     .description('migrate each workload with each policy (pre-copy, auto-converge, dirty-limit, post-copy) over a limited link; one table: converged, total time, downtime, sent/RAM, guest-perceived stall; SVG')
-    .option('--workloads <list>', `shipped traces (${SHIPPED.join(', ')}), .s2trace files, and dirty rates (bytes/s, e.g. 200M)`, parseBenchWorkloads, parseBenchWorkloads(DEFAULT_BENCH_WORKLOADS))
-    .option('--policies <list>', MIGRATION_POLICIES.join(','), parsePolicies, [...MIGRATION_POLICIES])
+    .addOption(new Option('--workloads <list>', `shipped traces (${SHIPPED.join(', ')}), .s2trace files, and dirty rates (bytes/s, e.g. 200M)`).argParser(parseBenchWorkloads).default(parseBenchWorkloads(DEFAULT_BENCH_WORKLOADS), DEFAULT_BENCH_WORKLOADS))
+    .addOption(new Option('--policies <list>', MIGRATION_POLICIES.join(', ')).argParser(parsePolicies).default([...MIGRATION_POLICIES], MIGRATION_POLICIES.join(',')))
     .option('--engine <engine>', 'soft (the traced and dirty-rate guests pace themselves by a clock only the soft guest has)', 'soft')
     .option('-v, --vcpus <n>', 'vCPUs per guest', parseIntInRange(1, 64), 2)
     .option('-b, --bytes-per-vcpu <size>', 'guest memory per vCPU (the dirty-rate guests write all of it)', parseMemorySize, 64 * 2 ** 20)
