@@ -26,9 +26,12 @@ describe('bench migration', () => {
     expect(cell('dirty 200M/s', 'precopy').converged).toBe(false);
     expect(cell('dirty 200M/s', 'postcopy').converged).toBe(true);
     expect(cell('gzip', 'precopy').converged).toBe(true);
-    // The guest cannot run while it is paused: its longest stall covers the downtime.
+    // The guest cannot run while it is paused, so the switchover shows as a stall. Not the whole
+    // downtime: that also counts STARTED's trip back to the source, while the guest already runs
+    // on the destination (10 ms of 28 in one run of the full suite on 2 cores), and the row has no
+    // breakdown; the CLI test (guest-view-migrate) checks the bound against the breakdown.
     const g = cell('gzip', 'precopy');
-    expect(g.maxStallMs!).toBeGreaterThan(g.downtimeSeconds * 1000 - 1);
+    expect(g.maxStallMs!).toBeGreaterThan(g.downtimeSeconds * 1000 * 0.3);
     // Human output on stderr: the table, then the closing note; the SVG written.
     expect(r.stderr).toMatch(/\| workload +\| policy +\| result/);
     expect(r.stderr).toMatch(/dirty 200M\/s: plain pre-copy did not converge|plain pre-copy converged every guest/);
