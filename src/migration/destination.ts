@@ -149,9 +149,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   // had received (populated: the pager must drop them). Guest RAM pages received at least once
   // are counted as they come, so the switchover needs no pass over every page.
   // The pager starts at the first POSTCOPY_DISCARD when every channel has had its final SYNC
-  // (no page can land through writeGuest any more), so its start and the zapping of stale
-  // pages overlap the source's sending of the rest of the list; else at POSTCOPY_RUN. Stale
-  // pages are then dropped as their list arrives; `staleHeld` keeps the ones still to drop.
+  // (no page can land through writeGuest any more), else at POSTCOPY_RUN, and stale pages are
+  // dropped as their list is read (whatever of the lists and END is still in flight overlaps
+  // that); `staleHeld` keeps the ones still to drop when the pager starts at POSTCOPY_RUN.
   let discarded = new Uint8Array(0);
   let anyDiscard = false;
   const staleHeld = new Map<number, number[]>();
