@@ -27,9 +27,9 @@ import { MigrationLinkError, type DestLink, type SourceRecord } from './link.ts'
 import { createMemoryHasher, formatMemoryHash, hashVmMemory, PageHashTable } from './hash.ts';
 import { SlotMap } from './slot-map.ts';
 import { wallClockMs } from '../vmm/run/progress-clock.ts';
-import { allZero, noneZero } from '../util/bulk-scan.ts';
 import { postcopyFaultPath, startPostcopyPaging } from './postcopy/paging.ts';
 import { PostcopyDestination, type PostcopyDestinationResult } from './postcopy/destination-postcopy.ts';
+import { DiscardIntake } from './postcopy/discard-intake.ts';
 import type { DemandPager, FaultPath, VcpuPageWaits } from '../vmm/demand-paging.ts';
 import { randomBytes } from 'node:crypto';
 import type { Server } from 'node:net';
@@ -95,8 +95,6 @@ export interface ReceiveResult {
 export const DEFAULT_MAX_RAM_BYTES = 64 * 2 ** 30;
 
 const PREALLOC_CHUNK = 1 << 20;
-/** Pages in a 2 MiB (transparent) huge page. */
-const HUGE_BLOCK_PAGES = 512;
 /** Bytes preallocated between two yields to the event loop (~0.1 s at the ~3 s/GiB measured). */
 const PREALLOC_YIELD_BYTES = 32 << 20;
 
@@ -144,18 +142,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   let tFirstVcpu: bigint | null = null;
   let result: ReceiveResult | null = null;
   const zeroPage = new Uint8Array(PAGE_SIZE);
-  // Post-copy (only when the handshake accepted it): pages the source says are stale are marked
-  // in `discarded` (dense page index); `staleHeld` lists, per slot, the discarded pages this side
-  // had received (populated: the pager must drop them). Guest RAM pages received at least once
-  // are counted as they come, so the switchover needs no pass over every page.
-  // The pager starts at the first POSTCOPY_DISCARD when every channel has had its final SYNC
-  // (no page can land through writeGuest any more), else at POSTCOPY_RUN, and stale pages are
-  // dropped as their list is read (whatever of the lists and END is still in flight overlaps
-  // that); `staleHeld` keeps the ones still to drop when the pager starts at POSTCOPY_RUN.
-  let discarded = new Uint8Array(0);
-  let anyDiscard = false;
-  const staleHeld = new Map<number, number[]>();
-  let staleCount = 0;
+  // Post-copy (only when the handshake accepted it): POSTCOPY_DISCARD lists go to `discards`
+  // (postcopy/discard-intake.ts). The pager starts at the first list when every channel has had
+  // its final SYNC (no page can land through writeGuest any more), else at POSTCOPY_RUN. Guest
+  // RAM pages received at least once are counted as they come, so the switchover needs no pass
+  // over every page.
+  let discards: DiscardIntake | null = null;
   let pager: DemandPager | null = null;
   let faultPath: FaultPath | null = null;
   let ramPages = 0;
@@ -202,7 +194,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     table = new PageHashTable(slotMap.layout);
     lastRound = new Uint32Array(slotMap.totalPages);
     internalPage = new Uint8Array(slotMap.totalPages);
-    discarded = new Uint8Array(slotMap.totalPages);
     for (const s of c.memslots) {
       if (!s.internal) {
         ramPages += s.pages;
@@ -211,6 +202,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       const { index } = slotMap.locatePages(s.slot, 0, s.pages)!;
       internalPage.fill(1, index, index + s.pages);
     }
+    discards = new DiscardIntake(lastRound, internalPage, table, protocol);
     phase = 'receiving';
     await link.send({ type: 'ready' });
   };
@@ -240,7 +232,7 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const data = aligned(raw);
     const pages = data.length / PAGE_SIZE;
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
-    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
+    if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     let all = true;
     let fresh = 0;
@@ -267,12 +259,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
 
   /** Pages of a slot after its POSTCOPY_DISCARD: the source sends none (they would be dropped). */
   const checkNotDiscarded = (slotId: number, firstPage: number, idx: number, pages: number) => {
-    for (let i = 0; i < pages; i++) if (discarded[idx + i]) throw protocol(`page ${firstPage + i} of memslot ${slotId} arrived after POSTCOPY_DISCARD listed it`);
+    for (let i = 0; i < pages; i++) if (discards!.discarded[idx + i]) throw protocol(`page ${firstPage + i} of memslot ${slotId} arrived after POSTCOPY_DISCARD listed it`);
   };
 
   const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
-    if (anyDiscard) checkNotDiscarded(slotId, firstPage, idx, pages);
+    if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
@@ -339,75 +331,12 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     return pager;
   };
 
-  // POSTCOPY_DISCARD: these pages are stale here (or were never sent). A page this side holds
-  // leaves the hash table now (what stays is what POSTCOPY_RUN's hash vouches for) and is listed
-  // for the pager to drop. The list can name every page of guest RAM and arrives on the downtime
-  // path, before any of this code is warm: it is taken a run of set bits at a time, and a run
-  // this side never received (the common case) is marked with native fills, not page by page.
+  // POSTCOPY_DISCARD: these pages are stale here (or were never sent).
   const onDiscard = (slotId: number, firstPage: number, count: number, bitmap: Uint8Array) => {
     if (!link.postcopyAllowed) throw protocol('POSTCOPY_DISCARD, but post-copy was not negotiated');
     const { index } = locate(slotId, firstPage, count);
-    if (!anyDiscard && syncs.every((r) => r >= syncs[0]!)) startPager();
-    anyDiscard = true;
-    const bits = bitmap.length * 8;
-    const set = (i: number) => (bitmap[i >> 3]! & (1 << (i & 7))) !== 0;
-    for (let i = 0; i < bits; ) {
-      if ((i & 7) === 0 && bitmap[i >> 3] === 0) {
-        i += 8;
-        continue;
-      }
-      if (!set(i)) {
-        i++;
-        continue;
-      }
-      // The run of set bits from i: whole 0xff bytes at a time where aligned.
-      let e = i + 1;
-      while (e < bits) {
-        if ((e & 7) === 0 && bitmap[e >> 3] === 0xff) e += 8;
-        else if (set(e)) e++;
-        else break;
-      }
-      if (e > count) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} sets bit ${Math.max(i, count)} past its ${count} pages`);
-      discardRun(slotId, firstPage, index, i, e);
-      i = e;
-    }
-  };
-
-  // Pages [i, e) of the DISCARD range that starts at (slotId, firstPage), dense index `index`.
-  const DISCARD_STRETCH = 512;
-  const discardRun = (slotId: number, firstPage: number, index: number, i: number, e: number) => {
-    const internal = internalPage.subarray(index + i, index + e);
-    if (!allZero(internal)) throw protocol(`POSTCOPY_DISCARD of memslot ${slotId} page ${firstPage + i + internal.indexOf(1)}: engine-internal memory is sent before the switch, never paged on demand`);
-    let held = staleHeld.get(slotId);
-    if (!held) staleHeld.set(slotId, (held = []));
-    // Stretch by stretch: a run can span the whole slot with only a few pages held in it.
-    for (let k0 = i; k0 < e; k0 += DISCARD_STRETCH) {
-      const k1 = Math.min(e, k0 + DISCARD_STRETCH);
-      if (allZero(lastRound.subarray(index + k0, index + k1))) {
-        discarded.fill(1, index + k0, index + k1);
-        continue;
-      }
-      for (let k = k0; k < k1; ) {
-        const at = index + k;
-        if (discarded[at] || lastRound[at] === 0) {
-          discarded[at] = 1;
-          k++;
-          continue;
-        }
-        // A run of held pages leaves the hash table in one step, and the pager drops it now
-        // if it runs (else at POSTCOPY_RUN).
-        let j = k;
-        while (j < k1 && !discarded[index + j] && lastRound[index + j]! > 0) {
-          discarded[index + j] = 1;
-          if (!pager) held.push(firstPage + j);
-          j++;
-        }
-        table!.setZero(slotId, firstPage + k, j - k);
-        staleCount += j - k;
-        if (pager) pager.discard(slotId, pageRange(firstPage + k, j - k));
-        k = j;
-      }
-    }
+    if (!discards!.any && syncs.every((r) => r >= syncs[0]!)) startPager();
+    discards!.take(slotId, firstPage, index, count, bitmap, pager);
   };
 
   // END{postcopy} (POSTCOPY_RUN): check what we keep, start demand paging, answer COMPLETE with
@@ -424,31 +353,17 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const ramSlots = cfg!.memslots.filter((s) => !s.internal).map((s) => ({ slot: s.slot, pages: s.pages }));
     // Missing: never received, or received and discarded. Everything else this side holds is the
     // source's page at switchover; missing pages come from the source, hashed as they land.
-    const missing = ramPages - ramReceived + staleCount;
+    const missing = ramPages - ramReceived + discards!.staleCount;
     held = formatMemoryHash(table!.total());
     if (held !== e.hash) throw new VerificationError(`memory hash mismatch at POSTCOPY_RUN: the source kept ${e.hash}, this side holds ${held}; the guest is not started`);
     if (missing !== missingPages) throw protocol(`POSTCOPY_RUN says ${missingPages} pages are missing here, this side misses ${missing}`);
     const pager = startPager();
-    // Drop the stale pages this side holds, and pages never received that are populated anyway:
-    // nothing preallocates guest RAM when post-copy is negotiated, but a write into transparent-
-    // huge-page memory populates its whole 2 MiB block (QEMU turns THP off for post-copy for
-    // this reason). Only blocks with some pages received and some not can hold such pages.
-    for (const s of ramSlots) {
-      const { index } = sm.locatePages(s.slot, 0, s.pages)!;
-      const drop = staleHeld.get(s.slot) ?? [];
-      for (let b = 0; b < s.pages; b += HUGE_BLOCK_PAGES) {
-        const e = Math.min(s.pages, b + HUGE_BLOCK_PAGES);
-        const block = lastRound.subarray(index + b, index + e);
-        if (allZero(block) || noneZero(block)) continue; // native scans: this loop runs cold, in the downtime
-        for (let p = b; p < e; p++) if (lastRound[index + p] === 0) drop.push(p);
-      }
-      if (drop.length) pager.discard(s.slot, Uint32Array.from(drop).sort());
-    }
+    for (const s of ramSlots) discards!.dropAtSwitch(pager, s.slot, sm.locatePages(s.slot, 0, s.pages)!.index, s.pages);
     // A held page the pager still calls missing was received as ZERO and never written (fresh
     // RAM is zero): installed from here, no request to the source.
     const heldPage = (slot: number, page: number): Uint8Array | null => {
       const at = sm.locatePages(slot, page, 1);
-      return at && lastRound[at.index]! > 0 && !discarded[at.index] ? zeroPage : null;
+      return at && lastRound[at.index]! > 0 && !discards!.discarded[at.index] ? zeroPage : null;
     };
     const token = randomBytes(8).readBigUInt64LE();
     pc = new PostcopyDestination({ pager, slotMap: sm, table: table!, hasher, ramSlots, heldPage, token, log, recoverTimeoutMs: opts.postcopyRecoverTimeoutMs ?? 60_000 }, pcServer!);
@@ -589,11 +504,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
   }
-}
-
-/** count page numbers from first. */
-function* pageRange(first: number, count: number): Generator<number> {
-  for (let p = first; p < first + count; p++) yield p;
 }
 
 /** The ERROR code that tells the source what kind of failure ended the migration here. */
