@@ -33,6 +33,9 @@ export class DirtyTracker {
   logging = false;
   /** Pages the last harvest found newly dirty (before ORing into what was pending). */
   newlyDirty = 0;
+  /** Seconds the last harvest's log covered: since the harvest before it, or since logging began. */
+  harvestIntervalSeconds = 0;
+  private logSinceMs = 0;
   /** Harvests so far (QEMU's dirty-sync-count). */
   syncCount = 0;
 
@@ -57,6 +60,7 @@ export class DirtyTracker {
       }
     }
     this.logging = on;
+    if (on) this.logSinceMs = performance.now();
   }
 
   /**
@@ -98,6 +102,9 @@ export class DirtyTracker {
   harvest(): number {
     let n = 0;
     this.newlyDirty = 0;
+    const t = performance.now();
+    this.harvestIntervalSeconds = this.logSinceMs > 0 ? (t - this.logSinceMs) / 1000 : 0;
+    this.logSinceMs = t;
     const ringLogs = this.ring ? this.ringLogs() : null;
     for (const s of this.slots) {
       const shadow = this.shadows.get(s.slot);

@@ -57,14 +57,12 @@ export async function runPrecopyRounds(run: SourceRun, convergence: ConvergenceP
 
   // ---- iterative rounds
   run.opts.onPhase?.('iterative', run.link);
-  let tHarvest = now();
   for (;;) {
     sender.check();
     const pendingPages = dirty.harvest();
-    // The guest's dirty rate over the round just sent (between two harvests).
-    const sinceHarvest = secs(tHarvest);
-    tHarvest = now();
-    if (sinceHarvest > 0) run.dirtyPagesRate = Math.round(dirty.newlyDirty / sinceHarvest);
+    // The guest's dirty rate over the round just sent: what this harvest found over the time its
+    // log covered (since the previous harvest, a bulk-round probe's included).
+    if (dirty.harvestIntervalSeconds > 0) run.dirtyPagesRate = Math.round(dirty.newlyDirty / dirty.harvestIntervalSeconds);
     run.remainingBytes = pendingPages * PAGE_SIZE;
     const decision = convergence.decide({ iterativeRounds: run.round - 1, pendingBytes: run.remainingBytes, bandwidth: run.bandwidth });
     run.expectedDowntimeSeconds = decision.expectedDowntimeSeconds;
