@@ -372,7 +372,7 @@ struct Handler {
   std::vector<Reader> readers;
   std::atomic<uint64_t> events{0}, resolved{0}, exists{0}, errors{0};
   std::mutex mu;  // guards the fields below
-  std::vector<double> waits;  // triples (ptid, ns from event read to resolved, page address)
+  std::vector<double> waits;  // triples (ptid, ns from event read to the resolving ioctl, page address)
   std::string errOp;
   int errNo = 0;
   Napi::ThreadSafeFunction notify;
@@ -418,6 +418,18 @@ void Resolve(Handler* h, const struct uffd_msg& m) {
     }
   }
   uint64_t off = addr - r->dst;
+  // Logged and counted before the ioctl that resolves it: COPY and CONTINUE wake the faulting
+  // thread, which may finish its work at once, and the VMM, reading the log then, must already
+  // see the page resolved. Taken back below if the page was there already or the ioctl failed
+  // (a failed reader is reported by its error count).
+  {
+    uint64_t dt = NowNs() - t0;
+    std::lock_guard<std::mutex> g(h->mu);
+    h->waits.push_back(m.arg.pagefault.feat.ptid);
+    h->waits.push_back((double)dt);
+    h->waits.push_back((double)addr);
+  }
+  h->resolved++;
   int64_t res;
   const char* op;
   if (h->mode == Mode::Copy) {
@@ -429,20 +441,14 @@ void Resolve(Handler* h, const struct uffd_msg& m) {
     res = DoContinue(h->fd, addr, h->pageSize, false);
   }
   if (res == -EEXIST) {
+    h->resolved--;
     h->exists++;
     struct uffdio_range wr = {addr, h->pageSize};
     if (ioctl(h->fd, UFFDIO_WAKE, &wr) < 0) h->Fail("UFFDIO_WAKE", errno);
   } else if (res < 0) {
+    h->resolved--;
     h->Fail(op, (int)-res);
-    return;
-  } else {
-    h->resolved++;
   }
-  uint64_t dt = NowNs() - t0;
-  std::lock_guard<std::mutex> g(h->mu);
-  h->waits.push_back(m.arg.pagefault.feat.ptid);
-  h->waits.push_back((double)dt);
-  h->waits.push_back((double)addr);
 }
 
 void* ReaderMain(void* arg) {
