@@ -233,6 +233,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const pages = data.length / PAGE_SIZE;
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
+    // Once the pager runs only engine-internal memory (never paged on demand, all of it here)
+    // may still come: guest RAM written here would wait on itself (writeGuest faults it in).
+    if (pager && !internalPage[idx]) throw protocol(`guest RAM pages [${firstPage}, +${pages}) of memslot ${slotId} after POSTCOPY_DISCARD`);
     pagesReceived += pages;
     let all = true;
     let fresh = 0;
@@ -265,6 +268,9 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
   const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
+    // Once the pager runs only engine-internal memory (never paged on demand, all of it here)
+    // may still come: guest RAM written here would wait on itself (writeGuest faults it in).
+    if (pager && !internalPage[idx]) throw protocol(`guest RAM pages [${firstPage}, +${pages}) of memslot ${slotId} after POSTCOPY_DISCARD`);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
@@ -435,8 +441,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
       return start();
     }
     if (phase !== 'receiving') throw protocol(`${r.type.toUpperCase()} after END`);
-    // Once the pager runs, a page written here would wait on itself (writeGuest faults it in).
-    if (pager && (r.type === 'ram' || r.type === 'zero')) throw protocol(`${r.type.toUpperCase()} after POSTCOPY_DISCARD`);
     switch (r.type) {
       case 'ram':
         return onRam(r.round, r.slot, r.page, r.data);

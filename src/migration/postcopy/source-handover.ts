@@ -38,12 +38,21 @@ export async function postcopyHandover(run: SourceRun, pc: PostcopyOptions, onSw
   const switchedAtSeconds = secs(run.t0);
   onSwitched(switchedAtSeconds);
   run.opts.onPhase?.('stop-and-copy', link);
-  const g = await pauseForSwitchover(run, lastRound, 'postcopy-active');
+  const ramSlots = run.slots.filter((s) => !s.internal);
+  // Everything pending now stays pending (pre-copy sends no more RAM): listed while the guest
+  // still runs, so the destination takes the lists, starts its pager and drops what it holds
+  // outside the downtime; after the pause only what the guest dirtied since is listed.
+  const early = await sendDiscards(run, ramSlots, null);
+  // An empty round closes the lists: its SYNC_ACK, which the pause waits for, comes once the
+  // destination has taken them.
+  run.round = lastRound + 1;
+  run.syncedRound = run.round;
+  await run.sender.syncAll(run.round);
+  const g = await pauseForSwitchover(run, run.round, 'postcopy-active');
   const tSend = now();
   const finalPages = await run.sendAllPending(false, Infinity, (s) => s.internal === true);
   await sendFinalSync(run);
-  const ramSlots = run.slots.filter((s) => !s.internal);
-  const { pending, missingPages } = await sendDiscards(run, ramSlots);
+  const { pending, missingPages } = await sendDiscards(run, ramSlots, early.pending);
   run.remainingBytes = missingPages * PAGE_SIZE;
   const { complete, tEnd } = await commitSwitchover(run, { ...endRecord(run, g), postcopy: { missingPages } }, ' (post-copy)');
   const endpoint = postcopyEndpoint(complete.details);
@@ -81,22 +90,28 @@ export async function postcopyHandover(run: SourceRun, pc: PostcopyOptions, onSw
 }
 
 /**
- * POSTCOPY_DISCARD for every pending guest RAM page; those pages leave the sent table (what stays
- * is what POSTCOPY_RUN's hash vouches for). Returns a copy of the pending bitmaps (what the
- * post-copy phase still has to send) and their page count.
+ * POSTCOPY_DISCARD for every pending guest RAM page not listed yet (`listed`: what an earlier
+ * call returned, or null); those pages leave the sent table (what stays is what POSTCOPY_RUN's
+ * hash vouches for). Returns a copy of all the pending bitmaps, the listed ones included (what
+ * the post-copy phase still has to send), and their page count.
  */
-async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[]): Promise<{ pending: Map<number, Uint32Array>; missingPages: number }> {
+async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[], listed: Map<number, Uint32Array> | null): Promise<{ pending: Map<number, Uint32Array>; missingPages: number }> {
   const pending = new Map<number, Uint32Array>();
+  const fresh = new Map<number, Uint32Array>();
   let missingPages = 0;
   for (const s of ramSlots) {
     const words = Math.ceil(s.pages / 32);
-    const copy = new Uint32Array(words);
+    const all = new Uint32Array(words);
     const p = run.dirty.pendingOf(s.slot);
-    if (p) copy.set(p.subarray(0, words));
+    if (p) all.set(p.subarray(0, words));
+    const before = listed?.get(s.slot);
+    if (before) for (let w = 0; w < words; w++) all[w]! |= before[w]!;
     // Bits past the slot's end (a partial last word) are never pages.
-    if (s.pages % 32) copy[words - 1]! &= (1 << (s.pages % 32)) - 1;
-    pending.set(s.slot, copy);
-    missingPages += countBits(copy);
+    if (s.pages % 32) all[words - 1]! &= (1 << (s.pages % 32)) - 1;
+    pending.set(s.slot, all);
+    missingPages += countBits(all);
+    const copy = before ? all.map((w, i) => w & ~before[i]!) : all.slice();
+    fresh.set(s.slot, copy);
     const bytes = new Uint8Array(copy.buffer, copy.byteOffset, Math.ceil(s.pages / 8));
     for (let first = 0; first < s.pages; first += MAX_DISCARD_PAGES) {
       const count = Math.min(MAX_DISCARD_PAGES, s.pages - first);
@@ -111,7 +126,7 @@ async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[]): Promise<{ 
     }
   }
   // After the lists went out (the destination works on them meanwhile): only END needs this.
-  for (const s of ramSlots) clearRuns(run, s.slot, pending.get(s.slot)!, s.pages);
+  for (const s of ramSlots) clearRuns(run, s.slot, fresh.get(s.slot)!, s.pages);
   return { pending, missingPages };
 }
 
