@@ -15,6 +15,7 @@
 // Concurrency: the VMM's main thread only (the engine's dirty log is its own business).
 import { KVM_MEM_LOG_DIRTY_PAGES, MemslotError, PAGE_SIZE, type MemslotInfo, type Vm } from '../vmm/engine.ts';
 import { countBits, newBitmap, setBit } from '../vmm/dirty-bitmap.ts';
+import { allZero } from '../util/bulk-scan.ts';
 
 interface Shadow {
   slot: MemslotInfo;
@@ -28,7 +29,6 @@ export class DirtyTracker {
   private readonly pending = new Map<number, Uint32Array>();
   /** Pages set in `pending` per slot as of the last harvest (0: nothing to scan for). */
   private readonly pendingPages = new Map<number, number>();
-  private zeros = new Uint8Array(0);
   /** Dirty logging is on (setLogging(true) succeeded). */
   logging = false;
   /** Pages the last harvest found newly dirty (before ORing into what was pending). */
@@ -109,14 +109,14 @@ export class DirtyTracker {
     for (const s of this.slots) {
       const shadow = this.shadows.get(s.slot);
       const log = shadow ? this.shadowDirtyLog(shadow) : ringLogs ? (ringLogs.get(s.slot) ?? newBitmap(s.pages)) : this.vm.getDirtyLog(s.slot);
-      const logEmpty = this.isEmpty(log);
+      const logEmpty = allZero(log);
       if (this.onHarvest) this.onHarvest(s, log);
       if (!logEmpty) this.newlyDirty += countBits(log);
       const p = this.pending.get(s.slot);
       if (!p) this.pending.set(s.slot, log);
       else if (!logEmpty) for (let w = 0; w < p.length; w++) p[w]! |= log[w]!;
       const pend = this.pending.get(s.slot)!;
-      const count = (logEmpty && this.pendingPages.get(s.slot) === 0) || this.isEmpty(pend) ? 0 : countBits(pend);
+      const count = (logEmpty && this.pendingPages.get(s.slot) === 0) || allZero(pend) ? 0 : countBits(pend);
       this.pendingPages.set(s.slot, count);
       n += count;
     }
@@ -161,10 +161,5 @@ export class DirtyTracker {
       for (let o = b; o < e; o += PAGE_SIZE) if (cur.compare(sent, o, o + PAGE_SIZE, o, o + PAGE_SIZE) !== 0) setBit(log, o / PAGE_SIZE);
     }
     return log;
-  }
-
-  private isEmpty(bitmap: Uint32Array): boolean {
-    if (this.zeros.length < bitmap.byteLength) this.zeros = new Uint8Array(bitmap.byteLength);
-    return Buffer.compare(new Uint8Array(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength), this.zeros.subarray(0, bitmap.byteLength)) === 0;
   }
 }
