@@ -454,13 +454,8 @@ export function migrateOptionsFrom(args: string[]): MigrateOptions {
   cmd.parse(args, { from: 'user' });
   const opts = cmd.opts<MigrateOptions>();
   checkMigrateOptions(opts, cmd);
-  checkDirtyRing(opts);
   postcopyPolicy(opts);
   return opts;
-}
-
-function checkDirtyRing(opts: MigrateOptions): void {
-  if (opts.dirtyRing !== undefined && opts.converge !== 'dirty-limit') throw new UsageError('--dirty-ring sizes the dirty rings --converge dirty-limit logs to: give --converge dirty-limit too, or leave --dirty-ring out');
 }
 
 export function registerMigrate(program: Command): void {
@@ -470,7 +465,6 @@ export function registerMigrate(program: Command): void {
       return;
     }
     checkMigrateOptions(opts, cmd);
-    checkDirtyRing(opts);
     loadClientSecurity(opts); // its rules and files, before any VM starts
     postcopyPolicy(opts); // refuses contradicting post-copy flags before anything starts
     const log = (line: string) => process.stderr.write(line + '\n');

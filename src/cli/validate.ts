@@ -26,7 +26,7 @@ function given(cmd: Command | undefined, key: string): boolean {
  * `migrate`: exactly one destination, `--to HOST:PORT` or `--local`; the options that only
  * shape the receiver `--local` spawns are refused with `--to` (they would be silently ignored).
  */
-export function checkMigrateOptions(opts: { local: boolean; to?: unknown }, cmd?: Command): void {
+export function checkMigrateOptions(opts: { local: boolean; to?: unknown; dirtyRing?: number; converge?: string }, cmd?: Command): void {
   if (opts.local && opts.to) throw new UsageError('--local and --to exclude each other: give --to HOST:PORT to migrate to a running `stage2 receive`, or --local to spawn one here');
   if (!opts.local && !opts.to) throw new UsageError('migrate needs a destination: give --to HOST:PORT (a `stage2 receive` listening there) or --local');
   if (opts.to) {
@@ -34,6 +34,7 @@ export function checkMigrateOptions(opts: { local: boolean; to?: unknown }, cmd?
       if (given(cmd, key)) throw new UsageError(`${flag} shapes the receiver that --local spawns: with --to, give it to \`stage2 receive\` there instead (--run-ms, --prealloc)`);
     }
   }
+  if (opts.dirtyRing !== undefined && opts.converge !== 'dirty-limit') throw new UsageError('--dirty-ring sizes the dirty rings --converge dirty-limit logs to: give --converge dirty-limit too, or leave --dirty-ring out');
 }
 
 /** `bench scaling`: the vCPU counts to run. `-v N` alone runs [N]; with --vcpu-counts it is refused. */
