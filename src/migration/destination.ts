@@ -233,9 +233,6 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     const pages = data.length / PAGE_SIZE;
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
-    // Once the pager runs only engine-internal memory (never paged on demand, all of it here)
-    // may still come: guest RAM written here would wait on itself (writeGuest faults it in).
-    if (pager && !internalPage[idx]) throw protocol(`guest RAM pages [${firstPage}, +${pages}) of memslot ${slotId} after POSTCOPY_DISCARD`);
     pagesReceived += pages;
     let all = true;
     let fresh = 0;
@@ -260,17 +257,18 @@ export async function receiveMigration(link: DestLink, opts: ReceiveOptions): Pr
     }
   };
 
-  /** Pages of a slot after its POSTCOPY_DISCARD: the source sends none (they would be dropped). */
+  // Pages arriving once POSTCOPY_DISCARD lists came: none of them listed (the source sends none:
+  // they would be dropped), and once the pager runs (it starts at the first list, or later) only
+  // engine-internal memory (never paged on demand, all of it here): guest RAM written here would
+  // wait on itself (writeGuest faults it in).
   const checkNotDiscarded = (slotId: number, firstPage: number, idx: number, pages: number) => {
     for (let i = 0; i < pages; i++) if (discards!.discarded[idx + i]) throw protocol(`page ${firstPage + i} of memslot ${slotId} arrived after POSTCOPY_DISCARD listed it`);
+    if (pager && !internalPage[idx]) throw protocol(`guest RAM pages [${firstPage}, +${pages}) of memslot ${slotId} after POSTCOPY_DISCARD`);
   };
 
   const onZero = (round: number, slotId: number, firstPage: number, pages: number) => {
     const { slot, page: first, index: idx, gpa } = locate(slotId, firstPage, pages);
     if (discards!.any) checkNotDiscarded(slotId, firstPage, idx, pages);
-    // Once the pager runs only engine-internal memory (never paged on demand, all of it here)
-    // may still come: guest RAM written here would wait on itself (writeGuest faults it in).
-    if (pager && !internalPage[idx]) throw protocol(`guest RAM pages [${firstPage}, +${pages}) of memslot ${slotId} after POSTCOPY_DISCARD`);
     pagesReceived += pages;
     for (let i = 0; i < pages; i++) {
       const prev = lastRound[idx + i]!;
