@@ -110,7 +110,7 @@ async function sendDiscards(run: SourceRun, ramSlots: MemslotInfo[], listed: Map
     if (s.pages % 32) all[words - 1]! &= (1 << (s.pages % 32)) - 1;
     pending.set(s.slot, all);
     missingPages += countBits(all);
-    const copy = before ? all.map((w, i) => w & ~before[i]!) : all.slice();
+    const copy = before ? all.map((w, i) => w & ~before[i]!) : all;
     fresh.set(s.slot, copy);
     const bytes = new Uint8Array(copy.buffer, copy.byteOffset, Math.ceil(s.pages / 8));
     for (let first = 0; first < s.pages; first += MAX_DISCARD_PAGES) {
